@@ -1,0 +1,94 @@
+"""Lightning callbacks: sample grids in TensorBoard, and a run-time estimate at start."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from pixelcnn.images import levels_to_grid
+
+
+class SampleGridCallback(L.Callback):
+    """Every `every_n_epochs` epochs, log a grid of samples drawn with a fixed seed.
+
+    The fixed seed means the grids of successive epochs use the same random numbers, so
+    they show how the model changes rather than sampling noise. Conditional models get one
+    row per class.
+    """
+
+    def __init__(self, every_n_epochs: int = 5, n: int = 64, temperature: float = 1.0, seed: int = 0,
+                 method: str = "fast", scale: int = 4):
+        self.every_n_epochs = every_n_epochs
+        self.n, self.temperature, self.seed, self.method, self.scale = n, temperature, seed, method, scale
+
+    def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        labels, nrow = None, 8
+        if module.conditional:
+            classes = module.hparams.num_classes
+            nrow = max(self.n // classes, 1)
+            labels = torch.arange(classes).repeat_interleave(nrow)
+        n = len(labels) if labels is not None else self.n
+        levels = module.sample(n, self.temperature, self.seed, labels, self.method)
+        grid = levels_to_grid(levels, module.levels, nrow=nrow, scale=self.scale)
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image(f"samples/T={self.temperature:g}", grid, trainer.current_epoch + 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = epoch >= trainer.max_epochs or trainer.should_stop
+        if self.every_n_epochs > 0 and trainer.is_global_zero and (epoch % self.every_n_epochs == 0 or last):
+            self.log_grid(trainer, module)
+
+
+class RunTimeEstimate(L.Callback):
+    """Prints, a few batches into the run, how long the whole run should take on this machine,
+    and refines it after the first epoch (which includes validation)."""
+
+    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10):
+        self.warmup_batches, self.measure_batches = warmup_batches, measure_batches
+        self._t0 = self._epoch_t0 = 0.0
+        self._printed = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._epoch_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self._printed or trainer.sanity_checking:
+            return
+        if batch_idx == self.warmup_batches:  # skip compilation / cuDNN autotuning
+            self._sync(module)
+            self._t0 = time.perf_counter()
+        elif batch_idx == self.warmup_batches + self.measure_batches:
+            self._sync(module)
+            per_batch = (time.perf_counter() - self._t0) / self.measure_batches
+            total = per_batch * trainer.num_training_batches * self._epochs(trainer)
+            print(f"[pixelcnn] {per_batch * 1e3:.1f} ms/batch -> training alone takes about "
+                  f"{_human(total)} for {self._epochs(trainer)} epochs here", flush=True)
+            self._printed = True
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch != 0 or not self._epoch_t0:
+            return
+        epoch_s = time.perf_counter() - self._epoch_t0
+        print(f"[pixelcnn] first epoch incl. validation: {epoch_s:.1f} s -> whole run about "
+              f"{_human(epoch_s * self._epochs(trainer))}", flush=True)
+
+    @staticmethod
+    def _epochs(trainer: L.Trainer) -> int:
+        return trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+
+    @staticmethod
+    def _sync(module: L.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+
+def _human(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

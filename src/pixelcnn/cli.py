@@ -1,0 +1,25 @@
+"""Shared behaviour of the command-line entry points: a user mistake is one line on stderr and
+exit status 2, and leaves no half-written output behind."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from pixelcnn.config import UserError
+from pixelcnn.data import CorruptDatasetError, DatasetNotFoundError
+
+
+@contextmanager
+def exit_on_user_error(cleanup_dir: str | Path | None = None):
+    """Turn UserError and data errors into `error: ...` + exit 2. `cleanup_dir` (a run dir) is
+    removed if the failure came before it held any checkpoint."""
+    try:
+        yield
+    except (UserError, DatasetNotFoundError, CorruptDatasetError) as err:
+        if cleanup_dir is not None and not any(Path(cleanup_dir).glob("checkpoints/*.ckpt")):
+            shutil.rmtree(cleanup_dir, ignore_errors=True)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,86 @@
+"""What `sample.py` does: load a checkpoint, draw images, write a PNG grid and the raw levels."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from pixelcnn.checkpoints import load_module, resolve_checkpoint
+from pixelcnn.config import UserError, validate
+from pixelcnn.data import FashionMNISTDataModule
+from pixelcnn.images import levels_to_grid, save_grid, side_by_side
+
+CLASS_NAMES = FashionMNISTDataModule.CLASS_NAMES
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"device={name!r} is invalid: it must be auto, cpu or cuda")
+    return torch.device(name)
+
+
+def parse_labels(label: object, num_classes: int, n: int) -> tuple[torch.Tensor | None, int]:
+    """`label` (None, a class name, an index or 'all') -> (labels (N,) or None, images per grid row)."""
+    if num_classes == 0:
+        if label is not None:
+            raise UserError(f"label={label!r} needs a class-conditional checkpoint (model.num_classes=10); "
+                            "this one is unconditional: drop label=")
+        return None, 8
+    if label is None:
+        raise UserError(f"this checkpoint is class-conditional: pass label=<name or 0..{num_classes - 1}> or label=all "
+                        f"(names: {', '.join(CLASS_NAMES)})")
+    if label == "all":
+        return torch.arange(num_classes).repeat_interleave(n), n
+    names = {name: i for i, name in enumerate(CLASS_NAMES)} | {name.split("/")[0]: i for i, name in enumerate(CLASS_NAMES)}
+    if isinstance(label, int) and 0 <= label < num_classes:
+        return torch.full((n,), label), 8
+    if isinstance(label, str) and label.lower().replace("_", " ") in names:
+        return torch.full((n,), names[label.lower().replace("_", " ")]), 8
+    raise UserError(f"label={label!r} is invalid: it must be a class index 0..{num_classes - 1}, all, or one of "
+                    f"{', '.join(CLASS_NAMES)}")
+
+
+def default_out_dir(ckpt: Path) -> Path:
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / "samples"
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    validate(cfg)
+    device = pick_device(cfg.device)
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    module = load_module(ckpt, device)
+    out_dir = Path(cfg.out) if cfg.out else default_out_dir(ckpt)
+    if cfg.mode == "complete":
+        from pixelcnn.completion import run_completion
+
+        return run_completion(module, cfg, out_dir)
+    if cfg.mode != "sample":
+        raise UserError(f"mode={cfg.mode!r} is invalid: it must be sample or complete")
+
+    temperatures = list(cfg.temperature) if isinstance(cfg.temperature, ListConfig) else [cfg.temperature]
+    labels, nrow = parse_labels(cfg.label, module.hparams.num_classes, cfg.n)
+    n = len(labels) if labels is not None else cfg.n
+    started = time.perf_counter()
+    samples = [module.sample(n, t, cfg.seed, labels, cfg.method).cpu() for t in temperatures]  # each (N, H, W)
+    seconds = time.perf_counter() - started
+
+    stem = f"samples_n{n}_T{'-'.join(f'{t:g}' for t in temperatures)}_seed{cfg.seed}"
+    if cfg.label is not None:
+        stem += f"_label-{str(cfg.label).replace('/', '-')}"
+    grids = [levels_to_grid(s, module.levels, nrow=nrow, scale=cfg.scale) for s in samples]
+    png = save_grid(side_by_side(grids), out_dir / f"{stem}.png")
+    levels = torch.stack(samples) if len(samples) > 1 else samples[0]  # (T, N, H, W) or (N, H, W)
+    npy = out_dir / f"{stem}.npy"
+    np.save(npy, levels.numpy().astype(np.uint8))
+    print(f"{n * len(temperatures)} samples ({cfg.method}, {seconds:.2f} s on {device.type}) from {ckpt}\n"
+          f"  grid:   {png}\n  levels: {npy}  shape {tuple(levels.shape)}, values 0..{module.levels - 1}")
+    return [png, npy]

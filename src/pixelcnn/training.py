@@ -1,0 +1,124 @@
+"""`train(cfg)`: build data, model and trainer from a composed config, fit, test, return metrics.
+
+Everything a run produces goes into `cfg.output_dir`: TensorBoard logs (`tb/`), checkpoints
+(`checkpoints/best-*.ckpt` by val bits/dim and `last.ckpt`), `metrics.json`, and (written by
+Hydra) the resolved config in `.hydra/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback
+from pixelcnn.checkpoints import resolve_checkpoint
+from pixelcnn.config import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeedChoices:
+    compile: bool
+    precision: str
+    channels_last: bool
+
+
+def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
+    """Turn the `auto` values of the speed group into concrete choices for the device in use."""
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+
+    def pick(value, on_cuda, otherwise):
+        return (on_cuda if cuda else otherwise) if value == "auto" else value
+
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return SpeedChoices(
+        compile=bool(pick(speed.compile, True, False)),
+        precision=str(pick(speed.precision, "bf16-mixed" if bf16 else "32-true", "32-true")),
+        channels_last=bool(pick(speed.channels_last, True, False)),
+    )
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
+            monitor="val/bpd", mode="min", save_last=True, auto_insert_metric_name=False,
+        ),
+        SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
+                           cfg.sample.method),
+        RunTimeEstimate(),
+    ]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
+    return callbacks
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
+    validate(cfg)
+    output_dir = Path(cfg.output_dir)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
+    module = instantiate(cfg.model)
+    speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
+    if speed.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if speed.compile:
+        module.compile_loss(mode=cfg.speed.compile_mode, dynamic=False)
+
+    logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
+    trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger,
+                                     callbacks=build_callbacks(cfg, output_dir), default_root_dir=str(output_dir))
+    n_params = sum(p.numel() for p in module.parameters())
+    print(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
+          f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "
+          f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    checkpoint = trainer.checkpoint_callback
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    metrics = {
+        "val_bpd": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan"),
+        "test_bpd": float(test[0]["test/bpd"]),
+        "epochs": trainer.current_epoch,
+        "parameters": n_params,
+        "best_checkpoint": checkpoint.best_model_path,
+    }
+    logger.log_hyperparams(_flat_hparams(cfg), {"hparams/val_bpd": metrics["val_bpd"],
+                                                "hparams/test_bpd": metrics["test_bpd"]})
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim "
+          f"({checkpoint.best_model_path})", flush=True)
+    return metrics
+
+
+def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
+    """The hyperparameters worth comparing in TensorBoard's HPARAMS tab, flattened to scalars."""
+    keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs}
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not k.startswith("_"):
+                    walk(f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", v)
+        else:
+            flat[prefix.rstrip(".")] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", keep)
+    return flat

@@ -1,0 +1,22 @@
+"""Train a PixelCNN: `python train.py [overrides]`, e.g. `python train.py model.residual_blocks=3`,
+`python train.py experiment=quick`, `python train.py -m model.lr=1e-4,5e-4`. See README.md."""
+
+import hydra
+from omegaconf import DictConfig
+
+from pixelcnn.checkpoints import register_resolvers
+from pixelcnn.cli import exit_on_user_error
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> dict:
+    from pixelcnn.training import train  # imported late so that `--help` and config errors are fast
+
+    with exit_on_user_error(cleanup_dir=cfg.output_dir):
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

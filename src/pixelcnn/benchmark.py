@@ -1,0 +1,177 @@
+"""What `bench.py` measures: training throughput through the real Lightning loop, epoch time,
+and naive vs fast sampling, on whatever device is present. Medians over repetitions."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pixelcnn.config import validate
+from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
+from pixelcnn.training import resolve_speed
+
+
+class _Timer(L.Callback):
+    """Times training batches after a warm-up (compilation, autotuning) and whole epochs."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.start = self.end = 0.0
+        self.epoch_seconds: list[float] = []
+
+    @staticmethod
+    def _now(module: L.LightningModule) -> float:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup and trainer.current_epoch == 0:
+            self.start = self._now(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 0:
+            self.end = self._now(module)
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._epoch_start = self._now(module)
+
+    def on_train_epoch_end(self, trainer, module) -> None:  # runs after the epoch's validation
+        self.epoch_seconds.append(self._now(module) - self._epoch_start)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, KiB -> MiB
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, batches: int | None, epochs: int,
+             warmup: int) -> tuple[_Timer, L.LightningModule]:
+    """One `Trainer.fit` with the run's real module, data and speed settings, minus I/O."""
+    module = instantiate(cfg.model)
+    speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
+    if speed.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if speed.compile:
+        module.compile_loss(mode=cfg.speed.compile_mode, dynamic=False)
+    timer = _Timer(warmup)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=speed.precision, max_epochs=epochs,
+                        limit_train_batches=batches, limit_val_batches=None if batches is None else 0,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                        log_every_n_steps=cfg.trainer.log_every_n_steps)
+    trainer.fit(module, datamodule=datamodule)
+    return timer, module
+
+
+def time_sampler(fn, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    L.seed_everything(cfg.seed, verbose=False)
+    torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
+    bench = cfg.bench
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    batch_size = cfg.data.batch_size
+    result: dict = {"device": device_name(), "torch": torch.__version__, "model": cfg.model.arch,
+                    "batch_size": batch_size, "speed": {}, "train": {}, "sampling": {}}
+
+    # 1. training throughput: several short fits, median img/s after the warm-up batches.
+    rates, peak = [], 0.0
+    for _ in range(bench.repeats):
+        timer, module = fit_once(cfg, datamodule, bench.warmup_batches + bench.train_batches, 1, bench.warmup_batches)
+        rates.append(bench.train_batches * batch_size / (timer.end - timer.start))
+        peak = max(peak, peak_memory_mb(module.device))
+    device = module.device
+    result["speed"] = vars(resolve_speed(cfg.speed, cfg.trainer.accelerator))
+    result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates, "peak_memory_mb": peak}
+
+    # 2. a whole epoch with validation, measured on the second epoch (the first compiles).
+    if bench.epoch == "measure" or (bench.epoch == "auto" and device.type == "cuda"):
+        timer, _ = fit_once(cfg, datamodule, None, 2, 0)
+        result["train"]["epoch_s"] = timer.epoch_seconds[-1]
+        result["train"]["epoch_s_measured"] = True
+    else:
+        train_images = len(datamodule.train_set[0]) if hasattr(datamodule, "train_set") else 55_000
+        result["train"]["epoch_s"] = train_images / result["train"]["img_per_s"]
+        result["train"]["epoch_s_measured"] = False  # estimate: training images / throughput
+    result["train"]["est_run_min"] = result["train"]["epoch_s"] * cfg.trainer.max_epochs / 60
+
+    # 3. sampling: the model's own size, fresh weights (speed does not depend on them).
+    net = instantiate(cfg.model).net.to(device).eval()
+    size = cfg.data.image_size
+    for n in bench.sample_sizes:
+        uniforms = draw_uniforms(n, size, size, seed=0, device=device)
+        entry: dict = {}
+        reset_peak(device)
+        sample_fast(net, uniforms, size, size, 1.0)  # warm-up (and CUDA graph capture)
+        entry["fast_s"] = time_sampler(lambda: sample_fast(net, uniforms, size, size, 1.0), device, bench.repeats)
+        entry["fast_peak_memory_mb"] = peak_memory_mb(device)
+        if n <= bench.naive_max_n or device.type == "cuda":
+            entry["naive_s"] = time_sampler(lambda: sample_naive(net, uniforms, size, size, 1.0), device,
+                                            bench.naive_repeats)
+            entry["speedup"] = entry["naive_s"] / entry["fast_s"]
+        result["sampling"][str(n)] = entry
+    return result
+
+
+def format_table(result: dict) -> str:
+    train = result["train"]
+    lines = [
+        f"device: {result['device']}  (torch {result['torch']}, model {result['model']}, batch {result['batch_size']}, "
+        f"speed {result['speed']})",
+        "| measure | value |", "|---|---|",
+        f"| train img/s (Lightning loop, median) | {train['img_per_s']:,.0f} |",
+        f"| epoch s incl. validation{'' if train['epoch_s_measured'] else ' (estimate)'} | {train['epoch_s']:.2f} |",
+        f"| full run at max_epochs (min) | {train['est_run_min']:.1f} |",
+        f"| train peak memory (MiB) | {train['peak_memory_mb']:,.0f} |",
+    ]
+    for n, entry in result["sampling"].items():
+        naive = f"{entry['naive_s']:.3f} s" if "naive_s" in entry else "skipped"
+        speedup = f" ({entry['speedup']:.0f}x)" if "speedup" in entry else ""
+        lines.append(f"| sample {n}: naive / fast | {naive} / {entry['fast_s']:.3f} s{speedup} |")
+    return "\n".join(lines)
+
+
+def main(cfg: DictConfig) -> dict:
+    result = run(cfg)
+    table = format_table(result)
+    print(table)
+    out = Path(cfg.bench.out)
+    out.write_text(json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    print(f"written: {out}")
+    return result

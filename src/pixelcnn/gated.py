@@ -1,0 +1,263 @@
+"""The Gated PixelCNN: vertical and horizontal stacks of gated convolutions, no blind spot.
+
+The seed PixelCNN stacks masked k x k kernels, whose receptive field misses a growing
+wedge of pixels up and to the right (the blind spot). The Gated PixelCNN splits every
+layer into two stacks:
+- the vertical stack sees whole rows above the current pixel (a (k//2+1) x k kernel whose
+  bottom row is the current row; the first layer also hides the current row, so the
+  vertical stack at row i depends on input rows < i only);
+- the horizontal stack sees the current row up to the current pixel (a 1 x (k//2+1)
+  kernel; the first layer hides the pixel itself), and receives the vertical stack at the
+  same position through a 1x1 convolution.
+Together the output at pixel p depends on every input pixel before p in raster order
+(given enough layers) and on none at or after p. Each layer is gated,
+tanh(a) * sigmoid(b), and the horizontal stack is residual with a 1x1 convolution on its
+branch. Class conditioning adds a learned per-class bias to a and b (the paper's V^T h with
+a one-hot h).
+
+References:
+- van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves, Kavukcuoglu 2016, "Conditional
+  Image Generation with PixelCNN Decoders" (gated units, the two stacks, conditioning).
+- UvA deep learning tutorial 12, "Autoregressive Image Modeling" (class layout:
+  VerticalStackConv, HorizontalStackConv, GatedMaskedConv).
+- Ramachandran et al. 2017, "Fast Generation for Convolutional Autoregressive Models"
+  (see `GatedPixelCNN.start_incremental`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pixelcnn.model import ClassBias, conv1x1_at, spatial
+
+
+def gate(x: Tensor) -> Tensor:
+    """tanh(a) * sigmoid(b) with a, b the two halves of the channels. (B, 2C, ...) -> (B, C, ...)"""
+    value, gate_ = x.chunk(2, dim=1)
+    return torch.tanh(value) * torch.sigmoid(gate_)
+
+
+class VerticalStackConv(nn.Conv2d):
+    """A (k//2+1) x k kernel over the rows above and the current row (bottom kernel row).
+
+    The input is zero-padded above and on both sides only, so output row i reads input rows
+    i - (k//2)*dilation .. i. With `mask_center` the bottom kernel row is masked (in
+    `forward`), so output row i sees only the rows above.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
+                 mask_center: bool = False):
+        super().__init__(in_channels, out_channels, (kernel_size // 2 + 1, kernel_size), dilation=dilation)
+        self.pad_top = self.pad_side = (kernel_size // 2) * dilation
+        mask = torch.ones(kernel_size // 2 + 1, kernel_size)
+        if mask_center:
+            mask[-1] = 0
+        self.register_buffer("mask", mask[None, None], persistent=False)
+
+    def pad(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H + top, W + 2 side)
+        return F.pad(x, (self.pad_side, self.pad_side, self.pad_top, 0))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
+        return F.conv2d(self.pad(x), self.weight * self.mask, self.bias, dilation=self.dilation)
+
+    def row(self, padded: Tensor, i: int) -> Tensor:
+        """Output row i alone, from the input padded as by `pad`. (B, Cin, H+top, W+2side) -> (B, Cout, 1, W)"""
+        return F.conv2d(padded[:, :, i : i + self.pad_top + 1], self.weight * self.mask, self.bias,
+                        dilation=self.dilation)
+
+
+class HorizontalStackConv(nn.Conv2d):
+    """A 1 x (k//2+1) kernel over the pixels left of and at the current one (last kernel column).
+
+    The input is zero-padded on the left only. With `mask_center` the last kernel column is
+    masked (in `forward`), so the output at (i, j) sees only pixels left of j in row i.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
+                 mask_center: bool = False):
+        super().__init__(in_channels, out_channels, (1, kernel_size // 2 + 1), dilation=(1, dilation))
+        self.pad_left = (kernel_size // 2) * dilation
+        mask = torch.ones(1, kernel_size // 2 + 1)
+        if mask_center:
+            mask[:, -1] = 0
+        self.register_buffer("mask", mask[None, None], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
+        return F.conv2d(F.pad(x, (self.pad_left, 0)), self.weight * self.mask, self.bias, dilation=self.dilation)
+
+    def at_pixel(self, padded_row: Tensor, j: int) -> Tensor:
+        """Output at column j of one row, from that row padded by at least `pad_left` on the left
+        (exactly pad_left before column 0). (B, Cin, >= W+left) -> (B, Cout)"""
+        patch = padded_row[:, :, j : j + self.pad_left + 1 : self.dilation[1]]  # (B, Cin, k//2+1)
+        weight = (self.weight * self.mask).flatten(1)  # (Cout, Cin*(k//2+1)), same (Cin, tap) order
+        return torch.addmm(self.bias, patch.reshape(patch.shape[0], -1), weight.t())
+
+
+class GatedMaskedConv(nn.Module):
+    """One gated layer of both stacks (the paper's figure 2).
+
+    vertical:   v_feat = V * v;                v_out = gate(v_feat + class bias)
+    horizontal: h_feat = H * h + 1x1(v_feat) + class bias;  h_out = h + 1x1(gate(h_feat))
+    Dropout acts on both gated outputs during training.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int = 1, dropout: float = 0.0,
+                 num_classes: int = 0):
+        super().__init__()
+        self.vertical = VerticalStackConv(channels, 2 * channels, kernel_size, dilation)
+        self.horizontal = HorizontalStackConv(channels, 2 * channels, kernel_size, dilation)
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)  # `horizontal` has the bias
+        self.horizontal_out = nn.Conv2d(channels, channels, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.cond_vertical = ClassBias(num_classes, 2 * channels)
+        self.cond_horizontal = ClassBias(num_classes, 2 * channels)
+
+    def forward(self, v: Tensor, h: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        v_feat = self.vertical(v)  # (B, 2C, H, W)
+        h_feat = self.horizontal(h) + self.vertical_to_horizontal(v_feat) + spatial(self.cond_horizontal(labels))
+        v_out = self.dropout(gate(v_feat + spatial(self.cond_vertical(labels))))  # (B, C, H, W)
+        h_out = h + self.horizontal_out(self.dropout(gate(h_feat)))  # (B, C, H, W)
+        return v_out, h_out
+
+    def vertical_row(self, padded_v: Tensor, i: int, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Row i of the vertical stack (eval mode): its output (B, C, 1, W) and the 1x1 link into
+        the horizontal stack (B, 2C, 1, W). `padded_v` is this layer's input padded by `vertical.pad`."""
+        v_feat = self.vertical.row(padded_v, i)  # (B, 2C, 1, W)
+        return gate(v_feat + spatial(self.cond_vertical(labels))), self.vertical_to_horizontal(v_feat)
+
+    def horizontal_at(self, padded_row: Tensor, j: int, link: Tensor, labels: Tensor | None) -> Tensor:
+        """Horizontal output at column j (eval mode), from this layer's input row padded by
+        `horizontal.pad_left` and the vertical link at (i, j). -> (B, C)"""
+        h = padded_row[:, :, j + self.horizontal.pad_left]  # (B, C)
+        h_feat = self.horizontal.at_pixel(padded_row, j) + link + self.cond_horizontal(labels)  # (B, 2C)
+        return h + conv1x1_at(self.horizontal_out, gate(h_feat))
+
+
+class GatedPixelCNN(nn.Module):
+    """Input convs (hiding the current pixel) -> `layers` gated layers -> ReLU, 1x1, ReLU, 1x1 to logits.
+
+    Input: pixel levels scaled to [0, 1) as `level / levels`, shape (B, 1, H, W).
+    Output: logits over the `levels` grey levels of every pixel, shape (B, levels, H, W).
+    `dilations` is cycled over the layers, e.g. (1, 2, 1, 4). With the defaults it has
+    2,779,012 parameters.
+    """
+
+    def __init__(
+        self,
+        levels: int = 4,
+        channels: int = 128,
+        layers: int = 8,
+        kernel_size: int = 3,
+        input_kernel: int = 7,
+        dilations: Sequence[int] = (1,),
+        dropout: float = 0.0,
+        num_classes: int = 0,
+    ):
+        super().__init__()
+        dilations = tuple(dilations)  # Hydra passes a ListConfig
+        if levels < 2:
+            raise ValueError(f"levels must be >= 2, got {levels}")
+        if channels < 1 or layers < 1:
+            raise ValueError(f"channels and layers must be positive, got {channels} and {layers}")
+        if kernel_size < 1 or kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+        if input_kernel < 3 or input_kernel % 2 != 1:  # 1 would hide everything from the input convs
+            raise ValueError(f"input_kernel must be odd and >= 3, got {input_kernel}")
+        if not dilations or any(d < 1 for d in dilations):
+            raise ValueError(f"dilations must be a non-empty sequence of positive integers, got {dilations}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.levels = levels
+        self.num_classes = num_classes
+        self.input_vertical = VerticalStackConv(1, channels, input_kernel, mask_center=True)
+        self.input_horizontal = HorizontalStackConv(1, channels, input_kernel, mask_center=True)
+        self.cond_input_vertical = ClassBias(num_classes, channels)
+        self.cond_input_horizontal = ClassBias(num_classes, channels)
+        self.gated_layers = nn.ModuleList(
+            GatedMaskedConv(channels, kernel_size, dilations[n % len(dilations)], dropout, num_classes)
+            for n in range(layers)
+        )
+        self.head = nn.Conv2d(channels, channels, 1)
+        self.cond_head = ClassBias(num_classes, channels)
+        self.to_logits = nn.Conv2d(channels, levels, 1)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:  # (B, 1, H, W) -> (B, L, H, W)
+        v = self.input_vertical(x) + spatial(self.cond_input_vertical(labels))  # (B, C, H, W): rows above
+        h = self.input_horizontal(x) + spatial(self.cond_input_horizontal(labels))  # (B, C, H, W): pixels left
+        for layer in self.gated_layers:
+            v, h = layer(v, h, labels)
+        h = F.relu(self.head(F.relu(h)) + spatial(self.cond_head(labels)))  # (B, C, H, W)
+        return self.to_logits(h)
+
+    def start_incremental(self, batch_size: int, height: int, width: int,
+                          labels: Tensor | None = None) -> IncrementalGatedPixelCNN:
+        return IncrementalGatedPixelCNN(self, batch_size, height, width, labels)
+
+
+class IncrementalGatedPixelCNN:
+    """Sampling state of a `GatedPixelCNN` that computes every activation exactly once.
+
+    The vertical stack at row i depends only on input rows < i, so `logits(i, 0)` computes
+    row i of every vertical layer at once (before any pixel of row i is set); the horizontal
+    stack then advances one pixel per call. Caches hold each spatial conv's input,
+    zero-padded so border pixels need no special case. Dropout is the identity here (eval
+    mode). All buffers are allocated up front and every step has fixed shapes.
+
+    Protocol shared with every model of the project (see `pixelcnn.sampling`):
+      logits(i, j) -> (B, levels)   all pixels before (i, j) must have been set
+      set_pixel(i, j, levels)       (B,) integer levels of pixel (i, j)
+    As for `IncrementalPixelCNN`, `logits` must be called at every pixel in raster order
+    (it is what fills the caches).
+    """
+
+    def __init__(self, net: GatedPixelCNN, batch_size: int, height: int, width: int, labels: Tensor | None):
+        self.net = net
+        self.labels = labels
+        param = net.to_logits.weight
+        kw = dict(device=param.device, dtype=param.dtype)
+        p = net.input_vertical.pad_side  # == pad_top == input_horizontal.pad_left
+        self.image = torch.zeros(batch_size, 1, height + p, width + 2 * p, **kw)  # padded model input
+        self.vertical_inputs = [
+            torch.zeros(batch_size, layer.vertical.in_channels, height + layer.vertical.pad_top,
+                        width + 2 * layer.vertical.pad_side, **kw)
+            for layer in net.gated_layers
+        ]  # padded input of each layer's vertical conv, all rows
+        self.horizontal_inputs = [
+            torch.zeros(batch_size, layer.horizontal.in_channels, width + layer.horizontal.pad_left, **kw)
+            for layer in net.gated_layers
+        ]  # padded input of each layer's horizontal conv, current row only: columns < j are this row's
+        self.links = [
+            torch.zeros(batch_size, layer.vertical.out_channels, width, **kw) for layer in net.gated_layers
+        ]  # each layer's vertical -> horizontal link along the current row
+
+    def _vertical_row(self, i: int) -> None:
+        net, labels = self.net, self.labels
+        v = net.input_vertical.row(self.image, i) + spatial(net.cond_input_vertical(labels))  # (B, C, 1, W)
+        for layer, cache, link in zip(net.gated_layers, self.vertical_inputs, self.links):
+            top, side = layer.vertical.pad_top, layer.vertical.pad_side
+            cache[:, :, i + top : i + top + 1, side : cache.shape[-1] - side] = v
+            v, row_link = layer.vertical_row(cache, i, labels)  # (B, C, 1, W), (B, 2C, 1, W)
+            link.copy_(row_link[:, :, 0])
+
+    @torch.no_grad()
+    def logits(self, i: int, j: int) -> Tensor:  # -> (B, L)
+        net, labels = self.net, self.labels
+        if j == 0:  # row i of the vertical stack needs only rows < i, all set by now
+            self._vertical_row(i)
+        p = net.input_horizontal.pad_left
+        h = net.input_horizontal.at_pixel(self.image[:, :, i + p], j) + net.cond_input_horizontal(labels)  # (B, C)
+        for layer, row, link in zip(net.gated_layers, self.horizontal_inputs, self.links):
+            row[:, :, j + layer.horizontal.pad_left] = h
+            h = layer.horizontal_at(row, j, link[:, :, j], labels)  # (B, C)
+        h = F.relu(conv1x1_at(net.head, F.relu(h)) + net.cond_head(labels))  # (B, C)
+        return conv1x1_at(net.to_logits, h)
+
+    def set_pixel(self, i: int, j: int, levels: Tensor) -> None:
+        p = self.net.input_vertical.pad_side
+        self.image[:, 0, i + p, j + p] = levels.to(self.image.dtype) / self.net.levels

@@ -1,0 +1,356 @@
+"""Fashion-MNIST as quantized grey levels: IDX reading, preprocessing, caching, batching.
+
+The images are resized (bilinear, half-pixel centres, like TF's `tf.image.resize`) and
+quantized to `levels` grey levels exactly as in the reference notebook (Foster, "Generative
+Deep Learning", 2nd ed., chapter 5). The whole dataset is ~20 MB of uint8, so it is kept in
+memory (on the GPU when training there) and batches are cut with one indexing op each.
+
+The IDX files are taken from, in this order: the configured root directory, the Debian
+package directory (`apt-get install dataset-fashion-mnist`), or torchvision's download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 10
+APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
+IMAGES_MAGIC_NDIM, LABELS_MAGIC_NDIM = 3, 1  # IDX magic 0x0803 (images) / 0x0801 (labels)
+IDX_UBYTE = 0x08
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FIX_CORRUPT = (
+    "Delete it so that it is fetched again (data.download=true), or if it comes from the Debian "
+    "package, reinstall it: sudo apt-get install --reinstall dataset-fashion-mnist"
+)
+
+
+class CorruptDatasetError(RuntimeError):
+    """An IDX file exists but is truncated, too long, or not a valid IDX/gzip file."""
+
+
+class DatasetNotFoundError(RuntimeError):
+    """The IDX files are in none of the places searched and could not be downloaded."""
+
+
+# ---------------------------------------------------------------------------- preprocessing
+
+
+def resize_images(images: Tensor, image_size: int) -> Tensor:
+    """(N, H, W) uint8 -> (N, 1, S, S) float32 in 0..255, bilinear with half-pixel centres."""
+    pixels = images[:, None].float()
+    if pixels.shape[-1] == image_size and pixels.shape[-2] == image_size:
+        return pixels
+    return F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def quantize(images: Tensor, image_size: int, levels: int) -> Tensor:
+    """(N, H, W) uint8 -> (N, 1, S, S) uint8 grey levels in 0..levels-1 (the notebook's preprocessing)."""
+    level = torch.floor(resize_images(images, image_size) / (256 / levels))
+    return level.clamp_(0, levels - 1).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- IDX files
+
+
+def corrupt(path: Path, problem: str) -> CorruptDatasetError:
+    return CorruptDatasetError(f"Corrupt Fashion-MNIST file {path}: {problem}. {FIX_CORRUPT}")
+
+
+def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
+    """Read an unsigned-byte IDX file (raw or .gz) of `ndim` dimensions, checking it fully first.
+
+    torchvision's `read_sn3_pascalvincent_tensor` only reads uncompressed files and tolerates
+    short ones (`strict=False`), so the header and the payload size are checked here before
+    the bytes become a tensor.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:  # bad header / truncated / corrupt stream
+            raise corrupt(path, f"broken gzip stream ({err})") from err
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise corrupt(path, f"only {len(data)} bytes, shorter than the {header_size}-byte IDX header")
+    zeros, type_code, file_ndim = struct.unpack(">HBB", data[:4])
+    if (zeros, type_code, file_ndim) != (0, IDX_UBYTE, ndim):
+        expected = (IDX_UBYTE << 8) | ndim
+        raise corrupt(path, f"bad magic number 0x{data[:4].hex()}, expected 0x{expected:08x} (ubyte, {ndim}-D)")
+    dims = struct.unpack(f">{ndim}I", data[4:header_size])
+    expected_size, actual_size = math.prod(dims), len(data) - header_size
+    if actual_size != expected_size:
+        state = "truncated" if actual_size < expected_size else "too long"
+        raise corrupt(path, f"{state}: header says {dims} = {expected_size} bytes of data, found {actual_size}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header_size).view(*dims)
+
+
+def read_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+    """One split's images (N, H, W) uint8 and labels (N,) int64, checked to belong together."""
+    images = read_idx(images_path, IMAGES_MAGIC_NDIM)
+    labels = read_idx(labels_path, LABELS_MAGIC_NDIM).long()
+    if len(images) != len(labels):
+        raise CorruptDatasetError(
+            f"Corrupt Fashion-MNIST files: {images_path} has {len(images)} images but {labels_path} has "
+            f"{len(labels)} labels. {FIX_CORRUPT}"
+        )
+    if len(labels) and labels.max() >= NUM_CLASSES:
+        raise corrupt(labels_path, f"label {labels.max().item()} is not a Fashion-MNIST class (0..{NUM_CLASSES - 1})")
+    return images, labels
+
+
+def find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """The four IDX files in `directory` (each raw or .gz), or None if any is missing."""
+    found = {}
+    for name in (name for pair in SPLIT_FILES.values() for name in pair):
+        candidates = [directory / name, directory / f"{name}.gz"]
+        existing = [path for path in candidates if path.is_file()]
+        if not existing:
+            return None
+        found[name] = existing[0]  # the raw file if both exist (torchvision keeps both)
+    return found
+
+
+def locate_dataset(root: Path, system_dir: Path, download: bool) -> dict[str, Path]:
+    """Paths of the four IDX files: from root, then the Debian dir, then torchvision's download."""
+    root_dirs = (root, root / "FashionMNIST" / "raw")  # the second is where torchvision downloads to
+    for directory in (*root_dirs, system_dir):
+        if files := find_idx_files(directory):
+            return files
+    if not download:
+        download_outcome = "download disabled (data.download=false)"
+    else:
+        try:
+            torchvision.datasets.FashionMNIST(str(root), download=True)
+            if files := find_idx_files(root_dirs[1]):
+                return files
+            download_outcome = f"downloaded into {root_dirs[1]} but the files are not there"
+        except Exception as err:  # noqa: BLE001 - any failure (offline, disk full, ...) is reported below
+            download_outcome = f"download into {root} failed: {type(err).__name__}: {str(err).strip()}"
+    raise DatasetNotFoundError(
+        "Fashion-MNIST not found. Looked for train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each raw or .gz) in:\n"
+        f"  1. root dir {root.resolve()} and {root_dirs[1].resolve()}: not there\n"
+        f"  2. Debian package dir {system_dir}: not there (install it with `{APT_COMMAND}`)\n"
+        f"  3. {download_outcome}\n"
+        f"Fix: install the package, put the files into a directory and set data.root=/that/dir, "
+        f"or set data.download=true on a machine with internet access."
+    )
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def cache_path(root: Path, image_size: int, levels: int) -> Path:
+    return root / f"fashion_mnist_{image_size}px_{levels}lv.pt"
+
+
+def load_cache(path: Path, image_size: int, levels: int) -> dict[str, Tensor] | None:
+    """The cached preprocessed data, or None if absent or unusable (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        for split in SPLIT_FILES:
+            images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+            if not (
+                images.dtype == torch.uint8
+                and images.shape[1:] == (1, image_size, image_size)
+                and labels.dtype == torch.int64
+                and labels.shape == (len(images),)
+                and (len(images) == 0 or images.max() < levels)
+            ):
+                raise ValueError(f"unexpected {split} tensors")
+        return data
+    except Exception as err:  # noqa: BLE001 - any unreadable or inconsistent cache is rebuilt
+        log.warning("Rebuilding the unusable cache file %s (%s: %s)", path, type(err).__name__, err)
+        return None
+
+
+def save_cache(path: Path, data: dict[str, Tensor]) -> None:
+    """Write atomically (temp file + rename) so a killed run never leaves half a file; skip if not writable."""
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+            tmp_name = tmp.name
+            torch.save(data, tmp)
+        os.replace(tmp_name, path)
+    except OSError as err:
+        log.warning("Not caching the preprocessed dataset at %s (%s)", path, err)
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike, system_dir: str | os.PathLike, download: bool, image_size: int, levels: int
+) -> dict[str, Tensor]:
+    """{train,test}_{images,labels}: quantized uint8 (N, 1, S, S) and int64 (N,), from the cache if possible."""
+    root = Path(root)
+    cache = cache_path(root, image_size, levels)
+    if (data := load_cache(cache, image_size, levels)) is not None:
+        return data
+    files = locate_dataset(root, Path(system_dir), download)
+    data = {}
+    for split, (images_name, labels_name) in SPLIT_FILES.items():
+        images, labels = read_split(files[images_name], files[labels_name])
+        data[f"{split}_images"], data[f"{split}_labels"] = quantize(images, image_size, levels), labels
+    save_cache(cache, data)
+    return data
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+class BatchLoader:
+    """Batches of in-memory (images, labels) tensors, each cut with one indexing op.
+
+    Lightning accepts any iterable with `__len__` as a dataloader. Shuffling draws a new
+    permutation every epoch on the tensors' device with the loader's own generator, seeded
+    from `seed`, or else from torch's global RNG (so `seed_everything` makes it reproducible).
+    `hflip` mirrors a random half of every batch horizontally.
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False, hflip: bool = False,
+        seed: int | None = None,
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        count, device = len(self.images), self.images.device
+        order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
+        for start in range(0, count, self.batch_size):
+            # A slice (a view, no copy) in order, else one gather per tensor.
+            index = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
+            images, labels = self.images[index], self.labels[index]
+            if self.hflip:
+                flip = torch.rand(len(images), generator=self.generator, device=device) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            yield images, labels
+
+
+# ---------------------------------------------------------------------------- data module
+
+Split = tuple[Tensor, Tensor]  # (images uint8 (N, 1, S, S), labels int64 (N,))
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST quantized to `levels` grey levels at `image_size` x `image_size`.
+
+    The 60k training images are split into train / val (`val_size`) by a fixed permutation
+    from `split_seed`; test is the 10k t10k set. Batches are (levels uint8 (B, 1, S, S),
+    labels int64 (B,)). With `on_device` "auto" the data moves once to the trainer's CUDA
+    device; True moves it to any non-CPU trainer device; False keeps it on the CPU.
+    """
+
+    CLASS_NAMES = (
+        "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
+    )
+
+    def __init__(
+        self,
+        root: str | os.PathLike = "data",
+        system_dir: str | os.PathLike = "/usr/share/datasets/fashion-mnist",
+        download: bool = True,
+        image_size: int = 16,
+        levels: int = 4,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        on_device: bool | Literal["auto"] = "auto",
+        hflip: bool = False,
+        shuffle_seed: int | None = None,
+    ):
+        super().__init__()
+        if on_device not in ("auto", True, False):
+            raise ValueError(f"on_device must be 'auto', True or False, got {on_device!r}")
+        if not 2 <= levels <= 256:
+            raise ValueError(f"levels must be in 2..256 to fit uint8, got {levels}")
+        self.root, self.system_dir, self.download = root, system_dir, download
+        self.image_size, self.levels = image_size, levels
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.split_seed = val_size, split_seed
+        self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
+        self.data: dict[str, Tensor] | None = None
+        self.train_set: Split | None = None
+        self.val_set: Split | None = None
+        self.test_set: Split | None = None
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process only: the download and the cache file belong here.
+        self.load()
+
+    def load(self) -> dict[str, Tensor]:
+        if self.data is None:
+            self.data = load_fashion_mnist(self.root, self.system_dir, self.download, self.image_size, self.levels)
+        return self.data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        data = self.load()
+        images, labels = data["train_images"], data["train_labels"]
+        if not 0 <= self.val_size < len(images):
+            raise ValueError(f"val_size must be in 0..{len(images) - 1}, got {self.val_size}")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
+        val_index, train_index = order[: self.val_size], order[self.val_size :]
+        self.train_set = images[train_index], labels[train_index]
+        self.val_set = images[val_index], labels[val_index]
+        self.test_set = data["test_images"], data["test_labels"]
+
+    def target_device(self) -> torch.device:
+        """Where batches should live: the trainer's device if moving there is enabled, else the CPU."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        wanted = device.type == "cuda" if self.on_device == "auto" else self.on_device
+        return device if wanted else torch.device("cpu")
+
+    def on_target_device(self, split: Split) -> Split:
+        device = self.target_device()
+        return split[0].to(device), split[1].to(device)  # a no-op once moved
+
+    def loader(self, name: Literal["train_set", "val_set", "test_set"], batch_size: int, train: bool) -> BatchLoader:
+        if getattr(self, name) is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        split = self.on_target_device(getattr(self, name))
+        setattr(self, name, split)  # keep the moved copy so the copy happens once
+        return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=self.shuffle_seed)
+
+    def train_dataloader(self) -> BatchLoader:
+        return self.loader("train_set", self.batch_size, train=True)
+
+    def val_dataloader(self) -> BatchLoader:
+        return self.loader("val_set", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> BatchLoader:
+        return self.loader("test_set", self.eval_batch_size, train=False)

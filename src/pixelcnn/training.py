@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SpeedChoices:
+    cuda: bool
     compile: bool
     precision: str
     channels_last: bool
@@ -42,6 +43,7 @@ def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
 
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return SpeedChoices(
+        cuda=cuda,
         compile=bool(pick(speed.compile, True, False)),
         precision=str(pick(speed.precision, "bf16-mixed" if bf16 else "32-true", "32-true")),
         channels_last=bool(pick(speed.channels_last, True, False)),
@@ -57,6 +59,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
         RunTimeEstimate(),
+        # Each progress-bar refresh reads the logged loss back from the GPU (a sync), so not every batch.
+        TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh),
     ]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))

@@ -228,35 +228,43 @@ class BatchLoader:
     Lightning accepts any iterable with `__len__` as a dataloader. Shuffling draws a new
     permutation every epoch on the tensors' device with the loader's own generator, seeded
     from `seed`, or else from torch's global RNG (so `seed_everything` makes it reproducible).
-    `hflip` mirrors a random half of every batch horizontally.
+    `hflip` mirrors a random half of every batch horizontally. With `steps_per_batch` = K each
+    item is a list of K consecutive batches cut from one gather (one optimizer step each), so a
+    training loop's fixed per-item cost is paid once per K steps; the batches themselves are
+    exactly those of K = 1.
     """
 
     def __init__(
         self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False, hflip: bool = False,
-        seed: int | None = None,
+        seed: int | None = None, steps_per_batch: int | None = None,
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
+        self.steps_per_batch = steps_per_batch
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return math.ceil(len(self.images) / (self.batch_size * (self.steps_per_batch or 1)))
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         count, device = len(self.images), self.images.device
+        step = self.batch_size * (self.steps_per_batch or 1)
         order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
-        for start in range(0, count, self.batch_size):
+        for start in range(0, count, step):
             # A slice (a view, no copy) in order, else one gather per tensor.
-            index = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
+            index = slice(start, start + step) if order is None else order[start : start + step]
             images, labels = self.images[index], self.labels[index]
             if self.hflip:
                 flip = torch.rand(len(images), generator=self.generator, device=device) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            yield images, labels
+            if self.steps_per_batch is None:
+                yield images, labels
+            else:
+                yield list(zip(images.split(self.batch_size), labels.split(self.batch_size)))
 
 
 # ---------------------------------------------------------------------------- data module
@@ -269,7 +277,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     The 60k training images are split into train / val (`val_size`) by a fixed permutation
     from `split_seed`; test is the 10k t10k set. Batches are (levels uint8 (B, 1, S, S),
-    labels int64 (B,)). With `on_device` "auto" the data moves once to the trainer's CUDA
+    labels int64 (B,)); training batches come as lists of `steps_per_batch` such batches
+    (see `BatchLoader`). With `on_device` "auto" the data moves once to the trainer's CUDA
     device; True moves it to any non-CPU trainer device; False keeps it on the CPU.
     """
 
@@ -291,6 +300,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         on_device: bool | Literal["auto"] = "auto",
         hflip: bool = False,
         shuffle_seed: int | None = None,
+        steps_per_batch: int | Literal["auto"] = "auto",
     ):
         super().__init__()
         if on_device not in ("auto", True, False):
@@ -302,6 +312,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed = val_size, split_seed
         self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
+        self.steps_per_batch = steps_per_batch
         self.data: dict[str, Tensor] | None = None
         self.train_set: Split | None = None
         self.val_set: Split | None = None
@@ -344,7 +355,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before asking for a dataloader")
         split = self.on_target_device(getattr(self, name))
         setattr(self, name, split)  # keep the moved copy so the copy happens once
-        return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=self.shuffle_seed)
+        steps = None
+        if train:  # auto: amortize the training loop's per-batch overhead where steps are fast (CUDA)
+            steps = (8 if split[0].is_cuda else 1) if self.steps_per_batch == "auto" else self.steps_per_batch
+        return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=self.shuffle_seed,
+                           steps_per_batch=steps)
 
     def train_dataloader(self) -> BatchLoader:
         return self.loader("train_set", self.batch_size, train=True)

@@ -51,6 +51,7 @@ class PixelCNNModule(L.LightningModule):
         self.image_size = image_size
         self.conditional = num_classes > 0
         self.loss_fn = self.bits_per_dim  # replaced by a compiled version in `compile_loss`
+        self.automatic_optimization = False  # several optimizer steps per batch: see training_step
 
     # --- the objective ---------------------------------------------------------------------------
     def bits_per_dim(self, levels: Tensor, labels: Tensor) -> Tensor:
@@ -69,11 +70,19 @@ class PixelCNNModule(L.LightningModule):
         parameters stay in `self.net`, so checkpoints are unchanged."""
         self.loss_fn = torch.compile(self.bits_per_dim, **compile_kwargs)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss_fn(*batch)
-        # on_step logging is synced only every `log_every_n_steps`, so no per-step host sync.
-        self.log("train/bpd", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
-        return loss
+    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        """`batch` is a list of micro-batches, each with its own optimizer step (see
+        `data.steps_per_batch`): several steps per Lightning batch pay the loop's fixed cost once."""
+        optimizer = self.optimizers()
+        total, count = 0.0, 0
+        for levels, labels in batch:
+            loss = self.loss_fn(levels, labels)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            total, count = total + loss.detach() * len(levels), count + len(levels)
+        # on_step values are read back only every `log_every_n_steps`: no per-step host sync.
+        self.log("train/bpd", total / count, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.log("val/bpd", self.loss_fn(*batch), prog_bar=True, batch_size=batch[0].shape[0])

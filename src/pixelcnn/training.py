@@ -59,9 +59,10 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
         RunTimeEstimate(),
-        # Each progress-bar refresh reads the logged loss back from the GPU (a sync), so not every batch.
-        TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh),
     ]
+    if cfg.trainer.enable_progress_bar:
+        # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
     return callbacks

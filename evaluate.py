@@ -1,0 +1,20 @@
+"""Evaluate a trained model: `python evaluate.py ckpt=<file or run dir>` (test bits/dim, NLL
+heatmaps, most/least likely test images, sample quality), or score any images as outliers:
+`python evaluate.py ckpt=... images=<file.npy | folder of PNGs>`. See conf/entry/evaluate.yaml."""
+
+import hydra
+from omegaconf import DictConfig
+
+from pixelcnn.cli import exit_on_user_error
+
+
+@hydra.main(version_base="1.3", config_path="conf/entry", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from pixelcnn.evaluation import run
+
+    with exit_on_user_error():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Likelihood tools, what `python evaluate.py ckpt=...` does.
+
+Without `images=`: exact test bits/dim over the whole test split, a per-pixel NLL heatmap
+figure (where the model is surprised), grids of the most and least likely test images, and
+sample quality (Fréchet distance, class accuracy: `pixelcnn.classifier`), all into `out`
+(default `<run dir>/eval`) with a `metrics.json`.
+
+With `images=<file.npy | file.png | folder of PNGs>`: outlier scores, the bits/dim of each
+given image, as a table and a CSV. A conditional model scores them by the marginal
+likelihood p(x) = mean_c p(x | c) (uniform class prior), as their class is unknown.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, ListConfig
+from torch import Tensor
+from torchvision.io import ImageReadMode, read_image
+
+from pixelcnn.checkpoints import load_module, resolve_checkpoint
+from pixelcnn.classifier import load_fashion_mnist, load_or_train_classifier, quality_metrics, require_int
+from pixelcnn.config import UserError, validate
+from pixelcnn.data import quantize
+from pixelcnn.generate import default_out_dir, pick_device
+from pixelcnn.images import levels_to_grid, save_grid
+
+TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
+
+
+@torch.no_grad()
+def nll_maps(module, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
+    """Per-pixel negative log-likelihood in bits. (N, 1, H, W) uint8 levels -> (N, H, W) float on the CPU"""
+    was_training = module.training
+    module.eval()
+    try:
+        maps = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(module.device)
+            batch_labels = labels[start : start + batch_size].to(module.device) if labels is not None else None
+            maps.append(module.nll_bits_per_pixel(batch, batch_labels).cpu())
+        return torch.cat(maps)
+    finally:
+        module.train(was_training)
+
+
+def bits_per_dim(module, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
+    """Bits/dim of each image: (N, 1, H, W) uint8 -> (N,) float64. Conditional models without
+    labels get the marginal over classes, -log2(mean_c 2^(-bits(x | c))) / (H * W)."""
+    if not module.conditional or labels is not None:
+        return nll_maps(module, images, labels, batch_size).double().mean((1, 2))
+    classes = module.hparams.num_classes
+    total_bits = torch.stack([nll_maps(module, images, torch.full((len(images),), c), batch_size).double().sum((1, 2))
+                              for c in range(classes)], dim=1)  # (N, C)
+    marginal = -(torch.logsumexp(-total_bits * math.log(2), dim=1) - math.log(classes)) / math.log(2)
+    return marginal / images[0, 0].numel()
+
+
+# ---------------------------------------------------------------------------- reading user images
+
+
+def load_npy(path: Path, image_size: int, levels: int) -> Tensor:
+    """A .npy of integer levels (N, S, S) or (N, 1, S, S) in [0, levels). -> (N, 1, S, S) uint8"""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"images={path} is not a readable .npy file ({err})") from None
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 3 or array.shape[1:] != (image_size, image_size) or len(array) == 0:
+        raise UserError(f"images={path} has shape {array.shape}: expected (N, {image_size}, {image_size}) or "
+                        f"(N, 1, {image_size}, {image_size}) levels, N >= 1, for this {image_size}px model")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise UserError(f"images={path} holds {array.dtype} values: expected integer levels 0..{levels - 1} "
+                        "(for 0..255 pictures, pass PNG files)")
+    if array.min() < 0 or array.max() >= levels:
+        raise UserError(f"images={path} holds values {array.min()}..{array.max()}: expected levels 0..{levels - 1} "
+                        f"(this model has {levels} grey levels; for 0..255 pictures, pass PNG files)")
+    return torch.from_numpy(array.astype(np.uint8))[:, None]
+
+
+def load_png(path: Path, image_size: int, levels: int) -> Tensor:
+    """A PNG (any size, 0..255; converted to grey) preprocessed as in training. -> (1, 1, S, S) uint8"""
+    try:
+        grey = read_image(str(path), mode=ImageReadMode.GRAY)  # (1, H, W) uint8
+    except RuntimeError:  # torchvision's message names its own C++ source, not the user's file
+        raise UserError(f"images: {path} is not a readable PNG image") from None
+    return quantize(grey, image_size, levels)
+
+
+def load_images(path: str | Path, image_size: int, levels: int) -> tuple[Tensor, list[str]]:
+    """(levels (N, 1, S, S) uint8, a name per image) from a .npy, a .png or a folder of PNGs."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"images={path} does not exist: pass a .npy of levels, a .png, or a folder of PNGs")
+    if path.suffix.lower() == ".npy" and path.is_file():
+        images = load_npy(path, image_size, levels)
+        return images, [f"{path.name}[{i}]" for i in range(len(images))]
+    pngs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png") if path.is_dir() else [path]
+    if not pngs or pngs[0].suffix.lower() != ".png":
+        raise UserError(f"images={path} is not a .npy file, a .png file, or a folder with PNG files")
+    return torch.cat([load_png(p, image_size, levels) for p in pngs]), [p.name for p in pngs]
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Path:
+    """Top row: the images (titled with their bits/dim); bottom row: bits per pixel, one colour scale."""
+    count = len(images)
+    figure = Figure(figsize=(1.5 * count + 1.2, 3.4))
+    axes = figure.subplots(2, count, squeeze=False)
+    for k in range(count):
+        axes[0, k].imshow(images[k, 0], cmap="gray", vmin=0, vmax=levels - 1)
+        axes[0, k].set_title(f"{maps[k].mean():.2f} bits/dim", fontsize=8)
+        heat = axes[1, k].imshow(maps[k], cmap="magma", vmin=0, vmax=maps.max().item())
+    for ax in axes.flat:
+        ax.set_axis_off()
+    figure.colorbar(heat, ax=axes[1, :].tolist(), label="bits per pixel", shrink=0.9)
+    figure.suptitle("Per-pixel negative log-likelihood: where the model is surprised", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+# ---------------------------------------------------------------------------- the two modes
+
+
+def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> dict:
+    """Test bits/dim, heatmaps, extremes and (quality=true) sample quality; writes metrics.json."""
+    datamodule = load_fashion_mnist(cfg.data_root, module.image_size, module.levels)
+    images, labels = datamodule.test_set
+    started = time.perf_counter()
+    maps = nll_maps(module, images, labels if module.conditional else None, cfg.batch_size)  # (N, H, W)
+    per_image = maps.double().mean((1, 2))  # (N,) bits/dim of each test image
+    seconds = time.perf_counter() - started
+    order = per_image.argsort()
+    extremes = min(cfg.extremes, len(order))
+    files = {
+        "most_likely": save_grid(levels_to_grid(images[order[:extremes]], module.levels, scale=cfg.scale),
+                                 out_dir / "most_likely.png"),
+        "least_likely": save_grid(levels_to_grid(images[order.flip(0)[:extremes]], module.levels, scale=cfg.scale),
+                                  out_dir / "least_likely.png"),
+    }
+    if cfg.heatmaps > 0:
+        shown = min(cfg.heatmaps, len(images))
+        files["heatmaps"] = heatmap_figure(images[:shown], maps[:shown], module.levels, out_dir / "nll_heatmaps.png")
+    metrics = {
+        "checkpoint": str(ckpt), "test_bpd": per_image.mean().item(), "test_images": len(images),
+        "bpd_most_likely": per_image[order[0]].item(), "bpd_least_likely": per_image[order[-1]].item(),
+    }
+    print(f"test bits/dim: {metrics['test_bpd']:.4f} over {len(images)} images ({seconds:.1f} s on "
+          f"{module.device.type}); per image {metrics['bpd_most_likely']:.3f} .. {metrics['bpd_least_likely']:.3f}\n"
+          f"  most likely:  {files['most_likely']}\n  least likely: {files['least_likely']}")
+    if "heatmaps" in files:
+        print(f"  heatmaps:     {files['heatmaps']}")
+    if cfg.quality:
+        classifier = load_or_train_classifier(cfg.data_root, module.image_size, module.levels, module.device)
+        quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
+        metrics |= quality | {"quality_n": cfg.quality_n, "quality_temperature": cfg.temperature,
+                              "classifier_test_accuracy": classifier.test_accuracy}
+        print(f"sample quality ({cfg.quality_n} samples at T={cfg.temperature:g} vs test images): Fréchet distance "
+              f"{quality['frechet_distance']:.3f} (floor, train vs test: {quality['frechet_distance_floor']:.3f})"
+              + (f", class accuracy {quality['class_accuracy']:.1%}" if "class_accuracy" in quality else ""))
+    metrics["files"] = {name: str(path) for name, path in files.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"  metrics:      {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
+    """Bits/dim of each image in `cfg.images`: printed table and `scores_<name>.csv`."""
+    images, names = load_images(cfg.images, module.image_size, module.levels)
+    scores = bits_per_dim(module, images, None, cfg.batch_size)  # (N,)
+    csv_path = out_dir / f"scores_{Path(cfg.images).stem}.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["image", "bits_per_dim"])
+        writer.writerows((name, f"{score:.6f}") for name, score in zip(names, scores.tolist()))
+    shown = range(len(names)) if len(names) <= TABLE_ROWS else scores.argsort(descending=True)[: TABLE_ROWS // 2].tolist()
+    width = max(len(names[i]) for i in shown)
+    heading = "" if len(names) <= TABLE_ROWS else f" ({TABLE_ROWS // 2} most surprising of {len(names)})"
+    print(f"{'image':<{width}}  bits/dim{heading}")
+    for i in shown:
+        print(f"{names[i]:<{width}}  {scores[i].item():.4f}")
+    print(f"mean {scores.mean().item():.4f} bits/dim over {len(names)} images (higher = more surprising)\n"
+          f"  scores: {csv_path}")
+    return {"images": names, "bits_per_dim": scores.tolist(), "csv": str(csv_path)}
+
+
+def run(cfg: DictConfig) -> dict:
+    """What `evaluate.py` does: the test-split evaluation, or with `images=` the outlier scores."""
+    validate(cfg)
+    require_int(cfg, "batch_size", 1)
+    require_int(cfg, "heatmaps", 0)
+    require_int(cfg, "extremes", 1)
+    require_int(cfg, "quality_n", 2)
+    if not isinstance(cfg.quality, bool):
+        raise UserError(f"quality={cfg.quality!r} is invalid: it must be true or false")
+    if isinstance(cfg.temperature, ListConfig):
+        raise UserError("evaluate.py takes one temperature (of the quality samples), not a list")
+    device = pick_device(cfg.device)
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    module = load_module(ckpt, device)
+    out_dir = Path(cfg.out) if cfg.out else default_out_dir(ckpt).with_name("eval")
+    if cfg.images is not None:
+        return score_images(module, cfg, out_dir)
+    return evaluate_test_split(module, cfg, out_dir, ckpt)

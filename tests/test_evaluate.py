@@ -1,0 +1,150 @@
+"""Likelihood tools: exact test bits/dim, figures, outlier scoring of .npy and PNG inputs, errors,
+and `evaluate.py` end to end. Tiny untrained models on tiny synthetic IDX files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchvision.io import write_png
+
+from pixelcnn.checkpoints import load_module
+from pixelcnn.config import UserError
+from pixelcnn.data import quantize
+from pixelcnn.evaluation import bits_per_dim, load_images, run
+from pixelcnn.module import PixelCNNModule
+from test_data import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 8  # the tiny models' image size; the IDX files are 28x28 and get resized like real data
+N_TEST = 20
+
+
+def save_checkpoint(path: Path, num_classes: int = 0, arch: str = "pixelcnn") -> Path:
+    """A Lightning-free checkpoint of a tiny random model, in the format `load_module` reads."""
+    torch.manual_seed(0)
+    sizes = {"pixelcnn": {"filters": 8, "residual_blocks": 1}, "gated": {"channels": 8, "layers": 2}}[arch]
+    module = PixelCNNModule(arch=arch, levels=4, image_size=SIZE, num_classes=num_classes, **sizes)
+    for p in module.parameters():  # random class biases too (they start at zero), so conditioning matters
+        torch.nn.init.normal_(p, std=0.3)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """IDX files with enough training images for the data module's default 5000-image val split."""
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root, n_train=5010, n_test=N_TEST)
+    return root
+
+
+def eval_config(ckpt: Path, data_root: Path, out: Path, **overrides) -> OmegaConf:
+    cfg = OmegaConf.load(ROOT / "conf/entry/evaluate.yaml")
+    cfg.pop("defaults"), cfg.pop("hydra")
+    return OmegaConf.merge(cfg, {"ckpt": str(ckpt), "data_root": str(data_root), "out": str(out), "quality": False,
+                                 "batch_size": 7, **overrides})
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_test_bpd_equals_module_loss_and_figures_exist(tmp_path, data_root, num_classes):
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt", num_classes)
+    metrics = run(eval_config(ckpt, data_root, tmp_path / "eval", extremes=4))
+    module = load_module(ckpt)
+    cached = torch.load(data_root / f"fashion_mnist_{SIZE}px_4lv.pt")  # written by the data module
+    with torch.no_grad():  # the whole test split as one batch of the training loss
+        expected = module.bits_per_dim(cached["test_images"], cached["test_labels"]).item()
+    assert metrics["test_bpd"] == pytest.approx(expected, abs=1e-5) and metrics["test_images"] == N_TEST
+    assert metrics["bpd_most_likely"] <= metrics["test_bpd"] <= metrics["bpd_least_likely"]
+    for name in ("nll_heatmaps.png", "most_likely.png", "least_likely.png", "metrics.json"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test_bpd"] == metrics["test_bpd"]
+
+
+def test_conditional_score_without_labels_is_the_class_marginal(tmp_path):
+    module = load_module(save_checkpoint(tmp_path / "c.ckpt", num_classes=10))
+    images = torch.randint(4, (5, 1, SIZE, SIZE), dtype=torch.uint8)
+    per_class = torch.stack([bits_per_dim(module, images, torch.full((5,), c)) for c in range(10)], 1)  # (5, 10)
+    marginal = bits_per_dim(module, images)
+    # mean_c 2^-b_c lies between max_c 2^-b_c / 10 and max_c 2^-b_c.
+    best = per_class.min(1).values
+    assert (marginal >= best - 1e-9).all() and (marginal <= best + np.log2(10) / SIZE**2 + 1e-9).all()
+    assert (marginal < per_class.mean(1)).all()
+
+
+def test_scores_npy_in_both_layouts(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt")
+    levels = np.random.default_rng(0).integers(0, 4, (3, SIZE, SIZE)).astype(np.int64)
+    np.save(tmp_path / "flat.npy", levels)
+    np.save(tmp_path / "channel.npy", levels[:, None].astype(np.uint8))
+    expected = bits_per_dim(load_module(ckpt), torch.from_numpy(levels).to(torch.uint8)[:, None])
+    for name in ("flat", "channel"):
+        result = run(eval_config(ckpt, tmp_path, tmp_path / "out", images=str(tmp_path / f"{name}.npy")))
+        assert result["images"] == [f"{name}.npy[{i}]" for i in range(3)]
+        assert result["bits_per_dim"] == pytest.approx(expected.tolist())
+        rows = list(csv.reader((tmp_path / "out" / f"scores_{name}.csv").open()))
+        assert rows[0] == ["image", "bits_per_dim"] and float(rows[3][1]) == pytest.approx(expected[2].item())
+
+
+def test_scores_png_folder_with_training_preprocessing(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt")
+    pictures = torch.randint(256, (2, 1, 28, 28), dtype=torch.uint8)
+    (tmp_path / "pngs").mkdir()
+    for i, picture in enumerate(pictures):
+        write_png(picture, str(tmp_path / "pngs" / f"img{i}.png"))
+    (tmp_path / "pngs" / "notes.txt").write_text("ignored")
+    images, names = load_images(tmp_path / "pngs", SIZE, 4)
+    assert names == ["img0.png", "img1.png"] and torch.equal(images, quantize(pictures[:, 0], SIZE, 4))
+    result = run(eval_config(ckpt, tmp_path, tmp_path / "out", images=str(tmp_path / "pngs")))
+    assert result["bits_per_dim"] == pytest.approx(bits_per_dim(load_module(ckpt), images).tolist())
+    assert Path(result["csv"]).name == "scores_pngs.csv"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (np.zeros((2, 5, 5), np.uint8), "has shape"),
+        (np.zeros((2, 2, SIZE, SIZE), np.uint8), "has shape"),
+        (np.zeros((0, SIZE, SIZE), np.uint8), "has shape"),
+        (np.full((2, SIZE, SIZE), 4), "values 4..4"),
+        (np.full((2, SIZE, SIZE), -1), "values -1..-1"),
+        (np.zeros((2, SIZE, SIZE), np.float32), "float32"),
+        (b"not numpy", "not a readable .npy"),
+    ],
+)
+def test_bad_npy_is_a_user_error(tmp_path, content, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, content) if isinstance(content, np.ndarray) else path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_images(path, SIZE, 4)
+
+
+def test_bad_paths_are_user_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "table.csv").write_text("a,b")
+    for path, message in [(tmp_path / "missing.npy", "does not exist"), (tmp_path / "empty", "not a .npy file"),
+                          (tmp_path / "broken.png", "not a readable PNG"), (tmp_path / "table.csv", "not a .npy file")]:
+        with pytest.raises(UserError, match=message):
+            load_images(path, SIZE, 4)
+
+
+def test_evaluate_entry_point(tmp_path, data_root):
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt", arch="gated")
+    command = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"data_root={data_root}", "quality=false",
+               "heatmaps=3", f"out={tmp_path / 'eval'}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "test bits/dim" in done.stdout and (tmp_path / "eval" / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "tiny.ckpt"]  # nothing else written
+
+    bad = subprocess.run(command[:2] + [f"ckpt={ckpt}", f"images={tmp_path / 'nothing.npy'}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr

@@ -26,6 +26,7 @@ class _Timer(L.Callback):
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.start = self.end = 0.0
+        self.images = 0  # images trained on inside the timed window
         self.epoch_seconds: list[float] = []
 
     @staticmethod
@@ -35,8 +36,11 @@ class _Timer(L.Callback):
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        if batch_idx == self.warmup and trainer.current_epoch == 0:
+        if trainer.current_epoch != 0 or batch_idx < self.warmup:
+            return
+        if batch_idx == self.warmup:
             self.start = self._now(module)
+        self.images += sum(len(levels) for levels, _ in batch)  # a batch is a list of micro-batches
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         # Only the last batch syncs: a sync per batch would hide the CPU/GPU overlap being measured.
@@ -71,7 +75,7 @@ def reset_peak(device: torch.device) -> None:
 def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, batches: int | None, epochs: int,
              warmup: int) -> _Timer:
     """One `Trainer.fit` with the run's real module, data and speed settings, minus I/O."""
-    module = instantiate(cfg.model)
+    module = instantiate(cfg.model, _convert_="all")
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -119,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     for _ in range(bench.repeats):
         reset_peak(device)
         timer = fit_once(cfg, datamodule, bench.warmup_batches + bench.train_batches, 1, bench.warmup_batches)
-        rates.append(bench.train_batches * batch_size / (timer.end - timer.start))
+        rates.append(timer.images / (timer.end - timer.start))
         peak = max(peak, peak_memory_mb(device))
     result["speed"] = vars(speed)
     result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates, "peak_memory_mb": peak}
@@ -136,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
     result["train"]["est_run_min"] = result["train"]["epoch_s"] * cfg.trainer.max_epochs / 60
 
     # 3. sampling: the model's own size, fresh weights (speed does not depend on them).
-    net = instantiate(cfg.model).net.to(device).eval()
+    net = instantiate(cfg.model, _convert_="all").net.to(device).eval()
     size = cfg.data.image_size
     for n in bench.sample_sizes:
         uniforms = draw_uniforms(n, size, size, seed=0, device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
-    module = instantiate(cfg.model)
+    module = instantiate(cfg.model, _convert_="all")  # plain lists in hparams: checkpoints load with weights_only
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -93,7 +94,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
           f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "
           f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
 
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
     test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
     metrics = {
@@ -101,13 +104,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "test_bpd": float(test[0]["test/bpd"]),
         "epochs": trainer.current_epoch,
         "parameters": n_params,
+        "fit_seconds": round(fit_seconds, 1),
         "best_checkpoint": checkpoint.best_model_path,
     }
     logger.log_hyperparams(_flat_hparams(cfg), {"hparams/val_bpd": metrics["val_bpd"],
                                                 "hparams/test_bpd": metrics["test_bpd"]})
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim "
-          f"({checkpoint.best_model_path})", flush=True)
+    print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
+          f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})", flush=True)
     return metrics
 
 

@@ -44,11 +44,12 @@ class SampleGridCallback(L.Callback):
 
 
 class RunTimeEstimate(L.Callback):
-    """Prints, a few batches into the run, how long the whole run should take on this machine,
-    and refines it after the first epoch (which includes validation)."""
+    """Prints, a few batches into the run, how long training should take on this machine, and
+    refines it once a whole epoch with validation has run. With torch.compile the first epoch
+    carries the compilation, so the refinement then waits for the second epoch."""
 
-    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10):
-        self.warmup_batches, self.measure_batches = warmup_batches, measure_batches
+    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0):
+        self.warmup_batches, self.measure_batches, self.timed_epoch = warmup_batches, measure_batches, timed_epoch
         self._t0 = self._epoch_t0 = 0.0
         self._printed = False
 
@@ -70,10 +71,10 @@ class RunTimeEstimate(L.Callback):
             self._printed = True
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.current_epoch != 0 or not self._epoch_t0:
+        if trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not self._epoch_t0:
             return
         epoch_s = time.perf_counter() - self._epoch_t0
-        print(f"[pixelcnn] first epoch incl. validation: {epoch_s:.1f} s -> whole run about "
+        print(f"[pixelcnn] epoch {self.timed_epoch + 1} incl. validation: {epoch_s:.1f} s -> whole run about "
               f"{_human(epoch_s * self._epochs(trainer))}", flush=True)
 
     @staticmethod

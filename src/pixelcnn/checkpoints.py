@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -37,9 +38,19 @@ def resume_run_dir(ckpt_path: str | None, default: str) -> str:
     return str(path.parent.parent if path.parent.name == "checkpoints" else default)
 
 
+def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> str:
+    """Hydra resolver: a sweep job's folder, named by its overrides, shortened (with a hash to
+    stay unique) when they would exceed a file name's length limit."""
+    if len(override_dirname) <= max_length:
+        return f"{job_num}_{override_dirname}" if override_dirname else str(job_num)
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return f"{job_num}_{override_dirname[:max_length]}..{digest}"
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("resume_run_dir"):
-        OmegaConf.register_new_resolver("resume_run_dir", resume_run_dir)
+    for name, resolver in (("resume_run_dir", resume_run_dir), ("sweep_subdir", sweep_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -185,9 +185,10 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
         writer = csv.writer(file)
         writer.writerow(["image", "bits_per_dim"])
         writer.writerows((name, f"{score:.6f}") for name, score in zip(names, scores.tolist()))
-    shown = range(len(names)) if len(names) <= TABLE_ROWS else scores.argsort(descending=True)[: TABLE_ROWS // 2].tolist()
+    everything = len(names) <= TABLE_ROWS
+    shown = range(len(names)) if everything else scores.argsort(descending=True)[: TABLE_ROWS // 2].tolist()
     width = max(len(names[i]) for i in shown)
-    heading = "" if len(names) <= TABLE_ROWS else f" ({TABLE_ROWS // 2} most surprising of {len(names)})"
+    heading = "" if everything else f" ({TABLE_ROWS // 2} most surprising of {len(names)})"
     print(f"{'image':<{width}}  bits/dim{heading}")
     for i in shown:
         print(f"{names[i]:<{width}}  {scores[i].item():.4f}")

@@ -51,7 +51,7 @@ def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
     )
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
             dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
@@ -59,7 +59,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
         ),
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
-        RunTimeEstimate(),
+        RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
     ]
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
     trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger,
-                                     callbacks=build_callbacks(cfg, output_dir), default_root_dir=str(output_dir))
+                                     callbacks=build_callbacks(cfg, output_dir, speed), default_root_dir=str(output_dir))
     n_params = sum(p.numel() for p in module.parameters())
     print(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
           f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "

@@ -1,0 +1,176 @@
+"""The commands users type: config composition, train.py end to end (incl. resume and a sweep),
+sample.py on the resulting checkpoint, and one clear error line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fakes import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.filters=8", "model.residual_blocks=1", "data.batch_size=16", "data.eval_batch_size=20",
+    "data.val_size=20", "data.download=false", "trainer.limit_train_batches=3", "trainer.max_epochs=2",
+    "sample.every_n_epochs=1", "sample.n=4", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+]
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose("train", overrides=list(overrides))
+
+
+def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A launch dir with tiny IDX files in its data/ and no fallback to the system dataset."""
+    path = tmp_path_factory.mktemp("work")
+    write_dataset(path / "data", n_train=100, n_test=20)
+    return path
+
+
+def data_args(workdir: Path) -> list[str]:
+    return [f"data.root={workdir / 'data'}", f"data.system_dir={workdir / 'no-system-dataset'}"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(workdir: Path) -> Path:
+    run_dir = workdir / "outputs" / "run"
+    result = run("train.py", *TINY, *data_args(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+# --- configuration --------------------------------------------------------------------------------
+def test_defaults_are_the_seed_model():
+    cfg = compose_train()
+    assert (cfg.model.lr, cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.levels) == (1e-4, 150, 128, 4)
+    module = instantiate(cfg.model)
+    assert sum(p.numel() for p in module.parameters()) == 307_460
+
+
+def test_overrides_reach_the_objects():
+    cfg = compose_train("model.filters=32", "model.residual_blocks=3", "data.levels=8", "model.lr=5e-4",
+                        "sample.temperature=0.7", "seed=3", "model=pixelcnn")
+    module = instantiate(cfg.model)
+    assert len(module.net.blocks) == 3 and module.net.to_logits.out_channels == 8 and module.hparams.lr == 5e-4
+    gated = instantiate(compose_train("model=gated", "model.layers=2", "model.channels=8").model)
+    assert gated.hparams.arch == "gated" and len(gated.net.gated_layers) == 2
+    quick = compose_train("experiment=quick")
+    assert (quick.model.filters, quick.model.residual_blocks, quick.model.lr) == (32, 2, 1e-3)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="model.typo"):
+        compose_train("model.typo=3")
+
+
+# --- train.py end to end -----------------------------------------------------------------------------
+def test_train_writes_checkpoints_logs_and_metrics(trained_run: Path):
+    checkpoints = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert 0 < metrics["test_bpd"] < 3 and 0 < metrics["val_bpd"] < 3 and metrics["epochs"] == 2
+    events = EventAccumulator(str(trained_run / "tb")).Reload()
+    assert any(tag.startswith("samples/") for tag in events.Tags()["images"])
+    assert {"train/bpd_epoch", "val/bpd", "test/bpd"} <= set(events.Tags()["scalars"])
+
+
+def test_resume_continues_the_same_run(workdir: Path, trained_run: Path):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=False)
+    result = run("train.py", *TINY, *data_args(workdir), f"ckpt_path={last}", "trainer.max_epochs=3", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = torch.load(last, map_location="cpu", weights_only=False)  # same run dir, updated in place
+    assert (before["epoch"], after["epoch"]) == (1, 2)
+    assert after["global_step"] == before["global_step"] + 3  # one more epoch of 3 optimizer steps
+    assert after["optimizer_states"][0]["state"][0]["step"] > before["optimizer_states"][0]["state"][0]["step"]
+    assert json.loads((trained_run / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
+    out = workdir / "samples"
+    result = run("sample.py", f"ckpt={trained_run}", "n=6", "temperature=[0.5,1.0]", f"out={out}", "scale=4",
+                 cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [png], [npy] = list(out.glob("*.png")), list(out.glob("*.npy"))
+    assert str(png) in result.stdout and str(npy) in result.stdout
+    levels = np.load(npy)
+    assert levels.shape == (2, 6, 16, 16) and levels.min() >= 0 and levels.max() <= 3
+    width, height = Image.open(png).size
+    assert width > 2 * 6 * 16 * 4 // 8 and height >= 16 * 4  # two grids side by side, each pixel enlarged
+
+
+def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
+    sweep = workdir / "multirun"
+    result = run("train.py", "-m", *TINY, *data_args(workdir), "trainer.max_epochs=1", "model.lr=1e-3,2e-3",
+                 f"hydra.sweep.dir={sweep}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file()]
+    assert len(jobs) == 2 and all("model.lr=" in p.name for p in jobs)
+    summary = (sweep / "summary.md").read_text()
+    assert "model.lr=0.001" in summary and "model.lr=0.002" in summary and summary.count("\n") == 4
+
+
+# --- bad input: one line, exit != 0, nothing half-written --------------------------------------------
+@pytest.mark.parametrize("override, key", [
+    ("model.residual_blocks=-1", "model.residual_blocks"),
+    ("model.filters=0", "model.filters"),
+    ("data.levels=1", "data.levels"),
+    ("sample.temperature=0", "sample.temperature"),
+    ("model.residul_blocks=5", "model.residul_blocks"),
+])
+def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
+    run_dir = workdir / "outputs" / f"bad-{key}"
+    result = run("train.py", *TINY, *data_args(workdir), override, f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert result.returncode != 0
+    assert key in result.stderr.splitlines()[0] or key in result.stderr.splitlines()[1]
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = run("train.py", *TINY, f"data.root={tmp_path / 'empty'}", f"data.system_dir={tmp_path / 'none'}",
+                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and not run_dir.exists() and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: Fashion-MNIST not found")
+    assert str(tmp_path / "empty") in message and str(tmp_path / "none") in message and "download" in message
+
+
+@pytest.mark.parametrize("make_ckpt, message", [
+    (lambda d: d / "missing.ckpt", "does not exist"),
+    (lambda d: (d / "notes.ckpt").write_text("not a checkpoint") and d / "notes.ckpt", "not a readable"),
+    (lambda d: torch.save({"state_dict": {}}, d / "other.ckpt") or d / "other.ckpt", "not a checkpoint of this"),
+])
+def test_bad_checkpoint_fails_cleanly(tmp_path: Path, make_ckpt, message):
+    result = run("sample.py", f"ckpt={make_ckpt(tmp_path)}", f"out={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ckpt=") and message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sample_temperature_fails_cleanly(trained_run: Path, tmp_path: Path):
+    result = run("sample.py", f"ckpt={trained_run}", "temperature=[1.0,-1]", f"out={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2 and "temperature" in result.stderr and not (tmp_path / "out").exists()

@@ -60,6 +60,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": _int(1),
     "method": (lambda v: v in ("fast", "naive"), "'fast' or 'naive'"),
     "early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+    "quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2"),
+    # keys of the evaluate / classifier / sample commands
+    "epochs": _int(1),
+    "batch_size": _int(1),
+    "lr": _positive_float(),
+    "heatmaps": _int(0),
+    "extremes": _int(1),
+    "completions": _int(1),
+    "rows": _int(0),
 }
 
 

@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make train` and `make test` (see README.md).
+# Extra arguments for the Python entry points go in ARGS, e.g. make train ARGS="experiment=quick".
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data train quick test bench sample clean
+
+# The venv is rebuilt only when pyproject.toml changes, so every target is idempotent.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Offline machines: the Debian package has the real IDX files. Without root/apt, training falls
+# back to torchvision's download, so this step never fails.
+data:
+	@if [ ! -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null \
+		|| echo "note: could not install dataset-fashion-mnist; training will try torchvision's download"; \
+	fi
+
+train: setup data
+	$(PY) train.py $(ARGS)
+
+quick: setup data
+	$(PY) train.py experiment=quick $(ARGS)
+
+test: setup data
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup data
+	$(PY) bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun bench.json

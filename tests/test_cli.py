@@ -26,6 +26,7 @@ TINY = [
     "data.val_size=20", "data.download=false", "trainer.limit_train_batches=3", "trainer.max_epochs=2",
     "sample.every_n_epochs=1", "sample.n=4", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
 ]
+NO_QUALITY = ["quality_n=0"]  # the end-of-run sample-quality check is covered once, by `trained_run`
 
 
 def compose_train(*overrides: str):
@@ -54,7 +55,7 @@ def data_args(workdir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trained_run(workdir: Path) -> Path:
     run_dir = workdir / "outputs" / "run"
-    result = run("train.py", *TINY, *data_args(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)
+    result = run("train.py", *TINY, *data_args(workdir), "quality_n=30", f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -90,6 +91,7 @@ def test_train_writes_checkpoints_logs_and_metrics(trained_run: Path):
     assert (trained_run / ".hydra" / "config.yaml").is_file()
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert 0 < metrics["test_bpd"] < 3 and 0 < metrics["val_bpd"] < 3 and metrics["epochs"] == 2
+    assert metrics["frechet_distance"] > 0 and metrics["quality_n"] == 20  # capped at the 20 test images
     events = EventAccumulator(str(trained_run / "tb")).Reload()
     assert any(tag.startswith("samples/") for tag in events.Tags()["images"])
     assert {"train/bpd_epoch", "val/bpd", "test/bpd"} <= set(events.Tags()["scalars"])
@@ -98,7 +100,8 @@ def test_train_writes_checkpoints_logs_and_metrics(trained_run: Path):
 def test_resume_continues_the_same_run(workdir: Path, trained_run: Path):
     last = trained_run / "checkpoints" / "last.ckpt"
     before = torch.load(last, map_location="cpu", weights_only=False)
-    result = run("train.py", *TINY, *data_args(workdir), f"ckpt_path={last}", "trainer.max_epochs=3", cwd=workdir)
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), f"ckpt_path={last}", "trainer.max_epochs=3",
+                 cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     after = torch.load(last, map_location="cpu", weights_only=False)  # same run dir, updated in place
     assert (before["epoch"], after["epoch"]) == (1, 2)
@@ -122,7 +125,7 @@ def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
 
 def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
     sweep = workdir / "multirun"
-    result = run("train.py", "-m", *TINY, *data_args(workdir), "trainer.max_epochs=1", "model.lr=1e-3,2e-3",
+    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "trainer.max_epochs=1", "model.lr=1e-3,2e-3",
                  f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file()]
@@ -141,7 +144,7 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
 ])
 def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
     run_dir = workdir / "outputs" / f"bad-{key}"
-    result = run("train.py", *TINY, *data_args(workdir), override, f"hydra.run.dir={run_dir}", cwd=workdir)
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), override, f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode != 0
     assert key in result.stderr.splitlines()[0] or key in result.stderr.splitlines()[1]
     assert "Traceback" not in result.stderr
@@ -150,7 +153,7 @@ def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
 
 def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    result = run("train.py", *TINY, f"data.root={tmp_path / 'empty'}", f"data.system_dir={tmp_path / 'none'}",
+    result = run("train.py", *TINY, *NO_QUALITY, f"data.root={tmp_path / 'empty'}", f"data.system_dir={tmp_path / 'none'}",
                  f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2 and not run_dir.exists() and "Traceback" not in result.stderr
     message = result.stderr.strip()

@@ -16,6 +16,7 @@ from pixelcnn.checkpoints import load_module
 from pixelcnn.completion import complete_fast, run_completion
 from pixelcnn.config import UserError
 from pixelcnn.gated import GatedPixelCNN
+from pixelcnn.generate import run as sample_run
 from pixelcnn.model import PixelCNN
 from pixelcnn.sampling import draw_uniforms, sample_fast
 from test_data import write_dataset
@@ -86,9 +87,17 @@ def test_label_picks_test_images_of_that_class(tmp_path, data_root):
                           ({"temperature": [0.5, 1.0]}, "one temperature"), ({"method": "naive"}, "fast"),
                           ({"label": "all"}, "label=all")])
 def test_bad_options_are_user_errors(tmp_path, override, message):
-    module = load_module(save_checkpoint(tmp_path / "tiny.ckpt"))
+    """Through `sample.py`'s run: config.validate checks ranges (rows >= 0, completions >= 1), the
+    completion what depends on the model (rows <= its image height), all before any data is read."""
+    save_checkpoint(tmp_path / "tiny.ckpt")
     with pytest.raises(UserError, match=message):
-        run_completion(module, complete_config(tmp_path, tmp_path / "no-data", tmp_path, **override), tmp_path)
+        sample_run(complete_config(tmp_path / "tiny.ckpt", tmp_path / "no-data", tmp_path, device="cpu", **override))
+
+
+def test_rows_above_the_image_height_name_the_allowed_range(tmp_path):
+    module = load_module(save_checkpoint(tmp_path / "tiny.ckpt"))
+    with pytest.raises(UserError, match=rf"rows={SIZE + 1} is invalid: it must be an integer in \[0, {SIZE}\]"):
+        run_completion(module, complete_config(tmp_path, tmp_path / "no-data", tmp_path, rows=SIZE + 1), tmp_path)
 
 
 def test_sample_entry_point_complete_mode(tmp_path, data_root):

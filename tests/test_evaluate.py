@@ -68,6 +68,29 @@ def test_test_bpd_equals_module_loss_and_figures_exist(tmp_path, data_root, num_
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test_bpd"] == metrics["test_bpd"]
 
 
+def test_quality_metrics_capped_and_classifier_cached_in_data_root(tmp_path, data_root):
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt", num_classes=10)
+    metrics = run(eval_config(ckpt, data_root, tmp_path / "eval", quality=True, quality_n=1000, extremes=2,
+                              heatmaps=0))
+    # The default 5000-image val split leaves 10 training images: n is capped there (floor: n train vs n test).
+    assert metrics["quality_n"] == 10 and (data_root / f"classifier_{SIZE}px_4lv.pt").is_file()
+    assert metrics["frechet_distance"] > 0 and metrics["frechet_distance_floor"] > 0
+    assert 0 <= metrics["class_accuracy"] <= 1 and 0 <= metrics["classifier_test_accuracy"] <= 1
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["quality_n"] == 10
+
+    skipped = run(eval_config(ckpt, data_root, tmp_path / "eval0", quality=True, quality_n=0, extremes=2, heatmaps=0))
+    assert "frechet_distance" not in skipped and "quality_n" not in skipped  # quality_n=0 is quality=false
+
+
+@pytest.mark.parametrize(("override", "message"),
+                         [({"quality_n": 1}, "quality_n="), ({"batch_size": 0}, "batch_size="),
+                          ({"heatmaps": -1}, "heatmaps="), ({"extremes": 0}, "extremes="),
+                          ({"quality": "yes"}, "quality="), ({"temperature": [0.5, 1.0]}, "one temperature")])
+def test_bad_options_are_user_errors(tmp_path, override, message):
+    with pytest.raises(UserError, match=message):  # before the checkpoint or any data is read
+        run(eval_config(tmp_path / "missing.ckpt", tmp_path / "no-data", tmp_path / "eval", **override))
+
+
 def test_conditional_score_without_labels_is_the_class_marginal(tmp_path):
     module = load_module(save_checkpoint(tmp_path / "c.ckpt", num_classes=10))
     images = torch.randint(4, (5, 1, SIZE, SIZE), dtype=torch.uint8)

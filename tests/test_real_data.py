@@ -19,7 +19,7 @@ def test_a_few_hundred_steps_learn_real_images(tmp_path):
         cfg = compose("train", overrides=[
             "experiment=quick", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}",
             "trainer.max_epochs=1", "trainer.limit_train_batches=250", "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "sample.n=8",
+            "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "sample.n=8", "quality_n=0",
         ])
     metrics = train(cfg)
     assert metrics["val_bpd"] < 0.75, metrics  # uniform guessing is 2.0; ~0.62 after 60 s of training

@@ -2,8 +2,9 @@
 
 The classifier sees images exactly as the PixelCNN does (quantized to `levels` grey levels at
 `image_size`, input `level / levels`), so its features measure what the generative model
-models. It is trained once per (image_size, levels) and cached as
-`<data root>/classifier_<S>px_<L>lv.pt`; `python train_classifier.py` (re)trains it.
+models. It is trained on a data module's training split and cached as
+`<data module root>/classifier_<S>px_<L>lv.pt`, one per (image_size, levels);
+`python train_classifier.py` (re)trains it.
 
 Sample quality (`quality_metrics`):
 - Fréchet distance (FID-style, Heusel et al. 2017) between the classifier's penultimate
@@ -21,24 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from pixelcnn.config import UserError, validate
-from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, save_cache
+from pixelcnn.config import validate
+from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, save_cache, setup_datamodule
 from pixelcnn.generate import pick_device
 
 Split = tuple[Tensor, Tensor]  # (levels uint8 (N, 1, S, S), labels int64 (N,))
 EPOCHS = 5  # ~1 min on 2 CPU cores at 16x16, ~88% test accuracy
-
-
-def require_int(cfg: DictConfig, key: str, lo: int, hi: int | None = None) -> int:
-    """cfg[key] as an int in [lo, hi], else a UserError naming the key (for keys config.RULES lacks)."""
-    value = cfg[key]
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)):
-        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise UserError(f"{key}={value!r} is invalid: it must be {allowed}")
-    return value
 
 
 class FashionClassifier(nn.Module):
@@ -97,6 +89,8 @@ def train_classifier(train_set: Split, test_set: Split, image_size: int, levels:
     classifier.train()
     for _ in range(epochs):
         for index in torch.randperm(len(images), generator=generator, device=images.device).split(batch_size):
+            if len(index) < 2:  # batch norm cannot train on one image (at 2px its maps are 1x1)
+                continue
             loss = F.cross_entropy(classifier(images[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -110,33 +104,31 @@ def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:
     return Path(root) / f"classifier_{image_size}px_{levels}lv.pt"
 
 
-def load_fashion_mnist(root: str | Path, image_size: int, levels: int) -> FashionMNISTDataModule:
-    """The data module, set up (same files, cache and train/test split as training)."""
-    datamodule = FashionMNISTDataModule(root=root, image_size=image_size, levels=levels)
-    datamodule.setup()
-    return datamodule
-
-
-def fit_and_cache(root: str | Path, image_size: int, levels: int, device: str | torch.device = "cpu",
-                  epochs: int = EPOCHS, **train_kwargs) -> FashionClassifier:
-    """Train on the training split, report test accuracy, and save the weights into the cache file."""
-    datamodule = load_fashion_mnist(root, image_size, levels)
+def fit_and_cache(datamodule: FashionMNISTDataModule, device: str | torch.device = "cpu", epochs: int = EPOCHS,
+                  **train_kwargs) -> FashionClassifier:
+    """Train on the data module's training split, report its test accuracy, and save the weights
+    into the cache file in `datamodule.root` (for its image size and level count)."""
+    datamodule.setup()  # a no-op when already set up
+    image_size, levels = datamodule.image_size, datamodule.levels
     started = time.perf_counter()
     classifier, test_accuracy = train_classifier(datamodule.train_set, datamodule.test_set, image_size, levels,
                                                  epochs, device=device, **train_kwargs)
-    path = classifier_path(root, image_size, levels)
+    path = classifier_path(datamodule.root, image_size, levels)
     save_cache(path, {"state_dict": classifier.state_dict(), "test_accuracy": torch.tensor(test_accuracy)})
     classifier.test_accuracy = test_accuracy
-    print(f"[classifier] {image_size}px/{levels} levels: test accuracy {test_accuracy:.2%} after {epochs} epochs "
-          f"({time.perf_counter() - started:.0f} s on {torch.device(device).type}); saved {path}", flush=True)
+    print(f"[classifier] {image_size}px/{levels} levels: test accuracy {test_accuracy:.2%} after {epochs} epochs on "
+          f"{len(datamodule.train_set[0])} images ({time.perf_counter() - started:.0f} s on "
+          f"{torch.device(device).type}); saved {path}", flush=True)
     return classifier
 
 
-def load_or_train_classifier(root: str | Path, image_size: int, levels: int,
+def load_or_train_classifier(datamodule: FashionMNISTDataModule,
                              device: str | torch.device = "cpu") -> FashionClassifier:
-    """The cached classifier for this image size and level count, trained first if there is none
-    (or it is unreadable). Eval mode, on `device`, with a `test_accuracy` attribute."""
-    path = classifier_path(root, image_size, levels)
+    """The classifier cached in the data module's root for its image size and level count,
+    trained on its training split first if there is none (or it is unreadable). Eval mode, on
+    `device`, with a `test_accuracy` attribute."""
+    image_size, levels = datamodule.image_size, datamodule.levels
+    path = classifier_path(datamodule.root, image_size, levels)
     if path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -146,8 +138,9 @@ def load_or_train_classifier(root: str | Path, image_size: int, levels: int,
             return classifier.to(device).eval()
         except Exception as err:  # noqa: BLE001 - any unusable cache is retrained
             print(f"[classifier] {path} is unusable ({type(err).__name__}); retraining", flush=True)
-    print(f"[classifier] no cached classifier at {path}: training one (about a minute on a CPU)", flush=True)
-    return fit_and_cache(root, image_size, levels, device)
+    print(f"[classifier] no cached classifier at {path}: training one (about a minute on a CPU for the full "
+          "dataset)", flush=True)
+    return fit_and_cache(datamodule, device)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -177,33 +170,51 @@ def random_subset(split: Split, n: int, seed: int) -> Split:
 def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000, temperature: float = 1.0,
                     seed: int = 0, classifier: FashionClassifier | None = None,
                     method: str = "fast") -> dict[str, float]:
-    """Sample quality of a `PixelCNNModule`, all values floats:
+    """Sample quality of a `PixelCNNModule` (on any device):
 
     - `frechet_distance`: n samples vs n random test images, in classifier feature space.
     - `frechet_distance_floor`: n training vs the same n test images (only when `data` is a data
       module): the value a perfect model would get at this n.
     - `class_accuracy` (conditional models only): samples are drawn for classes 0..9 in turn
       (n spread evenly), and this is the fraction the classifier assigns to their class.
+    - `quality_n` (an int): the n used. n is capped at the test images available (and with a
+      data module at its training images too), so it can be smaller than asked for.
 
-    `data` is a set-up `FashionMNISTDataModule` or a bare test split (images, labels). The
-    classifier defaults to the cached one in the data module's root (or `data/`), trained if absent.
+    `data` is a `FashionMNISTDataModule` (set up here if it is not yet; its tensors may be on
+    any device) or a bare test split (images, labels). The classifier defaults to the one cached
+    in the data module's root, trained on its training split if absent; with a bare split, to
+    the one of the default data module in `data/`.
     """
     datamodule = data if isinstance(data, FashionMNISTDataModule) else None
+    if datamodule is not None:
+        datamodule.setup()  # a no-op when already set up
+        if (datamodule.image_size, datamodule.levels) != (module.image_size, module.levels):
+            raise ValueError(f"the data module has {datamodule.image_size}px images with {datamodule.levels} levels, "
+                             f"the model {module.image_size}px with {module.levels}")
     test_set = datamodule.test_set if datamodule is not None else data
+    available = len(test_set[0]) if datamodule is None else min(len(test_set[0]), len(datamodule.train_set[0]))
+    if n < 2 or available < 2:
+        raise ValueError(f"the Fréchet distance needs n >= 2 samples and test images; got n={n}, "
+                         f"{available} images available")
+    if n > available:
+        what = "test images" if datamodule is None else "test (and training) images"
+        print(f"[classifier] quality_n={n} is more than the {available} {what}: using {available}", flush=True)
+        n = available
     if classifier is None:
-        root = datamodule.root if datamodule is not None else "data"
-        classifier = load_or_train_classifier(root, module.image_size, module.levels, module.device)
+        source = datamodule if datamodule is not None else setup_datamodule("data", module.image_size, module.levels)
+        classifier = load_or_train_classifier(source, module.device)
     test_images, _ = random_subset(test_set, n, seed)
     labels = torch.arange(n) % module.hparams.num_classes if module.conditional else None
-    samples = module.sample(n, temperature, seed, labels, method)  # (n, H, W)
+    samples = module.sample(n, temperature, seed, labels, method)  # (n, H, W) on the module's device
     sample_feats, predicted = classify(classifier, samples)
     test_feats = classify(classifier, test_images)[0]
-    metrics = {"frechet_distance": frechet_distance(sample_feats, test_feats)}
+    metrics: dict[str, float] = {"frechet_distance": frechet_distance(sample_feats, test_feats)}
     if datamodule is not None:
         train_images, _ = random_subset(datamodule.train_set, n, seed + 1)
         metrics["frechet_distance_floor"] = frechet_distance(classify(classifier, train_images)[0], test_feats)
     if labels is not None:
         metrics["class_accuracy"] = (predicted == labels).float().mean().item()
+    metrics["quality_n"] = n
     return metrics
 
 
@@ -211,17 +222,13 @@ def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000,
 
 
 def run(cfg: DictConfig) -> FashionClassifier:
-    """What `train_classifier.py` does: train on the training split, print test accuracy and the
-    Fréchet floor (1000 train vs 1000 test images), and overwrite the cache."""
-    validate(cfg)
-    for key in ("epochs", "batch_size"):
-        require_int(cfg, key, 1)
-    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
-        raise UserError(f"lr={cfg.lr!r} is invalid: it must be a number > 0")
+    """What `train_classifier.py` does: train on the training split of the data module `cfg.data`
+    describes, print test accuracy and the Fréchet floor (1000 train vs 1000 test images), and
+    overwrite the cache."""
+    validate(cfg)  # epochs, batch_size, lr, data.*
     device = pick_device(cfg.device)
-    classifier = fit_and_cache(cfg.data.root, cfg.data.image_size, cfg.data.levels, device, cfg.epochs,
-                               batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    datamodule = load_fashion_mnist(cfg.data.root, cfg.data.image_size, cfg.data.levels)
+    datamodule = setup_datamodule(**OmegaConf.to_container(cfg.data, resolve=True))
+    classifier = fit_and_cache(datamodule, device, cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     n = min(1000, len(datamodule.train_set[0]), len(datamodule.test_set[0]))
     train_feats = classify(classifier, random_subset(datamodule.train_set, n, cfg.seed)[0])[0]
     test_feats = classify(classifier, random_subset(datamodule.test_set, n, cfg.seed)[0])[0]

@@ -17,9 +17,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import Tensor, nn
 
-from pixelcnn.classifier import load_fashion_mnist, require_int
 from pixelcnn.config import UserError
-from pixelcnn.data import NUM_CLASSES
+from pixelcnn.data import NUM_CLASSES, setup_datamodule
 from pixelcnn.generate import parse_labels
 from pixelcnn.images import levels_to_grid, save_grid, side_by_side
 from pixelcnn.sampling import draw_levels, draw_uniforms
@@ -61,10 +60,14 @@ def pick_test_images(test_set: tuple[Tensor, Tensor], n: int, label: int | None)
 def run_completion(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     """Complete the first min(n, 16) test images `completions` times each; write a PNG figure (one
     row per image: original | kept rows, hidden ones mid-grey | completions) and the completions
-    as .npy (N, completions, H, W) uint8 levels. Conditional models use the images' true labels."""
+    as .npy (N, completions, H, W) uint8 levels. Conditional models use the images' true labels.
+    `cfg` has passed `config.validate` (rows >= 0, completions >= 1): only what depends on the
+    model is checked here."""
     height = width = module.image_size
-    rows = require_int(cfg, "rows", 0, height)
-    completions = require_int(cfg, "completions", 1)
+    rows, completions = cfg.rows, cfg.completions
+    if rows > height:
+        raise UserError(f"rows={rows} is invalid: it must be an integer in [0, {height}] "
+                        f"(rows kept of this {height}px model's images)")
     if isinstance(cfg.temperature, ListConfig):
         raise UserError("mode=complete takes one temperature, not a list")
     if cfg.method != "fast":
@@ -72,7 +75,7 @@ def run_completion(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     if cfg.label == "all":
         raise UserError("mode=complete takes label=<one class> (test images of that class) or no label, not label=all")
     label = int(parse_labels(cfg.label, NUM_CLASSES, 1)[0][0]) if cfg.label is not None else None
-    datamodule = load_fashion_mnist(cfg.data_root, module.image_size, module.levels)
+    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels)
     originals, labels = pick_test_images(datamodule.test_set, min(cfg.n, MAX_IMAGES), label)  # (N, H, W)
     n = len(originals)
 

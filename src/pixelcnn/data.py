@@ -369,3 +369,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> BatchLoader:
         return self.loader("test_set", self.eval_batch_size, train=False)
+
+
+def setup_datamodule(root: str | os.PathLike, image_size: int, levels: int, **kwargs) -> FashionMNISTDataModule:
+    """The data module, set up: same files, cache and splits as training (other arguments as
+    `FashionMNISTDataModule`'s, e.g. `val_size`, `system_dir`)."""
+    datamodule = FashionMNISTDataModule(root=root, image_size=image_size, levels=levels, **kwargs)
+    datamodule.setup()
+    return datamodule

@@ -26,9 +26,9 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, read_image
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.classifier import load_fashion_mnist, load_or_train_classifier, quality_metrics, require_int
+from pixelcnn.classifier import load_or_train_classifier, quality_metrics
 from pixelcnn.config import UserError, validate
-from pixelcnn.data import quantize
+from pixelcnn.data import quantize, setup_datamodule
 from pixelcnn.generate import default_out_dir, pick_device
 from pixelcnn.images import levels_to_grid, save_grid
 
@@ -134,8 +134,8 @@ def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Pat
 
 
 def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> dict:
-    """Test bits/dim, heatmaps, extremes and (quality=true) sample quality; writes metrics.json."""
-    datamodule = load_fashion_mnist(cfg.data_root, module.image_size, module.levels)
+    """Test bits/dim, heatmaps, extremes and (quality=true, quality_n > 0) sample quality; writes metrics.json."""
+    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels)
     images, labels = datamodule.test_set
     started = time.perf_counter()
     maps = nll_maps(module, images, labels if module.conditional else None, cfg.batch_size)  # (N, H, W)
@@ -161,13 +161,13 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
           f"  most likely:  {files['most_likely']}\n  least likely: {files['least_likely']}")
     if "heatmaps" in files:
         print(f"  heatmaps:     {files['heatmaps']}")
-    if cfg.quality:
-        classifier = load_or_train_classifier(cfg.data_root, module.image_size, module.levels, module.device)
+    if cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
+        classifier = load_or_train_classifier(datamodule, module.device)
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
-        metrics |= quality | {"quality_n": cfg.quality_n, "quality_temperature": cfg.temperature,
+        metrics |= quality | {"quality_temperature": cfg.temperature,
                               "classifier_test_accuracy": classifier.test_accuracy}
-        print(f"sample quality ({cfg.quality_n} samples at T={cfg.temperature:g} vs test images): Fréchet distance "
-              f"{quality['frechet_distance']:.3f} (floor, train vs test: {quality['frechet_distance_floor']:.3f})"
+        print(f"sample quality ({quality['quality_n']} samples at T={cfg.temperature:g} vs test images): "
+              f"Fréchet distance {quality['frechet_distance']:.3f} (floor, train vs test: {quality['frechet_distance_floor']:.3f})"
               + (f", class accuracy {quality['class_accuracy']:.1%}" if "class_accuracy" in quality else ""))
     metrics["files"] = {name: str(path) for name, path in files.items()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -199,11 +199,7 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """What `evaluate.py` does: the test-split evaluation, or with `images=` the outlier scores."""
-    validate(cfg)
-    require_int(cfg, "batch_size", 1)
-    require_int(cfg, "heatmaps", 0)
-    require_int(cfg, "extremes", 1)
-    require_int(cfg, "quality_n", 2)
+    validate(cfg)  # batch_size, heatmaps, extremes, quality_n (0 or >= 2), temperature, method
     if not isinstance(cfg.quality, bool):
         raise UserError(f"quality={cfg.quality!r} is invalid: it must be true or false")
     if isinstance(cfg.temperature, ListConfig):

@@ -107,12 +107,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "fit_seconds": round(fit_seconds, 1),
         "best_checkpoint": checkpoint.best_model_path,
     }
-    logger.log_hyperparams(_flat_hparams(cfg), {"hparams/val_bpd": metrics["val_bpd"],
-                                                "hparams/test_bpd": metrics["test_bpd"]})
+    if cfg.quality_n:
+        metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
+        logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
+    logger.log_hyperparams(_flat_hparams(cfg), {f"hparams/{k}": v for k, v in metrics.items()
+                                                if k in ("val_bpd", "test_bpd", *QUALITY_KEYS)})
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
           f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})", flush=True)
     return metrics
+
+
+QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")
+
+
+def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices) -> dict[str, float]:
+    """Sample quality of the best checkpoint (which `trainer.test` has just loaded)."""
+    from pixelcnn.classifier import quality_metrics
+
+    temperature = cfg.sample.temperature if isinstance(cfg.sample.temperature, (int, float)) else 1.0
+    module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
+    quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=temperature, seed=cfg.sample.seed)
+    print("[pixelcnn] sample quality: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()), flush=True)
+    return quality
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:

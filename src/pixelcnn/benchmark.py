@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import validate
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
-from pixelcnn.training import resolve_speed
+from pixelcnn.training import SpeedChoices, build_module, resolve_speed
 
 
 class _Timer(L.Callback):
@@ -72,15 +72,10 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, batches: int | None, epochs: int,
-             warmup: int) -> _Timer:
+def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, speed: SpeedChoices, batches: int | None,
+             epochs: int, warmup: int) -> _Timer:
     """One `Trainer.fit` with the run's real module, data and speed settings, minus I/O."""
-    module = instantiate(cfg.model, _convert_="all")
-    speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
-    if speed.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    if speed.compile:
-        module.compile_loss(mode=cfg.speed.compile_mode, dynamic=False)
+    module = build_module(cfg, speed)
     timer = _Timer(warmup)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=speed.precision, max_epochs=epochs,
                         limit_train_batches=batches, limit_val_batches=None if batches is None else 0,
@@ -122,7 +117,7 @@ def run(cfg: DictConfig) -> dict:
     rates, peak = [], 0.0
     for _ in range(bench.repeats):
         reset_peak(device)
-        timer = fit_once(cfg, datamodule, bench.warmup_batches + bench.train_batches, 1, bench.warmup_batches)
+        timer = fit_once(cfg, datamodule, speed, bench.warmup_batches + bench.train_batches, 1, bench.warmup_batches)
         rates.append(timer.images / (timer.end - timer.start))
         peak = max(peak, peak_memory_mb(device))
     result["speed"] = vars(speed)
@@ -130,7 +125,7 @@ def run(cfg: DictConfig) -> dict:
 
     # 2. a whole epoch with validation, measured on the second epoch (the first compiles).
     if bench.epoch == "measure" or (bench.epoch == "auto" and device.type == "cuda"):
-        timer = fit_once(cfg, datamodule, None, 2, 0)
+        timer = fit_once(cfg, datamodule, speed, None, 2, 0)
         result["train"]["epoch_s"] = timer.epoch_seconds[-1]
         result["train"]["epoch_s_measured"] = True
     else:

@@ -21,7 +21,7 @@ from pixelcnn.config import UserError
 from pixelcnn.data import NUM_CLASSES, setup_datamodule
 from pixelcnn.generate import parse_labels
 from pixelcnn.images import levels_to_grid, save_grid, side_by_side
-from pixelcnn.sampling import draw_levels, draw_uniforms
+from pixelcnn.sampling import draw_levels, draw_uniforms, eval_mode
 
 MAX_IMAGES = 16  # test images per figure: one figure row each, so n is capped to keep it readable
 
@@ -83,13 +83,9 @@ def run_completion(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     known = originals.repeat_interleave(completions, dim=0).to(device)  # (N*C, H, W): image k's copies together
     uniforms = draw_uniforms(len(known), height, width, cfg.seed, device)
     cond = labels.repeat_interleave(completions).to(device) if module.conditional else None
-    was_training = module.training
-    module.eval()
     started = time.perf_counter()
-    try:
+    with eval_mode(module):
         completed = complete_fast(module.net, known, rows, uniforms, cfg.temperature, cond).cpu()
-    finally:
-        module.train(was_training)
     seconds = time.perf_counter() - started
     completed = completed.view(n, completions, height, width)
 

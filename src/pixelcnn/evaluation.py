@@ -31,6 +31,7 @@ from pixelcnn.config import UserError, validate
 from pixelcnn.data import quantize, setup_datamodule
 from pixelcnn.generate import default_out_dir, pick_device
 from pixelcnn.images import levels_to_grid, save_grid
+from pixelcnn.sampling import eval_mode
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
 
@@ -38,17 +39,13 @@ TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surp
 @torch.no_grad()
 def nll_maps(module, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
     """Per-pixel negative log-likelihood in bits. (N, 1, H, W) uint8 levels -> (N, H, W) float on the CPU"""
-    was_training = module.training
-    module.eval()
-    try:
-        maps = []
+    maps = []
+    with eval_mode(module):
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(module.device)
             batch_labels = labels[start : start + batch_size].to(module.device) if labels is not None else None
             maps.append(module.nll_bits_per_pixel(batch, batch_labels).cpu())
-        return torch.cat(maps)
-    finally:
-        module.train(was_training)
+    return torch.cat(maps)
 
 
 def bits_per_dim(module, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:

@@ -56,13 +56,12 @@ class PixelCNNModule(L.LightningModule):
     # --- the objective ---------------------------------------------------------------------------
     def bits_per_dim(self, levels: Tensor, labels: Tensor) -> Tensor:
         """Mean negative log-likelihood of the batch in bits per pixel. (B, 1, H, W) uint8 -> ()"""
-        x = levels.float() / self.levels  # (B, 1, H, W) model input
-        logits = self.net(x, labels if self.conditional else None)  # (B, L, H, W)
-        return F.cross_entropy(logits.float(), levels[:, 0].long()) / math.log(2)
+        return self.nll_bits_per_pixel(levels, labels).mean()
 
     def nll_bits_per_pixel(self, levels: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Per-pixel negative log-likelihood in bits, for likelihood tools. -> (B, H, W)"""
-        logits = self.net(levels.float() / self.levels, labels if self.conditional else None)
+        """Negative log-likelihood of every pixel in bits. (B, 1, H, W) uint8 levels -> (B, H, W)"""
+        x = levels.float() / self.levels  # (B, 1, H, W) model input
+        logits = self.net(x, labels if self.conditional else None)  # (B, L, H, W)
         return F.cross_entropy(logits.float(), levels[:, 0].long(), reduction="none") / math.log(2)
 
     def compile_loss(self, **compile_kwargs) -> None:

@@ -15,12 +15,25 @@ seed, let both samplers consume identical randomness, and keep the loop free of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 SamplingMethod = Literal["fast", "naive"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no dropout) for the block, then back to the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def draw_levels(logits: Tensor, temperature: float, uniforms: Tensor) -> Tensor:
@@ -115,13 +128,9 @@ def sample(model: nn.Module, n: int, height: int, width: int, temperature: float
     device = next(model.parameters()).device
     uniforms = draw_uniforms(n, height, width, seed, device)
     labels = labels.to(device) if labels is not None else None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if method == "fast":
             return sample_fast(model, uniforms, height, width, temperature, labels)
         if method == "naive":
             return sample_naive(model, uniforms, height, width, temperature, labels)
         raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
-    finally:
-        model.train(was_training)

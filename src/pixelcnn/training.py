@@ -51,6 +51,16 @@ def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
     )
 
 
+def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
+    """The configured LightningModule with the speed choices applied."""
+    module = instantiate(cfg.model, _convert_="all")  # plain lists in hparams: checkpoints load with weights_only
+    if speed.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if speed.compile:
+        module.compile_loss(mode=cfg.speed.compile_mode, dynamic=False)
+    return module
+
+
 def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
@@ -79,12 +89,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
-    module = instantiate(cfg.model, _convert_="all")  # plain lists in hparams: checkpoints load with weights_only
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
-    if speed.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    if speed.compile:
-        module.compile_loss(mode=cfg.speed.compile_mode, dynamic=False)
+    module = build_module(cfg, speed)
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
     trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger,

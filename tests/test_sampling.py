@@ -71,3 +71,14 @@ def test_sample_is_reproducible_and_in_range():
     assert net.training  # sampling restores the mode it found
     with pytest.raises(ValueError, match="temperature"):
         sample(net, 1, 4, 4, temperature=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_sampler_is_exact_and_survives_a_device_round_trip():
+    net = randomized(PixelCNN(levels=4, filters=32, residual_blocks=2)).cuda()
+    uniforms = draw_uniforms(8, 6, 6, seed=0, device=torch.device("cuda"))
+    naive = sample_naive(net, uniforms, 6, 6, temperature=1.0)
+    assert torch.equal(sample_fast(net, uniforms, 6, 6, temperature=1.0), naive)  # captured, then replayed
+    assert torch.equal(sample_fast(net, uniforms, 6, 6, temperature=1.0), naive)
+    net.cpu().cuda()  # new parameter storage: the graph must be captured again, not replayed
+    assert torch.equal(sample_fast(net, uniforms, 6, 6, temperature=1.0), naive)

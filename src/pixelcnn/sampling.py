@@ -109,9 +109,14 @@ def sample_fast(model: nn.Module, uniforms: Tensor, height: int, width: int, tem
     if not (cuda_graph and uniforms.is_cuda):
         _fast_loop(model, uniforms, out, temperature, labels)
         return out
-    # Graphs are cached on the model; weights are read in place, so training updates are seen.
-    cache = model.__dict__.setdefault("_captured_samplers", {})
-    key = (uniforms.shape[0], height, width, float(temperature), labels is not None, next(model.parameters()).dtype)
+    # Graphs are cached on the model and read the weights in place, so training updates are seen.
+    # Moving the model (Lightning sends it to the CPU and back) gives it new storage: then the
+    # graphs would read freed memory, so they are dropped and captured again.
+    storage = tuple(p.data_ptr() for p in model.parameters())
+    if model.__dict__.get("_captured_storage") != storage:
+        model.__dict__["_captured_storage"], model.__dict__["_captured_samplers"] = storage, {}
+    cache = model.__dict__["_captured_samplers"]
+    key = (uniforms.shape[0], height, width, float(temperature), labels is not None)
     if key not in cache:
         cache[key] = _CapturedSampler(model, uniforms.shape[0], height, width, temperature, labels is not None,
                                       uniforms.device)

@@ -140,6 +140,7 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
     ("model.filters=0", "model.filters"),
     ("data.levels=1", "data.levels"),
     ("sample.temperature=0", "sample.temperature"),
+    ("sample.temperature=[1.0,2.0]", "sample.temperature"),  # the grid takes one temperature
     ("model.residul_blocks=5", "model.residul_blocks"),
 ])
 def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):

@@ -52,7 +52,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.lr": _positive_float(),
     "model.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
-    "sample.temperature": _temperatures(),
+    "sample.temperature": _positive_float(),  # one grid temperature; lists are for sample.py
     "sample.n": _int(1),
     "sample.every_n_epochs": _int(0),
     "sample.method": (lambda v: v in ("fast", "naive"), "'fast' or 'naive'"),

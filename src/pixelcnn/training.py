@@ -131,9 +131,9 @@ def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices)
     """Sample quality of the best checkpoint (which `trainer.test` has just loaded)."""
     from pixelcnn.classifier import quality_metrics
 
-    temperature = cfg.sample.temperature if isinstance(cfg.sample.temperature, (int, float)) else 1.0
     module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
-    quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=temperature, seed=cfg.sample.seed)
+    quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=cfg.sample.temperature,
+                              seed=cfg.sample.seed)
     print("[pixelcnn] sample quality: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()), flush=True)
     return quality
 

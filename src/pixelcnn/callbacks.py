@@ -7,6 +7,7 @@ import time
 import lightning as L
 import torch
 
+from pixelcnn.generate import parse_labels
 from pixelcnn.images import levels_to_grid
 
 
@@ -25,10 +26,9 @@ class SampleGridCallback(L.Callback):
 
     def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         labels, nrow = None, 8
-        if module.conditional:
+        if module.conditional:  # one row per class, as `sample.py label=all` draws them
             classes = module.hparams.num_classes
-            nrow = max(self.n // classes, 1)
-            labels = torch.arange(classes).repeat_interleave(nrow)
+            labels, nrow = parse_labels("all", classes, max(self.n // classes, 1))
         n = len(labels) if labels is not None else self.n
         levels = module.sample(n, self.temperature, self.seed, labels, self.method)
         grid = levels_to_grid(levels, module.levels, nrow=nrow, scale=self.scale)

@@ -77,6 +77,8 @@ def test_overrides_reach_the_objects():
     assert gated.hparams.arch == "gated" and len(gated.net.gated_layers) == 2
     quick = compose_train("experiment=quick")
     assert (quick.model.filters, quick.model.residual_blocks, quick.model.lr) == (32, 2, 1e-3)
+    quick_gated = instantiate(compose_train("experiment=quick_gated").model)
+    assert quick_gated.hparams.arch == "gated" and quick_gated.conditional and len(quick_gated.net.gated_layers) == 4
 
 
 def test_unknown_key_is_rejected():
@@ -150,6 +152,19 @@ def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
     assert key in result.stderr.splitlines()[0] or key in result.stderr.splitlines()[1]
     assert "Traceback" not in result.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["experiment=quick", "model=gated", "data.val_size=20"], "model.filters is not an option of model.arch=gated"),
+    (["model.arch=transformer", "data.val_size=20"], "model.arch='transformer' is unknown"),
+    (["data.val_size=100"], "data.val_size=100 is invalid: the training file has 100 images"),
+])
+def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str], message: str):
+    run_dir = workdir / "outputs" / "bad-arch"
+    result = run("train.py", *overrides, *NO_QUALITY, *data_args(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert result.returncode == 2 and not run_dir.exists()
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: " + message)
 
 
 def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):

@@ -8,6 +8,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.errors import InstantiationException
+
 from pixelcnn.config import UserError
 from pixelcnn.data import CorruptDatasetError, DatasetNotFoundError
 
@@ -17,7 +19,10 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
     """Turn UserError and data errors into `error: ...` + exit 2. `cleanup_dir` (a run dir) is
     removed if the failure came before it held any checkpoint."""
     try:
-        yield
+        try:
+            yield
+        except InstantiationException as err:  # hydra's `instantiate` wraps what a constructor raised
+            raise err.__cause__ if isinstance(err.__cause__, UserError) else err
     except (UserError, DatasetNotFoundError, CorruptDatasetError) as err:
         if cleanup_dir is not None and not any(Path(cleanup_dir).glob("checkpoints/*.ckpt")):
             shutil.rmtree(cleanup_dir, ignore_errors=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 from torch import Tensor, nn
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from pixelcnn.config import UserError
 from pixelcnn.data import NUM_CLASSES, setup_datamodule
 from pixelcnn.generate import parse_labels
-from pixelcnn.images import levels_to_grid, save_grid, side_by_side
+from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 from pixelcnn.sampling import draw_levels, draw_uniforms, eval_mode
 
 MAX_IMAGES = 16  # test images per figure: one figure row each, so n is capped to keep it readable
@@ -95,11 +94,7 @@ def run_completion(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     grid = side_by_side([levels_to_grid(pairs, module.levels, nrow=2, scale=cfg.scale),
                          levels_to_grid(completed.flatten(0, 1), module.levels, nrow=completions, scale=cfg.scale)])
     stem = f"completions_rows{rows}_n{n}_c{completions}_T{cfg.temperature:g}_seed{cfg.seed}"
-    if cfg.label is not None:
-        stem += f"_label-{str(cfg.label).replace('/', '-')}"
-    png = save_grid(grid, out_dir / f"{stem}.png")
-    npy = out_dir / f"{stem}.npy"
-    np.save(npy, completed.numpy().astype(np.uint8))
+    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, cfg.label)
     print(f"{n} test images x {completions} completions below row {rows} ({seconds:.2f} s on {device.type})\n"
           f"  figure: {png}  (per row: original | kept rows | completions)\n"
           f"  levels: {npy}  shape {tuple(completed.shape)}, values 0..{module.levels - 1}")

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
+from pixelcnn.config import UserError
+
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
@@ -333,7 +335,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         data = self.load()
         images, labels = data["train_images"], data["train_labels"]
         if not 0 <= self.val_size < len(images):
-            raise ValueError(f"val_size must be in 0..{len(images) - 1}, got {self.val_size}")
+            raise UserError(f"data.val_size={self.val_size} is invalid: the training file has {len(images)} images, "
+                            f"so it must be in 0..{len(images) - 1}")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
         val_index, train_index = order[: self.val_size], order[self.val_size :]
         self.train_set = images[train_index], labels[train_index]

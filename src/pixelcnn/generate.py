@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.data import FashionMNISTDataModule
-from pixelcnn.images import levels_to_grid, save_grid, side_by_side
+from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 
 CLASS_NAMES = FashionMNISTDataModule.CLASS_NAMES
 
@@ -74,13 +73,9 @@ def run(cfg: DictConfig) -> list[Path]:
     seconds = time.perf_counter() - started
 
     stem = f"samples_n{n}_T{'-'.join(f'{t:g}' for t in temperatures)}_seed{cfg.seed}"
-    if cfg.label is not None:
-        stem += f"_label-{str(cfg.label).replace('/', '-')}"
     grids = [levels_to_grid(s, module.levels, nrow=nrow, scale=cfg.scale) for s in samples]
-    png = save_grid(side_by_side(grids), out_dir / f"{stem}.png")
     levels = torch.stack(samples) if len(samples) > 1 else samples[0]  # (T, N, H, W) or (N, H, W)
-    npy = out_dir / f"{stem}.npy"
-    np.save(npy, levels.numpy().astype(np.uint8))
+    png, npy = save_grid_and_levels(side_by_side(grids), levels, out_dir, stem, cfg.label)
     print(f"{n * len(temperatures)} samples ({cfg.method}, {seconds:.2f} s on {device.type}) from {ckpt}\n"
           f"  grid:   {png}\n  levels: {npy}  shape {tuple(levels.shape)}, values 0..{module.levels - 1}")
     return [png, npy]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -33,3 +34,14 @@ def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
     height = max(g.shape[1] for g in grids)
     padded = [torch.nn.functional.pad(g, (0, gap, 0, height - g.shape[1]), value=1.0) for g in grids]
     return torch.cat(padded, dim=2)[:, :, :-gap]
+
+
+def save_grid_and_levels(grid: Tensor, levels: Tensor, out_dir: Path, stem: str,
+                         label: object = None) -> tuple[Path, Path]:
+    """Write the figure `<stem>[_label-<label>].png` and the raw levels as uint8 `.npy` beside it."""
+    if label is not None:
+        stem += f"_label-{str(label).replace('/', '-')}"  # "t-shirt/top" must not open a sub-dir
+    png = save_grid(grid, out_dir / f"{stem}.png")
+    npy = out_dir / f"{stem}.npy"
+    np.save(npy, levels.cpu().numpy().astype(np.uint8))
+    return png, npy

@@ -8,6 +8,7 @@ guessing uniformly among L levels costs log2(L) bits (2.0 for 4 levels).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import lightning as L
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pixelcnn.config import UserError
 from pixelcnn.gated import GatedPixelCNN
 from pixelcnn.model import PixelCNN
 from pixelcnn.sampling import SamplingMethod, sample
@@ -23,8 +25,15 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": Gate
 
 
 def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn.Module:
+    """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
+        raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
+    options = sorted(set(inspect.signature(ARCHITECTURES[arch]).parameters) - {"levels", "num_classes"})
+    foreign = sorted(set(arch_kwargs) - set(options))
+    if foreign:
+        # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
+        raise UserError(f"model.{foreign[0]} is not an option of model.arch={arch}: its options are "
+                        f"{', '.join(options)} (presets for one architecture do not apply to the other)")
     return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, **arch_kwargs)
 
 

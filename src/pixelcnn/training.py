@@ -89,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
+    datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
     module = build_module(cfg, speed)
 

@@ -1,5 +1,5 @@
 """Benchmark training and sampling on the present device: `python bench.py [overrides]`.
-Prints one table and writes it as JSON (bench.out). See README.md, section Performance."""
+Prints one table and writes it as JSON (the `bench.out` key: bench.json). See README.md, section Performance."""
 
 import hydra
 from omegaconf import DictConfig

@@ -1,10 +1,12 @@
 """Train a PixelCNN: `python train.py [overrides]`, e.g. `python train.py model.residual_blocks=3`,
 `python train.py experiment=quick`, `python train.py -m model.lr=1e-4,5e-4`. See README.md."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from pixelcnn.checkpoints import register_resolvers
+from pixelcnn.checkpoints import register_resolvers, with_resume_overrides
 from pixelcnn.cli import exit_on_user_error
 
 register_resolvers()
@@ -14,9 +16,11 @@ register_resolvers()
 def main(cfg: DictConfig) -> dict:
     from pixelcnn.training import train  # imported late so that `--help` and config errors are fast
 
-    with exit_on_user_error(cleanup_dir=cfg.output_dir):
+    # A resumed run's dir holds the earlier run: never remove it.
+    with exit_on_user_error(cleanup_dir=None if cfg.ckpt_path else cfg.output_dir):
         return train(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = with_resume_overrides(sys.argv)
     main()

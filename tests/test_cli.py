@@ -19,6 +19,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fakes import write_dataset
+from pixelcnn.callbacks import SampleGridCallback
+from pixelcnn.checkpoints import resolve_checkpoint
+from pixelcnn.config import UserError, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -112,6 +115,52 @@ def test_resume_continues_the_same_run(workdir: Path, trained_run: Path):
     assert json.loads((trained_run / "metrics.json").read_text())["epochs"] == 3
 
 
+def test_resume_from_the_run_dir_alone_reapplies_its_overrides(workdir: Path, trained_run: Path):
+    """`train.py ckpt_path=<run dir>` continues from last.ckpt with the run's own overrides
+    (TINY, data paths, ...) and leaves the run's .hydra record as it was."""
+    record = (trained_run / ".hydra" / "config.yaml").read_text()
+    epochs = json.loads((trained_run / "metrics.json").read_text())["epochs"]
+    result = run("train.py", f"ckpt_path={trained_run}", f"trainer.max_epochs={epochs + 1}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "re-applying the run's overrides" in result.stdout and "model.filters=8" in result.stdout
+    assert json.loads((trained_run / "metrics.json").read_text())["epochs"] == epochs + 1
+    assert (trained_run / ".hydra" / "config.yaml").read_text() == record
+    assert list((trained_run / ".hydra").glob("resume-*/config.yaml"))
+
+
+def test_resume_with_another_model_fails_cleanly(workdir: Path, trained_run: Path):
+    result = run("train.py", f"ckpt_path={trained_run}", "model.filters=16", cwd=workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ckpt_path=") and "model.filters=8" in line
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_failed_resume_never_deletes_the_folder(tmp_path: Path):
+    folder = tmp_path / "my_runs"
+    (folder / "keep").mkdir(parents=True)
+    (folder / "keep" / "notes.txt").write_text("precious")
+    result = run("train.py", f"ckpt_path={folder}", cwd=tmp_path)
+    assert result.returncode == 2 and "folder without checkpoints" in result.stderr
+    assert (folder / "keep" / "notes.txt").read_text() == "precious"
+
+
+def test_run_dir_checkpoint_choice(tmp_path: Path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("best-epoch1000-val_bpd0.6000.ckpt", "best-epoch002-val_bpd0.5000.ckpt", "last.ckpt"):
+        (folder / name).write_bytes(b"")
+    assert resolve_checkpoint(tmp_path).name == "best-epoch002-val_bpd0.5000.ckpt"  # lowest val, not last name
+    assert resolve_checkpoint(tmp_path, prefer="last").name == "last.ckpt"
+
+
+@pytest.mark.parametrize("every, max_epochs, due_epochs", [(5, 12, [5, 10, 12]), (5, -1, [5, 10]), (0, 12, [])])
+def test_sample_grid_schedule(every: int, max_epochs: int, due_epochs: list[int]):
+    grids = SampleGridCallback(every_n_epochs=every)
+    assert [e for e in range(1, 13) if grids.due(e, max_epochs, stopping=False)] == due_epochs
+    assert grids.due(7, max_epochs, stopping=True) == (every > 0)  # early stopping: a last grid
+
+
 def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
     out = workdir / "samples"
     result = run("sample.py", f"ckpt={trained_run}", "n=6", "temperature=[0.5,1.0]", f"out={out}", "scale=4",
@@ -138,12 +187,10 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
 
 # --- bad input: one line, exit != 0, nothing half-written --------------------------------------------
 @pytest.mark.parametrize("override, key", [
-    ("model.residual_blocks=-1", "model.residual_blocks"),
-    ("model.filters=0", "model.filters"),
-    ("data.levels=1", "data.levels"),
-    ("sample.temperature=0", "sample.temperature"),
-    ("sample.temperature=[1.0,2.0]", "sample.temperature"),  # the grid takes one temperature
-    ("model.residul_blocks=5", "model.residul_blocks"),
+    ("model.residual_blocks=-1", "model.residual_blocks"),  # config.validate
+    ("model.residul_blocks=5", "model.residul_blocks"),  # Hydra: not a key
+    # resolve_speed, after the data is loaded
+    ("trainer.accelerator=gpu" if not torch.cuda.is_available() else "trainer.accelerator=tpu", "trainer.accelerator"),
 ])
 def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
     run_dir = workdir / "outputs" / f"bad-{key}"
@@ -165,6 +212,27 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     assert result.returncode == 2 and not run_dir.exists()
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: " + message)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.filters=0", "model.filters"),
+    ("data.levels=1", "data.levels"),
+    ("sample.temperature=0", "sample.temperature"),
+    ("sample.temperature=[1.0,2.0]", "sample.temperature"),  # the grid takes one temperature
+    ("model.input_kernel=1", "model.input_kernel"),  # a type-A 1x1 conv would see nothing
+    ("model.levels=8", "model.levels"),  # must follow data.levels
+    ("data.steps_per_batch=0", "data.steps_per_batch"),
+    ("data.hflip=maybe", "data.hflip"),
+    ("speed.compile=maybe", "speed.compile"),
+    ("speed.precision=64", "speed.precision"),
+    ("trainer.max_time=abc", "trainer.max_time"),
+    ("trainer.devices=2", "trainer.devices"),
+    ("model=gated model.dilations=[0]", "model.dilations"),
+])
+def test_bad_values_are_named_by_validate(override: str, key: str):
+    """The same UserError path as above (exit 2, one line), checked in-process for each rule."""
+    with pytest.raises(UserError, match=rf"^{key}="):
+        validate(compose_train(*override.split()))
 
 
 def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):

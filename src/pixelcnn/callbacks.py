@@ -36,10 +36,13 @@ class SampleGridCallback(L.Callback):
             if hasattr(logger.experiment, "add_image"):
                 logger.experiment.add_image(f"samples/T={self.temperature:g}", grid, trainer.current_epoch + 1)
 
+    def due(self, epoch: int, max_epochs: int | None, stopping: bool) -> bool:
+        """Whether epoch `epoch` (1-based) gets a grid: every N epochs, and the last one."""
+        last = stopping or (max_epochs is not None and max_epochs > 0 and epoch >= max_epochs)  # -1: no limit
+        return self.every_n_epochs > 0 and (epoch % self.every_n_epochs == 0 or last)
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        last = epoch >= trainer.max_epochs or trainer.should_stop
-        if self.every_n_epochs > 0 and trainer.is_global_zero and (epoch % self.every_n_epochs == 0 or last):
+        if trainer.is_global_zero and self.due(trainer.current_epoch + 1, trainer.max_epochs, trainer.should_stop):
             self.log_grid(trainer, module)
 
 
@@ -65,9 +68,9 @@ class RunTimeEstimate(L.Callback):
         elif batch_idx == self.warmup_batches + self.measure_batches:
             self._sync(module)
             per_batch = (time.perf_counter() - self._t0) / self.measure_batches
-            total = per_batch * trainer.num_training_batches * self._epochs(trainer)
+            epoch_s = per_batch * trainer.num_training_batches
             print(f"[pixelcnn] {per_batch * 1e3:.1f} ms/batch -> training alone takes about "
-                  f"{_human(total)} for {self._epochs(trainer)} epochs here", flush=True)
+                  f"{self._run_time(trainer, epoch_s)} here", flush=True)
             self._printed = True
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -75,11 +78,13 @@ class RunTimeEstimate(L.Callback):
             return
         epoch_s = time.perf_counter() - self._epoch_t0
         print(f"[pixelcnn] epoch {self.timed_epoch + 1} incl. validation: {epoch_s:.1f} s -> whole run about "
-              f"{_human(epoch_s * self._epochs(trainer))}", flush=True)
+              f"{self._run_time(trainer, epoch_s)}", flush=True)
 
     @staticmethod
-    def _epochs(trainer: L.Trainer) -> int:
-        return trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    def _run_time(trainer: L.Trainer, epoch_s: float) -> str:
+        if not trainer.max_epochs or trainer.max_epochs < 0:
+            return f"{_human(epoch_s)} per epoch, with no epoch limit"
+        return f"{_human(epoch_s * trainer.max_epochs)} for {trainer.max_epochs} epochs (less if early stopping or max_time ends it)"
 
     @staticmethod
     def _sync(module: L.LightningModule) -> None:

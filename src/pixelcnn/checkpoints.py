@@ -3,29 +3,81 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError
 
 
-def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
-    """A checkpoint file, or a run dir / its checkpoints dir (then `prefer`: best or last)."""
+def best_score(path: Path) -> float:
+    """The val bits/dim in a `best-epochNNN-val_bpdX.ckpt` name (inf if it has none)."""
+    match = re.search(r"val_bpd(\d+(?:\.\d+)?)", path.name)
+    return float(match.group(1)) if match else math.inf
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt") -> Path:
+    """A checkpoint file, or a run dir / its checkpoints dir (then `prefer`: best or last).
+    `key` is the config key the path came from, for the error message."""
     path = Path(path)
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        best = sorted(folder.glob("best-*.ckpt"))
-        candidates = (best[-1:] if prefer == "best" else []) + [folder / "last.ckpt"] + best[-1:]
+        # Lowest val bits/dim, newest first among equals (a resumed run can add best-...-v1.ckpt).
+        best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (best_score(p), -p.stat().st_mtime))[:1]
+        candidates = (best if prefer == "best" else []) + [folder / "last.ckpt"] + best
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise UserError(f"ckpt={path} is a folder without checkpoints: pass a .ckpt file or a run dir "
+            raise UserError(f"{key}={path} is a folder without checkpoints: pass a .ckpt file or a run dir "
                             f"that has checkpoints/last.ckpt")
         return found
     if not path.is_file():
-        raise UserError(f"ckpt={path} does not exist: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
+        raise UserError(f"{key}={path} does not exist: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
     return path
+
+
+def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
+    """The checkpoint dict of one of this project's checkpoint files, or a one-line UserError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UserError(f"{key}={path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "arch" not in hparams or "state_dict" not in checkpoint:
+        raise UserError(f"{key}={path} is not a checkpoint of this project (no PixelCNN hyperparameters in it)")
+    return checkpoint
+
+
+def check_resume(checkpoint: dict, model_cfg: DictConfig, path: Path) -> None:
+    """A resumed run must build the network it saved: compare the checkpoint's hyperparameters
+    with the composed `model` config (which `with_resume_overrides` normally makes equal)."""
+    wanted = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
+    saved = checkpoint["hyper_parameters"]
+    for key in sorted(set(wanted) | set(saved)):
+        if key not in saved or key not in wanted or saved[key] != wanted[key]:
+            raise UserError(f"ckpt_path={path} was trained with model.{key}={saved.get(key, '<unset>')!r}, this "
+                            f"config has {wanted.get(key, '<unset>')!r}: a resumed run continues the saved model, "
+                            "so drop that override (or start a new run from scratch)")
+
+
+def with_resume_overrides(argv: list[str]) -> list[str]:
+    """`train.py ckpt_path=<run> [more]` -> argv with the run's own overrides (its
+    `.hydra/overrides.yaml`) put before the user's, so a resumed run has the config it was
+    started with (experiment=..., model=..., data.root=...) without retyping it."""
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]  # not flags, nor their values
+    resume = [a.split("=", 1)[1] for a in overrides if a.startswith("ckpt_path=")]
+    if not resume or not resume[-1] or "-m" in argv or "--multirun" in argv:
+        return argv
+    saved = Path(resume_run_dir(resume[-1], "")) / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return argv
+    original = [o for o in OmegaConf.load(saved) if not str(o).startswith(("ckpt_path=", "hydra."))]
+    print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original) or '(none)'}",
+          flush=True)
+    first = argv.index(overrides[0])
+    return argv[:first] + [str(o) for o in original] + argv[first:]
 
 
 def resume_run_dir(ckpt_path: str | None, default: str) -> str:
@@ -38,6 +90,12 @@ def resume_run_dir(ckpt_path: str | None, default: str) -> str:
     return str(path.parent.parent if path.parent.name == "checkpoints" else default)
 
 
+def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
+    """Hydra resolver: where a run's resolved config goes. A resumed run must not overwrite the
+    `.hydra/` of the run it continues (it is that run's record), so it gets a sub-dir."""
+    return f".hydra/resume-{stamp}" if ckpt_path else ".hydra"
+
+
 def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> str:
     """Hydra resolver: a sweep job's folder, named by its overrides, shortened (with a hash to
     stay unique) when they would exceed a file name's length limit."""
@@ -48,7 +106,8 @@ def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> 
 
 
 def register_resolvers() -> None:
-    for name, resolver in (("resume_run_dir", resume_run_dir), ("sweep_subdir", sweep_subdir)):
+    for name, resolver in (("resume_run_dir", resume_run_dir), ("resume_output_subdir", resume_output_subdir),
+                           ("sweep_subdir", sweep_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -58,13 +117,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     from pixelcnn.module import PixelCNNModule  # late import: keeps config/CLI errors fast
 
     path = resolve_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise UserError(f"ckpt={path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "arch" not in hparams or "state_dict" not in checkpoint:
-        raise UserError(f"ckpt={path} is not a checkpoint of this project (no PixelCNN hyperparameters in it)")
-    module = PixelCNNModule(**hparams)
+    checkpoint = read_checkpoint(path)
+    module = PixelCNNModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(map_location).eval()

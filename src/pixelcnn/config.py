@@ -5,6 +5,7 @@ Hydra already rejects unknown keys (the config is in struct mode); this module c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,14 +25,25 @@ def _positive_float() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), "a number > 0"
 
 
-def _odd_int() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1), "an odd integer >= 1"
+def _odd_int(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and v % 2 == 1), f"an odd integer >= {lo}"
 
 
 def _temperatures() -> tuple[Callable[[Any], bool], str]:
     positive, _ = _positive_float()
     ok = lambda v: all(positive(t) for t in v) and len(v) > 0 if isinstance(v, (list, ListConfig)) else positive(v)  # noqa: E731
     return ok, "a number > 0 (or a list of them)"
+
+
+def _one_of(*choices: object) -> tuple[Callable[[Any], bool], str]:
+    # `is` for booleans: True == 1 must not let `1` pass for `true`.
+    ok = lambda v: any(v is c if isinstance(c, bool) else (not isinstance(v, bool) and v == c) for c in choices)  # noqa: E731
+    return ok, "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+
+
+def _dilations() -> tuple[Callable[[Any], bool], str]:
+    ok = lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_int(1)[0](d) for d in v)  # noqa: E731
+    return ok, "a non-empty list of integers >= 1, e.g. [1, 2, 1, 4]"
 
 
 # key -> (check, what is allowed). Keys absent from a config (e.g. `filters` for model=gated) are skipped.
@@ -41,24 +53,45 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.batch_size": _int(1),
     "data.eval_batch_size": _int(1),
     "data.val_size": _int(1, 59_999),
+    "data.split_seed": _int(0),
+    "data.download": _one_of(True, False),
+    "data.hflip": _one_of(True, False),
+    "data.on_device": _one_of("auto", True, False),
+    "data.steps_per_batch": (lambda v: v == "auto" or _int(1)[0](v), "auto or an integer >= 1"),
     "model.filters": _int(2),
     "model.residual_blocks": _int(0),
-    "model.input_kernel": _odd_int(),
+    "model.input_kernel": _odd_int(3),  # a 1x1 input conv would hide every pixel (type A masks the centre)
+    "model.dilations": _dilations(),
     "model.channels": _int(1),
     "model.layers": _int(1),
-    "model.kernel_size": (lambda v: isinstance(v, int) and v >= 3 and v % 2 == 1, "an odd integer >= 3"),
+    "model.kernel_size": _odd_int(3),
     "model.dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
     "model.num_classes": (lambda v: v in (0, 10), "0 (unconditional) or 10 (Fashion-MNIST classes)"),
     "model.lr": _positive_float(),
     "model.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
+    "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None),
+                         'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
+    "trainer.accelerator": _one_of("auto", "cpu", "gpu", "cuda"),
+    # The in-memory BatchLoader does not shard data across processes: more devices would repeat it.
+    "trainer.devices": (lambda v: v == 1 and not isinstance(v, bool), "1 (training runs on one device)"),
+    "trainer.check_val_every_n_epoch": _int(1),
+    "trainer.log_every_n_steps": _int(1),
+    "speed.compile": _one_of("auto", True, False),
+    "speed.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "speed.precision": _one_of("auto", "32-true", "bf16-mixed", "16-mixed"),
+    "speed.channels_last": _one_of("auto", True, False),
+    "speed.matmul_precision": _one_of("highest", "high", "medium"),
+    "seed": _int(0),
+    "sample.seed": _int(0),
+    "progress_bar_refresh": _int(1),
     "sample.temperature": _positive_float(),  # one grid temperature; lists are for sample.py
     "sample.n": _int(1),
     "sample.every_n_epochs": _int(0),
-    "sample.method": (lambda v: v in ("fast", "naive"), "'fast' or 'naive'"),
+    "sample.method": _one_of("fast", "naive"),
     "temperature": _temperatures(),
     "n": _int(1),
-    "method": (lambda v: v in ("fast", "naive"), "'fast' or 'naive'"),
+    "method": _one_of("fast", "naive"),
     "early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2"),
     # keys of the evaluate / classifier / sample commands
@@ -81,3 +114,8 @@ def validate(cfg: DictConfig) -> None:
         if not ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
             raise UserError(f"{key}={shown!r} is invalid: it must be {allowed}")
+    for key in ("levels", "image_size"):  # the model's copies (stored in checkpoints) must match the data
+        model_value, data_value = OmegaConf.select(cfg, f"model.{key}"), OmegaConf.select(cfg, f"data.{key}")
+        if model_value is not None and data_value is not None and model_value != data_value:
+            raise UserError(f"model.{key}={model_value} differs from data.{key}={data_value}: set data.{key} "
+                            f"instead (model.{key} follows it)")

@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback
-from pixelcnn.checkpoints import resolve_checkpoint
-from pixelcnn.config import validate
+from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
+from pixelcnn.config import UserError, validate
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class SpeedChoices:
 
 def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
     """Turn the `auto` values of the speed group into concrete choices for the device in use."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} but no CUDA device is available: use "
+                        "trainer.accelerator=auto (or cpu)")
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
     def pick(value, on_cuda, otherwise):
@@ -83,7 +86,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
     output_dir = Path(cfg.output_dir)
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    ckpt_path = None
+    if cfg.ckpt_path:  # resume: the last checkpoint, which must hold the network this config builds
+        ckpt_path = resolve_checkpoint(cfg.ckpt_path, prefer="last", key="ckpt_path")
+        check_resume(read_checkpoint(ckpt_path, key="ckpt_path"), cfg.model, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 

@@ -13,6 +13,7 @@ import pixelcnn.classifier as classifier_module
 from pixelcnn.checkpoints import load_module
 from pixelcnn.classifier import (
     FashionClassifier,
+    classify,
     classifier_path,
     fit_and_cache,
     frechet_distance,
@@ -84,12 +85,22 @@ def test_quality_metrics_keys(tmp_path, num_classes):
     module = load_module(save_checkpoint(tmp_path / "tiny.ckpt", num_classes))
     test_set = torch.randint(4, (30, 1, SIZE, SIZE), dtype=torch.uint8), torch.arange(30) % 10
     torch.manual_seed(0)
-    metrics = quality_metrics(module, test_set, n=20, classifier=FashionClassifier(SIZE, 4).eval())
+    classifier = FashionClassifier(SIZE, 4).eval()
+    drawn = []  # (samples, labels) of each module.sample call
+    original_sample = module.sample
+    module.sample = lambda n, t, seed, labels, method: drawn.append((original_sample(n, t, seed, labels, method),
+                                                                     labels)) or drawn[-1][0]
+    metrics = quality_metrics(module, test_set, n=20, classifier=classifier)
     assert set(metrics) == {"frechet_distance", "quality_n"} | ({"class_accuracy"} if num_classes else set())
     assert metrics["frechet_distance"] > 0 and all(isinstance(v, float) for k, v in metrics.items() if k != "quality_n")
     assert metrics["quality_n"] == 20
-    if num_classes:
-        assert 0 <= metrics["class_accuracy"] <= 1
+    [(samples, labels)] = drawn
+    if num_classes:  # classes 0..9 in turn, and the score is the share classified as their class
+        assert torch.equal(labels, torch.arange(20) % 10)
+        expected = (classify(classifier, samples)[1] == labels).float().mean().item()
+        assert metrics["class_accuracy"] == pytest.approx(expected)
+    else:
+        assert labels is None
 
 
 

@@ -20,8 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fakes import write_dataset
 from pixelcnn.callbacks import SampleGridCallback
-from pixelcnn.checkpoints import resolve_checkpoint
+from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.config import UserError, validate
+from pixelcnn.sweep import collect_runs, format_table
+from pixelcnn.training import SpeedChoices, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -84,6 +86,13 @@ def test_overrides_reach_the_objects():
     assert quick_gated.hparams.arch == "gated" and quick_gated.conditional and len(quick_gated.net.gated_layers) == 4
 
 
+def test_speed_auto_picks_per_device():
+    on_cpu = resolve_speed(compose_train().speed, "cpu")
+    assert on_cpu == SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False)
+    forced = resolve_speed(compose_train("speed.compile=true", "speed.precision=bf16-mixed").speed, "cpu")
+    assert forced.compile and forced.precision == "bf16-mixed" and not forced.channels_last
+
+
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigCompositionException, match="model.typo"):
         compose_train("model.typo=3")
@@ -97,6 +106,11 @@ def test_train_writes_checkpoints_logs_and_metrics(trained_run: Path):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert 0 < metrics["test_bpd"] < 3 and 0 < metrics["val_bpd"] < 3 and metrics["epochs"] == 2
     assert metrics["frechet_distance"] > 0 and metrics["quality_n"] == 20  # capped at the 20 test images
+    # The test split is scored with the best checkpoint's weights.
+    best = load_module(metrics["best_checkpoint"])
+    test_images = torch.load(trained_run.parent.parent / "data" / "fashion_mnist_16px_4lv.pt")["test_images"]
+    with torch.no_grad():
+        assert metrics["test_bpd"] == pytest.approx(best.bits_per_dim(test_images, None).item(), rel=1e-5)
     events = EventAccumulator(str(trained_run / "tb")).Reload()
     assert any(tag.startswith("samples/") for tag in events.Tags()["images"])
     assert {"train/bpd_epoch", "val/bpd", "test/bpd"} <= set(events.Tags()["scalars"])
@@ -171,7 +185,21 @@ def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
     levels = np.load(npy)
     assert levels.shape == (2, 6, 16, 16) and levels.min() >= 0 and levels.max() <= 3
     width, height = Image.open(png).size
-    assert width > 2 * 6 * 16 * 4 // 8 and height >= 16 * 4  # two grids side by side, each pixel enlarged
+    # Two grids of 6 images (16px x scale 4, 2px padding) side by side with an 8px gap.
+    assert (width, height) == (2 * (6 * (16 * 4 + 2) + 2) + 8, 16 * 4 + 2 * 2)
+    assert not np.array_equal(levels[0], levels[1])  # each temperature drew its own images
+
+
+def test_sweep_summary_rows_come_from_each_job(tmp_path: Path):
+    for job, metrics in enumerate([{"val_bpd": 0.7, "test_bpd": 0.71}, {"val_bpd": 0.5, "test_bpd": 0.52}, None]):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model.lr={job}\n")
+        if metrics:  # job 2 died before writing metrics
+            (tmp_path / str(job) / "metrics.json").write_text(json.dumps({**metrics, "epochs": 3, "parameters": 10}))
+    rows = format_table(collect_runs(tmp_path)).splitlines()[2:]
+    assert rows == ["| model.lr=1 | 0.5000 | 0.5200 | 3 | 10 |",  # sorted by val bits/dim
+                    "| model.lr=0 | 0.7000 | 0.7100 | 3 | 10 |",
+                    "| model.lr=2 | failed | failed |  |  |"]
 
 
 def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):

@@ -68,6 +68,11 @@ def test_run_completion_writes_figure_and_levels(tmp_path, data_root, num_classe
     assert completed.shape == (5, 3, SIZE, SIZE) and png.stat().st_size > 0
     assert torch.equal(completed[:, :, :3], originals[:, None, :3].expand(5, 3, 3, SIZE))
     assert not torch.equal(completed[:, 0], completed[:, 1])  # completions differ
+    if num_classes:  # conditioned on each test image's own label
+        labels = torch.load(data_root / f"fashion_mnist_{SIZE}px_4lv.pt")["test_labels"][:5].repeat_interleave(3)
+        uniforms = draw_uniforms(15, SIZE, SIZE, 0, torch.device("cpu"))
+        expected = complete_fast(module.net, originals.repeat_interleave(3, dim=0), 3, uniforms, 1.0, labels)
+        assert torch.equal(completed.flatten(0, 1), expected)
 
     _, npy = run_completion(module, complete_config(tmp_path, data_root, tmp_path, rows=SIZE), tmp_path)
     assert torch.equal(torch.from_numpy(np.load(npy)).long(), originals[:, None].expand(5, 3, SIZE, SIZE))

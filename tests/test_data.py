@@ -148,6 +148,25 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert torch.load(cache, weights_only=True)["test_images"].shape == (20, 1, 8, 8)
 
 
+@pytest.mark.parametrize("stale", ["level out of range", "wrong size", "wrong label dtype"])
+def test_readable_but_inconsistent_cache_is_rebuilt(tmp_path, stale):
+    write_dataset(tmp_path)
+    make_module(tmp_path, image_size=8, levels=4).setup()
+    cache = tmp_path / "fashion_mnist_8px_4lv.pt"
+    good = torch.load(cache, weights_only=True)
+    bad = dict(good)
+    if stale == "level out of range":
+        bad["train_images"] = good["train_images"].clone().fill_(7)
+    elif stale == "wrong size":
+        bad["test_images"] = torch.zeros(20, 1, 4, 4, dtype=torch.uint8)
+    else:
+        bad["test_labels"] = good["test_labels"].to(torch.uint8)
+    torch.save(bad, cache)
+    dm = make_module(tmp_path, image_size=8, levels=4)
+    dm.setup()
+    assert torch.equal(dm.data["train_images"], good["train_images"]) and dm.data["test_images"].shape == (20, 1, 8, 8)
+
+
 def test_failed_cache_write_leaves_nothing_behind(tmp_path, monkeypatch):
     write_dataset(tmp_path)
 
@@ -212,6 +231,10 @@ def drop_label(path: Path) -> None:
     write_idx(path, torch.zeros(99, dtype=torch.uint8))
 
 
+def label_ten(path: Path) -> None:  # Fashion-MNIST has classes 0..9
+    write_idx(path, torch.full((20,), 10, dtype=torch.uint8))
+
+
 def break_gzip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2 :] = b"\xff" * (len(data) - len(data) // 2)
@@ -226,6 +249,7 @@ def break_gzip(path: Path) -> None:
         ("train-images-idx3-ubyte", wrong_type, "magic"),
         ("t10k-labels-idx1-ubyte", wrong_ndim, "magic"),
         ("train-labels-idx1-ubyte", drop_label, "100 images but"),
+        ("t10k-labels-idx1-ubyte", label_ten, "label 10 is not a Fashion-MNIST class"),
         ("t10k-images-idx3-ubyte.gz", break_gzip, "gzip"),
         ("train-labels-idx1-ubyte.gz", truncate, "gzip"),
     ],

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from torchvision.io import write_png
 
 from pixelcnn.checkpoints import load_module
 from pixelcnn.config import UserError
 from pixelcnn.data import quantize
 from pixelcnn.evaluation import bits_per_dim, load_images, run
+from pixelcnn.images import levels_to_grid, save_grid
 from pixelcnn.module import PixelCNNModule
 from test_data import write_dataset
 
@@ -53,6 +55,10 @@ def eval_config(ckpt: Path, data_root: Path, out: Path, **overrides) -> OmegaCon
                                  "batch_size": 7, **overrides})
 
 
+def eval_cfg_scale() -> int:
+    return OmegaConf.load(ROOT / "conf/entry/evaluate.yaml").scale
+
+
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_test_bpd_equals_module_loss_and_figures_exist(tmp_path, data_root, num_classes):
     ckpt = save_checkpoint(tmp_path / "tiny.ckpt", num_classes)
@@ -66,6 +72,15 @@ def test_test_bpd_equals_module_loss_and_figures_exist(tmp_path, data_root, num_
     for name in ("nll_heatmaps.png", "most_likely.png", "least_likely.png", "metrics.json"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test_bpd"] == metrics["test_bpd"]
+
+    # The extremes figures show the 4 test images with the lowest / highest bits/dim, in order.
+    with torch.no_grad():
+        per_image = module.nll_bits_per_pixel(cached["test_images"], cached["test_labels"]).mean((1, 2))
+    order = per_image.argsort()
+    for name, index in (("most_likely", order[:4]), ("least_likely", order.flip(0)[:4])):
+        expected_png = save_grid(levels_to_grid(cached["test_images"][index], 4, scale=eval_cfg_scale()),
+                                 tmp_path / f"expected_{name}.png")
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "eval" / f"{name}.png")), np.asarray(Image.open(expected_png)))
 
 
 def test_quality_metrics_capped_and_classifier_cached_in_data_root(tmp_path, data_root):

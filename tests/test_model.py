@@ -92,3 +92,59 @@ def test_conditional_bias_changes_the_output():
     assert not torch.allclose(net(x, torch.tensor([0, 0])), net(x, torch.tensor([1, 1])))
     with pytest.raises(ValueError):
         net(x)
+
+
+def test_loss_is_in_bits_per_dimension():
+    """Uniform logits cost log2(L) bits per pixel (2.0 for 4 levels); fixed logits cost
+    -log2 softmax(logits)[level] per pixel, averaged."""
+    from pixelcnn.module import PixelCNNModule
+
+    module = PixelCNNModule(levels=4, filters=8, residual_blocks=1)
+    torch.nn.init.zeros_(module.net.to_logits.weight)
+    torch.nn.init.zeros_(module.net.to_logits.bias)
+    levels = torch.randint(0, 4, (3, 1, 6, 6), dtype=torch.uint8)
+    assert module.bits_per_dim(levels, None).item() == pytest.approx(2.0)
+
+    with torch.no_grad():
+        module.net.to_logits.bias.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    expected = -torch.log2(torch.softmax(torch.tensor([0.0, 1.0, 2.0, 3.0]), 0))[levels.long()].mean()
+    assert module.bits_per_dim(levels, None).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert module.nll_bits_per_pixel(levels).shape == (3, 6, 6)
+
+
+def test_each_micro_batch_gets_its_own_optimizer_step():
+    """With data.steps_per_batch = K, one Lightning batch holds K micro-batches and the module
+    takes K optimizer steps on it (global_step counts them)."""
+    import lightning as L
+
+    from pixelcnn.data import BatchLoader
+    from pixelcnn.module import PixelCNNModule
+
+    torch.manual_seed(0)
+    images, labels = torch.randint(0, 4, (48, 1, 6, 6), dtype=torch.uint8), torch.zeros(48, dtype=torch.long)
+    loader = BatchLoader(images, labels, batch_size=8, shuffle=True, seed=0, steps_per_batch=3)
+    assert len(loader) == 2
+    module = PixelCNNModule(filters=4, residual_blocks=0, image_size=6, lr=1e-3)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 6
+    assert module.optimizers().optimizer.state_dict()["state"][0]["step"] == 6
+
+
+def test_parse_labels():
+    from pixelcnn.config import UserError
+    from pixelcnn.generate import parse_labels
+
+    for label in ("sandal", "Sandal", 5):
+        labels, nrow = parse_labels(label, 10, 3)
+        assert labels.tolist() == [5, 5, 5] and nrow == 8
+    assert parse_labels("t-shirt", 10, 2)[0].tolist() == [0, 0]  # the name before the slash
+    assert parse_labels("ankle_boot", 10, 1)[0].tolist() == [9]
+    labels, nrow = parse_labels("all", 10, 2)  # one row of `n` per class, in class order
+    assert labels.tolist() == [c for c in range(10) for _ in range(2)] and nrow == 2
+    assert parse_labels(None, 0, 4) == (None, 8)
+    for label, classes, message in [("sandal", 0, "needs a class-conditional"), (None, 10, "pass label="),
+                                    (10, 10, "is invalid"), ("hat", 10, "is invalid")]:
+        with pytest.raises(UserError, match=message):
+            parse_labels(label, classes, 1)

@@ -82,3 +82,35 @@ def test_cuda_graph_sampler_is_exact_and_survives_a_device_round_trip():
     assert torch.equal(sample_fast(net, uniforms, 6, 6, temperature=1.0), naive)
     net.cpu().cuda()  # new parameter storage: the graph must be captured again, not replayed
     assert torch.equal(sample_fast(net, uniforms, 6, 6, temperature=1.0), naive)
+
+
+@pytest.mark.parametrize("method", ["fast", "naive"])
+def test_temperature_reaches_the_draw(method):
+    """A very low temperature makes every draw the most likely level: the images equal a greedy
+    (argmax) decode, which T = 1 images do not."""
+    torch.manual_seed(0)
+    net = randomized(MODELS["seed"]())
+    cold = sample(net, 6, 5, 5, temperature=1e-4, seed=0, method=method)
+    greedy = torch.zeros(6, 5, 5, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(5):
+            for j in range(5):
+                greedy[:, i, j] = net(greedy[:, None].float() / net.levels)[:, :, i, j].argmax(1)
+    assert torch.equal(cold, greedy)
+    assert not torch.equal(sample(net, 6, 5, 5, temperature=1.0, seed=0, method=method), greedy)
+
+
+def test_sampling_runs_in_eval_mode():
+    """Dropout is off while sampling: a model in train mode samples what its eval-mode self does.
+    (The naive sampler calls forward, where dropout lives; the incremental one never applies it.)"""
+    torch.manual_seed(0)
+    net = GatedPixelCNN(levels=4, channels=16, layers=2, dropout=0.5)
+    in_eval = sample(net.eval(), 4, 6, 6, seed=3, method="naive")
+    assert torch.equal(sample(net.train(), 4, 6, 6, seed=3, method="naive"), in_eval)
+    assert torch.equal(sample(net, 4, 6, 6, seed=3, method="fast"), in_eval)
+    assert net.training
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="method must be 'fast' or 'naive'"):
+        sample(MODELS["seed"](), 1, 4, 4, method="quick")

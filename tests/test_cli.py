@@ -286,6 +286,34 @@ def test_bad_checkpoint_fails_cleanly(tmp_path: Path, make_ckpt, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path: Path):
+    out = tmp_path / "results" / "bench.json"
+    result = run("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",
+                 "model.filters=8", "model.residual_blocks=1", "model.num_classes=10", "bench.repeats=1",
+                 "bench.warmup_batches=1", "bench.train_batches=2", "bench.sample_sizes=[3]", "bench.epoch=estimate",
+                 f"bench.out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(out.read_text())
+    assert measured["train"]["img_per_s"] > 0 and measured["config"]["model"]["num_classes"] == 10
+    assert set(measured["sampling"]) == {"3"} and measured["sampling"]["3"]["naive_s"] > 0
+    assert "| train img/s (Lightning loop, median) |" in result.stdout and "| sample 3: naive / fast |" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no log file, no run dir
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "error: ckpt is required"),
+    (["ckpt={run}", "out={file}"], "is a file, not a folder"),
+    (["ckpt={run}", "scale=0"], "scale=0 is invalid"),
+])
+def test_sample_py_input_errors(trained_run: Path, tmp_path: Path, args: list[str], message: str):
+    (tmp_path / "a_file").write_text("")
+    args = [a.format(run=trained_run, file=tmp_path / "a_file") for a in args]
+    result = run("sample.py", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert message in line
+
+
 def test_bad_sample_temperature_fails_cleanly(trained_run: Path, tmp_path: Path):
     result = run("sample.py", f"ckpt={trained_run}", "temperature=[1.0,-1]", f"out={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 2 and "temperature" in result.stderr and not (tmp_path / "out").exists()

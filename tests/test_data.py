@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import math
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 

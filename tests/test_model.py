@@ -145,6 +145,6 @@ def test_parse_labels():
     assert labels.tolist() == [c for c in range(10) for _ in range(2)] and nrow == 2
     assert parse_labels(None, 0, 4) == (None, 8)
     for label, classes, message in [("sandal", 0, "needs a class-conditional"), (None, 10, "pass label="),
-                                    (10, 10, "is invalid"), ("hat", 10, "is invalid")]:
+                                    (10, 10, "is invalid"), ("hat", 10, "is invalid"), (True, 10, "is invalid")]:
         with pytest.raises(UserError, match=message):
             parse_labels(label, classes, 1)

@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.config import validate
+from pixelcnn.config import validate, writable_dir
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
 from pixelcnn.training import SpeedChoices, build_module, resolve_speed
 
@@ -101,6 +101,7 @@ def time_sampler(fn, device: torch.device, repeats: int) -> float:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    writable_dir(Path(cfg.bench.out).parent, key="bench.out")  # fail now, not after minutes of measuring
     L.seed_everything(cfg.seed, verbose=False)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
     bench = cfg.bench
@@ -139,13 +140,15 @@ def run(cfg: DictConfig) -> dict:
     size = cfg.data.image_size
     for n in bench.sample_sizes:
         uniforms = draw_uniforms(n, size, size, seed=0, device=device)
+        labels = torch.arange(n, device=device) % cfg.model.num_classes if cfg.model.num_classes else None
         entry: dict = {}
         reset_peak(device)
-        sample_fast(net, uniforms, size, size, 1.0)  # warm-up (and CUDA graph capture)
-        entry["fast_s"] = time_sampler(lambda: sample_fast(net, uniforms, size, size, 1.0), device, bench.repeats)
+        sample_fast(net, uniforms, size, size, 1.0, labels)  # warm-up (and CUDA graph capture)
+        entry["fast_s"] = time_sampler(lambda: sample_fast(net, uniforms, size, size, 1.0, labels), device,
+                                       bench.repeats)
         entry["fast_peak_memory_mb"] = peak_memory_mb(device)
         if n <= bench.naive_max_n or device.type == "cuda":
-            entry["naive_s"] = time_sampler(lambda: sample_naive(net, uniforms, size, size, 1.0), device,
+            entry["naive_s"] = time_sampler(lambda: sample_naive(net, uniforms, size, size, 1.0, labels), device,
                                             bench.naive_repeats)
             entry["speedup"] = entry["naive_s"] / entry["fast_s"]
         result["sampling"][str(n)] = entry
@@ -159,7 +162,8 @@ def format_table(result: dict) -> str:
         f"speed {result['speed']})",
         "| measure | value |", "|---|---|",
         f"| train img/s (Lightning loop, median) | {train['img_per_s']:,.0f} |",
-        f"| epoch s incl. validation{'' if train['epoch_s_measured'] else ' (estimate)'} | {train['epoch_s']:.2f} |",
+        f"| epoch s {'incl. validation' if train['epoch_s_measured'] else '(estimate: train images / img/s)'} "
+        f"| {train['epoch_s']:.2f} |",
         f"| full run at max_epochs (min) | {train['est_run_min']:.1f} |",
         f"| train peak memory (MiB) | {train['peak_memory_mb']:,.0f} |",
     ]

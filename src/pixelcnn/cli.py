@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.errors import InstantiationException
+from omegaconf.errors import MissingMandatoryValue
 
 from pixelcnn.config import UserError
 from pixelcnn.data import CorruptDatasetError, DatasetNotFoundError
@@ -30,6 +31,8 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
             yield
         except InstantiationException as err:  # hydra's `instantiate` wraps what a constructor raised
             raise err.__cause__ if isinstance(err.__cause__, UserError) else err
+        except MissingMandatoryValue as err:  # a `???` key of the config, e.g. ckpt
+            raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> (e.g. ckpt=outputs/<date>/<time>)") from None
     except (UserError, DatasetNotFoundError, CorruptDatasetError) as err:
         if cleanup_dir is not None and holds_only_hydra_files(Path(cleanup_dir)):
             shutil.rmtree(cleanup_dir, ignore_errors=True)

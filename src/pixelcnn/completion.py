@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pixelcnn.config import UserError
 from pixelcnn.data import NUM_CLASSES, setup_datamodule
-from pixelcnn.generate import parse_labels
+from pixelcnn.generate import class_tag, parse_labels
 from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 from pixelcnn.sampling import draw_levels, draw_uniforms, eval_mode
 
@@ -94,7 +94,7 @@ def run_completion(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     grid = side_by_side([levels_to_grid(pairs, module.levels, nrow=2, scale=cfg.scale),
                          levels_to_grid(completed.flatten(0, 1), module.levels, nrow=completions, scale=cfg.scale)])
     stem = f"completions_rows{rows}_n{n}_c{completions}_T{cfg.temperature:g}_seed{cfg.seed}"
-    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, cfg.label)
+    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, class_tag(label))
     print(f"{n} test images x {completions} completions below row {rows} ({seconds:.2f} s on {device.type})\n"
           f"  figure: {png}  (per row: original | kept rows | completions)\n"
           f"  levels: {npy}  shape {tuple(completed.shape)}, values 0..{module.levels - 1}")

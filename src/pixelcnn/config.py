@@ -5,8 +5,10 @@ Hydra already rejects unknown keys (the config is in struct mode); this module c
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -102,7 +104,31 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "extremes": _int(1),
     "completions": _int(1),
     "rows": _int(0),
+    "scale": _int(1),
+    # keys of bench.py
+    "bench.repeats": _int(1),
+    "bench.warmup_batches": _int(0),
+    "bench.train_batches": _int(1),
+    "bench.epoch": _one_of("auto", "measure", "estimate"),
+    "bench.sample_sizes": (lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_int(1)[0](n) for n in v),
+                           "a non-empty list of integers >= 1, e.g. [64, 1024]"),
+    "bench.naive_max_n": _int(0),
+    "bench.naive_repeats": _int(1),
 }
+
+
+def writable_dir(path: str | Path, key: str = "out") -> Path:
+    """Create the output folder `path` now, before any work, or raise a UserError saying why not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{key}={path} is a file, not a folder: pass a folder for the outputs") from None
+    except OSError as err:
+        raise UserError(f"{key}={path} cannot be created ({err.strerror}): pass a writable folder") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{key}={path} is not writable: pass a writable folder")
+    return path
 
 
 def validate(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.config import UserError, validate
+from pixelcnn.config import UserError, validate, writable_dir
 from pixelcnn.data import FashionMNISTDataModule
 from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 
@@ -39,12 +39,19 @@ def parse_labels(label: object, num_classes: int, n: int) -> tuple[torch.Tensor 
     if label == "all":
         return torch.arange(num_classes).repeat_interleave(n), n
     names = {name: i for i, name in enumerate(CLASS_NAMES)} | {name.split("/")[0]: i for i, name in enumerate(CLASS_NAMES)}
-    if isinstance(label, int) and 0 <= label < num_classes:
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
         return torch.full((n,), label), 8
     if isinstance(label, str) and label.lower().replace("_", " ") in names:
         return torch.full((n,), names[label.lower().replace("_", " ")]), 8
     raise UserError(f"label={label!r} is invalid: it must be a class index 0..{num_classes - 1}, all, or one of "
                     f"{', '.join(CLASS_NAMES)}")
+
+
+def class_tag(label: int | str | None) -> str | None:
+    """File-name tag of a class index (or 'all'): the same however the class was typed (5, Sandal)."""
+    if label is None or label == "all":
+        return label
+    return CLASS_NAMES[label].split("/")[0].replace(" ", "-")  # "t-shirt/top" -> t-shirt, "ankle boot" -> ankle-boot
 
 
 def default_out_dir(ckpt: Path) -> Path:
@@ -57,7 +64,7 @@ def run(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, device)
-    out_dir = Path(cfg.out) if cfg.out else default_out_dir(ckpt)
+    out_dir = writable_dir(cfg.out if cfg.out else default_out_dir(ckpt))
     if cfg.mode == "complete":
         from pixelcnn.completion import run_completion
 
@@ -75,7 +82,8 @@ def run(cfg: DictConfig) -> list[Path]:
     stem = f"samples_n{n}_T{'-'.join(f'{t:g}' for t in temperatures)}_seed{cfg.seed}"
     grids = [levels_to_grid(s, module.levels, nrow=nrow, scale=cfg.scale) for s in samples]
     levels = torch.stack(samples) if len(samples) > 1 else samples[0]  # (T, N, H, W) or (N, H, W)
-    png, npy = save_grid_and_levels(side_by_side(grids), levels, out_dir, stem, cfg.label)
+    tag = class_tag("all" if cfg.label == "all" else None if labels is None else int(labels[0]))
+    png, npy = save_grid_and_levels(side_by_side(grids), levels, out_dir, stem, tag)
     print(f"{n * len(temperatures)} samples ({cfg.method}, {seconds:.2f} s on {device.type}) from {ckpt}\n"
           f"  grid:   {png}\n  levels: {npy}  shape {tuple(levels.shape)}, values 0..{module.levels - 1}")
     return [png, npy]

@@ -37,10 +37,10 @@ def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
 
 
 def save_grid_and_levels(grid: Tensor, levels: Tensor, out_dir: Path, stem: str,
-                         label: object = None) -> tuple[Path, Path]:
+                         label: str | None = None) -> tuple[Path, Path]:
     """Write the figure `<stem>[_label-<label>].png` and the raw levels as uint8 `.npy` beside it."""
     if label is not None:
-        stem += f"_label-{str(label).replace('/', '-')}"  # "t-shirt/top" must not open a sub-dir
+        stem += f"_label-{label}"
     png = save_grid(grid, out_dir / f"{stem}.png")
     npy = out_dir / f"{stem}.npy"
     np.save(npy, levels.cpu().numpy().astype(np.uint8))

@@ -23,7 +23,7 @@ from pixelcnn.callbacks import SampleGridCallback
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.sweep import collect_runs, format_table
-from pixelcnn.training import SpeedChoices, resolve_speed
+from pixelcnn.training import SpeedChoices, build_callbacks, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -91,6 +91,14 @@ def test_speed_auto_picks_per_device():
     assert on_cpu == SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False)
     forced = resolve_speed(compose_train("speed.compile=true", "speed.precision=bf16-mixed").speed, "cpu")
     assert forced.compile and forced.precision == "bf16-mixed" and not forced.channels_last
+
+
+def test_callbacks_follow_the_config(tmp_path: Path):
+    speed = resolve_speed(compose_train().speed, "cpu")
+    kinds = {type(c).__name__: c for c in build_callbacks(compose_train("early_stopping_patience=3"), tmp_path, speed)}
+    assert kinds["EarlyStopping"].patience == 3 and kinds["EarlyStopping"].monitor == "val/bpd"
+    assert kinds["ModelCheckpoint"].monitor == "val/bpd" and kinds["SampleGridCallback"].every_n_epochs == 5
+    assert "EarlyStopping" not in {type(c).__name__ for c in build_callbacks(compose_train(), tmp_path, speed)}
 
 
 def test_unknown_key_is_rejected():

@@ -148,3 +148,22 @@ def test_parse_labels():
                                     (10, 10, "is invalid"), ("hat", 10, "is invalid"), (True, 10, "is invalid")]:
         with pytest.raises(UserError, match=message):
             parse_labels(label, classes, 1)
+
+
+def test_conditional_model_starts_as_the_unconditional_one():
+    """Class biases start at zero, so conditioning is learned from an unconditional start."""
+    torch.manual_seed(0)
+    plain = PixelCNN(filters=8, residual_blocks=2)
+    torch.manual_seed(0)
+    conditional = PixelCNN(filters=8, residual_blocks=2, num_classes=10)
+    conditional.load_state_dict(plain.state_dict(), strict=False)  # same weights, class biases left at zero
+    x = torch.rand(3, 1, 6, 6)
+    assert torch.allclose(conditional(x, torch.tensor([0, 4, 9])), plain(x))
+
+
+def test_optimizer_gets_lr_and_weight_decay():
+    from pixelcnn.module import PixelCNNModule
+
+    optimizer = PixelCNNModule(filters=4, residual_blocks=0, lr=3e-4, weight_decay=0.05).configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (3e-4, 0.05)

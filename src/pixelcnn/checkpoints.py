@@ -22,6 +22,8 @@ def best_score(path: Path) -> float:
 def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt") -> Path:
     """A checkpoint file, or a run dir / its checkpoints dir (then `prefer`: best or last).
     `key` is the config key the path came from, for the error message."""
+    if not str(path).strip():
+        raise UserError(f"{key} is empty: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
     path = Path(path)
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path

@@ -75,6 +75,8 @@ def run_completion(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
         raise UserError("mode=complete takes label=<one class> (test images of that class) or no label, not label=all")
     label = int(parse_labels(cfg.label, NUM_CLASSES, 1)[0][0]) if cfg.label is not None else None
     datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels)
+    if cfg.n > MAX_IMAGES:
+        print(f"mode=complete shows at most {MAX_IMAGES} test images (one figure row each): using {MAX_IMAGES}")
     originals, labels = pick_test_images(datamodule.test_set, min(cfg.n, MAX_IMAGES), label)  # (N, H, W)
     n = len(originals)
 

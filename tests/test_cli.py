@@ -311,7 +311,8 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
 
 @pytest.mark.parametrize("args, message", [
     ([], "error: ckpt is required"),
-    (["ckpt={run}", "out={file}"], "is a file, not a folder"),
+    (["ckpt={run}", "out={file}"], "is a file; pass a folder"),
+    (["ckpt={run}", "out={file}/inside"], "is a file; pass a folder"),
     (["ckpt={run}", "scale=0"], "scale=0 is invalid"),
 ])
 def test_sample_py_input_errors(trained_run: Path, tmp_path: Path, args: list[str], message: str):

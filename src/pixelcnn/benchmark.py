@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.config import validate, writable_dir
+from pixelcnn.config import check_out_dir, validate
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
 from pixelcnn.training import SpeedChoices, build_module, resolve_speed
 
@@ -101,7 +101,7 @@ def time_sampler(fn, device: torch.device, repeats: int) -> float:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
-    writable_dir(Path(cfg.bench.out).parent, key="bench.out")  # fail now, not after minutes of measuring
+    check_out_dir(Path(cfg.bench.out).parent, key="bench.out")  # fail now, not after minutes of measuring
     L.seed_everything(cfg.seed, verbose=False)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
     bench = cfg.bench
@@ -179,6 +179,7 @@ def main(cfg: DictConfig) -> dict:
     table = format_table(result)
     print(table)
     out = Path(cfg.bench.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
     print(f"written: {out}")
     return result

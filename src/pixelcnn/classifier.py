@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from pixelcnn.config import UserError, validate
+from pixelcnn.config import check_options, validate
 from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, save_cache, setup_datamodule
 from pixelcnn.generate import pick_device
 
@@ -229,9 +229,7 @@ def run(cfg: DictConfig) -> FashionClassifier:
     validate(cfg)  # epochs, batch_size, lr, data.*
     device = pick_device(cfg.device)
     data_args = OmegaConf.to_container(cfg.data, resolve=True)
-    options = set(inspect.signature(FashionMNISTDataModule).parameters)
-    if unknown := sorted(set(data_args) - options):
-        raise UserError(f"data.{unknown[0]} is not an option of the data module: choose from {', '.join(sorted(options))}")
+    check_options(data_args, inspect.signature(FashionMNISTDataModule).parameters, "data", "the data module")
     datamodule = setup_datamodule(**data_args)
     classifier = fit_and_cache(datamodule, device, cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     n = min(1000, len(datamodule.train_set[0]), len(datamodule.test_set[0]))

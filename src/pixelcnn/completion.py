@@ -96,7 +96,8 @@ def run_completion(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     grid = side_by_side([levels_to_grid(pairs, module.levels, nrow=2, scale=cfg.scale),
                          levels_to_grid(completed.flatten(0, 1), module.levels, nrow=completions, scale=cfg.scale)])
     stem = f"completions_rows{rows}_n{n}_c{completions}_T{cfg.temperature:g}_seed{cfg.seed}"
-    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, class_tag(label))
+    png, npy = save_grid_and_levels(grid, completed, out_dir, stem,
+                                    class_tag(label) if label is not None else None)
     print(f"{n} test images x {completions} completions below row {rows} ({seconds:.2f} s on {device.type})\n"
           f"  figure: {png}  (per row: original | kept rows | completions)\n"
           f"  levels: {npy}  shape {tuple(completed.shape)}, values 0..{module.levels - 1}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,18 +117,25 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def writable_dir(path: str | Path, key: str = "out") -> Path:
-    """Create the output folder `path` now, before any work, or raise a UserError saying why not."""
+def check_out_dir(path: str | Path, key: str = "out") -> Path:
+    """Raise a UserError now, before any work, if the output folder `path` could not be created
+    or written (it is a file, or its nearest existing ancestor is); creates nothing."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{key}={path} is a file, not a folder: pass a folder for the outputs") from None
-    except OSError as err:
-        raise UserError(f"{key}={path} cannot be created ({err.strerror}): pass a writable folder") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{key}={path} is not writable: pass a writable folder")
+    existing = path
+    while not existing.exists():  # ends at "." or "/", which exist
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}={path} cannot be a folder: {existing} is a file; pass a folder for the outputs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path} cannot be written ({existing} is not writable): pass a writable folder")
     return path
+
+
+def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, owner: str) -> None:
+    """Raise a UserError naming the first of `given` that `accepted` lacks (keys `prefix`.name)."""
+    accepted = sorted(accepted)
+    if unknown := sorted(set(given) - set(accepted)):
+        raise UserError(f"{prefix}.{unknown[0]} is not an option of {owner}: its options are {', '.join(accepted)}")
 
 
 def validate(cfg: DictConfig) -> None:

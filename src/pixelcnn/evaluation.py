@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, read_image
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.classifier import load_or_train_classifier, quality_metrics
-from pixelcnn.config import UserError, validate, writable_dir
+from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.data import quantize, setup_datamodule
 from pixelcnn.generate import default_out_dir, pick_device
 from pixelcnn.images import levels_to_grid, save_grid
@@ -204,7 +204,7 @@ def run(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, device)
-    out_dir = writable_dir(cfg.out if cfg.out else default_out_dir(ckpt).with_name("eval"))
+    out_dir = check_out_dir(cfg.out if cfg.out else default_out_dir(ckpt).with_name("eval"))
     if cfg.images is not None:
         return score_images(module, cfg, out_dir)
     return evaluate_test_split(module, cfg, out_dir, ckpt)

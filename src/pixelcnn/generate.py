@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.config import UserError, validate, writable_dir
+from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.data import FashionMNISTDataModule
 from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 
@@ -47,11 +47,9 @@ def parse_labels(label: object, num_classes: int, n: int) -> tuple[torch.Tensor 
                     f"{', '.join(CLASS_NAMES)}")
 
 
-def class_tag(label: int | str | None) -> str | None:
-    """File-name tag of a class index (or 'all'): the same however the class was typed (5, Sandal)."""
-    if label is None or label == "all":
-        return label
-    return CLASS_NAMES[label].split("/")[0].replace(" ", "-")  # "t-shirt/top" -> t-shirt, "ankle boot" -> ankle-boot
+def class_tag(index: int) -> str:
+    """File-name tag of a class: the same however the class was typed (5, Sandal, sandal)."""
+    return CLASS_NAMES[index].split("/")[0].replace(" ", "-")  # "t-shirt/top" -> t-shirt, "ankle boot" -> ankle-boot
 
 
 def default_out_dir(ckpt: Path) -> Path:
@@ -64,7 +62,7 @@ def run(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, device)
-    out_dir = writable_dir(cfg.out if cfg.out else default_out_dir(ckpt))
+    out_dir = check_out_dir(cfg.out if cfg.out else default_out_dir(ckpt))
     if cfg.mode == "complete":
         from pixelcnn.completion import run_completion
 
@@ -82,7 +80,7 @@ def run(cfg: DictConfig) -> list[Path]:
     stem = f"samples_n{n}_T{'-'.join(f'{t:g}' for t in temperatures)}_seed{cfg.seed}"
     grids = [levels_to_grid(s, module.levels, nrow=nrow, scale=cfg.scale) for s in samples]
     levels = torch.stack(samples) if len(samples) > 1 else samples[0]  # (T, N, H, W) or (N, H, W)
-    tag = class_tag("all" if cfg.label == "all" else None if labels is None else int(labels[0]))
+    tag = "all" if cfg.label == "all" else class_tag(int(labels[0])) if labels is not None else None
     png, npy = save_grid_and_levels(side_by_side(grids), levels, out_dir, stem, tag)
     print(f"{n * len(temperatures)} samples ({cfg.method}, {seconds:.2f} s on {device.type}) from {ckpt}\n"
           f"  grid:   {png}\n  levels: {npy}  shape {tuple(levels.shape)}, values 0..{module.levels - 1}")

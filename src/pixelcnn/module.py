@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.config import UserError
+from pixelcnn.config import UserError, check_options
 from pixelcnn.gated import GatedPixelCNN
 from pixelcnn.model import PixelCNN
 from pixelcnn.sampling import SamplingMethod, sample
@@ -28,12 +28,9 @@ def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn
     """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
     if arch not in ARCHITECTURES:
         raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
-    options = sorted(set(inspect.signature(ARCHITECTURES[arch]).parameters) - {"levels", "num_classes"})
-    foreign = sorted(set(arch_kwargs) - set(options))
-    if foreign:
-        # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
-        raise UserError(f"model.{foreign[0]} is not an option of model.arch={arch}: its options are "
-                        f"{', '.join(options)} (presets for one architecture do not apply to the other)")
+    # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
+    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - {"levels", "num_classes"},
+                  "model", f"model.arch={arch}")
     return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, **arch_kwargs)
 
 

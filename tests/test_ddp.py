@@ -91,3 +91,27 @@ def test_two_processes_share_each_epoch_and_test_like_one(tmp_path: Path):
     assert metrics["test_bpd"] == pytest.approx(test_bpd, abs=1e-6)
     assert metrics["val_bpd"] == pytest.approx(val_bpd, abs=1e-6)
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+
+
+def test_a_sweep_with_several_devices_needs_slurm(tmp_path: Path):
+    """Lightning would start the other ranks by re-running the command line, i.e. the sweep."""
+    write_dataset(tmp_path / "data", n_train=100, n_test=21)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *TINY, *DDP, f"data.root={tmp_path / 'data'}",
+         f"data.system_dir={tmp_path / 'none'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: trainer.devices > 1 in a sweep (-m) needs processes started by SLURM" in result.stderr
+    assert not list((tmp_path / "sweep").glob("**/metrics.json"))
+
+
+def test_devices_lightning_refuses_are_one_line(tmp_path: Path):
+    from pixelcnn.config import UserError
+    from pixelcnn.training import build_trainer, resolve_speed
+    from test_cli import compose_train
+
+    cfg = compose_train("trainer.accelerator=cpu", "trainer.devices=[0,1]")  # CPUs are counted, not picked
+    with pytest.raises(UserError, match=r"^trainer.devices / .*should be an int > 0.$"):
+        build_trainer(cfg, resolve_speed(cfg.speed, "cpu"), None, [], tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,6 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback
@@ -87,9 +87,16 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     return callbacks
 
 
+def secondary_rank() -> bool:
+    """True in a DDP process other than global rank 0, told by the environment that started it
+    (so known before Lightning sets up): LOCAL_RANK (the processes Lightning itself starts),
+    RANK (torchrun), SLURM_PROCID (srun), NODE_RANK (the other machines)."""
+    return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
 def say(message: str) -> None:
     """Print on the global rank 0 only (each DDP process runs this code)."""
-    if rank_zero_only.rank == 0:
+    if not secondary_rank():
         print(message, flush=True)
 
 
@@ -101,8 +108,9 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger, callbacks=callbacks,
                                          default_root_dir=str(output_dir))
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
-        if isinstance(err.__cause__, MisconfigurationException):
-            raise UserError("trainer.devices / trainer.accelerator / trainer.strategy: "
+        # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
+        if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
+            raise UserError("trainer.devices / accelerator / num_nodes / strategy do not fit this machine: "
                             + " ".join(str(err.__cause__).split())) from None
         raise
     environment = getattr(trainer.strategy, "cluster_environment", None)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,6 +57,31 @@ def test_ranks_get_disjoint_shares_in_equal_batch_counts(count: int, world_size:
 
 def labels_per_batch_of(items: list) -> list[list[int]]:
     return [labels.tolist() for item in items for _, labels in (item if isinstance(item, list) else [item])]
+
+
+def test_data_module_gives_each_rank_its_share_of_one_permutation(tmp_path: Path):
+    """The rank and world size come from the trainer; the shuffling seed from rank 0 (broadcast),
+    so that the ranks cut the same permutation whatever their global RNGs hold."""
+    from pixelcnn.config import UserError
+
+    write_dataset(tmp_path / "data", n_train=100, n_test=21)
+    broadcasts = []
+
+    def broadcast(value, src=0):
+        broadcasts.append(value)
+        return 1234  # what rank 0 drew
+
+    for rank in range(2):
+        dm = setup_datamodule(tmp_path / "data", 16, 4, val_size=1, system_dir=tmp_path / "none", download=False,
+                              batch_size=8)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=SimpleNamespace(
+            root_device=torch.device("cpu"), broadcast=broadcast))
+        train = dm.train_dataloader()
+        assert (train.rank, train.world_size, train.generator.initial_seed()) == (rank, 2, 1234)
+        assert (dm.test_dataloader().rank, dm.test_dataloader().world_size) == (rank, 2)
+        with pytest.raises(UserError, match="the val split has 1 images, fewer than the 2 processes"):
+            dm.val_dataloader()
+    assert len(broadcasts) == 2
 
 
 def test_two_processes_share_each_epoch_and_test_like_one(tmp_path: Path):

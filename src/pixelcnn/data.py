@@ -262,10 +262,10 @@ class BatchLoader:
     def shard(self) -> tuple[int, int]:
         """(first, stop) of this rank's part of the epoch's order; every rank gets a disjoint part.
 
-        A shuffled (training) epoch drops the `count % world_size` items past the last full share (a different few of
-        each epoch's permutation), so no item is seen twice in an epoch and all ranks take the same
-        number of batches, as DDP's collectives require. Unshuffled (evaluation) keeps every item
-        exactly once, so the split's mean is exact: shares then differ by at most one item.
+        A shuffled (training) epoch drops the `count % world_size` items past the last full share
+        (a different few of each epoch's permutation), so no item is seen twice in an epoch and all
+        ranks take the same number of batches, as DDP's collectives require. Unshuffled (evaluation)
+        keeps every item exactly once, so the split's mean is exact: shares differ by at most one.
         """
         count = len(self.images)
         if self.shuffle:

@@ -233,32 +233,46 @@ class BatchLoader:
     `hflip` mirrors a random half of every batch horizontally. With `steps_per_batch` = K each
     item is a list of K consecutive batches cut from one gather (one optimizer step each), so a
     training loop's fixed per-item cost is paid once per K steps; the batches themselves are
-    exactly those of K = 1.
+    exactly those of K = 1. `limit_batches` keeps only the first batches of `batch_size` of each
+    epoch, like Lightning's `limit_train_batches` (an int: that many; a float: that fraction,
+    rounded down); the last item is cut short so that exactly that many batches come.
     """
 
     def __init__(
         self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False, hflip: bool = False,
-        seed: int | None = None, steps_per_batch: int | None = None,
+        seed: int | None = None, steps_per_batch: int | None = None, limit_batches: int | float | None = None,
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
         self.steps_per_batch = steps_per_batch
+        self.limit_batches = limit_batches
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
+    @property
+    def num_batches(self) -> int:
+        """Batches of `batch_size` per epoch, after `limit_batches` (in training: micro-batches, one
+        optimizer step each); `len()` counts the items, lists of `steps_per_batch` of them."""
+        batches = math.ceil(len(self.images) / self.batch_size)
+        if self.limit_batches is None:
+            return batches
+        return int(batches * self.limit_batches) if isinstance(self.limit_batches, float) else min(batches, self.limit_batches)
+
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / (self.batch_size * (self.steps_per_batch or 1)))
+        return math.ceil(self.num_batches / (self.steps_per_batch or 1))
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         count, device = len(self.images), self.images.device
         step = self.batch_size * (self.steps_per_batch or 1)
         order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
-        for start in range(0, count, step):
+        end = min(count, self.num_batches * self.batch_size)  # limit_batches: the epoch stops early
+        for start in range(0, end, step):
+            stop = min(start + step, end)
             # A slice (a view, no copy) in order, else one gather per tensor.
-            index = slice(start, start + step) if order is None else order[start : start + step]
+            index = slice(start, stop) if order is None else order[start:stop]
             images, labels = self.images[index], self.labels[index]
             if self.hflip:
                 flip = torch.rand(len(images), generator=self.generator, device=device) < 0.5
@@ -280,7 +294,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
     The 60k training images are split into train / val (`val_size`) by a fixed permutation
     from `split_seed`; test is the 10k t10k set. Batches are (levels uint8 (B, 1, S, S),
     labels int64 (B,)); training batches come as lists of `steps_per_batch` such batches
-    (see `BatchLoader`). With `on_device` "auto" the data moves once to the trainer's CUDA
+    (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
+    (Lightning's meaning: batches, not the lists of them that Lightning iterates). With `on_device` "auto" the data moves once to the trainer's CUDA
     device; True moves it to any non-CPU trainer device; False keeps it on the CPU.
     """
 
@@ -303,6 +318,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         hflip: bool = False,
         shuffle_seed: int | None = None,
         steps_per_batch: int | Literal["auto"] = "auto",
+        limit_train_batches: int | float | None = None,
     ):
         super().__init__()
         if on_device not in ("auto", True, False):
@@ -315,6 +331,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.val_size, self.split_seed = val_size, split_seed
         self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
         self.steps_per_batch = steps_per_batch
+        self.limit_train_batches = limit_train_batches
         self.data: dict[str, Tensor] | None = None
         self.train_set: Split | None = None
         self.val_set: Split | None = None
@@ -362,7 +379,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if train:  # auto: amortize the training loop's per-batch overhead where steps are fast (CUDA)
             steps = (8 if split[0].is_cuda else 1) if self.steps_per_batch == "auto" else self.steps_per_batch
         return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=self.shuffle_seed,
-                           steps_per_batch=steps)
+                           steps_per_batch=steps, limit_batches=self.limit_train_batches if train else None)
 
     def train_dataloader(self) -> BatchLoader:
         return self.loader("train_set", self.batch_size, train=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,9 +54,16 @@ def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
     )
 
 
+# Trainer arguments the module applies itself: Lightning refuses them under manual optimization
+# (several optimizer steps per Lightning batch), so the Trainer gets its defaults instead.
+MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
+
+
 def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
-    """The configured LightningModule with the speed choices applied."""
-    module = instantiate(cfg.model, _convert_="all")  # plain lists in hparams: checkpoints load with weights_only
+    """The configured LightningModule with the speed choices and the trainer's clipping and
+    accumulation settings applied."""
+    knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
+    module = instantiate(cfg.model, _convert_="all", **knobs)  # plain lists in hparams: checkpoints load with weights_only
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if speed.compile:
@@ -79,6 +86,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
+    if cfg.model.scheduler.name != "none":  # a constant lr is not worth a GPU read-back every log_every_n_steps
+        callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
     return callbacks
 
 
@@ -93,7 +102,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    # limit_train_batches counts batches of data.batch_size (optimizer steps), which the loader
+    # cuts; Lightning's own limit would count its batches, each of data.steps_per_batch of them.
+    datamodule: L.LightningDataModule = instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
@@ -101,7 +112,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
     trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger,
-                                     callbacks=build_callbacks(cfg, output_dir, speed), default_root_dir=str(output_dir))
+                                     callbacks=build_callbacks(cfg, output_dir, speed), default_root_dir=str(output_dir),
+                                     limit_train_batches=None, **MODULE_TRAINER_KEYS)
     n_params = sum(p.numel() for p in module.parameters())
     print(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
           f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "

@@ -5,11 +5,15 @@ optimizer steps. Each test runs a tiny model through a real Trainer on a few ten
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from pixelcnn.checkpoints import check_resume
+from pixelcnn.config import UserError
 from pixelcnn.data import BatchLoader
 from pixelcnn.module import PixelCNNModule
 
@@ -84,12 +88,15 @@ def test_clipping_bounds_the_gradient_of_every_step(algorithm: str, steps_per_ba
 def test_accumulating_two_batches_of_8_is_one_batch_of_16(steps_per_batch: int):
     images, labels = data(48)
     whole = tiny()
-    fit(whole, BatchLoader(images, labels, 16, steps_per_batch=1))
+    whole_trainer = fit(whole, BatchLoader(images, labels, 16, steps_per_batch=1))
     accumulated = tiny(accumulate_grad_batches=2)
     trainer = fit(accumulated, BatchLoader(images, labels, 8, steps_per_batch=steps_per_batch))
     assert trainer.global_step == 3  # optimizer steps
     for (name, p), q in zip(whole.named_parameters(), accumulated.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+    # Adam's moments hold the gradients themselves (its update hardly depends on their scale).
+    for p, q in zip(whole_trainer.optimizers[0].state.values(), trainer.optimizers[0].state.values()):
+        assert torch.allclose(p["exp_avg"], q["exp_avg"], rtol=1e-5, atol=1e-9)
     assert not torch.equal(whole.net.to_logits.weight, tiny().net.to_logits.weight)  # it did train
 
 
@@ -133,6 +140,18 @@ def test_plateau_halves_the_lr_when_val_stalls():
     trainer = fit(module, BatchLoader(images, labels, 8, steps_per_batch=2), BatchLoader(images[:16], labels[:16], 16),
                   max_epochs=3)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-6 / 4)
+
+
+def test_a_resume_keeps_the_schedule_and_old_checkpoints_had_none():
+    """The schedule is part of the saved model's hyperparameters: a resume with another one is
+    refused; checkpoints from before the option trained at a constant lr, so resume with none."""
+    model = {"arch": "pixelcnn", "lr": 1e-4}
+    none, cosine = {"name": "none"}, {"name": "cosine", "warmup_steps": 0, "final_lr_ratio": 0.01}
+    check_resume({"hyper_parameters": model}, OmegaConf.create({**model, "scheduler": none}), Path("old.ckpt"))
+    check_resume({"hyper_parameters": {**model, "scheduler": cosine}}, OmegaConf.create({**model, "scheduler": cosine}),
+                 Path("new.ckpt"))
+    with pytest.raises(UserError, match="model.scheduler="):
+        check_resume({"hyper_parameters": model}, OmegaConf.create({**model, "scheduler": cosine}), Path("old.ckpt"))
 
 
 def test_cosine_needs_a_run_length():

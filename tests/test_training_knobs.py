@@ -111,8 +111,8 @@ def test_an_epochs_last_batches_make_a_short_accumulation_group():
 def expected_cosine_lr(step: int, warmup: int, total: int, final: float) -> float:
     """The documented schedule (conf/scheduler/cosine.yaml), written out independently."""
     if step < warmup:
-        return LR * (step + 1) / warmup
-    progress = (step + 1 - warmup) / (total - warmup)
+        return LR * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / (total - 1 - warmup)
     return LR * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
 
 
@@ -129,7 +129,7 @@ def test_cosine_lr_of_every_step_follows_the_formula(steps_per_batch: int, accum
                                       limit_batches=limit), callbacks=[spy], max_epochs=2)
     assert trainer.global_step == total == len(spy.values)
     assert spy.values == pytest.approx([expected_cosine_lr(s, 3, total, 0.1) for s in range(total)], rel=1e-9)
-    assert spy.values[2] == pytest.approx(LR) and spy.values[-1] == pytest.approx(0.1 * LR)
+    assert spy.values[3] == pytest.approx(LR) and spy.values[-1] == pytest.approx(0.1 * LR)
 
 
 def test_plateau_halves_the_lr_when_val_stalls():

@@ -259,7 +259,9 @@ class BatchLoader:
         batches = math.ceil(len(self.images) / self.batch_size)
         if self.limit_batches is None:
             return batches
-        return int(batches * self.limit_batches) if isinstance(self.limit_batches, float) else min(batches, self.limit_batches)
+        if isinstance(self.limit_batches, float):  # a fraction, rounded down
+            return int(batches * self.limit_batches)
+        return min(batches, self.limit_batches)
 
     def __len__(self) -> int:
         return math.ceil(self.num_batches / (self.steps_per_batch or 1))
@@ -295,8 +297,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
     from `split_seed`; test is the 10k t10k set. Batches are (levels uint8 (B, 1, S, S),
     labels int64 (B,)); training batches come as lists of `steps_per_batch` such batches
     (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
-    (Lightning's meaning: batches, not the lists of them that Lightning iterates). With `on_device` "auto" the data moves once to the trainer's CUDA
-    device; True moves it to any non-CPU trainer device; False keeps it on the CPU.
+    (Lightning's meaning, counting batches, not the lists of them that Lightning iterates).
+    With `on_device` "auto" the data moves once to the trainer's CUDA device; True moves it to
+    any non-CPU trainer device; False keeps it on the CPU.
     """
 
     CLASS_NAMES = (

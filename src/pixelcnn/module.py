@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -70,6 +69,7 @@ class PixelCNNModule(L.LightningModule):
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         self.accumulate_grad_batches = accumulate_grad_batches
         self._accumulated = 0  # micro-batches whose gradients are summed but not yet stepped
+        self._cosine: WarmupCosine | None = None  # the cosine schedule, once configure_optimizers made it
 
     # --- the objective ---------------------------------------------------------------------------
     def bits_per_dim(self, levels: Tensor, labels: Tensor) -> Tensor:
@@ -121,7 +121,7 @@ class PixelCNNModule(L.LightningModule):
         stacked = torch.stack(losses)  # (K,) bits/dim of each micro-batch
         count = sum(sizes)
         # Mean over images: only the epoch's last micro-batch can be shorter.
-        mean = stacked.mean() if min(sizes) == max(sizes) else sum(l * n for l, n in zip(losses, sizes)) / count
+        mean = stacked.mean() if min(sizes) == max(sizes) else sum(x * n for x, n in zip(losses, sizes)) / count
         # on_step values are read back only every `log_every_n_steps`: no per-step host sync.
         self.log("train/bpd", mean, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
         return stacked
@@ -157,13 +157,12 @@ class PixelCNNModule(L.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                       **({"fused": True} if fused else {"foreach": True}))
         scheduler = dict(self.hparams.scheduler or {"name": "none"})
-        name = scheduler.pop("name")
+        name, self._cosine = scheduler.pop("name"), None
         if name == "none":
             return optimizer
-        if name == "cosine":
-            lr_lambda = warmup_cosine(scheduler["warmup_steps"], self.planned_optimizer_steps(),
-                                      scheduler["final_lr_ratio"])
-            config = {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda), "interval": "step"}
+        if name == "cosine":  # its run length is known once the train loader is: see on_train_start
+            self._cosine = WarmupCosine(scheduler["warmup_steps"], scheduler["final_lr_ratio"])
+            config = {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, self._cosine), "interval": "step"}
         elif name == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
@@ -173,19 +172,26 @@ class PixelCNNModule(L.LightningModule):
             raise ValueError(f"unknown scheduler {name!r}: none, cosine or plateau")
         return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
 
+    def on_train_start(self) -> None:
+        # Here, not in configure_optimizers: setting the train loader up that early (Lightning's
+        # `estimated_stepping_batches`) makes a resume skip the loader's saved state (Lightning #20550).
+        if self._cosine is not None:
+            self._cosine.total_steps = self.planned_optimizer_steps()
+
     def planned_optimizer_steps(self) -> int:
         """Optimizer steps of the whole fit: per epoch, batches of `data.batch_size` (after
         limit_train_batches) / accumulate_grad_batches, rounded up, times max_epochs; at most
-        max_steps. Lightning's `estimated_stepping_batches` counts Lightning batches, each of
-        which holds several steps here."""
+        max_steps. (Lightning's `estimated_stepping_batches` counts Lightning batches, each of
+        which holds several steps here.) Needs the train loader: from on_train_start on."""
         trainer = self.trainer
         total = math.inf if trainer.max_steps < 0 else trainer.max_steps
         if trainer.max_epochs is not None and trainer.max_epochs >= 0:
-            trainer.estimated_stepping_batches  # noqa: B018 - Lightning's way to set up the train loader here
             loader = trainer.train_dataloader
-            micro = min(getattr(loader, "num_batches", math.inf),
-                        trainer.num_training_batches * (getattr(loader, "steps_per_batch", None) or 1))
-            total = min(total, math.ceil(micro / self.accumulate_grad_batches) * max(trainer.max_epochs, 1))
+            # Batches of data.batch_size: a BatchLoader counts them; Lightning counts its items (lists of
+            # steps_per_batch of them), which its own limit_train_batches (bench.py) may cut further.
+            batches = min(getattr(loader, "num_batches", math.inf),
+                          trainer.num_training_batches * (getattr(loader, "steps_per_batch", None) or 1))
+            total = min(total, math.ceil(batches / self.accumulate_grad_batches) * max(trainer.max_epochs, 1))
         if total == math.inf:
             raise ValueError("a cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
         return int(total)
@@ -200,21 +206,27 @@ class PixelCNNModule(L.LightningModule):
                       labels if self.conditional else None, method)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, final_ratio: float) -> Callable[[int], float]:
-    """The lr factor of optimizer step s (0-based): a linear warm-up to 1 at step warmup_steps - 1,
-    then a cosine decay to `final_ratio` at the last step, total_steps - 1 (and after it).
+class WarmupCosine:
+    """LambdaLR's lr factor of optimizer step s (0-based): a linear warm-up, (s+1)/(W+1) for
+    s < W = warmup_steps, then a cosine from 1 at step W to `final_ratio` at the run's last step,
+    total_steps - 1 (and after it).
 
     A closed form in a LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): those
     update the lr recursively, so a resumed run whose length changed (more epochs) would follow
-    neither schedule, and CosineAnnealingLR climbs back up after its end. A plain function, not an
-    object, so LambdaLR's checkpointed state holds the step count and not the old run length.
+    neither schedule, and CosineAnnealingLR climbs back up after its end. The run length is set
+    once the trainer knows it (`total_steps`); the first step's factor does not depend on it.
+    LambdaLR checkpoints this object's attributes (plain numbers).
     """
-    decay_steps = max(total_steps - warmup_steps, 1)
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step + 1 - warmup_steps) / decay_steps, 1.0)
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def __init__(self, warmup_steps: int, final_ratio: float, total_steps: int | None = None):
+        self.warmup_steps, self.final_ratio, self.total_steps = warmup_steps, final_ratio, total_steps
 
-    return factor
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if step == self.warmup_steps:
+            return 1.0
+        if self.total_steps is None:
+            raise RuntimeError("WarmupCosine.total_steps must be set before the schedule goes past its warm-up")
+        progress = min((step - self.warmup_steps) / max(self.total_steps - 1 - self.warmup_steps, 1), 1.0)
+        return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -63,7 +63,8 @@ def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
     """The configured LightningModule with the speed choices and the trainer's clipping and
     accumulation settings applied."""
     knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
-    module = instantiate(cfg.model, _convert_="all", **knobs)  # plain lists in hparams: checkpoints load with weights_only
+    # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
+    module = instantiate(cfg.model, _convert_="all", **knobs)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if speed.compile:
@@ -112,8 +113,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
     trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger,
-                                     callbacks=build_callbacks(cfg, output_dir, speed), default_root_dir=str(output_dir),
-                                     limit_train_batches=None, **MODULE_TRAINER_KEYS)
+                                     callbacks=build_callbacks(cfg, output_dir, speed),
+                                     default_root_dir=str(output_dir), limit_train_batches=None, **MODULE_TRAINER_KEYS)
     n_params = sum(p.numel() for p in module.parameters())
     print(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
           f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "

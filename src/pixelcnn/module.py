@@ -136,8 +136,9 @@ class PixelCNNModule(L.LightningModule):
             self.configure_gradient_clipping(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
     def on_validation_epoch_end(self) -> None:
-        # A plateau scheduler steps on each validation's bits/dim (its patience counts validations).
-        schedulers = self.trainer.lr_scheduler_configs if not self.trainer.sanity_checking else []
+        # A plateau scheduler steps on each validation's bits/dim during fit (patience counts validations).
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        schedulers = self.trainer.lr_scheduler_configs if fitting else []
         if schedulers and isinstance(schedulers[0].scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             schedulers[0].scheduler.step(self.trainer.callback_metrics["val/bpd"])
 

@@ -161,7 +161,8 @@ def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices)
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
     """The hyperparameters worth comparing in TensorBoard's HPARAMS tab, flattened to scalars."""
     keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs}
+            "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
+            "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
     flat: dict[str, object] = {}
 
     def walk(prefix: str, value) -> None:

@@ -127,6 +127,7 @@ def test_jobs_starting_together_build_the_data_cache_and_the_classifier_once(tmp
     # One build of each; the others waited for it and read it: the same data, the very same weights.
     assert sorted(builds.read_text().split()) == ["classifier", "data"]
     assert len(set(outcome)) == 1 and cache_path(root, 16, 4).is_file()
+    assert not [p.name for p in root.iterdir() if p.suffix == ".lock"]  # the lock files went with the locks
 
 
 def test_a_folder_that_cannot_hold_a_lock_still_loads(tmp_path: Path, monkeypatch):

@@ -19,7 +19,7 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Literal
 
@@ -208,7 +208,7 @@ def save_cache(path: Path, data: dict[str, Tensor]) -> None:
 
 @contextmanager
 def cache_lock(path: Path):
-    """Hold an exclusive lock on `path` (a lock file beside it) while the caller checks for the
+    """Hold an exclusive lock on `path` (a lock file beside it, removed after) while the caller checks for the
     cache file and builds it if it is still missing, so that jobs starting together build it once
     and the others wait and then read it. The OS releases the lock if its holder dies. An
     unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
@@ -231,9 +231,12 @@ def cache_lock(path: Path):
         yield
         failed = False
     finally:
+        # The lock file goes while still held: a job that was waiting on it then finds the cache
+        # (or, if it could not be written, builds its own, as every job must then).
+        with suppress(OSError):
+            lock_file.unlink()
         lock.release()
         if failed and new_dirs:  # e.g. no dataset anywhere: leave no empty folder behind
-            lock_file.unlink(missing_ok=True)
             for directory in new_dirs:
                 try:
                     directory.rmdir()  # only while empty

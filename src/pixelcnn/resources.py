@@ -89,6 +89,9 @@ def claim_job_resources() -> JobResources:
             pass
         log.info("job %d: %d CPU threads (%d jobs at once on %d cores%s)", job_num, torch.get_num_threads(),
                  concurrent, available_cpus(), f", SLURM_CPUS_PER_TASK={slurm_cpus}" if slurm_cpus else "")
+    if concurrent > available_cpus():
+        log.warning("%d jobs at once on %d cores time-share them (one thread each): hydra.launcher.n_jobs=%d or "
+                    "fewer avoids that", concurrent, available_cpus(), available_cpus())
     return resources
 
 

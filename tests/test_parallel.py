@@ -72,8 +72,8 @@ def test_a_parallel_sweep_runs_its_jobs_with_a_share_of_the_threads(workdir: Pat
     cpus = resources.available_cpus()
     expected = max(1, min(cpus // 2, int(os.environ.get("OMP_NUM_THREADS", cpus))))
     for k, job in enumerate(jobs):  # each job knew it was one of 2 at once, and took its share of the cores
-        line = re.search(r"\[pixelcnn.resources\]\[INFO\] - job (\d+): (\d+) CPU threads \(2 jobs at once on (\d+) cores",
-                         (job / "train.log").read_text())
+        line = re.search(r"\[pixelcnn.resources\]\[INFO\] - job (\d+): (\d+) CPU threads "
+                         r"\(2 jobs at once on (\d+) cores", (job / "train.log").read_text())
         assert line, (job / "train.log").read_text()
         assert (int(line[1]), int(line[2]), int(line[3])) == (k, expected, cpus)
 

@@ -54,9 +54,9 @@ class Cluster:
     daemons: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self, name: str, *args: str) -> None:
-        log = (self.folder / f"{name}.out").open("w")
-        self.daemons.append(subprocess.Popen([shutil.which(name, path=SEARCH_PATH), *args], stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True, env=self.env))
+        with (self.folder / f"{name}.out").open("w") as log:  # the daemon keeps its own copy of the handle
+            self.daemons.append(subprocess.Popen([shutil.which(name, path=SEARCH_PATH), *args], stdout=log,
+                                                 stderr=subprocess.STDOUT, start_new_session=True, env=self.env))
 
     def client(self, *args: str, check: bool = True) -> str:
         result = subprocess.run([shutil.which(args[0], path=SEARCH_PATH), *args[1:]], env=self.env,
@@ -81,7 +81,8 @@ class Cluster:
         raise RuntimeError(f"timed out waiting for {what}:\n" + self.logs())
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(self.folder.glob("*.out")))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                         for p in sorted(self.folder.glob("*.out")))
 
     def stop(self) -> None:
         """Cancel the cluster's jobs, then stop the daemons this test started (only those)."""

@@ -31,8 +31,9 @@ from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F4
     (2, 3, 16, 1, 16, None, 5, 0),       # one GPU: all share it
     (1, 4, 2, 0, 2, None, 1, None),      # more jobs than cores: one thread each, never zero
     (0, 2, 16, 0, 1, None, 1, None),     # OMP_NUM_THREADS=1 (the process's own limit) still holds
-    (0, 1, 64, 0, 32, 8, 8, None),       # a SLURM task: its CPUs, and SLURM picks its GPUs
+    (0, 1, 64, 2, 32, 8, 8, None),       # a SLURM task: its CPUs, and SLURM picks its GPUs
     (0, 1, 64, 0, 4, 8, 4, None),
+    (1, 4, 64, 2, 64, 8, 2, 1),          # a parallel sweep inside a SLURM allocation shares the allocation
 ])
 def test_plan_divides_cores_among_jobs_and_puts_job_k_on_gpu_k_mod_g(job_num, concurrent, cpus, gpus, limit,
                                                                       slurm, threads, device):
@@ -44,11 +45,11 @@ def test_a_parallel_job_gets_its_gpu_as_the_trainer_device_and_current_device(mo
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    job = JobResources(job_num=3, concurrent=4, threads=4, cuda_device=1)
+    job = JobResources(job_num=3, concurrent=4, cpus=16, threads=4, cuda_device=1)
     assert cuda_device_args(job, 1) == {"devices": [1]} and chosen == [1]
     assert cuda_device_args(job, "auto") == {"devices": [1]}
     assert cuda_device_args(job, 2) == {} and cuda_device_args(job, [0, 1]) == {}  # the user's multi-device setting
-    assert cuda_device_args(JobResources(0, 1, None, None), 1) == {} and chosen == [1, 1]
+    assert cuda_device_args(JobResources(0, 1, 16, None, None), 1) == {} and chosen == [1, 1]
 
 
 def test_the_launchers_compose_from_the_plugins_configs():

@@ -25,6 +25,7 @@ JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLau
 class JobResources:
     job_num: int              # the job's number in its sweep (0 outside a sweep)
     concurrent: int           # jobs running at once on this machine (1 unless a parallel sweep)
+    cpus: int                 # the cores those jobs share (SLURM's allocation when in a SLURM job)
     threads: int | None       # torch threads for this job; None: torch's default is kept
     cuda_device: int | None   # the CUDA device index for this job; None: Lightning's choice
 
@@ -33,16 +34,14 @@ def plan_resources(job_num: int, concurrent: int, cpus: int, gpus: int, thread_l
                    slurm_cpus: int | None = None) -> JobResources:
     """What one job may use. `cpus`: the cores this process may run on; `gpus`: CUDA devices
     visible; `thread_limit`: the threads the process would use by itself (OMP_NUM_THREADS or
-    torch's default), never exceeded, so a user's OMP_NUM_THREADS=1 still holds."""
+    torch's default), never exceeded, so a user's OMP_NUM_THREADS=1 still holds; `slurm_cpus`:
+    SLURM_CPUS_PER_TASK, the cores SLURM gave this task."""
+    cpus = slurm_cpus or cpus
     threads = None
-    if slurm_cpus:  # SLURM's allocation for this task
-        threads = slurm_cpus
-    elif concurrent > 1:  # a share of the cores, so that n jobs at once never oversubscribe them
-        threads = max(1, cpus // concurrent)
-    if threads is not None:
-        threads = max(1, min(threads, thread_limit))
+    if concurrent > 1 or slurm_cpus:  # a share of the cores, so that the jobs at once never oversubscribe them
+        threads = max(1, min(cpus // concurrent, thread_limit))
     cuda_device = job_num % gpus if concurrent > 1 and gpus > 0 else None
-    return JobResources(job_num, concurrent, threads, cuda_device)
+    return JobResources(job_num, concurrent, cpus, threads, cuda_device)
 
 
 def available_cpus() -> int:
@@ -76,11 +75,10 @@ def claim_job_resources() -> JobResources:
     """Plan this job's share (see `plan_resources`) and apply its thread count to torch. Call it
     at the start of a job, before torch does any parallel work."""
     job_num, concurrent = concurrent_jobs()
-    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    # device_count() asks NVML without creating a CUDA context; only a parallel sweep needs it.
-    gpus = torch.cuda.device_count() if concurrent > 1 else 0
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    gpus = torch.cuda.device_count() if concurrent > 1 else 0  # creates no CUDA context
     resources = plan_resources(job_num, concurrent, available_cpus(), gpus, torch.get_num_threads(),
-                               int(slurm_cpus) if slurm_cpus and slurm_cpus.isdigit() else None)
+                               int(slurm_cpus) if slurm_cpus.isdigit() else None)
     if resources.threads is not None:
         torch.set_num_threads(resources.threads)
         try:
@@ -88,10 +86,10 @@ def claim_job_resources() -> JobResources:
         except RuntimeError:  # set once per process: a reused joblib worker already has it
             pass
         log.info("job %d: %d CPU threads (%d jobs at once on %d cores%s)", job_num, torch.get_num_threads(),
-                 concurrent, available_cpus(), f", SLURM_CPUS_PER_TASK={slurm_cpus}" if slurm_cpus else "")
-    if concurrent > available_cpus():
+                 concurrent, resources.cpus, f", SLURM_CPUS_PER_TASK={slurm_cpus}" if slurm_cpus else "")
+    if concurrent > resources.cpus:
         log.warning("%d jobs at once on %d cores time-share them (one thread each): hydra.launcher.n_jobs=%d or "
-                    "fewer avoids that", concurrent, available_cpus(), available_cpus())
+                    "fewer avoids that", concurrent, resources.cpus, resources.cpus)
     return resources
 
 

@@ -208,10 +208,10 @@ def save_cache(path: Path, data: dict[str, Tensor]) -> None:
 
 @contextmanager
 def cache_lock(path: Path):
-    """Hold an exclusive lock on `path` (a lock file beside it, removed after) while the caller checks for the
-    cache file and builds it if it is still missing, so that jobs starting together build it once
-    and the others wait and then read it. The OS releases the lock if its holder dies. An
-    unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
+    """Hold an exclusive lock on `path` (a lock file beside it, removed after) while the caller
+    checks for the cache file and builds it if it is still missing, so that jobs starting together
+    build it once and the others wait and then read it. The OS releases the lock if its holder
+    dies. An unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
     lock_file = path.with_name(f".{path.name}.lock")
     new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     lock = FileLock(lock_file)

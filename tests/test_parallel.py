@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 import pixelcnn.resources as resources
 from pixelcnn.data import cache_path, load_fashion_mnist
-from pixelcnn.resources import JobResources, cuda_device_args, plan_resources
+from pixelcnn.resources import cuda_device_args, plan_resources
 from fakes import write_dataset
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - a fixture
 
@@ -41,15 +41,21 @@ def test_plan_divides_cores_among_jobs_and_puts_job_k_on_gpu_k_mod_g(job_num, co
     assert (plan.threads, plan.cuda_device) == (threads, device)
 
 
-def test_a_parallel_job_gets_its_gpu_as_the_trainer_device_and_current_device(monkeypatch):
+def test_a_parallel_job_on_cuda_takes_its_gpu_as_current_and_trainer_device(monkeypatch):
     chosen = []
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(resources, "concurrent_jobs", lambda: (3, 4))  # job 3 of 4 at once
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    job = JobResources(job_num=3, concurrent=4, cpus=16, threads=4, cuda_device=1)
-    assert cuda_device_args(job, 1) == {"devices": [1]} and chosen == [1]
-    assert cuda_device_args(job, "auto") == {"devices": [1]}
-    assert cuda_device_args(job, 2) == {} and cuda_device_args(job, [0, 1]) == {}  # the user's multi-device setting
-    assert cuda_device_args(JobResources(0, 1, 16, None, None), 1) == {} and chosen == [1, 1]
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this process's threads alone
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: None)
+    job = resources.claim_job_resources("auto", 1)
+    assert job.cuda_device == 1 and chosen == [1] and cuda_device_args(job) == {"devices": [1]}
+    assert resources.claim_job_resources("gpu", "auto").cuda_device == 1 and chosen == [1, 1]
+    # A CPU job keeps off the GPUs; a multi-device setting (DDP) is the user's and is kept.
+    for accelerator, devices in (("cpu", 1), ("auto", 2), ("auto", [0, 1])):
+        job = resources.claim_job_resources(accelerator, devices)
+        assert job.cuda_device is None and cuda_device_args(job) == {}
+    assert chosen == [1, 1]
 
 
 def test_the_launchers_compose_from_the_plugins_configs():

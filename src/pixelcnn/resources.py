@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,9 +71,11 @@ def concurrent_jobs() -> tuple[int, int]:
     return job_num, max(1, effective_n_jobs(hydra_cfg.launcher.get("n_jobs")))
 
 
-def claim_job_resources() -> JobResources:
-    """Plan this job's share (see `plan_resources`) and apply its thread count to torch. Call it
-    at the start of a job, before torch does any parallel work."""
+def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
+    """Plan this job's share (see `plan_resources`) and apply it: torch's thread count, and for a
+    parallel sweep's job on CUDA its GPU as the current device. Call it at the start of a job,
+    before torch does any parallel or CUDA work. `accelerator`, `devices`: the trainer's; a
+    multi-device setting is the user's and is kept (then `cuda_device` is None)."""
     job_num, concurrent = concurrent_jobs()
     slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
     gpus = torch.cuda.device_count() if concurrent > 1 else 0  # creates no CUDA context
@@ -90,15 +92,15 @@ def claim_job_resources() -> JobResources:
     if concurrent > resources.cpus:
         log.warning("%d jobs at once on %d cores time-share them (one thread each): hydra.launcher.n_jobs=%d or "
                     "fewer avoids that", concurrent, resources.cpus, resources.cpus)
+    if resources.cuda_device is not None:
+        if accelerator == "cpu" or devices not in (1, "1", "auto"):
+            return replace(resources, cuda_device=None)
+        # Before anything touches CUDA, so that this job's context (and plain `.to("cuda")`) is on its GPU.
+        torch.cuda.set_device(resources.cuda_device)
+        log.info("job %d: CUDA device %d of %d", job_num, resources.cuda_device, gpus)
     return resources
 
 
-def cuda_device_args(resources: JobResources, devices) -> dict:
-    """lightning.Trainer arguments that put a parallel sweep's job on its own GPU, and make that the
-    current CUDA device (which plain `.to("cuda")` calls use). Only for a one-device job
-    (`trainer.devices` 1 or auto): a multi-device setting is the user's and is kept."""
-    if resources.cuda_device is None or devices not in (1, "1", "auto"):
-        return {}
-    torch.cuda.set_device(resources.cuda_device)
-    log.info("job %d: CUDA device %d of %d", resources.job_num, resources.cuda_device, torch.cuda.device_count())
-    return {"devices": [resources.cuda_device]}
+def cuda_device_args(resources: JobResources) -> dict:
+    """lightning.Trainer arguments that put a parallel sweep's job on its own GPU (when it trains on CUDA)."""
+    return {} if resources.cuda_device is None else {"devices": [resources.cuda_device]}

@@ -86,7 +86,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
-    resources = claim_job_resources()  # threads (and GPU) of a job that shares the machine with others
+    # Threads (and GPU) of a job that shares the machine with others: before any torch work.
+    resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
     ckpt_path = None
     if cfg.ckpt_path:  # resume: the last checkpoint, which must hold the network this config builds
@@ -104,7 +105,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
     trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger,
                                      callbacks=build_callbacks(cfg, output_dir, speed), default_root_dir=str(output_dir),
-                                     **(cuda_device_args(resources, cfg.trainer.devices) if speed.cuda else {}))
+                                     **(cuda_device_args(resources) if speed.cuda else {}))
     n_params = sum(p.numel() for p in module.parameters())
     print(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
           f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "

@@ -1,4 +1,5 @@
-"""Lightning callbacks: sample grids in TensorBoard, and a run-time estimate at start."""
+"""Lightning callbacks: sample grids in TensorBoard, a run-time estimate at start, and a stop
+as soon as the training loss is not finite."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 import lightning as L
 import torch
 
+from pixelcnn.config import UserError
 from pixelcnn.generate import parse_labels
 from pixelcnn.images import levels_to_grid
 
@@ -44,6 +46,32 @@ class SampleGridCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.due(trainer.current_epoch + 1, trainer.max_epochs, trainer.should_stop):
             self.log_grid(trainer, module)
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite: training cannot recover, so the run stops."""
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops the run at the first NaN/inf training loss, naming the optimizer step, instead of
+    training on for the remaining epochs. Lightning has no such check for the training loss
+    (EarlyStopping's check_finite looks at a validation metric once per epoch). Checked once per
+    Lightning batch, i.e. every `data.steps_per_batch` steps, with one host sync: a per-step
+    sync would stall the GPU (see module.training_step)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        losses = outputs["step_losses"] if isinstance(outputs, dict) and "step_losses" in outputs else None
+        if losses is None:
+            return
+        finite = torch.isfinite(losses)  # (K,) one entry per optimizer step of this batch
+        if bool(finite.all()):  # the one sync
+            return
+        first = int((~finite).nonzero()[0, 0])
+        step = trainer.global_step - len(losses) + first + 1  # global_step already counts this batch's steps
+        lr = module.hparams.get("lr") if hasattr(module, "hparams") else None
+        raise NonFiniteLossError(
+            f"the training loss is {float(losses[first])} at optimizer step {step} (epoch {trainer.current_epoch + 1}): "
+            f"training stopped; try a lower model.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else ""))
 
 
 class RunTimeEstimate(L.Callback):

@@ -75,19 +75,22 @@ class PixelCNNModule(L.LightningModule):
         parameters stay in `self.net`, so checkpoints are unchanged."""
         self.loss_fn = torch.compile(self.bits_per_dim, **compile_kwargs)
 
-    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
+    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> dict[str, Tensor]:
         """`batch` is a list of micro-batches, each with its own optimizer step (see
-        `data.steps_per_batch`): several steps per Lightning batch pay the loop's fixed cost once."""
+        `data.steps_per_batch`): several steps per Lightning batch pay the loop's fixed cost once.
+        Returns the loss of each step, (K,) on the device, for callbacks (StopOnNonFiniteLoss)."""
         optimizer = self.optimizers()
-        total, count = 0.0, 0
+        total, count, step_losses = 0.0, 0, []
         for levels, labels in batch:
             loss = self.loss_fn(levels, labels)
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             optimizer.step()
             total, count = total + loss.detach() * len(levels), count + len(levels)
+            step_losses.append(loss.detach())
         # on_step values are read back only every `log_every_n_steps`: no per-step host sync.
         self.log("train/bpd", total / count, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
+        return {"step_losses": torch.stack(step_losses)}  # (K,)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.log("val/bpd", self.loss_fn(*batch), prog_bar=True, batch_size=batch[0].shape[0])

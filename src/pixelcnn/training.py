@@ -7,8 +7,8 @@ Hydra) the resolved config in `.hydra/`.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback
+from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
 from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
+from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
         RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
+        StopOnNonFiniteLoss(),
     ]
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
@@ -123,9 +125,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
         logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
+    # TensorBoard's HPARAMS tab: this run's hyperparameters with its final metrics (finite ones only).
     logger.log_hyperparams(_flat_hparams(cfg), {f"hparams/{k}": v for k, v in metrics.items()
-                                                if k in ("val_bpd", "test_bpd", *QUALITY_KEYS)})
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                                                if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)})
+    write_metrics(output_dir / "metrics.json", metrics)
     print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
           f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})", flush=True)
     return metrics

@@ -19,9 +19,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the run's best val bits/dim, the value a sweeper (hparams_search=optuna) minimizes."""
     from pixelcnn.training import train  # imported late so that `--help` and config errors are fast
 
-    job = HydraConfig.get().job
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failing job is recorded; the other jobs still run
-        with record_job_failure(cfg.output_dir, f"{job.num} ({job.override_dirname or 'defaults'})"):
+        with record_job_failure(cfg.output_dir, HydraConfig.get().job.num):
             return train(cfg)["val_bpd"]
         # Not NaN: with optuna 2.10 the Optuna sweeper crashes on a NaN value; a non-float marks the trial failed.
         return None

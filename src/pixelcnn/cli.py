@@ -67,7 +67,7 @@ def failure_reason(err: BaseException) -> str:
 
 
 @contextmanager
-def record_job_failure(job_dir: str | Path, job: str):
+def record_job_failure(job_dir: str | Path, job: int | str):
     """In a sweep, a job that fails must not end the sweep (Hydra's BasicSweeper re-raises a job's
     exception, and `sys.exit` would end the process): the failure is written to the job's
     metrics.json as {"status": "failed", "error": <one line>} and one `error:` line is printed.

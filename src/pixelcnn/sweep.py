@@ -116,7 +116,7 @@ def best_results(runs: list[dict[str, Any]], sweeper: str) -> dict[str, Any] | N
 
 def plot(runs: list[dict[str, Any]], path: Path) -> bool:
     """summary.png: one panel per swept parameter, best val bits/dim of each ok job against the
-    parameter's value (log axis for positive numbers spanning 20x or more, e.g. lr; categories
+    parameter's value (log axis for a learning rate and for positive numbers spanning 20x or more; categories
     for text). Failed jobs are not plotted; the panel title counts them. False if nothing to plot."""
     import matplotlib
 
@@ -133,7 +133,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
         numeric = all(isinstance(x, (int, float)) for x, _ in points)
         if numeric:
             xs = [x for x, _ in points]
-            if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            if min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
                 ax.set_xscale("log")
             ax.plot(xs, [y for _, y in points], "o")
         else:  # categories, in the order the sweep listed them

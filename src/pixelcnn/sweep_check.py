@@ -4,8 +4,8 @@ job runs first (config.validate, the device choice, the model's constructor). Ba
 `error:` line each and the sweep stops with exit status 2, before the sweep dir is created.
 
 For the Optuna sweeper the jobs are not known in advance; its search space is checked instead:
-each parameter at both ends of its interval or range and at each of its choices (the others at
-their first value)."""
+each parameter at both ends of its interval or range and at each of its choices (the others as
+the config has them)."""
 
 from __future__ import annotations
 
@@ -80,13 +80,9 @@ def search_space_checks(master: DictConfig, arguments: list[str]) -> list[tuple[
     parsed = OverridesParser.create().parse_overrides(params + arguments)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     space = {o.get_key_element(): (o, _endpoints(o)) for o in parsed if o.is_sweep_override()}
-    checks = []
-    for key, (override, values) in space.items():
-        others = [f"{k}={v[0]}" for k, (_, v) in space.items() if k != key]
-        for value in values:
-            label = f"search space {key}={override.get_value_element_as_str()} at {key}={value}"
-            checks.append((label, fixed + others + [f"{key}={value}"]))
-    return checks
+    # One parameter at a time, the others at their config values: a bad end is named by its own key.
+    return [(f"search space {override.input_line.split('=', 1)[1]} of {key}, at {key}={value}", fixed + [f"{key}={value}"])
+            for key, (override, values) in space.items() for value in values]
 
 
 class SweepPrecheck(Callback):
@@ -106,7 +102,7 @@ class SweepPrecheck(Callback):
         errors, seen = [], set()
         for label, overrides in checks:
             error = job_error(config, overrides)
-            # A bad end of one Optuna parameter shows in the checks of the others too: named once.
+            # A bad fixed override shows in every check of the search space: named once.
             if error is not None and not (sweeper == OPTUNA_SWEEPER and error in seen):
                 seen.add(error)
                 errors.append(f"error: {label}: {error}")

@@ -5,6 +5,7 @@ parameter) and the best parameters in `optimization_results.yaml`."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import sys
@@ -153,9 +154,31 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
 
 class SweepSummary(Callback):
     """When a sweep ends: summary.md, summary.png and (unless the sweeper wrote it)
-    optimization_results.yaml in the sweep dir; then exit status 1 if any job failed."""
+    optimization_results.yaml in the sweep dir; then exit status 1 if any job failed.
+    If the sweep ends early instead (Ctrl-C, or the Optuna sweeper's error when every trial
+    failed: "No trials are completed yet"), the summary of the jobs so far is written at exit."""
+
+    def __init__(self) -> None:
+        self._pending: DictConfig | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._pending = config
+        atexit.register(self._write_if_pending)  # Hydra calls no callback when the sweep raises
+
+    def _write_if_pending(self) -> None:
+        if self._pending is not None and Path(self._pending.hydra.sweep.dir).is_dir():
+            self.write(self._pending)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if failed := self.write(config):
+            print(f"error: {failed} jobs failed (see {Path(config.hydra.sweep.dir) / 'summary.md'})",
+                  file=sys.stderr, flush=True)
+            # SystemExit passes through Hydra's callback and error handling (they catch Exception).
+            raise SystemExit(1)
+
+    def write(self, config: DictConfig) -> int:
+        """Write the summary files; returns the number of failed jobs."""
+        self._pending = None
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = collect_runs(sweep_dir)
         table = format_table(runs)
@@ -163,12 +186,8 @@ class SweepSummary(Callback):
             table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
         (sweep_dir / "summary.md").write_text(table)
         results_file = sweep_dir / RESULTS_FILE
-        sweeper = str(config.hydra.sweeper.get("_target_", "sweeper")).rsplit(".", 1)[-1]
+        sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
         if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
             OmegaConf.save(OmegaConf.create(best), results_file)
         print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
-        if failed := [r for r in runs if r["status"] != "ok"]:
-            print(f"error: {len(failed)} of {len(runs)} jobs failed (see {sweep_dir / 'summary.md'})",
-                  file=sys.stderr, flush=True)
-            # SystemExit passes through Hydra's callback and error handling (they catch Exception).
-            raise SystemExit(1)
+        return sum(r["status"] != "ok" for r in runs)

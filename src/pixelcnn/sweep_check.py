@@ -48,8 +48,9 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     loader = GlobalHydra.instance().hydra.config_loader  # the loader the sweep composes its jobs with
     try:
         check_job(loader.load_sweep_config(master, list(overrides)))
-    except ConfigCompositionException as err:  # e.g. a misspelt key in a sweep value
-        return str(err).strip().splitlines()[0]
+    except ConfigCompositionException as err:  # e.g. a key the job's model does not have
+        cause = str(err.__cause__ or "").strip().splitlines()[:1]  # the "why", e.g. Key 'filters' is not in struct
+        return " ".join(str(err).strip().splitlines()[:1] + cause)
     except UserError as err:
         return str(err)
     return None

@@ -110,7 +110,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
           f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception:
+        # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed.
+        logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
+        raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
     test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)

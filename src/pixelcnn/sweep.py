@@ -49,12 +49,12 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
         metrics_file = job_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {
             "status": "failed", "error": "no metrics.json: the job was killed or is still running"}
+        if metrics.get("status", "ok") == "ok" and not _number(metrics.get("val_bpd")):
+            metrics = {**metrics, "status": "failed", "error": "no best val bits/dim: did validation run?"}
         overrides = [str(o) for o in OmegaConf.load(overrides_file)]
         params = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
         runs.append({"job": job, "dir": str(job_dir.relative_to(sweep_dir)), "params": params,
-                     "overrides": " ".join(overrides) or "(defaults)", **metrics,
-                     "status": "ok" if metrics.get("status", "ok") == "ok" and _number(metrics.get("val_bpd"))
-                     else "failed"})
+                     "overrides": " ".join(overrides) or "(defaults)", "status": "ok", **metrics})
     return sorted(runs, key=lambda r: (r["job"] is None, r["job"] if r["job"] is not None else 0, r["dir"]))
 
 

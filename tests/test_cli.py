@@ -265,7 +265,11 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("speed.compile=maybe", "speed.compile"),
     ("speed.precision=64", "speed.precision"),
     ("trainer.max_time=abc", "trainer.max_time"),
-    ("trainer.devices=2", "trainer.devices"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.devices=[0,0]", "trainer.devices"),
+    ("trainer.devices=gpu", "trainer.devices"),
+    ("trainer.num_nodes=0", "trainer.num_nodes"),
+    ("trainer.strategy=fsdp", "trainer.strategy"),
     ("model=gated model.dilations=[0]", "model.dilations"),
 ])
 def test_bad_values_are_named_by_validate(override: str, key: str):

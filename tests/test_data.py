@@ -368,7 +368,7 @@ def test_steps_per_batch_cuts_the_same_batches(tmp_path):
 
 
 def fake_trainer(device: str) -> SimpleNamespace:
-    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0, world_size=1)
 
 
 def test_on_device_stays_on_cpu_for_cpu_trainer(tmp_path):

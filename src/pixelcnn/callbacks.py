@@ -88,7 +88,7 @@ class RunTimeEstimate(L.Callback):
         self._epoch_t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._printed or trainer.sanity_checking:
+        if self._printed or trainer.sanity_checking or not trainer.is_global_zero:  # one estimate, not one per rank
             return
         if batch_idx == self.warmup_batches:  # skip compilation / cuDNN autotuning
             self._sync(module)
@@ -102,7 +102,8 @@ class RunTimeEstimate(L.Callback):
             self._printed = True
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not self._epoch_t0:
+        if (trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not self._epoch_t0
+                or not trainer.is_global_zero):
             return
         epoch_s = time.perf_counter() - self._epoch_t0
         print(f"[pixelcnn] epoch {self.timed_epoch + 1} incl. validation: {epoch_s:.1f} s -> whole run about "

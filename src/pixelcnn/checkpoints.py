@@ -75,8 +75,11 @@ def with_resume_overrides(argv: list[str]) -> list[str]:
     saved = Path(resume_run_dir(resume[-1], "")) / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         return argv
-    original = [o for o in OmegaConf.load(saved) if not str(o).startswith(("ckpt_path=", "hydra."))]
-    print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original) or '(none)'}",
+    # Not the ones already given: Lightning's DDP processes re-run this (already rewritten) command.
+    original = [o for o in OmegaConf.load(saved) if not str(o).startswith(("ckpt_path=", "hydra.")) and o not in argv]
+    if not original:
+        return argv
+    print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original)}",
           flush=True)
     first = argv.index(overrides[0])
     return argv[:first] + [str(o) for o in original] + argv[first:]

@@ -75,8 +75,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None),
                          'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
     "trainer.accelerator": _one_of("auto", "cpu", "gpu", "cuda"),
-    # The in-memory BatchLoader does not shard data across processes: more devices would repeat it.
-    "trainer.devices": (lambda v: v == 1 and not isinstance(v, bool), "1 (training runs on one device)"),
+    "trainer.devices": (lambda v: v in ("auto", -1) or _int(1)[0](v) or (
+        isinstance(v, (list, ListConfig)) and len(v) > 0 and len(set(v)) == len(v) and all(_int(0)[0](d) for d in v)),
+        "a count >= 1, -1 or auto (every device), or a list of distinct device indices, e.g. [0, 1]"),
+    "trainer.num_nodes": _int(1),
+    # The strategies the data sharding (`BatchLoader`) and the exact val/test reduction are tested with.
+    "trainer.strategy": _one_of("auto", "ddp"),
     "trainer.check_val_every_n_epoch": _int(1),
     "trainer.log_every_n_steps": _int(1),
     "speed.compile": _one_of("auto", True, False),

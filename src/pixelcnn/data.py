@@ -234,14 +234,21 @@ class BatchLoader:
     item is a list of K consecutive batches cut from one gather (one optimizer step each), so a
     training loop's fixed per-item cost is paid once per K steps; the batches themselves are
     exactly those of K = 1.
+
+    With `world_size` > 1 (one loader per DDP process) the loader yields only rank `rank`'s
+    shard. Lightning's `use_distributed_sampler` shards only torch DataLoaders that have a
+    sampler, not an iterable like this one, so the sharding is done here (`shard`).
     """
 
     def __init__(
         self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False, hflip: bool = False,
-        seed: int | None = None, steps_per_batch: int | None = None,
+        seed: int | None = None, steps_per_batch: int | None = None, rank: int = 0, world_size: int = 1,
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if not 0 <= rank < world_size <= max(len(images), 1):
+            raise ValueError(f"rank {rank} of {world_size} processes does not fit {len(images)} images")
+        self.rank, self.world_size = rank, world_size
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
         self.steps_per_batch = steps_per_batch
@@ -250,15 +257,40 @@ class BatchLoader:
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / (self.batch_size * (self.steps_per_batch or 1)))
+        return len(self.batch_starts())
+
+    def shard(self) -> tuple[int, int]:
+        """(first, stop) of this rank's part of the epoch's order; every rank gets a disjoint part.
+
+        A shuffled (training) epoch drops the `count % world_size` items past the last full share
+        (a different few of each epoch's permutation), so no item is seen twice in an epoch and all
+        ranks take the same number of batches, as DDP's collectives require. Unshuffled (evaluation)
+        keeps every item exactly once, so the split's mean is exact: shares differ by at most one.
+        """
+        count = len(self.images)
+        if self.shuffle:
+            share = count // self.world_size
+            return self.rank * share, (self.rank + 1) * share
+        return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
+
+    def batch_starts(self) -> list[int]:
+        """Where this rank's batches start in the epoch's order. In evaluation, a share one item
+        longer than the shortest puts that item into its last batch (which may then hold
+        `batch_size` + 1 items), so that every rank has the same number of batches."""
+        first = self.shard()[0]
+        step = self.batch_size * (self.steps_per_batch or 1)
+        shortest = len(self.images) // self.world_size  # >= 1 with several ranks (checked in __init__)
+        return list(range(first, first + shortest, step))
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         count, device = len(self.images), self.images.device
-        step = self.batch_size * (self.steps_per_batch or 1)
+        # Every rank draws the same permutation (same seed; equal shares keep the generators in
+        # step, hflip draws included) and keeps its own share.
         order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
-        for start in range(0, count, step):
+        starts = self.batch_starts()
+        for start, end in zip(starts, [*starts[1:], self.shard()[1]]):
             # A slice (a view, no copy) in order, else one gather per tensor.
-            index = slice(start, start + step) if order is None else order[start : start + step]
+            index = slice(start, end) if order is None else order[start:end]
             images, labels = self.images[index], self.labels[index]
             if self.hflip:
                 flip = torch.rand(len(images), generator=self.generator, device=device) < 0.5
@@ -361,8 +393,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
         steps = None
         if train:  # auto: amortize the training loop's per-batch overhead where steps are fast (CUDA)
             steps = (8 if split[0].is_cuda else 1) if self.steps_per_batch == "auto" else self.steps_per_batch
-        return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=self.shuffle_seed,
-                           steps_per_batch=steps)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if world_size > len(split[0]):
+            raise UserError(f"the {name.removesuffix('_set')} split has {len(split[0])} images, fewer than the "
+                            f"{world_size} processes (trainer.devices x trainer.num_nodes): use fewer devices")
+        seed = self.shuffle_seed
+        if train and seed is None and world_size > 1:
+            # The ranks must cut one permutation: seed_everything seeds their global RNGs alike, but
+            # rank-0-only work (sample grids) may have drawn from rank 0's since, so take rank 0's seed.
+            seed = self.trainer.strategy.broadcast(int(torch.randint(2**62, ()).item()), src=0)
+        return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=seed,
+                           steps_per_batch=steps, rank=rank, world_size=world_size)
 
     def train_dataloader(self) -> BatchLoader:
         return self.loader("train_set", self.batch_size, train=True)

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from pixelcnn.config import UserError, check_options
 from pixelcnn.gated import GatedPixelCNN
@@ -57,6 +58,11 @@ class PixelCNNModule(L.LightningModule):
         self.image_size = image_size
         self.conditional = num_classes > 0
         self.loss_fn = self.bits_per_dim  # replaced by a compiled version in `compile_loss`
+        # Mean bits/dim over the whole split, per image: the sum and the count are each summed over
+        # DDP ranks, so it equals one process's mean. (self.log's sync_dist averages the count as an
+        # integer, which truncates when the ranks' shares differ.) "disable": NaN stays NaN, and no
+        # NaN check waits for the GPU at every step.
+        self.val_bpd, self.test_bpd = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
         self.automatic_optimization = False  # several optimizer steps per batch: see training_step
 
     # --- the objective ---------------------------------------------------------------------------
@@ -93,10 +99,18 @@ class PixelCNNModule(L.LightningModule):
         return {"step_losses": torch.stack(step_losses)}  # (K,)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/bpd", self.loss_fn(*batch), prog_bar=True, batch_size=batch[0].shape[0])
+        self.val_bpd.update(self.per_image(self.loss_fn(*batch), batch))
+        self.log("val/bpd", self.val_bpd, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("test/bpd", self.loss_fn(*batch), batch_size=batch[0].shape[0])
+        self.test_bpd.update(self.per_image(self.loss_fn(*batch), batch))
+        self.log("test/bpd", self.test_bpd)
+
+    @staticmethod
+    def per_image(batch_mean: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The batch's mean once per image, () -> (B,): MeanMetric then counts images. (Its `weight`
+        argument would do this, but torchmetrics ignores it with nan_strategy="disable".)"""
+        return batch_mean.expand(batch[0].shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # AdamW with weight_decay=0 is exactly Adam. Fused runs the whole update in a few kernels

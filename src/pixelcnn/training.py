@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -84,6 +89,43 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     return callbacks
 
 
+def secondary_rank() -> bool:
+    """True in a DDP process other than global rank 0, told by the environment that started it
+    (so known before Lightning sets up): LOCAL_RANK (the processes Lightning itself starts),
+    RANK (torchrun), SLURM_PROCID (srun), NODE_RANK (the other machines)."""
+    return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def say(message: str) -> None:
+    """Print on the global rank 0 only (each DDP process runs this code)."""
+    if not secondary_rank():
+        print(message, flush=True)
+
+
+def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogger, callbacks: list[L.Callback],
+                  output_dir: Path) -> L.Trainer:
+    """The configured Trainer; devices it cannot have, or DDP where its processes cannot be
+    started, are a UserError (one line)."""
+    try:
+        trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger, callbacks=callbacks,
+                                         default_root_dir=str(output_dir))
+    except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
+        # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
+        if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
+            raise UserError("trainer.devices / accelerator / num_nodes / strategy do not fit this machine: "
+                            + " ".join(str(err.__cause__).split())) from None
+        raise
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    launched_here = environment is not None and not environment.creates_processes_externally
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if trainer.num_devices * trainer.num_nodes > 1 and launched_here and multirun:
+        # Lightning would start the other ranks by re-running the command line, i.e. the whole sweep.
+        raise UserError("trainer.devices > 1 in a sweep (-m) needs processes started by SLURM: use "
+                        "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=<devices>, or run each "
+                        "configuration without -m")
+    return trainer
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
@@ -102,12 +144,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, speed)
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
-    trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger,
-                                     callbacks=build_callbacks(cfg, output_dir, speed), default_root_dir=str(output_dir))
+    trainer = build_trainer(cfg, speed, logger, build_callbacks(cfg, output_dir, speed), output_dir)
     n_params = sum(p.numel() for p in module.parameters())
-    print(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
-          f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "
-          f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
+    say(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
+        f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "
+        f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}")
 
     started = time.perf_counter()
     try:
@@ -127,6 +168,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "fit_seconds": round(fit_seconds, 1),
         "best_checkpoint": checkpoint.best_model_path,
     }
+    if not trainer.is_global_zero:  # the other DDP ranks: rank 0 scores samples and writes the results
+        return metrics
     if cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
         logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)

@@ -64,14 +64,20 @@ class StopOnNonFiniteLoss(L.Callback):
         if losses is None:
             return
         finite = torch.isfinite(losses)  # (K,) one entry per optimizer step of this batch
-        if bool(finite.all()):  # the one sync
+        bad_here = not bool(finite.all())  # the one sync
+        # Under DDP every rank must stop together (a rank left behind would wait forever in the
+        # next all-reduce): any rank's bad loss stops all. A no-op on one device.
+        if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return
+        lr = module.hparams.get("lr") if hasattr(module, "hparams") else None
+        advice = "training stopped; try a lower model.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
+        if not bad_here:
+            raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
+                                     f"{trainer.global_step}: {advice}")
         first = int((~finite).nonzero()[0, 0])
         step = trainer.global_step - len(losses) + first + 1  # global_step already counts this batch's steps
-        lr = module.hparams.get("lr") if hasattr(module, "hparams") else None
-        raise NonFiniteLossError(
-            f"the training loss is {float(losses[first])} at optimizer step {step} (epoch {trainer.current_epoch + 1}): "
-            f"training stopped; try a lower model.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else ""))
+        raise NonFiniteLossError(f"the training loss is {float(losses[first])} at optimizer step {step} "
+                                 f"(epoch {trainer.current_epoch + 1}): {advice}")
 
 
 class RunTimeEstimate(L.Callback):

@@ -77,6 +77,10 @@ def record_job_failure(job_dir: str | Path, job: int | str):
         with user_errors_unwrapped():
             yield
     except Exception as err:  # noqa: BLE001 - every failure of one job is recorded, the sweep goes on
+        from pixelcnn.training import secondary_rank  # loaded already: the job was training
+
+        if secondary_rank():  # a DDP job's other processes: rank 0 records the failure
+            return
         reason = failure_reason(err)
         if not isinstance(err, USER_ERRORS) and not reason.startswith("out of memory"):  # likely a bug
             log.error("job %s failed", job, exc_info=err)  # Hydra's job logging: stdout and the job's .log

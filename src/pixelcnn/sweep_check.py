@@ -23,12 +23,16 @@ from pixelcnn.config import UserError
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+# Launchers that run the jobs on this machine: only then is this machine's device the jobs' device.
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                   "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
 
 
-def check_job(cfg: DictConfig) -> None:
+def check_job(cfg: DictConfig, here: bool) -> None:
     """Raise the UserError a job with this config would raise as it starts, without loading
-    data: the value checks, the accelerator, and the model's own checks (built on the meta
-    device, so no memory is used). A data-dependent error (e.g. data.val_size) shows when the job runs."""
+    data: the value checks, the accelerator (if the job runs `here`, on this machine), and the
+    model's own checks (built on the meta device, so no memory is used). A data-dependent error
+    (e.g. data.val_size) shows when the job runs."""
     import torch
     from hydra.utils import instantiate
 
@@ -38,7 +42,8 @@ def check_job(cfg: DictConfig) -> None:
 
     validate(cfg)
     with user_errors_unwrapped():
-        resolve_speed(cfg.speed, cfg.trainer.accelerator)
+        if here:
+            resolve_speed(cfg.speed, cfg.trainer.accelerator)
         with torch.device("meta"):
             instantiate(cfg.model, _convert_="all")
 
@@ -47,7 +52,8 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     """The one-line error of the job with these overrides, or None if it passes the checks."""
     loader = GlobalHydra.instance().hydra.config_loader  # the loader the sweep composes its jobs with
     try:
-        check_job(loader.load_sweep_config(master, list(overrides)))
+        check_job(loader.load_sweep_config(master, list(overrides)),
+                  here=OmegaConf.select(master, "hydra.launcher._target_") in LOCAL_LAUNCHERS)
     except ConfigCompositionException as err:  # e.g. a key the job's model does not have
         cause = str(err.__cause__ or "").strip().splitlines()[:1]  # the "why", e.g. Key 'filters' is not in struct
         return " ".join(str(err).strip().splitlines()[:1] + cause)
@@ -82,8 +88,8 @@ def search_space_checks(master: DictConfig, arguments: list[str]) -> list[tuple[
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     space = {o.get_key_element(): (o, _endpoints(o)) for o in parsed if o.is_sweep_override()}
     # One parameter at a time, the others at their config values: a bad end is named by its own key.
-    return [(f"search space {override.input_line.split('=', 1)[1]} of {key}, at {key}={value}", fixed + [f"{key}={value}"])
-            for key, (override, values) in space.items() for value in values]
+    return [(f"search space {override.input_line.split('=', 1)[1]} of {key}, at {key}={value}",
+             fixed + [f"{key}={value}"]) for key, (override, values) in space.items() for value in values]
 
 
 class SweepPrecheck(Callback):

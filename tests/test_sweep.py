@@ -17,7 +17,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from pixelcnn.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from pixelcnn.cli import failure_reason
 from pixelcnn.config import UserError
-from pixelcnn.sweep import collect_runs, write_metrics
+from pixelcnn.sweep import collect_runs, plot, write_metrics
 from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 # TINY for the gated model, which hparams_search=optuna searches (its width and depth are searched).
@@ -165,6 +165,17 @@ def test_failure_reasons_are_one_line():
     assert failure_reason(oom).startswith("out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB)")
     assert "data.batch_size" in failure_reason(oom)
     assert failure_reason(ValueError("bad\nthing")) == "ValueError: bad"
+
+
+def test_plot_has_a_panel_per_swept_parameter(tmp_path: Path):
+    runs = [{"job": job, "params": {"model.lr": lr, "model": arch, "seed": "0"}, "status": status, "val_bpd": bpd}
+            for job, (lr, arch, status, bpd) in enumerate([("1e-4", "pixelcnn", "ok", 0.6), ("1e-3", "gated", "ok", 0.5),
+                                                           ("1e-2", "gated", "failed", None)])]
+    titles = plot(runs, tmp_path / "summary.png")
+    assert titles == ["model.lr (1 failed job not shown)", "model (1 failed job not shown)"]  # seed is not swept
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot([{**r, "status": "failed"} for r in runs], tmp_path / "none.png") == []
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_metrics_json_has_no_nan(tmp_path: Path):

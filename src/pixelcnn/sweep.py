@@ -115,41 +115,48 @@ def best_results(runs: list[dict[str, Any]], sweeper: str) -> dict[str, Any] | N
             "best_value": best["val_bpd"], "best_job": best["job"], "best_dir": best["dir"]}
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> bool:
+def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     """summary.png: one panel per swept parameter, best val bits/dim of each ok job against the
     parameter's value (log axis for a learning rate and for positive numbers spanning 20x or more; categories
-    for text). Failed jobs are not plotted; the panel title counts them. False if nothing to plot."""
+    for text). Failed jobs are not plotted; the panel title counts them. Returns the panels'
+    titles (none, and no file, if nothing can be plotted)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed (servers, SLURM nodes)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     swept, ok = swept_keys(runs), [r for r in runs if r["status"] == "ok"]
     if not swept or not ok:
-        return False
+        return []
     failed = len(runs) - len(ok)
-    fig, axes = plt.subplots(1, len(swept), figsize=(4 * len(swept), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], swept):
+    columns = min(len(swept), 4)
+    rows = math.ceil(len(swept) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(swept):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, swept):
         points = [(parse_value(r["params"][key]), r["val_bpd"]) for r in ok if key in r["params"]]
         numeric = all(isinstance(x, (int, float)) for x, _ in points)
         if numeric:
             xs = [x for x, _ in points]
             if min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
             ax.plot(xs, [y for _, y in points], "o")
         else:  # categories, in the order the sweep listed them
             categories = list(dict.fromkeys(str(x) for x, _ in points))
             ax.plot([categories.index(str(x)) for x, _ in points], [y for _, y in points], "o")
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
         ax.set_xlabel(key)
-        ax.set_title(f"{key}" + (f" ({failed} failed job{'s' * (failed > 1)} not shown)" if failed else ""),
-                     fontsize=9)
+        ax.set_title(key + (f" ({failed} failed job{'s' * (failed > 1)} not shown)" if failed else ""), fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("best val bits/dim")
+    for row in axes:
+        row[0].set_ylabel("best val bits/dim")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
+    return [ax.get_title() for ax in axes.flat[:len(swept)]]
 
 
 class SweepSummary(Callback):

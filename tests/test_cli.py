@@ -124,6 +124,28 @@ def test_train_writes_checkpoints_logs_and_metrics(trained_run: Path):
     assert {"train/bpd_epoch", "val/bpd", "test/bpd"} <= set(events.Tags()["scalars"])
 
 
+def test_lightning_training_knobs_from_the_command_line(workdir: Path):
+    """trainer.gradient_clip_val / gradient_clip_algorithm / accumulate_grad_batches (refused by
+    Lightning under manual optimization) and a scheduler work with several steps per batch, and
+    the lr goes to TensorBoard. TINY's limit_train_batches=3 counts batches of data.batch_size."""
+    run_dir = workdir / "outputs" / "knobs"
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), "data.steps_per_batch=2",
+                 "trainer.gradient_clip_val=1.0", "trainer.gradient_clip_algorithm=value",
+                 "trainer.accumulate_grad_batches=2", "scheduler=cosine", "scheduler.warmup_steps=1",
+                 f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4  # 2 epochs x ceil(3 batches / 2 accumulated) optimizer steps
+    assert last["lr_schedulers"][0]["last_epoch"] == 4  # stepped once per optimizer step
+    assert last["hyper_parameters"]["scheduler"] == {"name": "cosine", "warmup_steps": 1, "final_lr_ratio": 0.01}
+    assert "train/lr" in EventAccumulator(str(run_dir / "tb")).Reload().Tags()["scalars"]
+    # Resuming restores the schedule's position and keeps stepping it.
+    result = run("train.py", f"ckpt_path={run_dir}", "trainer.max_epochs=3", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6 and last["lr_schedulers"][0]["last_epoch"] == 6
+
+
 def test_resume_continues_the_same_run(workdir: Path, trained_run: Path):
     last = trained_run / "checkpoints" / "last.ckpt"
     before = torch.load(last, map_location="cpu", weights_only=False)
@@ -271,6 +293,15 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("trainer.num_nodes=0", "trainer.num_nodes"),
     ("trainer.strategy=fsdp", "trainer.strategy"),
     ("model=gated model.dilations=[0]", "model.dilations"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+    ("trainer.gradient_clip_algorithm=max", "trainer.gradient_clip_algorithm"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("scheduler=cosine scheduler.warmup_steps=-1", "scheduler.warmup_steps"),
+    ("scheduler=cosine scheduler.final_lr_ratio=2", "scheduler.final_lr_ratio"),
+    ("scheduler=plateau scheduler.factor=1", "scheduler.factor"),
+    ("scheduler=cosine trainer.max_epochs=-1", "scheduler"),  # no run length to decay over
 ])
 def test_bad_values_are_named_by_validate(override: str, key: str):
     """The same UserError path as above (exit 2, one line), checked in-process for each rule."""

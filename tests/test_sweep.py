@@ -149,14 +149,17 @@ def test_non_finite_loss_names_the_first_bad_step():
     trainer = SimpleNamespace(global_step=12, current_epoch=3, strategy=one_device)  # 12 steps, the last 4 in this batch
     module = SimpleNamespace(hparams={"lr": 0.5})
     stop = StopOnNonFiniteLoss()
-    stop.on_train_batch_end(trainer, module, {"step_losses": torch.tensor([1.0, 0.9, 0.8, 0.7])}, None, 0)
+    stop.on_train_batch_end(trainer, module, {"loss": torch.tensor([1.0, 0.9, 0.8, 0.7])}, None, 0)
     with pytest.raises(NonFiniteLossError, match=r"is inf at optimizer step 10 \(epoch 4\).*model.lr \(now 0.5\)"):
-        stop.on_train_batch_end(trainer, module, {"step_losses": torch.tensor([1.0, float("inf"), float("nan"), 1.0])},
+        stop.on_train_batch_end(trainer, module, {"loss": torch.tensor([1.0, float("inf"), float("nan"), 1.0])},
                                 None, 0)
+    accumulating = SimpleNamespace(hparams={"lr": 0.5}, accumulate_grad_batches=2)
+    with pytest.raises(NonFiniteLossError, match=r"is nan in micro-batch 3 of 4 of the batch ending at optimizer step 12"):
+        stop.on_train_batch_end(trainer, accumulating, {"loss": torch.tensor([1.0, 1.0, float("nan"), 1.0])}, None, 0)
     # DDP: another rank's bad loss stops this rank too, in the same batch.
     trainer.strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: True)
     with pytest.raises(NonFiniteLossError, match=r"not finite on another process by optimizer step 12"):
-        stop.on_train_batch_end(trainer, module, {"step_losses": torch.tensor([1.0, 0.9, 0.8, 0.7])}, None, 0)
+        stop.on_train_batch_end(trainer, module, {"loss": torch.tensor([1.0, 0.9, 0.8, 0.7])}, None, 0)
 
 
 def test_failure_reasons_are_one_line():

@@ -56,14 +56,15 @@ class StopOnNonFiniteLoss(L.Callback):
     """Stops the run at the first NaN/inf training loss, naming the optimizer step, instead of
     training on for the remaining epochs. Lightning has no such check for the training loss
     (EarlyStopping's check_finite looks at a validation metric once per epoch). Checked once per
-    Lightning batch, i.e. every `data.steps_per_batch` steps, with one host sync: a per-step
-    sync would stall the GPU (see module.training_step)."""
+    Lightning batch, i.e. every `data.steps_per_batch` micro-batches, with one host sync: a
+    per-step sync would stall the GPU (see module.training_step, which returns their losses)."""
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        losses = outputs["step_losses"] if isinstance(outputs, dict) and "step_losses" in outputs else None
+        # Lightning's manual optimization hands on training_step's returned tensor as outputs["loss"].
+        losses = outputs.get("loss") if isinstance(outputs, dict) else None
         if losses is None:
             return
-        finite = torch.isfinite(losses)  # (K,) one entry per optimizer step of this batch
+        finite = torch.isfinite(losses)  # (K,) one entry per micro-batch of this batch
         bad_here = not bool(finite.all())  # the one sync
         # Under DDP every rank must stop together (a rank left behind would wait forever in the
         # next all-reduce): any rank's bad loss stops all. A no-op on one device.
@@ -75,8 +76,13 @@ class StopOnNonFiniteLoss(L.Callback):
             raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
                                      f"{trainer.global_step}: {advice}")
         first = int((~finite).nonzero()[0, 0])
-        step = trainer.global_step - len(losses) + first + 1  # global_step already counts this batch's steps
-        raise NonFiniteLossError(f"the training loss is {float(losses[first])} at optimizer step {step} "
+        if getattr(module, "accumulate_grad_batches", 1) == 1:  # one optimizer step per micro-batch
+            # global_step already counts this batch's steps, one per loss computed.
+            where = f"at optimizer step {trainer.global_step - len(losses) + first + 1}"
+        else:
+            where = (f"in micro-batch {first + 1} of {len(losses)} of the batch ending at optimizer step "
+                     f"{trainer.global_step}")
+        raise NonFiniteLossError(f"the training loss is {float(losses[first])} {where} "
                                  f"(epoch {trainer.current_epoch + 1}): {advice}")
 
 

@@ -37,10 +37,19 @@ def _temperatures() -> tuple[Callable[[Any], bool], str]:
     return ok, "a number > 0 (or a list of them)"
 
 
+def _fraction(lo_open: bool = False, hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return number and (0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1)
+
+    return ok, f"a number in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+
+
 def _one_of(*choices: object) -> tuple[Callable[[Any], bool], str]:
     # `is` for booleans: True == 1 must not let `1` pass for `true`.
     ok = lambda v: any(v is c if isinstance(c, bool) else (not isinstance(v, bool) and v == c) for c in choices)  # noqa: E731
-    return ok, "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+    return ok, "one of " + ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c)
+                                     for c in choices)
 
 
 def _dilations() -> tuple[Callable[[Any], bool], str]:
@@ -83,6 +92,20 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.strategy": _one_of("auto", "ddp"),
     "trainer.check_val_every_n_epoch": _int(1),
     "trainer.log_every_n_steps": _int(1),
+    "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
+    # Lightning's meaning: an int is a count, a float a fraction (1.0: all).
+    "trainer.limit_train_batches": (lambda v: v is None or _int(0)[0](v) or (isinstance(v, float) and 0 <= v <= 1),
+                                    "null, an integer >= 0 (batches) or a fraction in [0.0, 1.0]"),
+    "trainer.gradient_clip_val": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          and v >= 0), "null or a number >= 0 (0: no clipping)"),
+    "trainer.gradient_clip_algorithm": _one_of(None, "norm", "value"),
+    "trainer.accumulate_grad_batches": _int(1),
+    "scheduler.name": _one_of("none", "cosine", "plateau"),
+    "scheduler.warmup_steps": _int(0),
+    "scheduler.final_lr_ratio": _fraction(),
+    "scheduler.factor": _fraction(lo_open=True, hi_open=True),
+    "scheduler.patience": _int(0),
+    "scheduler.min_lr_ratio": _fraction(),
     "speed.compile": _one_of("auto", True, False),
     "speed.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "speed.precision": _one_of("auto", "32-true", "bf16-mixed", "16-mixed"),
@@ -151,6 +174,9 @@ def validate(cfg: DictConfig) -> None:
         if not ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
             raise UserError(f"{key}={shown!r} is invalid: it must be {allowed}")
+    if OmegaConf.select(cfg, "model.scheduler.name") == "cosine" and cfg.trainer.max_epochs == -1 \
+            and cfg.trainer.max_steps == -1:
+        raise UserError("scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps")
     for key in ("levels", "image_size"):  # the model's copies (stored in checkpoints) must match the data
         model_value, data_value = OmegaConf.select(cfg, f"model.{key}"), OmegaConf.select(cfg, f"data.{key}")
         if model_value is not None and data_value is not None and model_value != data_value:

@@ -233,7 +233,9 @@ class BatchLoader:
     `hflip` mirrors a random half of every batch horizontally. With `steps_per_batch` = K each
     item is a list of K consecutive batches cut from one gather (one optimizer step each), so a
     training loop's fixed per-item cost is paid once per K steps; the batches themselves are
-    exactly those of K = 1.
+    exactly those of K = 1. `limit_batches` keeps only the first batches of `batch_size` of each
+    epoch, like Lightning's `limit_train_batches` (an int: that many; a float: that fraction,
+    rounded down); the last item is cut short so that exactly that many batches come.
 
     With `world_size` > 1 (one loader per DDP process) the loader yields only rank `rank`'s
     shard. Lightning's `use_distributed_sampler` shards only torch DataLoaders that have a
@@ -242,7 +244,8 @@ class BatchLoader:
 
     def __init__(
         self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False, hflip: bool = False,
-        seed: int | None = None, steps_per_batch: int | None = None, rank: int = 0, world_size: int = 1,
+        seed: int | None = None, steps_per_batch: int | None = None, limit_batches: int | float | None = None,
+        rank: int = 0, world_size: int = 1,
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -252,12 +255,24 @@ class BatchLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
         self.steps_per_batch = steps_per_batch
+        self.limit_batches = limit_batches
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
+    @property
+    def num_batches(self) -> int:
+        """Batches of `batch_size` per epoch, after `limit_batches` (in training: micro-batches, one
+        optimizer step each); `len()` counts the items, lists of `steps_per_batch` of them."""
+        batches = math.ceil(self.shortest_share() / self.batch_size)  # this rank's
+        if self.limit_batches is None:
+            return batches
+        if isinstance(self.limit_batches, float):  # a fraction, rounded down
+            return int(batches * self.limit_batches)
+        return min(batches, self.limit_batches)
+
     def __len__(self) -> int:
-        return len(self.batch_starts())
+        return math.ceil(self.num_batches / (self.steps_per_batch or 1))
 
     def shard(self) -> tuple[int, int]:
         """(first, stop) of this rank's part of the epoch's order; every rank gets a disjoint part.
@@ -273,24 +288,27 @@ class BatchLoader:
             return self.rank * share, (self.rank + 1) * share
         return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
 
-    def batch_starts(self) -> list[int]:
-        """Where this rank's batches start in the epoch's order. In evaluation, a share one item
-        longer than the shortest puts that item into its last batch (which may then hold
+    def item_bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) in the epoch's order of each item this rank yields. In evaluation, a share
+        one item longer than the shortest puts that item into its last batch (which may then hold
         `batch_size` + 1 items), so that every rank has the same number of batches."""
-        first = self.shard()[0]
+        (first, stop), shortest = self.shard(), self.shortest_share()
         step = self.batch_size * (self.steps_per_batch or 1)
-        shortest = len(self.images) // self.world_size  # >= 1 with several ranks (checked in __init__)
-        return list(range(first, first + shortest, step))
+        end = first + min(shortest, self.num_batches * self.batch_size)  # limit_batches may cut it
+        starts = list(range(first, end, step))
+        return list(zip(starts, [*starts[1:], stop if end == first + shortest else end]))
+
+    def shortest_share(self) -> int:
+        return len(self.images) // self.world_size  # >= 1 with several ranks (checked in __init__)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         count, device = len(self.images), self.images.device
         # Every rank draws the same permutation (same seed; equal shares keep the generators in
         # step, hflip draws included) and keeps its own share.
         order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
-        starts = self.batch_starts()
-        for start, end in zip(starts, [*starts[1:], self.shard()[1]]):
+        for start, stop in self.item_bounds():
             # A slice (a view, no copy) in order, else one gather per tensor.
-            index = slice(start, end) if order is None else order[start:end]
+            index = slice(start, stop) if order is None else order[start:stop]
             images, labels = self.images[index], self.labels[index]
             if self.hflip:
                 flip = torch.rand(len(images), generator=self.generator, device=device) < 0.5
@@ -312,8 +330,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
     The 60k training images are split into train / val (`val_size`) by a fixed permutation
     from `split_seed`; test is the 10k t10k set. Batches are (levels uint8 (B, 1, S, S),
     labels int64 (B,)); training batches come as lists of `steps_per_batch` such batches
-    (see `BatchLoader`). With `on_device` "auto" the data moves once to the trainer's CUDA
-    device; True moves it to any non-CPU trainer device; False keeps it on the CPU.
+    (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
+    (Lightning's meaning, counting batches, not the lists of them that Lightning iterates).
+    With `on_device` "auto" the data moves once to the trainer's CUDA device; True moves it to
+    any non-CPU trainer device; False keeps it on the CPU.
     """
 
     CLASS_NAMES = (
@@ -335,6 +355,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         hflip: bool = False,
         shuffle_seed: int | None = None,
         steps_per_batch: int | Literal["auto"] = "auto",
+        limit_train_batches: int | float | None = None,
     ):
         super().__init__()
         if on_device not in ("auto", True, False):
@@ -347,6 +368,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.val_size, self.split_seed = val_size, split_seed
         self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
         self.steps_per_batch = steps_per_batch
+        self.limit_train_batches = limit_train_batches
         self.data: dict[str, Tensor] | None = None
         self.train_set: Split | None = None
         self.val_set: Split | None = None
@@ -403,7 +425,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
             # rank-0-only work (sample grids) may have drawn from rank 0's since, so take rank 0's seed.
             seed = self.trainer.strategy.broadcast(int(torch.randint(2**62, ()).item()), src=0)
         return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=seed,
-                           steps_per_batch=steps, rank=rank, world_size=world_size)
+                           steps_per_batch=steps, limit_batches=self.limit_train_batches if train else None,
+                           rank=rank, world_size=world_size)
 
     def train_dataloader(self) -> BatchLoader:
         return self.loader("train_set", self.batch_size, train=True)

@@ -49,10 +49,18 @@ class PixelCNNModule(L.LightningModule):
         num_classes: int = 0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
+        scheduler: dict | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+        accumulate_grad_batches: int = 1,
         **arch_kwargs,
     ):
+        """`scheduler` is one of conf/scheduler/ as a dict ({"name": "none"} or None: a constant lr).
+        The last three are the Trainer arguments of the same names, with Lightning's meaning; the
+        Trainer refuses them under manual optimization, so the module applies them (`training_step`).
+        They are training settings, not part of the model: left out of the hyperparameters."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"])
         self.net = build_network(arch, levels, num_classes, **arch_kwargs)
         self.levels = levels
         self.image_size = image_size
@@ -64,6 +72,10 @@ class PixelCNNModule(L.LightningModule):
         # NaN check waits for the GPU at every step.
         self.val_bpd, self.test_bpd = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
         self.automatic_optimization = False  # several optimizer steps per batch: see training_step
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self._accumulated = 0  # micro-batches whose gradients are summed but not yet stepped
+        self._cosine: WarmupCosine | None = None  # the cosine schedule, once configure_optimizers made it
 
     # --- the objective ---------------------------------------------------------------------------
     def bits_per_dim(self, levels: Tensor, labels: Tensor) -> Tensor:
@@ -81,22 +93,60 @@ class PixelCNNModule(L.LightningModule):
         parameters stay in `self.net`, so checkpoints are unchanged."""
         self.loss_fn = torch.compile(self.bits_per_dim, **compile_kwargs)
 
-    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> dict[str, Tensor]:
-        """`batch` is a list of micro-batches, each with its own optimizer step (see
-        `data.steps_per_batch`): several steps per Lightning batch pay the loop's fixed cost once.
-        Returns the loss of each step, (K,) on the device, for callbacks (StopOnNonFiniteLoss)."""
-        optimizer = self.optimizers()
-        total, count, step_losses = 0.0, 0, []
-        for levels, labels in batch:
+    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+        """`batch` is a list of micro-batches of `data.batch_size` (see `data.steps_per_batch`):
+        several optimizer steps per Lightning batch pay the loop's fixed cost once. Each
+        micro-batch is what Lightning calls a batch: the optimizer steps once per
+        `accumulate_grad_batches` of them (each loss scaled by 1/N, so the step sees the mean
+        gradient), counted across Lightning batches; the epoch's last micro-batch closes a short
+        group, as in Lightning. Returns the K micro-batches' losses (K,), detached."""
+        optimizer, trainer, accumulate = self.optimizers(), self.trainer, self.accumulate_grad_batches
+        schedulers = trainer.lr_scheduler_configs
+        step_scheduler = schedulers[0].scheduler if schedulers and schedulers[0].interval == "step" else None
+        # trainer.max_steps counts optimizer steps: stop at it exactly, not at the end of the Lightning batch.
+        steps_left = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1
+        epoch_ends_here = batch_idx + 1 == trainer.num_training_batches
+        losses, sizes = [], []
+        for i, (levels, labels) in enumerate(batch):
+            if self._accumulated == 0:
+                optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(levels, labels)
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            optimizer.step()
-            total, count = total + loss.detach() * len(levels), count + len(levels)
-            step_losses.append(loss.detach())
+            self.manual_backward(loss if accumulate == 1 else loss / accumulate)
+            # A copy: compiled (CUDA-graph) outputs are overwritten by the next call. No host sync.
+            losses.append(loss.detach().clone())
+            sizes.append(len(levels))
+            self._accumulated += 1
+            if self._accumulated == accumulate or (epoch_ends_here and i == len(batch) - 1):
+                optimizer.step()  # clipping happens in `on_before_optimizer_step`, on unscaled gradients
+                self._accumulated = 0
+                if step_scheduler is not None:
+                    step_scheduler.step()
+                steps_left -= 1
+                if steps_left == 0:
+                    break
+        stacked = torch.stack(losses)  # (K,) bits/dim of each micro-batch
+        count = sum(sizes)
+        # Mean over images: only the epoch's last micro-batch can be shorter.
+        mean = stacked.mean() if min(sizes) == max(sizes) else sum(x * n for x, n in zip(losses, sizes)) / count
         # on_step values are read back only every `log_every_n_steps`: no per-step host sync.
-        self.log("train/bpd", total / count, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
-        return {"step_losses": torch.stack(step_losses)}  # (K,)
+        self.log("train/bpd", mean, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
+        return stacked
+
+    def on_train_epoch_start(self) -> None:
+        self._accumulated = 0  # a group cut short (max_steps, max_time, a resume) is not carried over
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this inside `optimizer.step()`, after AMP has unscaled the gradients:
+        # where it clips them itself under automatic optimization.
+        if self.gradient_clip_val:
+            self.configure_gradient_clipping(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+
+    def on_validation_epoch_end(self) -> None:
+        # A plateau scheduler steps on each validation's bits/dim during fit (patience counts validations).
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        schedulers = self.trainer.lr_scheduler_configs if fitting else []
+        if schedulers and isinstance(schedulers[0].scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            schedulers[0].scheduler.step(self.trainer.callback_metrics["val/bpd"])
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.val_bpd.update(self.per_image(self.loss_fn(*batch), batch))
@@ -112,12 +162,54 @@ class PixelCNNModule(L.LightningModule):
         argument would do this, but torchmetrics ignores it with nan_strategy="disable".)"""
         return batch_mean.expand(batch[0].shape[0])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
+        """AdamW, and the configured lr scheduler in Lightning's dict form (so LearningRateMonitor
+        logs it and checkpoints keep its state). Manual optimization steps it: see training_step."""
         # AdamW with weight_decay=0 is exactly Adam. Fused runs the whole update in a few kernels
-        # on CUDA; foreach is the fast path elsewhere.
-        fast_path = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                 **fast_path)
+        # on CUDA; foreach is the fast path elsewhere. Fused unscales fp16 gradients inside its
+        # step, too late for clipping, so clipping under 16-mixed takes the foreach path.
+        fused = self.device.type == "cuda" and not (self.gradient_clip_val and self.trainer.precision == "16-mixed")
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                      **({"fused": True} if fused else {"foreach": True}))
+        scheduler = dict(self.hparams.scheduler or {"name": "none"})
+        name, self._cosine = scheduler.pop("name"), None
+        if name == "none":
+            return optimizer
+        if name == "cosine":  # its run length is known once the train loader is: see on_train_start
+            self._cosine = WarmupCosine(scheduler["warmup_steps"], scheduler["final_lr_ratio"])
+            config = {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, self._cosine), "interval": "step"}
+        elif name == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
+                min_lr=self.hparams.lr * scheduler["min_lr_ratio"])
+            config = {"scheduler": plateau, "interval": "epoch"}  # stepped by on_validation_epoch_end
+        else:
+            raise ValueError(f"unknown scheduler {name!r}: none, cosine or plateau")
+        return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
+
+    def on_train_start(self) -> None:
+        # Here, not in configure_optimizers: setting the train loader up that early (Lightning's
+        # `estimated_stepping_batches`) makes a resume skip the loader's saved state (Lightning #20550).
+        if self._cosine is not None:
+            self._cosine.total_steps = self.planned_optimizer_steps()
+
+    def planned_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole fit: per epoch, batches of `data.batch_size` (after
+        limit_train_batches) / accumulate_grad_batches, rounded up, times max_epochs; at most
+        max_steps. (Lightning's `estimated_stepping_batches` counts Lightning batches, each of
+        which holds several steps here.) Needs the train loader: from on_train_start on."""
+        trainer = self.trainer
+        total = math.inf if trainer.max_steps < 0 else trainer.max_steps
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            loader = trainer.train_dataloader
+            # Batches of data.batch_size: a BatchLoader counts them; Lightning counts its items (lists of
+            # steps_per_batch of them), which its own limit_train_batches (bench.py) may cut further.
+            batches = min(getattr(loader, "num_batches", math.inf),
+                          trainer.num_training_batches * (getattr(loader, "steps_per_batch", None) or 1))
+            total = min(total, math.ceil(batches / self.accumulate_grad_batches) * max(trainer.max_epochs, 1))
+        if total == math.inf:
+            raise ValueError("a cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+        return int(total)
 
     # --- generation ------------------------------------------------------------------------------
     def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, labels: Tensor | None = None,
@@ -127,3 +219,29 @@ class PixelCNNModule(L.LightningModule):
             raise ValueError("this model is class-conditional: pass labels (one class index per image)")
         return sample(self.net, n, self.image_size, self.image_size, temperature, seed,
                       labels if self.conditional else None, method)
+
+
+class WarmupCosine:
+    """LambdaLR's lr factor of optimizer step s (0-based): a linear warm-up, (s+1)/(W+1) for
+    s < W = warmup_steps, then a cosine from 1 at step W to `final_ratio` at the run's last step,
+    total_steps - 1 (and after it).
+
+    A closed form in a LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): those
+    update the lr recursively, so a resumed run whose length changed (more epochs) would follow
+    neither schedule, and CosineAnnealingLR climbs back up after its end. The run length is set
+    once the trainer knows it (`total_steps`); the first step's factor does not depend on it.
+    LambdaLR checkpoints this object's attributes (plain numbers).
+    """
+
+    def __init__(self, warmup_steps: int, final_ratio: float, total_steps: int | None = None):
+        self.warmup_steps, self.final_ratio, self.total_steps = warmup_steps, final_ratio, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if step == self.warmup_steps:
+            return 1.0
+        if self.total_steps is None:
+            raise RuntimeError("WarmupCosine.total_steps must be set before the schedule goes past its warm-up")
+        progress = min((step - self.warmup_steps) / max(self.total_steps - 1 - self.warmup_steps, 1), 1.0)
+        return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,9 +60,17 @@ def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
     )
 
 
+# Trainer arguments the module applies itself: Lightning refuses them under manual optimization
+# (several optimizer steps per Lightning batch), so the Trainer gets its defaults instead.
+MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
+
+
 def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
-    """The configured LightningModule with the speed choices applied."""
-    module = instantiate(cfg.model, _convert_="all")  # plain lists in hparams: checkpoints load with weights_only
+    """The configured LightningModule with the speed choices and the trainer's clipping and
+    accumulation settings applied."""
+    knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
+    # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
+    module = instantiate(cfg.model, _convert_="all", **knobs)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if speed.compile:
@@ -86,6 +94,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
+    if cfg.model.scheduler.name != "none":  # a constant lr is not worth a GPU read-back every log_every_n_steps
+        callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
     return callbacks
 
 
@@ -107,8 +117,10 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
     """The configured Trainer; devices it cannot have, or DDP where its processes cannot be
     started, are a UserError (one line)."""
     try:
+        # limit_train_batches is the data module's (it counts optimizer steps), clipping and accumulation the module's.
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger, callbacks=callbacks,
-                                         default_root_dir=str(output_dir))
+                                         default_root_dir=str(output_dir), limit_train_batches=None,
+                                         **MODULE_TRAINER_KEYS)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
@@ -137,7 +149,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    # limit_train_batches counts batches of data.batch_size (optimizer steps), which the loader
+    # cuts; Lightning's own limit would count its batches, each of data.steps_per_batch of them.
+    datamodule: L.LightningDataModule = instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
@@ -199,7 +213,8 @@ def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices)
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
     """The hyperparameters worth comparing in TensorBoard's HPARAMS tab, flattened to scalars."""
     keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs}
+            "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
+            "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
     flat: dict[str, object] = {}
 
     def walk(prefix: str, value) -> None:

@@ -1,0 +1,197 @@
+"""Lightning's training knobs under the module's manual optimization (several optimizer steps per
+Lightning batch): gradient clipping, gradient accumulation, lr schedulers, and limits counted in
+optimizer steps. Each test runs a tiny model through a real Trainer on a few tensors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pixelcnn.checkpoints import check_resume
+from pixelcnn.config import UserError
+from pixelcnn.data import BatchLoader
+from pixelcnn.module import PixelCNNModule
+
+LR = 1e-2
+
+
+def tiny(**kwargs) -> PixelCNNModule:
+    torch.manual_seed(0)  # the same initial weights for every module of a test
+    return PixelCNNModule(**{"filters": 4, "residual_blocks": 0, "image_size": 6, "lr": LR, **kwargs})
+
+
+def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images (n, 1, 6, 6) of levels 0..3 and their labels (n,), the same for every call."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 4, (n, 1, 6, 6), dtype=torch.uint8, generator=generator), torch.zeros(n, dtype=torch.long)
+
+
+def fit(module: PixelCNNModule, loader, val_loader=None, callbacks=(), **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(**{"max_epochs": 1, **trainer_kwargs}, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+    return trainer
+
+
+class OptimizerSpy(L.Callback):
+    """Calls `measure(optimizer)` at every optimizer step: `when` "pre" (before the update, where
+    the lr is the one about to be used) or "post" (after it: the gradient it used, clipped)."""
+
+    def __init__(self, measure, when: str):
+        self.measure, self.when, self.values = measure, when, []
+
+    def on_train_start(self, trainer, module) -> None:
+        optimizer = trainer.optimizers[0]
+        hook = optimizer.register_step_pre_hook if self.when == "pre" else optimizer.register_step_post_hook
+        hook(lambda opt, args, kwargs: self.values.append(self.measure(opt)))
+
+
+def gradient_size(algorithm: str):
+    def measure(optimizer) -> float:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if algorithm == "norm":
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        return max(g.abs().max().item() for g in grads)
+
+    return measure
+
+
+# --- gradient clipping -----------------------------------------------------------------------------
+@pytest.mark.parametrize("steps_per_batch", [1, 3])
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_bounds_the_gradient_of_every_step(algorithm: str, steps_per_batch: int):
+    """A huge-gradient batch (output layer scaled by 1000): without clipping the optimizer steps
+    with a gradient far above 1; with trainer.gradient_clip_val=1 every step's is <= 1."""
+    def step_gradients(clip_val: float | None) -> list[float]:
+        module = tiny(gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
+        with torch.no_grad():
+            module.net.to_logits.weight.mul_(1000)
+        spy = OptimizerSpy(gradient_size(algorithm), "post")
+        fit(module, BatchLoader(*data(48), 8, steps_per_batch=steps_per_batch), callbacks=[spy])
+        return spy.values
+
+    assert len(unclipped := step_gradients(None)) == 6 and min(unclipped) > 10
+    clipped = step_gradients(1.0)
+    assert len(clipped) == 6 and max(clipped) <= 1.0 + 1e-5
+    if algorithm == "norm":  # scaled down to the bound, not zeroed
+        assert min(clipped) == pytest.approx(1.0, rel=1e-4)
+
+
+# --- gradient accumulation -------------------------------------------------------------------------
+@pytest.mark.parametrize("steps_per_batch", [1, 2, 3])  # 3: accumulation groups straddle Lightning batches
+def test_accumulating_two_batches_of_8_is_one_batch_of_16(steps_per_batch: int):
+    images, labels = data(48)
+    whole = tiny()
+    whole_trainer = fit(whole, BatchLoader(images, labels, 16, steps_per_batch=1))
+    accumulated = tiny(accumulate_grad_batches=2)
+    trainer = fit(accumulated, BatchLoader(images, labels, 8, steps_per_batch=steps_per_batch))
+    assert trainer.global_step == 3  # optimizer steps
+    for (name, p), q in zip(whole.named_parameters(), accumulated.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+    # Adam's moments hold the gradients themselves (its update hardly depends on their scale).
+    for p, q in zip(whole_trainer.optimizers[0].state.values(), trainer.optimizers[0].state.values()):
+        assert torch.allclose(p["exp_avg"], q["exp_avg"], rtol=1e-5, atol=1e-9)
+    assert not torch.equal(whole.net.to_logits.weight, tiny().net.to_logits.weight)  # it did train
+
+
+def test_an_epochs_last_batches_make_a_short_accumulation_group():
+    """5 batches of 8, accumulating 2: steps after batches 2, 4 and 5 (the epoch's end), every epoch."""
+    trainer = fit(tiny(accumulate_grad_batches=2), BatchLoader(*data(40), 8, steps_per_batch=3), max_epochs=2)
+    assert trainer.global_step == 6
+    assert trainer.optimizers[0].state_dict()["state"][0]["step"] == 6
+
+
+# --- learning-rate schedulers ----------------------------------------------------------------------
+def expected_cosine_lr(step: int, warmup: int, total: int, final: float) -> float:
+    """The documented schedule (conf/scheduler/cosine.yaml), written out independently."""
+    if step < warmup:
+        return LR * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / (total - 1 - warmup)
+    return LR * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+@pytest.mark.parametrize("steps_per_batch, accumulate, limit, total", [
+    (3, 1, None, 12),  # 6 batches of 8 per epoch, 2 epochs
+    (1, 1, None, 12),
+    (3, 2, 5, 6),  # 5 batches per epoch (limit) -> 3 optimizer steps per epoch
+])
+def test_cosine_lr_of_every_step_follows_the_formula(steps_per_batch: int, accumulate: int, limit, total: int):
+    module = tiny(scheduler={"name": "cosine", "warmup_steps": 3, "final_lr_ratio": 0.1},
+                  accumulate_grad_batches=accumulate)
+    spy = OptimizerSpy(lambda optimizer: optimizer.param_groups[0]["lr"], "pre")
+    trainer = fit(module, BatchLoader(*data(48), 8, shuffle=True, seed=0, steps_per_batch=steps_per_batch,
+                                      limit_batches=limit), callbacks=[spy], max_epochs=2)
+    assert trainer.global_step == total == len(spy.values)
+    assert spy.values == pytest.approx([expected_cosine_lr(s, 3, total, 0.1) for s in range(total)], rel=1e-9)
+    assert spy.values[3] == pytest.approx(LR) and spy.values[-1] == pytest.approx(0.1 * LR)
+
+
+def test_plateau_halves_the_lr_when_val_stalls():
+    """At lr 1e-6 val bits/dim cannot improve by the relative 1e-4 needed: with patience 0 each validation after the first
+    halves the lr."""
+    module = tiny(lr=1e-6, scheduler={"name": "plateau", "factor": 0.5, "patience": 0, "min_lr_ratio": 0.0})
+    images, labels = data(48)
+    trainer = fit(module, BatchLoader(images, labels, 8, steps_per_batch=2), BatchLoader(images[:16], labels[:16], 16),
+                  max_epochs=3)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-6 / 4)
+
+
+def test_a_resume_keeps_the_schedule_and_old_checkpoints_had_none():
+    """The schedule is part of the saved model's hyperparameters: a resume with another one is
+    refused; checkpoints from before the option trained at a constant lr, so resume with none."""
+    model = {"arch": "pixelcnn", "lr": 1e-4}
+    none, cosine = {"name": "none"}, {"name": "cosine", "warmup_steps": 0, "final_lr_ratio": 0.01}
+    check_resume({"hyper_parameters": model}, OmegaConf.create({**model, "scheduler": none}), Path("old.ckpt"))
+    check_resume({"hyper_parameters": {**model, "scheduler": cosine}}, OmegaConf.create({**model, "scheduler": cosine}),
+                 Path("new.ckpt"))
+    with pytest.raises(UserError, match="model.scheduler="):
+        check_resume({"hyper_parameters": model}, OmegaConf.create({**model, "scheduler": cosine}), Path("old.ckpt"))
+
+
+def test_cosine_needs_a_run_length():
+    module = tiny(scheduler={"name": "cosine", "warmup_steps": 0, "final_lr_ratio": 0.0})
+    with pytest.raises(ValueError, match="finite run"):
+        fit(module, BatchLoader(*data(16), 8), max_epochs=-1)
+
+
+# --- counts in optimizer steps ---------------------------------------------------------------------
+@pytest.mark.parametrize("steps_per_batch", [1, 3])
+@pytest.mark.parametrize("limit, steps", [(4, 4), (0.5, 3), (100, 6)])  # of 6 batches of 8
+def test_limit_train_batches_counts_optimizer_steps(steps_per_batch: int, limit, steps: int):
+    images, labels = data(48)
+    loader = BatchLoader(images, labels, 8, shuffle=True, seed=0, steps_per_batch=steps_per_batch, limit_batches=limit)
+    assert loader.num_batches == steps and len(loader) == math.ceil(steps / steps_per_batch)
+    # The first `steps` batches of the same shuffled epoch.
+    unlimited = BatchLoader(images, labels, 8, shuffle=True, seed=0, steps_per_batch=1)
+    kept = [b for item in loader for b in item]
+    assert len(kept) == steps
+    assert all(torch.equal(a[0], b[0]) for a, [b] in zip(kept, unlimited))
+    trainer = fit(tiny(), BatchLoader(images, labels, 8, shuffle=True, seed=0, steps_per_batch=steps_per_batch,
+                                      limit_batches=limit), max_epochs=2)
+    assert trainer.global_step == 2 * steps
+
+
+def test_max_steps_is_exact_with_several_steps_per_batch():
+    trainer = fit(tiny(), BatchLoader(*data(48), 8, steps_per_batch=3), max_steps=4)
+    assert trainer.global_step == 4  # not 6, the end of the second Lightning batch
+
+
+def test_training_step_returns_each_micro_batch_loss():
+    """Callbacks (e.g. a stop on a non-finite loss) read every optimizer step's loss from `outputs`."""
+    class Outputs(L.Callback):
+        shapes: list = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            loss = outputs["loss"]
+            assert not loss.requires_grad and torch.isfinite(loss).all()
+            self.shapes.append(tuple(loss.shape))
+
+    spy = Outputs()
+    fit(tiny(), BatchLoader(*data(40), 8, steps_per_batch=3), callbacks=[spy])
+    assert spy.shapes == [(3,), (2,)]

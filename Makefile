@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data train quick test bench sample clean
+.PHONY: setup data slurm-deps train quick test bench sample clean
 
 # The venv is rebuilt only when pyproject.toml changes, so every target is idempotent.
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,17 @@ data:
 	@if [ ! -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null \
 		|| echo "note: could not install dataset-fashion-mnist; training will try torchvision's download"; \
+	fi
+
+# The SLURM test (tests/test_slurm.py) starts its own one-node cluster from Debian's slurmctld,
+# slurmd and munge. .ci/run installs them here (root + apt only); without them the test is skipped
+# with its reason, so this step never fails either.
+slurm-deps:
+	@if ! { [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ]; } \
+		&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		(apt-get install -y -qq slurmctld slurmd munge || (apt-get update -qq && apt-get install -y -qq slurmctld slurmd munge)) >/dev/null \
+		|| echo "note: could not install slurmctld slurmd munge; the SLURM test will be skipped"; \
 	fi
 
 train: setup data

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from pixelcnn.config import check_options, validate
-from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, save_cache, setup_datamodule
+from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, cache_lock, save_cache, setup_datamodule
 from pixelcnn.generate import pick_device
 
 Split = tuple[Tensor, Tensor]  # (levels uint8 (N, 1, S, S), labels int64 (N,))
@@ -123,25 +123,38 @@ def fit_and_cache(datamodule: FashionMNISTDataModule, device: str | torch.device
     return classifier
 
 
+def load_cached_classifier(path: Path, image_size: int, levels: int,
+                           device: str | torch.device = "cpu") -> FashionClassifier | None:
+    """The classifier saved at `path`, in eval mode on `device`; None if there is none or it is unusable."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        classifier = FashionClassifier(image_size, levels)
+        classifier.load_state_dict(saved["state_dict"])
+        classifier.test_accuracy = float(saved["test_accuracy"])
+        return classifier.to(device).eval()
+    except Exception as err:  # noqa: BLE001 - any unusable cache is retrained
+        print(f"[classifier] {path} is unusable ({type(err).__name__}); retraining", flush=True)
+        return None
+
+
 def load_or_train_classifier(datamodule: FashionMNISTDataModule,
                              device: str | torch.device = "cpu") -> FashionClassifier:
     """The classifier cached in the data module's root for its image size and level count,
     trained on its training split first if there is none (or it is unreadable). Eval mode, on
-    `device`, with a `test_accuracy` attribute."""
+    `device`, with a `test_accuracy` attribute. Jobs that start together train it once: the
+    others wait for it (`cache_lock`)."""
     image_size, levels = datamodule.image_size, datamodule.levels
     path = classifier_path(datamodule.root, image_size, levels)
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            classifier = FashionClassifier(image_size, levels)
-            classifier.load_state_dict(saved["state_dict"])
-            classifier.test_accuracy = float(saved["test_accuracy"])
-            return classifier.to(device).eval()
-        except Exception as err:  # noqa: BLE001 - any unusable cache is retrained
-            print(f"[classifier] {path} is unusable ({type(err).__name__}); retraining", flush=True)
-    print(f"[classifier] no cached classifier at {path}: training one (about a minute on a CPU for the full "
-          "dataset)", flush=True)
-    return fit_and_cache(datamodule, device)
+    if (classifier := load_cached_classifier(path, image_size, levels, device)) is not None:
+        return classifier
+    with cache_lock(path):
+        if (classifier := load_cached_classifier(path, image_size, levels, device)) is not None:
+            return classifier  # another job trained it while this one waited
+        print(f"[classifier] no cached classifier at {path}: training one (about a minute on a CPU for the full "
+              "dataset)", flush=True)
+        return fit_and_cache(datamodule, device)
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -19,6 +19,7 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
+from filelock import FileLock, Timeout
 from torch import Tensor
 
 from pixelcnn.config import UserError
@@ -204,6 +206,44 @@ def save_cache(path: Path, data: dict[str, Tensor]) -> None:
             os.remove(tmp_name)
 
 
+@contextmanager
+def cache_lock(path: Path):
+    """Hold an exclusive lock on `path` (a lock file beside it, removed after) while the caller
+    checks for the cache file and builds it if it is still missing, so that jobs starting together
+    build it once and the others wait and then read it. The OS releases the lock if its holder
+    dies. An unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
+    lock_file = path.with_name(f".{path.name}.lock")
+    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+    lock = FileLock(lock_file)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"[pixelcnn] waiting for another job to build {path}", flush=True)
+            lock.acquire()
+    except OSError as err:
+        log.warning("Building %s without a lock (%s)", path, err)
+        yield
+        return
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        # The lock file goes while still held: a job that was waiting on it then finds the cache
+        # (or, if it could not be written, builds its own, as every job must then).
+        with suppress(OSError):
+            lock_file.unlink()
+        lock.release()
+        if failed and new_dirs:  # e.g. no dataset anywhere: leave no empty folder behind
+            for directory in new_dirs:
+                try:
+                    directory.rmdir()  # only while empty
+                except OSError:
+                    break
+
+
 def load_fashion_mnist(
     root: str | os.PathLike, system_dir: str | os.PathLike, download: bool, image_size: int, levels: int
 ) -> dict[str, Tensor]:
@@ -212,12 +252,15 @@ def load_fashion_mnist(
     cache = cache_path(root, image_size, levels)
     if (data := load_cache(cache, image_size, levels)) is not None:
         return data
-    files = locate_dataset(root, Path(system_dir), download)
-    data = {}
-    for split, (images_name, labels_name) in SPLIT_FILES.items():
-        images, labels = read_split(files[images_name], files[labels_name])
-        data[f"{split}_images"], data[f"{split}_labels"] = quantize(images, image_size, levels), labels
-    save_cache(cache, data)
+    with cache_lock(cache):
+        if (data := load_cache(cache, image_size, levels)) is not None:  # another job built it meanwhile
+            return data
+        files = locate_dataset(root, Path(system_dir), download)
+        data = {}
+        for split, (images_name, labels_name) in SPLIT_FILES.items():
+            images, labels = read_split(files[images_name], files[labels_name])
+            data[f"{split}_images"], data[f"{split}_labels"] = quantize(images, image_size, levels), labels
+        save_cache(cache, data)
     return data
 
 

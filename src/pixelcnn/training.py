@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
 from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
+from pixelcnn.resources import claim_job_resources, cuda_device_args
 from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,14 @@ def say(message: str) -> None:
 
 
 def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogger, callbacks: list[L.Callback],
-                  output_dir: Path) -> L.Trainer:
-    """The configured Trainer; devices it cannot have, or DDP where its processes cannot be
-    started, are a UserError (one line)."""
+                  output_dir: Path, device_args: dict) -> L.Trainer:
+    """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
+    or DDP where its processes cannot be started, are a UserError (one line)."""
     try:
         # limit_train_batches is the data module's (it counts optimizer steps), clipping and accumulation the module's.
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger, callbacks=callbacks,
                                          default_root_dir=str(output_dir), limit_train_batches=None,
-                                         **MODULE_TRAINER_KEYS)
+                                         **MODULE_TRAINER_KEYS, **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
@@ -133,7 +134,7 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
     if trainer.num_devices * trainer.num_nodes > 1 and launched_here and multirun:
         # Lightning would start the other ranks by re-running the command line, i.e. the whole sweep.
         raise UserError("trainer.devices > 1 in a sweep (-m) needs processes started by SLURM: use "
-                        "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=<devices>, or run each "
+                        "hydra/launcher=slurm with hydra.launcher.tasks_per_node=<devices>, or run each "
                         "configuration without -m")
     return trainer
 
@@ -141,6 +142,8 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
+    # Threads (and GPU) of a job that shares the machine with others: before any torch work.
+    resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
     ckpt_path = None
     if cfg.ckpt_path:  # resume: the last checkpoint, which must hold the network this config builds
@@ -158,7 +161,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, speed)
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
-    trainer = build_trainer(cfg, speed, logger, build_callbacks(cfg, output_dir, speed), output_dir)
+    trainer = build_trainer(cfg, speed, logger, build_callbacks(cfg, output_dir, speed), output_dir,
+                            cuda_device_args(resources) if speed.cuda else {})
     n_params = sum(p.numel() for p in module.parameters())
     say(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
         f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "

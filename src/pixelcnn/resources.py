@@ -1,0 +1,106 @@
+"""The CPU threads and the GPU of one training job, so that jobs running side by side share the
+machine instead of fighting over it.
+
+- A parallel sweep (`hydra/launcher=parallel`, hydra-joblib-launcher) runs `n_jobs` jobs at once:
+  each gets `cores // n_jobs` torch threads, and job k runs on GPU k mod G (with one GPU they share it).
+- A SLURM job uses the CPUs SLURM gave its task (`SLURM_CPUS_PER_TASK`); SLURM also picks its GPUs
+  (CUDA_VISIBLE_DEVICES), so the GPU is left alone there.
+- Anything else (a plain run, a serial sweep) keeps torch's own defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+log = logging.getLogger(__name__)
+
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+@dataclass(frozen=True)
+class JobResources:
+    job_num: int              # the job's number in its sweep (0 outside a sweep)
+    concurrent: int           # jobs running at once on this machine (1 unless a parallel sweep)
+    cpus: int                 # the cores those jobs share (SLURM's allocation when in a SLURM job)
+    threads: int | None       # torch threads for this job; None: torch's default is kept
+    cuda_device: int | None   # the CUDA device index for this job; None: Lightning's choice
+
+
+def plan_resources(job_num: int, concurrent: int, cpus: int, gpus: int, thread_limit: int,
+                   slurm_cpus: int | None = None) -> JobResources:
+    """What one job may use. `cpus`: the cores this process may run on; `gpus`: CUDA devices
+    visible; `thread_limit`: the threads the process would use by itself (OMP_NUM_THREADS or
+    torch's default), never exceeded, so a user's OMP_NUM_THREADS=1 still holds; `slurm_cpus`:
+    SLURM_CPUS_PER_TASK, the cores SLURM gave this task."""
+    cpus = slurm_cpus or cpus
+    threads = None
+    if concurrent > 1 or slurm_cpus:  # a share of the cores, so that the jobs at once never oversubscribe them
+        threads = max(1, min(cpus // concurrent, thread_limit))
+    cuda_device = job_num % gpus if concurrent > 1 and gpus > 0 else None
+    return JobResources(job_num, concurrent, cpus, threads, cuda_device)
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask: taskset, cpusets, SLURM binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def concurrent_jobs() -> tuple[int, int]:
+    """(this job's number, how many jobs run at once on this machine) from the Hydra config of the
+    job in progress: `hydra.launcher.n_jobs` for the joblib launcher (-1: one per core, as in joblib)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return 0, 1
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return 0, 1
+    job_num = int(hydra_cfg.job.get("num", 0) or 0)
+    if hydra_cfg.launcher.get("_target_") != JOBLIB_LAUNCHER:
+        return job_num, 1
+    from joblib import effective_n_jobs  # the launcher's own reading of n_jobs (-1, -2, ...)
+
+    return job_num, max(1, effective_n_jobs(hydra_cfg.launcher.get("n_jobs")))
+
+
+def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
+    """Plan this job's share (see `plan_resources`) and apply it: torch's thread count, and for a
+    parallel sweep's job on CUDA its GPU as the current device. Call it at the start of a job,
+    before torch does any parallel or CUDA work. `accelerator`, `devices`: the trainer's; a
+    multi-device setting is the user's and is kept (then `cuda_device` is None)."""
+    job_num, concurrent = concurrent_jobs()
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    gpus = torch.cuda.device_count() if concurrent > 1 else 0  # creates no CUDA context
+    resources = plan_resources(job_num, concurrent, available_cpus(), gpus, torch.get_num_threads(),
+                               int(slurm_cpus) if slurm_cpus.isdigit() else None)
+    if resources.threads is not None:
+        torch.set_num_threads(resources.threads)
+        try:
+            torch.set_num_interop_threads(resources.threads)
+        except RuntimeError:  # set once per process: a reused joblib worker already has it
+            pass
+        log.info("job %d: %d CPU threads (%d jobs at once on %d cores%s)", job_num, torch.get_num_threads(),
+                 concurrent, resources.cpus, f", SLURM_CPUS_PER_TASK={slurm_cpus}" if slurm_cpus else "")
+    if concurrent > resources.cpus:
+        log.warning("%d jobs at once on %d cores time-share them (one thread each): hydra.launcher.n_jobs=%d or "
+                    "fewer avoids that", concurrent, resources.cpus, resources.cpus)
+    if resources.cuda_device is not None:
+        if accelerator == "cpu" or devices not in (1, "1", "auto"):
+            return replace(resources, cuda_device=None)
+        # Before anything touches CUDA, so that this job's context (and plain `.to("cuda")`) is on its GPU.
+        torch.cuda.set_device(resources.cuda_device)
+        log.info("job %d: CUDA device %d of %d", job_num, resources.cuda_device, gpus)
+    return resources
+
+
+def cuda_device_args(resources: JobResources) -> dict:
+    """lightning.Trainer arguments that put a parallel sweep's job on its own GPU (when it trains on CUDA)."""
+    return {} if resources.cuda_device is None else {"devices": [resources.cuda_device]}

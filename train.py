@@ -4,21 +4,29 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pixelcnn.checkpoints import register_resolvers, with_resume_overrides
-from pixelcnn.cli import exit_on_user_error
+from pixelcnn.cli import exit_on_user_error, record_job_failure
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the run's best val bits/dim, the value a sweeper (hparams_search=optuna) minimizes."""
     from pixelcnn.training import train  # imported late so that `--help` and config errors are fast
 
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failing job is recorded; the other jobs still run
+        with record_job_failure(cfg.output_dir, HydraConfig.get().job.num):
+            return train(cfg)["val_bpd"]
+        # Not NaN: with optuna 2.10 the Optuna sweeper crashes on a NaN value; a non-float marks the trial failed.
+        return None
     # A resumed run's dir holds the earlier run: never remove it.
     with exit_on_user_error(cleanup_dir=None if cfg.ckpt_path else cfg.output_dir):
-        return train(cfg)
+        return train(cfg)["val_bpd"]
 
 
 if __name__ == "__main__":

@@ -223,13 +223,16 @@ def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
 def test_sweep_summary_rows_come_from_each_job(tmp_path: Path):
     for job, metrics in enumerate([{"val_bpd": 0.7, "test_bpd": 0.71}, {"val_bpd": 0.5, "test_bpd": 0.52}, None]):
         (tmp_path / str(job) / ".hydra").mkdir(parents=True)
-        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model.lr={job}\n")
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model.lr={job}\n- seed=1\n")
+        (tmp_path / str(job) / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {job}\n")
         if metrics:  # job 2 died before writing metrics
             (tmp_path / str(job) / "metrics.json").write_text(json.dumps({**metrics, "epochs": 3, "parameters": 10}))
-    rows = format_table(collect_runs(tmp_path)).splitlines()[2:]
-    assert rows == ["| model.lr=1 | 0.5000 | 0.5200 | 3 | 10 |",  # sorted by val bits/dim
-                    "| model.lr=0 | 0.7000 | 0.7100 | 3 | 10 |",
-                    "| model.lr=2 | failed | failed |  |  |"]
+    lines = format_table(collect_runs(tmp_path)).splitlines()
+    assert lines[:3] == ["3 jobs: 2 ok, 1 failed.", "Best: job 1 (model.lr=1), best val 0.5000 bits/dim.",
+                         "Overrides of every job: seed=1"]
+    assert lines[-3:] == ["| 1 | 1 | model.lr=1 | 0.5000 | 0.5200 | 3 | 10 | ok |",  # ranked by val bits/dim
+                          "| 2 | 0 | model.lr=0 | 0.7000 | 0.7100 | 3 | 10 | ok |",
+                          "| - | 2 | model.lr=2 | - | - |  |  | failed: no metrics.json: the job was killed or is still running |"]
 
 
 def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
@@ -240,7 +243,7 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
     jobs = [p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file()]
     assert len(jobs) == 2 and all("model.lr=" in p.name for p in jobs)
     summary = (sweep / "summary.md").read_text()
-    assert "model.lr=0.001" in summary and "model.lr=0.002" in summary and summary.count("\n") == 4
+    assert "model.lr=0.001" in summary and "model.lr=0.002" in summary and summary.count("| ok |") == 2
 
 
 # --- bad input: one line, exit != 0, nothing half-written --------------------------------------------

@@ -128,9 +128,11 @@ def test_a_sweep_with_several_devices_needs_slurm(tmp_path: Path):
         [sys.executable, str(ROOT / "train.py"), "-m", *TINY, *DDP, f"data.root={tmp_path / 'data'}",
          f"data.system_dir={tmp_path / 'none'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: trainer.devices > 1 in a sweep (-m) needs processes started by SLURM" in result.stderr
-    assert not list((tmp_path / "sweep").glob("**/metrics.json"))
+    # Each job fails as it starts (recorded as failed, the sweep exits 1 at the end); nothing trains.
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: job 0 failed: trainer.devices > 1 in a sweep (-m) needs processes started by SLURM" in result.stderr
+    [metrics] = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("**/metrics.json")]
+    assert metrics["status"] == "failed" and not list((tmp_path / "sweep").glob("**/*.ckpt"))
 
 
 def test_devices_lightning_refuses_are_one_line(tmp_path: Path):

@@ -1,4 +1,5 @@
-"""Lightning callbacks: sample grids in TensorBoard, and a run-time estimate at start."""
+"""Lightning callbacks: sample grids in TensorBoard, a run-time estimate at start, and a stop
+as soon as the training loss is not finite."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 import lightning as L
 import torch
 
+from pixelcnn.config import UserError
 from pixelcnn.generate import parse_labels
 from pixelcnn.images import levels_to_grid
 
@@ -44,6 +46,44 @@ class SampleGridCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.due(trainer.current_epoch + 1, trainer.max_epochs, trainer.should_stop):
             self.log_grid(trainer, module)
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite: training cannot recover, so the run stops."""
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops the run at the first NaN/inf training loss, naming the optimizer step, instead of
+    training on for the remaining epochs. Lightning has no such check for the training loss
+    (EarlyStopping's check_finite looks at a validation metric once per epoch). Checked once per
+    Lightning batch, i.e. every `data.steps_per_batch` micro-batches, with one host sync: a
+    per-step sync would stall the GPU (see module.training_step, which returns their losses)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        # Lightning's manual optimization hands on training_step's returned tensor as outputs["loss"].
+        losses = outputs.get("loss") if isinstance(outputs, dict) else None
+        if losses is None:
+            return
+        finite = torch.isfinite(losses)  # (K,) one entry per micro-batch of this batch
+        bad_here = not bool(finite.all())  # the one sync
+        # Under DDP every rank must stop together (a rank left behind would wait forever in the
+        # next all-reduce): any rank's bad loss stops all. A no-op on one device.
+        if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
+            return
+        lr = module.hparams.get("lr") if hasattr(module, "hparams") else None
+        advice = "training stopped; try a lower model.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
+        if not bad_here:
+            raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
+                                     f"{trainer.global_step}: {advice}")
+        first = int((~finite).nonzero()[0, 0])
+        if getattr(module, "accumulate_grad_batches", 1) == 1:  # one optimizer step per micro-batch
+            # global_step already counts this batch's steps, one per loss computed.
+            where = f"at optimizer step {trainer.global_step - len(losses) + first + 1}"
+        else:
+            where = (f"in micro-batch {first + 1} of {len(losses)} of the batch ending at optimizer step "
+                     f"{trainer.global_step}")
+        raise NonFiniteLossError(f"the training loss is {float(losses[first])} {where} "
+                                 f"(epoch {trainer.current_epoch + 1}): {advice}")
 
 
 class RunTimeEstimate(L.Callback):

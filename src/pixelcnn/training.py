@@ -7,8 +7,8 @@ Hydra) the resolved config in `.hydra/`.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,10 +25,11 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback
+from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
 from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.resources import claim_job_resources, cuda_device_args
+from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
         RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
+        StopOnNonFiniteLoss(),
     ]
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
@@ -167,7 +169,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}")
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception:
+        # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed.
+        logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
+        raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
     test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
@@ -184,9 +191,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
         logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
+    # TensorBoard's HPARAMS tab: this run's hyperparameters with its final metrics (finite ones only).
     logger.log_hyperparams(_flat_hparams(cfg), {f"hparams/{k}": v for k, v in metrics.items()
-                                                if k in ("val_bpd", "test_bpd", *QUALITY_KEYS)})
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                                                if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)})
+    write_metrics(output_dir / "metrics.json", metrics)
     print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
           f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})", flush=True)
     return metrics

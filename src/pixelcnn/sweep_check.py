@@ -1,0 +1,119 @@
+"""A Hydra callback that checks every job of a sweep before the first one trains: each job's
+config is composed (with Hydra's own sweep expansion and config loader) and given the checks a
+job runs first (config.validate, the device choice, the model's constructor). Bad jobs get one
+`error:` line each and the sweep stops with exit status 2, before the sweep dir is created.
+
+For the Optuna sweeper the jobs are not known in advance; its search space is checked instead:
+each parameter at both ends of its interval or range and at each of its choices (the others as
+the config has them)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import ConfigCompositionException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from pixelcnn.config import UserError
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+# Launchers that run the jobs on this machine: only then is this machine's device the jobs' device.
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                   "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+
+
+def check_job(cfg: DictConfig, here: bool) -> None:
+    """Raise the UserError a job with this config would raise as it starts, without loading
+    data: the value checks, the accelerator (if the job runs `here`, on this machine), and the
+    model's own checks (built on the meta device, so no memory is used). A data-dependent error
+    (e.g. data.val_size) shows when the job runs."""
+    import torch
+    from hydra.utils import instantiate
+
+    from pixelcnn.cli import user_errors_unwrapped
+    from pixelcnn.config import validate
+    from pixelcnn.training import resolve_speed
+
+    validate(cfg)
+    with user_errors_unwrapped():
+        if here:
+            resolve_speed(cfg.speed, cfg.trainer.accelerator)
+        with torch.device("meta"):
+            instantiate(cfg.model, _convert_="all")
+
+
+def job_error(master: DictConfig, overrides: list[str]) -> str | None:
+    """The one-line error of the job with these overrides, or None if it passes the checks."""
+    loader = GlobalHydra.instance().hydra.config_loader  # the loader the sweep composes its jobs with
+    try:
+        check_job(loader.load_sweep_config(master, list(overrides)),
+                  here=OmegaConf.select(master, "hydra.launcher._target_") in LOCAL_LAUNCHERS)
+    except ConfigCompositionException as err:  # e.g. a key the job's model does not have
+        cause = str(err.__cause__ or "").strip().splitlines()[:1]  # the "why", e.g. Key 'filters' is not in struct
+        return " ".join(str(err).strip().splitlines()[:1] + cause)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def basic_sweep_jobs(master: DictConfig, arguments: list[str]) -> list[list[str]]:
+    """The jobs' overrides, as Hydra's BasicSweeper expands them (its own code)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(master, "hydra.sweeper.params") or {}).items()]
+    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(params + arguments), max_batch_size=None)
+    return jobs
+
+
+def _endpoints(override: Override) -> list[str]:
+    """The values of a sweep override to check: every choice, or both ends of a range/interval."""
+    if override.is_interval_sweep():
+        value = override.value()
+        return [str(value.start), str(value.end)]
+    values = list(override.sweep_string_iterator())
+    return values if override.is_choice_sweep() else list(dict.fromkeys([values[0], values[-1]]))
+
+
+def search_space_checks(master: DictConfig, arguments: list[str]) -> list[tuple[str, list[str]]]:
+    """(label, overrides) for each value of the Optuna search space worth checking."""
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(master, "hydra.sweeper.params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + arguments)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    space = {o.get_key_element(): (o, _endpoints(o)) for o in parsed if o.is_sweep_override()}
+    # One parameter at a time, the others at their config values: a bad end is named by its own key.
+    return [(f"search space {override.input_line.split('=', 1)[1]} of {key}, at {key}={value}",
+             fixed + [f"{key}={value}"]) for key, (override, values) in space.items() for value in values]
+
+
+class SweepPrecheck(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = OmegaConf.select(config, "hydra.sweeper._target_")
+        arguments = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
+        if sweeper == BASIC_SWEEPER:
+            jobs = basic_sweep_jobs(config, arguments)
+            varied = {o.split("=", 1)[0] for job in jobs for o in job
+                      if sum(o in other for other in jobs) < len(jobs)}  # the overrides that differ between jobs
+            checks = [(f"job {n} ({' '.join(o for o in job if o.split('=', 1)[0] in varied) or ' '.join(job)})", job)
+                      for n, job in enumerate(jobs)]
+        elif sweeper == OPTUNA_SWEEPER:
+            checks = search_space_checks(config, arguments)
+        else:  # another sweeper: its jobs are checked as they start
+            return
+        errors, seen = [], set()
+        for label, overrides in checks:
+            error = job_error(config, overrides)
+            # A bad fixed override shows in every check of the search space: named once.
+            if error is not None and not (sweeper == OPTUNA_SWEEPER and error in seen):
+                seen.add(error)
+                errors.append(f"error: {label}: {error}")
+        if errors:
+            print("\n".join(errors), file=sys.stderr, flush=True)
+            # SystemExit passes through Hydra's callback and error handling (they catch Exception).
+            raise SystemExit(2)

@@ -2,12 +2,13 @@
 `python train.py experiment=quick`, `python train.py -m model.lr=1e-4,5e-4`. See README.md."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.checkpoints import register_resolvers, with_resume_overrides
-from pixelcnn.cli import exit_on_user_error
+from pixelcnn.cli import exit_on_unknown_choice, exit_on_user_error
 
 register_resolvers()
 
@@ -16,11 +17,12 @@ register_resolvers()
 def main(cfg: DictConfig) -> dict:
     from pixelcnn.training import train  # imported late so that `--help` and config errors are fast
 
-    # A resumed run's dir holds the earlier run: never remove it.
-    with exit_on_user_error(cleanup_dir=None if cfg.ckpt_path else cfg.output_dir):
+    # Removed after an input error only if this run created it (a resumed run's dir never is).
+    with exit_on_user_error(cleanup_dir=cfg.output_dir):
         return train(cfg)
 
 
 if __name__ == "__main__":
+    exit_on_unknown_choice(sys.argv, Path(__file__).parent / "conf")
     sys.argv = with_resume_overrides(sys.argv)
     main()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -11,6 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError
+from pixelcnn.run_dirs import fresh_dir, resume_dir_of
+
+
+STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
 
 def best_score(path: Path) -> float:
@@ -29,7 +35,8 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt"
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         # Lowest val bits/dim, newest first among equals (a resumed run can add best-...-v1.ckpt).
         best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (best_score(p), -p.stat().st_mtime))[:1]
-        candidates = (best if prefer == "best" else []) + [folder / "last.ckpt"] + best
+        latest = latest_checkpoint([folder / "last.ckpt", folder / f"{STEP_CHECKPOINT}.ckpt"])
+        candidates = (best if prefer == "best" else []) + latest + best
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise UserError(f"{key}={path} is a folder without checkpoints: pass a .ckpt file or a run dir "
@@ -40,10 +47,29 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt"
     return path
 
 
+def latest_checkpoint(paths: list[Path]) -> list[Path]:
+    """Those of `paths` that exist, the one furthest into training first: by saved global step,
+    and at equal steps last.ckpt (saved after the epoch's validation, so later than a step checkpoint)."""
+
+    def progress(path: Path) -> tuple[int, bool]:
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1)
+        except Exception:  # noqa: BLE001 - an unreadable file is tried last (read_checkpoint then says why)
+            step = -1
+        return step, path.name == "last.ckpt"
+
+    return sorted((p for p in paths if p.is_file()), key=progress, reverse=True)
+
+
 def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
-    """The checkpoint dict of one of this project's checkpoint files, or a one-line UserError."""
+    """The checkpoint dict of one of this project's checkpoint files, or a one-line UserError.
+    Only tensors and plain data are unpickled (weights_only): a file from someone else cannot run
+    code, and one that tries is refused like any other foreign file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and plain data
+        raise UserError(f"{key}={path} is not a checkpoint of this project: it holds Python objects other than "
+                        "weights, which are never loaded (they could run code)") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise UserError(f"{key}={path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
@@ -64,6 +90,29 @@ def check_resume(checkpoint: dict, model_cfg: DictConfig, path: Path) -> None:
                             "so drop that override (or start a new run from scratch)")
 
 
+def finished_run(run_dir: Path, max_epochs: int) -> str | None:
+    """Why the run in `run_dir` is over, or None if resuming it would train more: it wrote its
+    metrics.json (it ended) and reached `max_epochs` or was stopped early (whose state a resume
+    restores, so it would stop again at once)."""
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    try:
+        epochs = json.loads(metrics_file.read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(epochs, int) and max_epochs != -1 and epochs >= max_epochs:
+        return f"it trained {epochs} epochs, trainer.max_epochs={max_epochs}: pass trainer.max_epochs=<more> to extend it"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    except Exception:  # noqa: BLE001 - no readable last.ckpt: the resume itself reports that
+        return None
+    if any(key.startswith("EarlyStopping") and state.get("stopped_epoch", 0) > 0 for key, state in callbacks.items()):
+        return f"early stopping ended it after {epochs} epochs"
+    return None
+
+
 def with_resume_overrides(argv: list[str]) -> list[str]:
     """`train.py ckpt_path=<run> [more]` -> argv with the run's own overrides (its
     `.hydra/overrides.yaml`) put before the user's, so a resumed run has the config it was
@@ -72,8 +121,9 @@ def with_resume_overrides(argv: list[str]) -> list[str]:
     resume = [a.split("=", 1)[1] for a in overrides if a.startswith("ckpt_path=")]
     if not resume or not resume[-1] or "-m" in argv or "--multirun" in argv:
         return argv
-    saved = Path(resume_run_dir(resume[-1], "")) / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
+    run_dir = resume_dir_of(resume[-1])
+    saved = Path(run_dir) / ".hydra" / "overrides.yaml" if run_dir else None
+    if saved is None or not saved.is_file():
         return argv
     original = [o for o in OmegaConf.load(saved) if not str(o).startswith(("ckpt_path=", "hydra."))]
     print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original) or '(none)'}",
@@ -83,13 +133,9 @@ def with_resume_overrides(argv: list[str]) -> list[str]:
 
 
 def resume_run_dir(ckpt_path: str | None, default: str) -> str:
-    """Hydra resolver: a resumed run writes into the run dir its checkpoint came from."""
-    if not ckpt_path:
-        return default
-    path = Path(ckpt_path)
-    if path.is_dir():
-        return str(path.parent if path.name == "checkpoints" else path)
-    return str(path.parent.parent if path.parent.name == "checkpoints" else default)
+    """Hydra resolver: a resumed run writes into the run dir its checkpoint came from; any other
+    run into a new dir reserved from the name `default` (`fresh_dir`: never shared with another run)."""
+    return (resume_dir_of(ckpt_path) if ckpt_path else None) or fresh_dir(default)
 
 
 def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
@@ -108,10 +154,12 @@ def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> 
 
 
 def register_resolvers() -> None:
-    for name, resolver in (("resume_run_dir", resume_run_dir), ("resume_output_subdir", resume_output_subdir),
-                           ("sweep_subdir", sweep_subdir)):
+    # use_cache: a dir is reserved once per config (Hydra copies the cache into each sweep job's config).
+    for name, resolver, cached in (("resume_run_dir", resume_run_dir, True), ("fresh_dir", fresh_dir, True),
+                                   ("resume_output_subdir", resume_output_subdir, False),
+                                   ("sweep_subdir", sweep_subdir, False)):
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
+            OmegaConf.register_new_resolver(name, resolver, use_cache=cached)
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
@@ -120,6 +168,11 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
 
     path = resolve_checkpoint(path)
     checkpoint = read_checkpoint(path)
-    module = PixelCNNModule(**checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        module = PixelCNNModule(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as err:  # hyperparameters that do not build these weights
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        reason = lines[1] if len(lines) > 1 else lines[0]  # torch: a heading, then e.g. "size mismatch for ..."
+        raise UserError(f"ckpt={path} is damaged: its hyperparameters do not match its weights ({reason})") from None
     return module.to(map_location).eval()

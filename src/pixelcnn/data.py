@@ -234,6 +234,11 @@ class BatchLoader:
     item is a list of K consecutive batches cut from one gather (one optimizer step each), so a
     training loop's fixed per-item cost is paid once per K steps; the batches themselves are
     exactly those of K = 1.
+
+    `state_dict` / `load_state_dict` make it resumable: Lightning saves the state in checkpoints
+    and, on a resume in the middle of an epoch, gives it back, and the epoch continues with the
+    same order and flips where it stopped (the rest of the epoch is what an uninterrupted run
+    draws, bit for bit).
     """
 
     def __init__(
@@ -248,6 +253,18 @@ class BatchLoader:
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self._epoch_state = self.generator.get_state()  # the generator as the current epoch began
+        self._items = 0  # items handed out in the current epoch
+        self._resume: dict | None = None  # a mid-epoch state to continue from at the next __iter__
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch_generator": self._epoch_state, "items": self._items}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._epoch_state, self._items = state["epoch_generator"], state["items"]
+        # An epoch that was handed out in full is over: the next one draws a new order from the generator.
+        self._resume = state if 0 < state["items"] < len(self) else None
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / (self.batch_size * (self.steps_per_batch or 1)))
@@ -255,8 +272,17 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         count, device = len(self.images), self.images.device
         step = self.batch_size * (self.steps_per_batch or 1)
+        resume, self._resume = self._resume, None
+        if resume is not None:  # replay the interrupted epoch's order, then continue its draws
+            self.generator.set_state(resume["epoch_generator"])
+        self._epoch_state, self._items = self.generator.get_state(), 0
         order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
-        for start in range(0, count, step):
+        if resume is not None:
+            self.generator.set_state(resume["generator"])
+        for item, start in enumerate(range(0, count, step)):
+            if resume is not None and item < resume["items"]:
+                continue  # handed out before the interruption
+            self._items = item + 1
             # A slice (a view, no copy) in order, else one gather per tensor.
             index = slice(start, start + step) if order is None else order[start : start + step]
             images, labels = self.images[index], self.labels[index]
@@ -315,6 +341,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.val_size, self.split_seed = val_size, split_seed
         self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
         self.steps_per_batch = steps_per_batch
+        self._train_loader: BatchLoader | None = None
+        self._train_generator_state: Tensor | None = None  # from a checkpoint, for the next train loader
         self.data: dict[str, Tensor] | None = None
         self.train_set: Split | None = None
         self.val_set: Split | None = None
@@ -365,7 +393,22 @@ class FashionMNISTDataModule(L.LightningDataModule):
                            steps_per_batch=steps)
 
     def train_dataloader(self) -> BatchLoader:
-        return self.loader("train_set", self.batch_size, train=True)
+        loader = self.loader("train_set", self.batch_size, train=True)
+        if self._train_generator_state is not None:  # resuming: continue the shuffle and flip draws
+            loader.generator.set_state(self._train_generator_state)
+            self._train_generator_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training loader's generator, saved in every checkpoint. Lightning gives a loader its
+        own state back only on a resume in the middle of an epoch; a run resumed at an epoch's end
+        must continue the generator too, or it replays the first epoch's order."""
+        loader = self._train_loader
+        return {"train_generator": loader.generator.get_state()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_generator_state = state_dict.get("train_generator")
 
     def val_dataloader(self) -> BatchLoader:
         return self.loader("val_set", self.eval_batch_size, train=False)

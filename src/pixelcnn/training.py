@@ -10,18 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback
-from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
+from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback
+from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,11 @@ def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        RunDirCheckpoint(  # first: `trainer.checkpoint_callback` is this one
             dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
             monitor="val/bpd", mode="min", save_last=True, auto_insert_metric_name=False,
         ),
+        RandomStates(),
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
         RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
@@ -79,6 +81,10 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
+    if cfg.checkpoint_every_n_steps:  # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch
+        callbacks.append(RunDirCheckpoint(dirpath=output_dir / "checkpoints", filename=STEP_CHECKPOINT,
+                                          every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1,
+                                          enable_version_counter=False))
     return callbacks
 
 
@@ -86,11 +92,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
     output_dir = Path(cfg.output_dir)
-    ckpt_path = None
-    if cfg.ckpt_path:  # resume: the last checkpoint, which must hold the network this config builds
+    ckpt_path, resumed_step = None, 0
+    if cfg.ckpt_path:  # resume: the latest checkpoint, which must hold the network this config builds
         ckpt_path = resolve_checkpoint(cfg.ckpt_path, prefer="last", key="ckpt_path")
-        check_resume(read_checkpoint(ckpt_path, key="ckpt_path"), cfg.model, ckpt_path)
+        resumed = read_checkpoint(ckpt_path, key="ckpt_path")
+        check_resume(resumed, cfg.model, ckpt_path)
+        resumed_step = resumed.get("global_step", 0)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Lightning warns at each every-N-steps save under manual optimization that the weights are
+    # those after the step: that is what a resume needs (they match the saved global step).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
@@ -108,10 +119,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
           f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    if ckpt_path is not None and trainer.global_step == resumed_step and (output_dir / "metrics.json").is_file():
+        # e.g. stopped by max_time, or early stopping: resuming trains nothing, so the results stand.
+        print(f"[pixelcnn] {output_dir} has already finished (nothing left to train at step {resumed_step}): its "
+              "metrics.json is unchanged", flush=True)
+        return json.loads((output_dir / "metrics.json").read_text())
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False,
+                        weights_only=True)
     metrics = {
         "val_bpd": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan"),
         "test_bpd": float(test[0]["test/bpd"]),

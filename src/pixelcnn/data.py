@@ -18,7 +18,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -256,6 +256,8 @@ class BatchLoader:
         self._epoch_state = self.generator.get_state()  # the generator as the current epoch began
         self._items = 0  # items handed out in the current epoch
         self._resume: dict | None = None  # a mid-epoch state to continue from at the next __iter__
+        # Items the training loop takes per epoch (Lightning's limit_train_batches can stop it early).
+        self.epoch_items: Callable[[], int | float] = self.__len__
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "epoch_generator": self._epoch_state, "items": self._items}
@@ -263,8 +265,7 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self._epoch_state, self._items = state["epoch_generator"], state["items"]
-        # An epoch that was handed out in full is over: the next one draws a new order from the generator.
-        self._resume = state if 0 < state["items"] < len(self) else None
+        self._resume = state if state["items"] > 0 else None
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / (self.batch_size * (self.steps_per_batch or 1)))
@@ -273,6 +274,8 @@ class BatchLoader:
         count, device = len(self.images), self.images.device
         step = self.batch_size * (self.steps_per_batch or 1)
         resume, self._resume = self._resume, None
+        if resume is not None and resume["items"] >= self.epoch_items():
+            resume = None  # that epoch was over: this one draws a new order from the generator
         if resume is not None:  # replay the interrupted epoch's order, then continue its draws
             self.generator.set_state(resume["epoch_generator"])
         self._epoch_state, self._items = self.generator.get_state(), 0
@@ -394,6 +397,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> BatchLoader:
         loader = self.loader("train_set", self.batch_size, train=True)
+        if self.trainer is not None:  # what Lightning takes of it per epoch (known once the loop is set up)
+            loader.epoch_items = lambda: self.trainer.num_training_batches
         if self._train_generator_state is not None:  # resuming: continue the shuffle and flip draws
             loader.generator.set_state(self._train_generator_state)
             self._train_generator_state = None

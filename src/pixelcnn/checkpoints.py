@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -65,6 +66,9 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     """The checkpoint dict of one of this project's checkpoint files, or a one-line UserError.
     Only tensors and plain data are unpickled (weights_only): a file from someone else cannot run
     code, and one that tries is refused like any other foreign file."""
+    if not zipfile.is_zipfile(path):  # torch.save's format; a truncated file has lost the zip's directory
+        raise UserError(f"{key}={path} is not a readable PyTorch checkpoint (not a complete torch.save file: "
+                        "truncated, damaged or something else)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and plain data

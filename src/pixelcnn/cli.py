@@ -4,7 +4,6 @@ exit status 2, and leaves no half-written output behind."""
 from __future__ import annotations
 
 import errno
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 from pixelcnn.checkpoints import check_resume, finished_run, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError
 from pixelcnn.data import CorruptDatasetError, DatasetNotFoundError
-from pixelcnn.run_dirs import check_run_dir, removable_on_error, resume_dir_of
+from pixelcnn.run_dirs import check_run_dir, remove_own_dir, removable_on_error, resume_dir_of
 
 # Writing failed for a reason the user can fix (where the output goes), not a bug: one line.
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EDQUOT}
@@ -42,7 +41,7 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
             raise UserError(f"cannot write {where}: {err.strerror}; pass a writable folder for the outputs") from None
     except (UserError, DatasetNotFoundError, CorruptDatasetError) as err:
         if cleanup_dir is not None and Path(cleanup_dir).is_dir() and removable_on_error(cleanup_dir):
-            shutil.rmtree(cleanup_dir, ignore_errors=True)
+            remove_own_dir(cleanup_dir)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -13,14 +13,16 @@ cannot be written (`pixelcnn.cli.RunDirGuard` calls it before Hydra writes into 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from hydra.types import RunMode
 
 from pixelcnn.config import UserError, check_out_dir
 
-# Directories this process created for its run (absolute paths).
+# Directories this process created for its run (absolute paths), and the missing parents created with them.
 _CREATED: set[Path] = set()
+_CREATED_PARENTS: list[Path] = []
 # Every suffix up to this is tried before giving up (a loop on a full or read-only disk must end).
 MAX_SUFFIX = 1000
 
@@ -31,6 +33,7 @@ def fresh_dir(base: str) -> str:
     it, and return its path. The caller then owns it for certain, even against other processes."""
     base_path = Path(base)
     try:
+        _note_missing_parents(base_path)
         base_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
         return base  # unwritable parent: RunDirGuard reports it in one line
@@ -45,6 +48,24 @@ def fresh_dir(base: str) -> str:
         _CREATED.add(candidate.resolve())
         return str(candidate)
     return base
+
+
+def _note_missing_parents(path: Path) -> None:
+    for parent in path.resolve().parents:
+        if parent.exists():
+            break
+        _CREATED_PARENTS.append(parent)
+
+
+def remove_own_dir(path: str | Path) -> None:
+    """Remove `path` (which `removable_on_error` allowed) and the parents created for it that are
+    now empty, e.g. outputs/<date>/ of a first run that failed."""
+    shutil.rmtree(path, ignore_errors=True)
+    for parent in sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True):
+        try:
+            parent.rmdir()  # only if empty: another run may have put its dir there meanwhile
+        except OSError:
+            pass
 
 
 def created_by_this_run(path: str | Path) -> bool:
@@ -69,6 +90,7 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
         raise UserError(f"{key}={path} already holds files (an earlier run?): pass a new folder, or resume that "
                         f"run with ckpt_path={path}")
     if not path.exists():
+        _note_missing_parents(path)
         _CREATED.add(path.resolve())
 
 

@@ -138,8 +138,10 @@ def with_resume_overrides(argv: list[str]) -> list[str]:
 
 def resume_run_dir(ckpt_path: str | None, default: str) -> str:
     """Hydra resolver: a resumed run writes into the run dir its checkpoint came from; any other
-    run into a new dir reserved from the name `default` (`fresh_dir`: never shared with another run)."""
-    return (resume_dir_of(ckpt_path) if ckpt_path else None) or fresh_dir(default)
+    run into `default`, which `pixelcnn.cli.RunDirGuard` then reserves (`fresh_dir`: with a suffix
+    if another run took the name). No side effect here: OmegaConf also evaluates a value that a
+    config merge replaces (bench.yaml's run dir), and that must not create a folder."""
+    return (resume_dir_of(ckpt_path) if ckpt_path else None) or default
 
 
 def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
@@ -158,8 +160,8 @@ def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> 
 
 
 def register_resolvers() -> None:
-    # use_cache: a dir is reserved once per config (Hydra copies the cache into each sweep job's config).
-    for name, resolver, cached in (("resume_run_dir", resume_run_dir, True), ("fresh_dir", fresh_dir, True),
+    # use_cache: a sweep dir is reserved once per config (Hydra copies the cache into each job's config).
+    for name, resolver, cached in (("resume_run_dir", resume_run_dir, False), ("fresh_dir", fresh_dir, True),
                                    ("resume_output_subdir", resume_output_subdir, False),
                                    ("sweep_subdir", sweep_subdir, False)):
         if not OmegaConf.has_resolver(name):

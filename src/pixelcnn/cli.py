@@ -11,13 +11,13 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 from pixelcnn.checkpoints import check_resume, finished_run, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError
 from pixelcnn.data import CorruptDatasetError, DatasetNotFoundError
-from pixelcnn.run_dirs import check_run_dir, remove_own_dir, removable_on_error, resume_dir_of
+from pixelcnn.run_dirs import check_run_dir, fresh_dir, remove_own_dir, removable_on_error, resume_dir_of
 
 # Writing failed for a reason the user can fix (where the output goes), not a bug: one line.
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EDQUOT}
@@ -56,11 +56,16 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.output_subdir is None:
             return
-        run_dir = Path(str(config.hydra.run.dir))  # resolving it reserves a new dir, unless resuming
+        run_dir = Path(str(config.hydra.run.dir))
+        ckpt_path = config.get("ckpt_path")
+        resume_dir = resume_dir_of(str(ckpt_path)) if ckpt_path else None
+        resuming = resume_dir is not None and run_dir.resolve() == Path(resume_dir).resolve()
+        if not resuming and str(OmegaConf.to_container(config.hydra.run)["dir"]).startswith("${resume_run_dir:"):
+            # The default name (outputs/<date>/<time>): reserve it, or a suffixed one if another run has it.
+            run_dir = Path(fresh_dir(str(run_dir)))
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = str(run_dir)
         with exit_on_user_error(cleanup_dir=run_dir):
-            ckpt_path = config.get("ckpt_path")
-            resume_dir = resume_dir_of(str(ckpt_path)) if ckpt_path else None
-            resuming = resume_dir is not None and run_dir.resolve() == Path(resume_dir).resolve()
             check_run_dir(run_dir, "hydra.run.dir", resuming)
             if ckpt_path:  # a checkpoint that cannot be resumed is refused before Hydra writes its record
                 path = resolve_checkpoint(str(ckpt_path), prefer="last", key="ckpt_path")

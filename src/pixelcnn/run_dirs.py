@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from pixelcnn.config import UserError, check_out_dir
@@ -28,9 +29,10 @@ MAX_SUFFIX = 1000
 
 
 def fresh_dir(base: str) -> str:
-    """Hydra resolver (registered with use_cache=True, so one config resolves it once and every
-    job of a sweep gets the same value): reserve `base`, else `base_1`, `base_2`, ... by creating
-    it, and return its path. The caller then owns it for certain, even against other processes."""
+    """Reserve `base`, else `base_1`, `base_2`, ... by creating it, and return its path: the caller
+    then owns it for certain, even against other processes. Also the Hydra resolver of the sweep
+    dir (registered with use_cache=True: resolved once, and Hydra copies the cache into every job's
+    config, so all jobs of a sweep get the same dir)."""
     base_path = Path(base)
     try:
         _note_missing_parents(base_path)
@@ -105,7 +107,5 @@ def resume_dir_of(ckpt_path: str) -> str | None:
 def removable_on_error(output_dir: str | Path) -> bool:
     """Whether a job that failed on bad input may remove its output dir: a run's own dir, or a
     sweep job's dir (RunDirGuard let the sweep start only in a new or empty sweep dir)."""
-    from hydra.core.hydra_config import HydraConfig
-
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     return created_by_this_run(output_dir) or multirun

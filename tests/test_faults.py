@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fakes import write_dataset
+from pixelcnn.callbacks import RunDirCheckpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.run_dirs import fresh_dir
 
@@ -145,6 +146,20 @@ def test_moved_run_dir_resumes_from_its_own_files(work: Path, reference: Path, t
     assert Path(metrics["best_checkpoint"]).parent == (moved / "checkpoints").resolve()
 
 
+def test_moved_run_dir_keeps_its_best_checkpoint_record(tmp_path: Path):
+    """What the resumed run knows of its best checkpoint so far survives the move (Lightning's
+    ModelCheckpoint drops it when the folder changed: a worse later epoch would become "best")."""
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    best = str(old / "best-epoch001-val_bpd0.5000.ckpt")
+    callback = RunDirCheckpoint(dirpath=new, monitor="val/bpd", mode="min", save_last=True)
+    callback.load_state_dict({"monitor": "val/bpd", "dirpath": str(old), "best_model_score": torch.tensor(0.5),
+                              "best_model_path": best, "kth_best_model_path": best, "kth_value": torch.tensor(0.5),
+                              "best_k_models": {best: torch.tensor(0.5)}, "last_model_path": str(old / "last.ckpt")})
+    moved_best = str(Path(callback.dirpath) / Path(best).name)
+    assert callback.best_model_score == 0.5 and callback.best_model_path == moved_best
+    assert list(callback.best_k_models) == [moved_best] and callback.last_model_path == str(Path(callback.dirpath) / "last.ckpt")
+
+
 # --- files from others never run code ----------------------------------------------------------------
 class Payload:
     """Unpickling this runs a shell command (what a malicious checkpoint does)."""
@@ -169,8 +184,8 @@ def test_malicious_checkpoint_never_runs(work: Path, tmp_path: Path):
                         ("train.py", f"ckpt_path={downloads / 'model.ckpt'}"),
                         ("train.py", f"ckpt_path={run_dir}")):  # resuming a run dir someone sent
         result = run(script, arg, *(data_args(work) if script == "train.py" else []), cwd=tmp_path)
-        assert "could run code" in one_error_line(result), script
         assert not marker.exists(), f"{script} ran the checkpoint's code"
+        assert "could run code" in one_error_line(result), script
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "downloads", "last.ckpt", "model.ckpt", "run"]
 
 

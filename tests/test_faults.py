@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from fakes import write_dataset
 from pixelcnn.callbacks import RunDirCheckpoint
 from pixelcnn.config import UserError, validate
+from pixelcnn.data import BatchLoader
 from pixelcnn.run_dirs import fresh_dir
 
 pytestmark = pytest.mark.faults
@@ -121,6 +122,30 @@ def test_resume_after_an_epoch_cut_by_limit_train_batches(work: Path, tmp_path: 
     resumed = run("train.py", f"ckpt_path={tmp_path / 'killed'}", cwd=work)
     assert resumed.returncode == 0 and "step.ckpt" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     assert_same_training(tmp_path / "whole", tmp_path / "killed")
+
+
+@pytest.mark.parametrize("steps_per_batch", [None, 2])
+def test_batch_loader_state_continues_the_epoch_and_the_next(steps_per_batch):
+    """A loader restored from `state_dict` mid-epoch hands out the rest of that epoch, then the
+    next epochs, exactly as the original (order and flips)."""
+    images = torch.arange(40, dtype=torch.uint8).view(10, 1, 2, 2).repeat(1, 1, 1, 2)  # (10, 1, 2, 4)
+    labels = torch.arange(10)
+
+    def loader() -> BatchLoader:
+        return BatchLoader(images, labels, 2, shuffle=True, hflip=True, seed=3, steps_per_batch=steps_per_batch)
+
+    def flat(items) -> list[torch.Tensor]:
+        return [torch.cat([b[0] for b in item]) if isinstance(item, list) else item[0] for item in items]
+
+    original = loader()
+    epoch = iter(original)
+    next(epoch)
+    state = original.state_dict()
+    expected = flat(list(epoch) + list(original) + list(original))  # rest of epoch 1, epochs 2 and 3
+    restored = loader()
+    restored.load_state_dict(state)
+    got = flat(list(restored) + list(restored) + list(restored))
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_finished_run_is_left_alone(work: Path, reference: Path):

@@ -25,6 +25,7 @@ from pixelcnn.callbacks import RunDirCheckpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.data import BatchLoader
 from pixelcnn.run_dirs import fresh_dir
+from pixelcnn.training import SpeedChoices, check_step_checkpoints
 
 pytestmark = pytest.mark.faults
 
@@ -405,3 +406,15 @@ def test_unknown_config_option_is_one_line(tmp_path: Path, args: list[str], choi
         line = one_error_line(run(script, *args, cwd=tmp_path))
         assert "nonexistent is not an option" in line and choices in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_step_checkpoints_must_fall_between_batches():
+    """Steps are taken data.steps_per_batch at a time: a period that is not a multiple of it
+    would never (or seldom) meet a batch end, so it is refused, explicit or auto (8 on CUDA)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        with pytest.raises(UserError, match=r"^checkpoint_every_n_steps=6 is invalid"):
+            validate(compose("train", overrides=["checkpoint_every_n_steps=6", "data.steps_per_batch=4"]))
+        auto = compose("train", overrides=["checkpoint_every_n_steps=4"])
+    check_step_checkpoints(auto, SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False))
+    with pytest.raises(UserError, match="multiple of 8"):
+        check_step_checkpoints(auto, SpeedChoices(cuda=True, compile=False, precision="32-true", channels_last=False))

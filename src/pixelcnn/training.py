@@ -88,6 +88,16 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     return callbacks
 
 
+def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
+    """checkpoint_every_n_steps must be a multiple of the optimizer steps per Lightning batch, as
+    checkpoints are written between batches. `validate` checks an explicit data.steps_per_batch;
+    auto is known here: 8 when the data sits on the GPU (FashionMNISTDataModule.loader), else 1."""
+    every, steps = cfg.checkpoint_every_n_steps, cfg.data.steps_per_batch
+    if every and steps == "auto" and speed.cuda and cfg.data.on_device in ("auto", True) and every % 8:
+        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes 8 "
+                        "optimizer steps per batch on CUDA, so it must be a multiple of 8")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
@@ -108,6 +118,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
+    check_step_checkpoints(cfg, speed)
     module = build_module(cfg, speed)
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)

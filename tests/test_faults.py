@@ -157,6 +157,17 @@ def test_finished_run_is_left_alone(work: Path, reference: Path):
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
 
 
+def test_run_ended_by_max_time_is_left_alone(work: Path, tmp_path: Path):
+    run_dir = tmp_path / "timed"
+    args = [*TINY, *data_args(work), "trainer.max_epochs=100000", "trainer.max_time=00:00:00:02",
+            "sample.every_n_epochs=0", f"hydra.run.dir={run_dir}"]
+    assert run("train.py", *args, cwd=tmp_path).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    result = run("train.py", f"ckpt_path={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0 and "trainer.max_time=00:00:00:02" in result.stdout, result.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
 def test_moved_run_dir_resumes_from_its_own_files(work: Path, reference: Path, tmp_path: Path):
     moved = tmp_path / "moved"
     shutil.copytree(reference, moved)

@@ -94,10 +94,10 @@ def check_resume(checkpoint: dict, model_cfg: DictConfig, path: Path) -> None:
                             "so drop that override (or start a new run from scratch)")
 
 
-def finished_run(run_dir: Path, max_epochs: int) -> str | None:
+def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) -> str | None:
     """Why the run in `run_dir` is over, or None if resuming it would train more: it wrote its
-    metrics.json (it ended) and reached `max_epochs` or was stopped early (whose state a resume
-    restores, so it would stop again at once)."""
+    metrics.json (it ended) and reached `max_epochs` or `max_time` ("DD:HH:MM:SS"), or was stopped
+    early (a resume restores the stopping state and the time spent, so it would stop at once)."""
     metrics_file = run_dir / "metrics.json"
     if not metrics_file.is_file():
         return None
@@ -114,6 +114,11 @@ def finished_run(run_dir: Path, max_epochs: int) -> str | None:
         return None
     if any(key.startswith("EarlyStopping") and state.get("stopped_epoch", 0) > 0 for key, state in callbacks.items()):
         return f"early stopping ended it after {epochs} epochs"
+    if max_time:
+        days, hours, minutes, seconds = (int(part) for part in max_time.split(":"))
+        limit = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        if callbacks.get("Timer", {}).get("time_elapsed", {}).get("train", 0) >= limit:
+            return f"it trained for trainer.max_time={max_time}: pass a larger trainer.max_time to extend it"
     return None
 
 

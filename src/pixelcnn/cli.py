@@ -70,7 +70,8 @@ class RunDirGuard(Callback):
             if ckpt_path:  # a checkpoint that cannot be resumed is refused before Hydra writes its record
                 path = resolve_checkpoint(str(ckpt_path), prefer="last", key="ckpt_path")
                 check_resume(read_checkpoint(path, key="ckpt_path"), config.model, path)
-        if resuming and (reason := finished_run(run_dir, OmegaConf.select(config, "trainer.max_epochs", default=-1))):
+        trainer = config.get("trainer") or {}
+        if resuming and (reason := finished_run(run_dir, trainer.get("max_epochs", -1), trainer.get("max_time"))):
             print(f"[pixelcnn] {run_dir} has already finished ({reason}); nothing was changed", flush=True)
             sys.exit(0)
 

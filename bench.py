@@ -1,11 +1,14 @@
 """Benchmark training and sampling on the present device: `python bench.py [overrides]`.
 Prints one table and writes it as JSON (the `bench.out` key: bench.json). See README.md, section Performance."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.checkpoints import register_resolvers
-from pixelcnn.cli import exit_on_user_error
+from pixelcnn.cli import exit_on_unknown_choice, exit_on_user_error
 
 register_resolvers()
 
@@ -19,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_choice(sys.argv, Path(__file__).parent / "conf")
     main()

@@ -2,6 +2,7 @@
 `python train.py experiment=quick`, `python train.py -m model.lr=1e-4,5e-4`. See README.md."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -9,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pixelcnn.checkpoints import register_resolvers, with_resume_overrides
-from pixelcnn.cli import exit_on_user_error, record_job_failure
+from pixelcnn.cli import exit_on_unknown_choice, exit_on_user_error, record_job_failure
 
 register_resolvers()
 
@@ -24,11 +25,12 @@ def main(cfg: DictConfig) -> float | None:
             return train(cfg)["val_bpd"]
         # Not NaN: with optuna 2.10 the Optuna sweeper crashes on a NaN value; a non-float marks the trial failed.
         return None
-    # A resumed run's dir holds the earlier run: never remove it.
-    with exit_on_user_error(cleanup_dir=None if cfg.ckpt_path else cfg.output_dir):
+    # Removed after an input error only if this run created it (a resumed run's dir never is).
+    with exit_on_user_error(cleanup_dir=cfg.output_dir):
         return train(cfg)["val_bpd"]
 
 
 if __name__ == "__main__":
+    exit_on_unknown_choice(sys.argv, Path(__file__).parent / "conf")
     sys.argv = with_resume_overrides(sys.argv)
     main()

@@ -97,7 +97,7 @@ def test_callbacks_follow_the_config(tmp_path: Path):
     speed = resolve_speed(compose_train().speed, "cpu")
     kinds = {type(c).__name__: c for c in build_callbacks(compose_train("early_stopping_patience=3"), tmp_path, speed)}
     assert kinds["EarlyStopping"].patience == 3 and kinds["EarlyStopping"].monitor == "val/bpd"
-    assert kinds["ModelCheckpoint"].monitor == "val/bpd" and kinds["SampleGridCallback"].every_n_epochs == 5
+    assert kinds["RunDirCheckpoint"].monitor == "val/bpd" and kinds["SampleGridCallback"].every_n_epochs == 5
     assert "EarlyStopping" not in {type(c).__name__ for c in build_callbacks(compose_train(), tmp_path, speed)}
 
 

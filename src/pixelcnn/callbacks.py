@@ -1,12 +1,17 @@
-"""Lightning callbacks: sample grids in TensorBoard, a run-time estimate at start, and a stop
-as soon as the training loss is not finite."""
+"""Lightning callbacks: sample grids in TensorBoard, a run-time estimate at start, a stop as soon
+as the training loss is not finite, and what makes a resumed run continue exactly (random states,
+checkpoint paths of a moved run dir)."""
 
 from __future__ import annotations
 
+import random
 import time
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pixelcnn.config import UserError
 from pixelcnn.generate import parse_labels
@@ -139,3 +144,65 @@ def _human(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+class RandomStates(L.Callback):
+    """Saves the global random states (torch, CUDA, numpy, Python) in every checkpoint and puts
+    them back when a run resumes, so that its dropout masks (and anything else drawn from them)
+    continue as in an uninterrupted run. Lightning itself saves none of them.
+
+    They are put back in `on_train_start`, after everything a resumed run does before training
+    that an uninterrupted run does not (building the loaders, the sanity check). numpy's state
+    is stored as a tensor so the checkpoint still loads with `weights_only=True`."""
+
+    def __init__(self):
+        self._to_restore: dict | None = None
+
+    def state_dict(self) -> dict:
+        keys, position, has_gauss, cached_gaussian = np.random.get_state()[1:]
+        states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                  "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        return states
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        states, self._to_restore = self._to_restore, None
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        random.setstate(states["python"])
+        saved = states["numpy"]
+        np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"],
+                             saved["cached_gaussian"]))
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RunDirCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` for a run dir that may be moved or copied: its saved state names the
+    checkpoint files by absolute path, and Lightning drops that state (best score, best k files)
+    when the folder changed. Here such paths are taken from the folder the files are in now."""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so that checkpoints written before this class existed still resume.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old_dir = state_dict.get("dirpath")
+        if old_dir and self.dirpath and old_dir != self.dirpath:
+
+            def here(path):
+                moved = isinstance(path, str) and path and Path(path).parent == Path(old_dir)
+                return str(Path(self.dirpath) / Path(path).name) if moved else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{key: here(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path",
+                                                                        "last_model_path") if key in state_dict},
+                          "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)

@@ -5,8 +5,9 @@ Hydra already rejects unknown keys (the config is in struct mode); this module c
 
 from __future__ import annotations
 
-import os
+import math
 import re
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ class UserError(Exception):
 def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], bool], str]:
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)  # noqa: E731
     return ok, f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+
+def _limit_batches() -> tuple[Callable[[Any], bool], str]:
+    # Lightning's meaning: a float is a fraction of the batches, an int a count of them.
+    ok = lambda v: v is None or (isinstance(v, float) and 0 <= v <= 1) or _int(0)[0](v)  # noqa: E731
+    return ok, "null (all), a fraction in [0.0, 1.0], or a number of batches >= 0"
 
 
 def _positive_float() -> tuple[Callable[[Any], bool], str]:
@@ -57,6 +64,8 @@ def _dilations() -> tuple[Callable[[Any], bool], str]:
     return ok, "a non-empty list of integers >= 1, e.g. [1, 2, 1, 4]"
 
 
+MAX_IMAGES = 10_000  # images drawn for one grid: more would not fit a PNG (nor, at once, memory)
+
 # key -> (check, what is allowed). Keys absent from a config (e.g. `filters` for model=gated) are skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.levels": _int(2, 256),
@@ -91,6 +100,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # The strategies the data sharding (`BatchLoader`) and the exact val/test reduction are tested with.
     "trainer.strategy": _one_of("auto", "ddp"),
     "trainer.check_val_every_n_epoch": _int(1),
+    "trainer.limit_val_batches": _limit_batches(),
+    "trainer.limit_test_batches": _limit_batches(),
+    "checkpoint_every_n_steps": (lambda v: v is None or _int(1)[0](v), "null or an integer >= 1"),
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
     # Lightning's meaning: an int is a count, a float a fraction (1.0: all).
@@ -115,11 +127,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.seed": _int(0),
     "progress_bar_refresh": _int(1),
     "sample.temperature": _positive_float(),  # one grid temperature; lists are for sample.py
-    "sample.n": _int(1),
+    "sample.n": _int(1, MAX_IMAGES),
     "sample.every_n_epochs": _int(0),
     "sample.method": _one_of("fast", "naive"),
     "temperature": _temperatures(),
-    "n": _int(1),
+    "n": _int(1, MAX_IMAGES),
     "method": _one_of("fast", "naive"),
     "early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2"),
@@ -129,9 +141,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _positive_float(),
     "heatmaps": _int(0),
     "extremes": _int(1),
-    "completions": _int(1),
+    "completions": _int(1, 64),
     "rows": _int(0),
-    "scale": _int(1),
+    "scale": _int(1, 64),
     # keys of bench.py
     "bench.repeats": _int(1),
     "bench.warmup_batches": _int(0),
@@ -153,9 +165,33 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{key}={path} cannot be a folder: {existing} is a file; pass a folder for the outputs")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={path} cannot be written ({existing} is not writable): pass a writable folder")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts and /proc
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{key}={path} cannot be written ({existing}: {err.strerror}): pass a writable folder") from None
     return path
+
+
+# Keys naming where a command writes (a folder, or a file whose folder must be writable); null: a default
+# that the command checks itself once it is known (e.g. <run dir>/samples).
+OUTPUT_FOLDERS = ("out",)
+OUTPUT_FILES = ("bench.out",)
+
+
+def check_output_keys(cfg: DictConfig) -> None:
+    """Every output path key of `cfg` can be written: checked before any work."""
+    for key in (*OUTPUT_FOLDERS, *OUTPUT_FILES):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or value == "":
+            continue
+        path = Path(str(value))
+        if key in OUTPUT_FILES:
+            if path.is_dir():
+                raise UserError(f"{key}={path} is a folder: pass a file name")
+            check_out_dir(path.parent, key)
+        else:
+            check_out_dir(path, key)
 
 
 def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, owner: str) -> None:
@@ -165,8 +201,27 @@ def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, ow
         raise UserError(f"{prefix}.{unknown[0]} is not an option of {owner}: its options are {', '.join(accepted)}")
 
 
+def non_finite_key(node: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first key (dotted, with [i] for list items) whose value is an inf or NaN float."""
+    if isinstance(node, dict):
+        items = ((f"{prefix}{k}", v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = ((f"{prefix.rstrip('.')}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return (prefix.rstrip("."), node) if isinstance(node, float) and not math.isfinite(node) else None
+    for key, value in items:
+        if found := non_finite_key(value, f"{key}." if isinstance(value, dict) else key):
+            return found
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise UserError naming the first key whose value is out of range."""
+    """Raise UserError naming the first key whose value is out of range. Every float key must
+    be finite (inf and nan pass `> 0` style checks but mean nothing as a setting)."""
+    # Unresolved: interpolations point at keys that are checked themselves (and ${hydra:...} needs a run).
+    container = OmegaConf.to_container(cfg, resolve=False)
+    if found := non_finite_key({k: v for k, v in container.items() if k != "hydra"}):
+        raise UserError(f"{found[0]}={found[1]} is invalid: it must be a finite number")
     for key, (ok, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if isinstance(value, str) and value == "__absent__":
@@ -177,6 +232,11 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "model.scheduler.name") == "cosine" and cfg.trainer.max_epochs == -1 \
             and cfg.trainer.max_steps == -1:
         raise UserError("scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps")
+    every, steps = OmegaConf.select(cfg, "checkpoint_every_n_steps"), OmegaConf.select(cfg, "data.steps_per_batch")
+    if isinstance(every, int) and isinstance(steps, int) and every % steps:  # steps are taken `steps` at a time
+        raise UserError(f"checkpoint_every_n_steps={every} is invalid: it must be a multiple of "
+                        f"data.steps_per_batch={steps}")
+    check_output_keys(cfg)
     for key in ("levels", "image_size"):  # the model's copies (stored in checkpoints) must match the data
         model_value, data_value = OmegaConf.select(cfg, f"model.{key}"), OmegaConf.select(cfg, f"data.{key}")
         if model_value is not None and data_value is not None and model_value != data_value:

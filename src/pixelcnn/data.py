@@ -18,7 +18,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Literal
@@ -283,6 +283,11 @@ class BatchLoader:
     With `world_size` > 1 (one loader per DDP process) the loader yields only rank `rank`'s
     shard. Lightning's `use_distributed_sampler` shards only torch DataLoaders that have a
     sampler, not an iterable like this one, so the sharding is done here (`shard`).
+
+    `state_dict` / `load_state_dict` make it resumable: Lightning saves the state in checkpoints
+    and, on a resume in the middle of an epoch, gives it back, and the epoch continues with the
+    same order and flips where it stopped (the rest of the epoch is what an uninterrupted run
+    draws, bit for bit).
     """
 
     def __init__(
@@ -302,6 +307,19 @@ class BatchLoader:
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self._epoch_state = self.generator.get_state()  # the generator as the current epoch began
+        self._items = 0  # items handed out in the current epoch
+        self._resume: dict | None = None  # a mid-epoch state to continue from at the next __iter__
+        # Items the training loop takes per epoch (Lightning's limit_train_batches can stop it early).
+        self.epoch_items: Callable[[], int | float] = self.__len__
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "epoch_generator": self._epoch_state, "items": self._items}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._epoch_state, self._items = state["epoch_generator"], state["items"]
+        self._resume = state if state["items"] > 0 else None
 
     @property
     def num_batches(self) -> int:
@@ -346,10 +364,21 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         count, device = len(self.images), self.images.device
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["items"] >= self.epoch_items():
+            resume = None  # that epoch was over: this one draws a new order from the generator
+        if resume is not None:  # replay the interrupted epoch's order, then continue its draws
+            self.generator.set_state(resume["epoch_generator"])
+        self._epoch_state, self._items = self.generator.get_state(), 0
+        order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
+        if resume is not None:
+            self.generator.set_state(resume["generator"])
         # Every rank draws the same permutation (same seed; equal shares keep the generators in
         # step, hflip draws included) and keeps its own share.
-        order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
-        for start, stop in self.item_bounds():
+        for item, (start, stop) in enumerate(self.item_bounds()):
+            if resume is not None and item < resume["items"]:
+                continue  # handed out before the interruption
+            self._items = item + 1
             # A slice (a view, no copy) in order, else one gather per tensor.
             index = slice(start, stop) if order is None else order[start:stop]
             images, labels = self.images[index], self.labels[index]
@@ -412,6 +441,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
         self.steps_per_batch = steps_per_batch
         self.limit_train_batches = limit_train_batches
+        self._train_loader: BatchLoader | None = None
+        self._train_generator_state: Tensor | None = None  # from a checkpoint, for the next train loader
         self.data: dict[str, Tensor] | None = None
         self.train_set: Split | None = None
         self.val_set: Split | None = None
@@ -472,7 +503,24 @@ class FashionMNISTDataModule(L.LightningDataModule):
                            rank=rank, world_size=world_size)
 
     def train_dataloader(self) -> BatchLoader:
-        return self.loader("train_set", self.batch_size, train=True)
+        loader = self.loader("train_set", self.batch_size, train=True)
+        if self.trainer is not None:  # what Lightning takes of it per epoch (known once the loop is set up)
+            loader.epoch_items = lambda: self.trainer.num_training_batches
+        if self._train_generator_state is not None:  # resuming: continue the shuffle and flip draws
+            loader.generator.set_state(self._train_generator_state)
+            self._train_generator_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training loader's generator, saved in every checkpoint. Lightning gives a loader its
+        own state back only on a resume in the middle of an epoch; a run resumed at an epoch's end
+        must continue the generator too, or it replays the first epoch's order."""
+        loader = self._train_loader
+        return {"train_generator": loader.generator.get_state()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_generator_state = state_dict.get("train_generator")
 
     def val_dataloader(self) -> BatchLoader:
         return self.loader("val_set", self.eval_batch_size, train=False)

@@ -14,6 +14,7 @@ from pixelcnn.data import FashionMNISTDataModule
 from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 
 CLASS_NAMES = FashionMNISTDataModule.CLASS_NAMES
+MAX_GRID_PIXELS = 2**28  # a PNG grid beyond this (~270 megapixels) is more than memory and viewers take
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,6 +74,10 @@ def run(cfg: DictConfig) -> list[Path]:
     temperatures = list(cfg.temperature) if isinstance(cfg.temperature, ListConfig) else [cfg.temperature]
     labels, nrow = parse_labels(cfg.label, module.hparams.num_classes, cfg.n)
     n = len(labels) if labels is not None else cfg.n
+    side = module.image_size * cfg.scale + 2  # one image in the grid, with its padding
+    if (pixels := n * len(temperatures) * side * side) > MAX_GRID_PIXELS:
+        raise UserError(f"n={cfg.n} with scale={cfg.scale} makes a {pixels / 1e6:.0f}-megapixel grid, more than "
+                        f"{MAX_GRID_PIXELS / 1e6:.0f}: lower n or scale")
     started = time.perf_counter()
     samples = [module.sample(n, t, cfg.seed, labels, cfg.method).cpu() for t in temperatures]  # each (N, H, W)
     seconds = time.perf_counter() - started

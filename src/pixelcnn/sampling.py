@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 SamplingMethod = Literal["fast", "naive"]
+SAMPLE_CHUNK = 1024  # images drawn at once by `sample` (bounds the cached activations; the result is the same)
 
 
 @contextmanager
@@ -130,12 +131,13 @@ def sample(model: nn.Module, n: int, height: int, width: int, temperature: float
     for the draw and restored after."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    device = next(model.parameters()).device
-    uniforms = draw_uniforms(n, height, width, seed, device)
-    labels = labels.to(device) if labels is not None else None
-    with eval_mode(model):
-        if method == "fast":
-            return sample_fast(model, uniforms, height, width, temperature, labels)
-        if method == "naive":
-            return sample_naive(model, uniforms, height, width, temperature, labels)
+    if method not in ("fast", "naive"):
         raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
+    device = next(model.parameters()).device
+    uniforms = draw_uniforms(n, height, width, seed, device)  # (n, H*W): all drawn first, so chunks change nothing
+    labels = labels.to(device) if labels is not None else None
+    draw = sample_fast if method == "fast" else sample_naive
+    with eval_mode(model):  # in chunks: the activations of a large n need not fit in memory at once
+        return torch.cat([draw(model, uniforms[start : start + SAMPLE_CHUNK], height, width, temperature,
+                               labels[start : start + SAMPLE_CHUNK] if labels is not None else None)
+                          for start in range(0, n, SAMPLE_CHUNK)])

@@ -7,10 +7,12 @@ Hydra) the resolved config in `.hydra/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,12 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
-from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
+from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
+from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.resources import claim_job_resources, cuda_device_args
 from pixelcnn.sweep import write_metrics
@@ -81,10 +83,11 @@ def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        RunDirCheckpoint(  # first: `trainer.checkpoint_callback` is this one
             dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
             monitor="val/bpd", mode="min", save_last=True, auto_insert_metric_name=False,
         ),
+        RandomStates(),
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
         RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
@@ -97,6 +100,10 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
     if cfg.model.scheduler.name != "none":  # a constant lr is not worth a GPU read-back every log_every_n_steps
         callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
+    if cfg.checkpoint_every_n_steps:  # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch
+        callbacks.append(RunDirCheckpoint(dirpath=output_dir / "checkpoints", filename=STEP_CHECKPOINT,
+                                          every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1,
+                                          enable_version_counter=False))
     return callbacks
 
 
@@ -139,17 +146,32 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
     return trainer
 
 
+def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
+    """checkpoint_every_n_steps must be a multiple of the optimizer steps per Lightning batch, as
+    checkpoints are written between batches. `validate` checks an explicit data.steps_per_batch;
+    auto is known here: 8 when the data sits on the GPU (FashionMNISTDataModule.loader), else 1."""
+    every, steps = cfg.checkpoint_every_n_steps, cfg.data.steps_per_batch
+    if every and steps == "auto" and speed.cuda and cfg.data.on_device in ("auto", True) and every % 8:
+        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes 8 "
+                        "optimizer steps per batch on CUDA, so it must be a multiple of 8")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
     # Threads (and GPU) of a job that shares the machine with others: before any torch work.
     resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
-    ckpt_path = None
-    if cfg.ckpt_path:  # resume: the last checkpoint, which must hold the network this config builds
+    ckpt_path, resumed_step = None, 0
+    if cfg.ckpt_path:  # resume: the latest checkpoint, which must hold the network this config builds
         ckpt_path = resolve_checkpoint(cfg.ckpt_path, prefer="last", key="ckpt_path")
-        check_resume(read_checkpoint(ckpt_path, key="ckpt_path"), cfg.model, ckpt_path)
+        resumed = read_checkpoint(ckpt_path, key="ckpt_path")
+        check_resume(resumed, cfg.model, ckpt_path)
+        resumed_step = resumed.get("global_step", 0)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Lightning warns at each every-N-steps save under manual optimization that the weights are
+    # those after the step: that is what a resume needs (they match the saved global step).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 
     # limit_train_batches counts batches of data.batch_size (optimizer steps), which the loader
@@ -158,6 +180,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
+    check_step_checkpoints(cfg, speed)
     module = build_module(cfg, speed)
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
@@ -170,14 +193,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception:
         # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed.
         logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
         raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    if ckpt_path is not None and trainer.global_step == resumed_step and (output_dir / "metrics.json").is_file():
+        # e.g. stopped by max_time, or early stopping: resuming trains nothing, so the results stand.
+        print(f"[pixelcnn] {output_dir} has already finished (nothing left to train at step {resumed_step}): its "
+              "metrics.json is unchanged", flush=True)
+        return json.loads((output_dir / "metrics.json").read_text())
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False,
+                        weights_only=True)
     metrics = {
         "val_bpd": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan"),
         "test_bpd": float(test[0]["test/bpd"]),

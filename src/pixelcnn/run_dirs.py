@@ -1,0 +1,111 @@
+"""Run directories that cannot collide, and the rule that only a run's own directory is removed.
+
+`fresh_dir` (a Hydra resolver) reserves a new directory with one atomic `os.mkdir`, adding a
+suffix when another run (another process, the same second) took the name first, so two runs
+never share a folder. Hydra's `${now:...}` names alone collide within a second. A directory
+reserved here, or one that did not exist when the run started, is known to be this run's own:
+`created_by_this_run` says so, and only such a directory may be removed after an input error.
+
+`check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
+cannot be written (`pixelcnn.cli.RunDirGuard` calls it before Hydra writes into the dir).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from pixelcnn.config import UserError, check_out_dir
+
+# Directories this process created for its run (absolute paths), and the missing parents created with them.
+_CREATED: set[Path] = set()
+_CREATED_PARENTS: list[Path] = []
+# Every suffix up to this is tried before giving up (a loop on a full or read-only disk must end).
+MAX_SUFFIX = 1000
+
+
+def fresh_dir(base: str) -> str:
+    """Reserve `base`, else `base_1`, `base_2`, ... by creating it, and return its path: the caller
+    then owns it for certain, even against other processes. Also the Hydra resolver of the sweep
+    dir (registered with use_cache=True: resolved once, and Hydra copies the cache into every job's
+    config, so all jobs of a sweep get the same dir)."""
+    base_path = Path(base)
+    try:
+        _note_missing_parents(base_path)
+        base_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return base  # unwritable parent: RunDirGuard reports it in one line
+    for suffix in range(MAX_SUFFIX):
+        candidate = base_path if suffix == 0 else base_path.with_name(f"{base_path.name}_{suffix}")
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        except OSError:
+            return base
+        _CREATED.add(candidate.resolve())
+        return str(candidate)
+    return base
+
+
+def _note_missing_parents(path: Path) -> None:
+    for parent in path.resolve().parents:
+        if parent.exists():
+            break
+        _CREATED_PARENTS.append(parent)
+
+
+def remove_own_dir(path: str | Path) -> None:
+    """Remove `path` (which `removable_on_error` allowed) and the parents created for it that are
+    now empty, e.g. outputs/<date>/ of a first run that failed."""
+    shutil.rmtree(path, ignore_errors=True)
+    for parent in sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True):
+        try:
+            parent.rmdir()  # only if empty: another run may have put its dir there meanwhile
+        except OSError:
+            pass
+
+
+def created_by_this_run(path: str | Path) -> bool:
+    """Whether `path` is a directory this process created for its run (so removing it deletes
+    nothing anyone else wrote)."""
+    return Path(path).resolve() in _CREATED
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_run_dir(path: Path, key: str, resuming: bool) -> None:
+    """Refuse a run dir that is not a resume but already holds files, or cannot be written;
+    a dir that does not exist yet will be created by this run, so it is marked as its own."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key}={path} is a file: pass a folder for the run's outputs")
+    check_out_dir(path, key)
+    if resuming:
+        return
+    if path.is_dir() and not _is_empty_dir(path):
+        raise UserError(f"{key}={path} already holds files (an earlier run?): pass a new folder, or resume that "
+                        f"run with ckpt_path={path}")
+    if not path.exists():
+        _note_missing_parents(path)
+        _CREATED.add(path.resolve())
+
+
+def resume_dir_of(ckpt_path: str) -> str | None:
+    """The run dir a checkpoint path belongs to (a run dir, its checkpoints/ or a file in it), or None."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        return str(path.parent if path.name == "checkpoints" else path)
+    return str(path.parent.parent) if path.parent.name == "checkpoints" else None
+
+
+def removable_on_error(output_dir: str | Path) -> bool:
+    """Whether a job that failed on bad input may remove its output dir: a run's own dir, or a
+    sweep job's dir (RunDirGuard let the sweep start only in a new or empty sweep dir)."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return created_by_this_run(output_dir) or multirun

@@ -1,0 +1,431 @@
+"""The fault suite (`pytest -m faults`): what a hostile or clumsy user, or a crash, does to the
+commands. Each test runs the real command in a subprocess on tiny fake data: a run killed with a
+real signal resumes bit for bit; files from others never run code; nothing the run did not create
+is deleted or overwritten; every bad input is one `error:` line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from fakes import write_dataset
+from pixelcnn.callbacks import RunDirCheckpoint
+from pixelcnn.config import UserError, validate
+from pixelcnn.data import BatchLoader
+from pixelcnn.run_dirs import fresh_dir
+from pixelcnn.training import SpeedChoices, check_step_checkpoints
+
+pytestmark = pytest.mark.faults
+
+ROOT = Path(__file__).resolve().parents[1]
+KILL_SHIM = Path(__file__).resolve().parent / "kill_shim"
+# 80 training images in batches of 16: 5 optimizer steps per epoch; a gated model with dropout and
+# hflip, so that resuming exactly needs the loader's generator and the global RNG as well.
+TINY = [
+    "model=gated", "model.channels=8", "model.layers=1", "model.dropout=0.3", "data.hflip=true",
+    "data.batch_size=16", "data.eval_batch_size=20", "data.val_size=20", "data.download=false",
+    "sample.every_n_epochs=2", "sample.n=4", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "quality_n=0",
+]
+EPOCHS = ["trainer.max_epochs=4", "checkpoint_every_n_steps=4"]  # step.ckpt at steps 4, 8, 12, 16, 20
+
+
+def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults")
+    write_dataset(path / "data", n_train=100, n_test=20)
+    return path
+
+
+def data_args(work: Path) -> list[str]:
+    return [f"data.root={work / 'data'}", f"data.system_dir={work / 'no-system-dataset'}"]
+
+
+@pytest.fixture(scope="module")
+def reference(work: Path) -> Path:
+    """An uninterrupted run: the result every interrupted-and-resumed run must reproduce exactly."""
+    run_dir = work / "reference"
+    result = run("train.py", *TINY, *EPOCHS, *data_args(work), f"hydra.run.dir={run_dir}", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Final weights and optimizer state of two runs are equal, bit for bit."""
+    first, second = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for d in (a, b))
+    assert (first["epoch"], first["global_step"]) == (second["epoch"], second["global_step"])
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for name, tensor in first["state_dict"].items():
+        assert torch.equal(tensor, second["state_dict"][name]), name
+    optim_a, optim_b = first["optimizer_states"][0]["state"], second["optimizer_states"][0]["state"]
+    assert optim_a.keys() == optim_b.keys()
+    for index, state in optim_a.items():
+        for name, value in state.items():
+            assert torch.equal(value, optim_b[index][name]), (index, name)
+
+
+# --- killed runs resume exactly -------------------------------------------------------------------
+@pytest.mark.parametrize("signal_name, kill_at, resumes_from", [
+    ("SIGKILL", 13, "step.ckpt"),  # mid-epoch 3 of 4: from the step-12 checkpoint, 2 of 5 batches done
+    ("SIGINT", 13, "step.ckpt"),  # Ctrl-C: Lightning shuts down; the run resumes the same way
+    ("SIGKILL", 11, "last.ckpt"),  # just after an epoch's end: from last.ckpt (step 10)
+])
+def test_killed_run_resumes_bit_for_bit(work: Path, reference: Path, tmp_path: Path, signal_name: str, kill_at: int,
+                                        resumes_from: str):
+    run_dir = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(KILL_SHIM), os.environ.get("PYTHONPATH", "")]),
+           "PIXELCNN_KILL_AT_STEP": str(kill_at), "PIXELCNN_KILL_SIGNAL": signal_name}
+    killed = run("train.py", *TINY, *EPOCHS, *data_args(work), f"hydra.run.dir={run_dir}", cwd=work, env=env)
+    expected = -signal.SIGKILL if signal_name == "SIGKILL" else 1  # Lightning exits 1 after a KeyboardInterrupt
+    assert killed.returncode == expected, killed.stderr[-2000:]
+    assert not (run_dir / "metrics.json").exists()
+    resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)  # the run dir alone: its overrides are re-applied
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{resumes_from}" in resumed.stdout + resumed.stderr
+    assert_same_training(reference, run_dir)
+
+
+def test_resume_after_an_epoch_cut_by_limit_train_batches(work: Path, tmp_path: Path):
+    """Killed while validating after a step checkpoint at the epoch's last batch (4 of 5 batches
+    taken, limit_train_batches=4): the resumed run starts the next epoch, as the uninterrupted one."""
+    args = [*TINY, *EPOCHS, *data_args(work), "trainer.limit_train_batches=4"]
+    whole = run("train.py", *args, f"hydra.run.dir={tmp_path / 'whole'}", cwd=work)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    env = {"PYTHONPATH": os.pathsep.join([str(KILL_SHIM), os.environ.get("PYTHONPATH", "")]),
+           "PIXELCNN_KILL_AT_STEP": "8"}
+    assert run("train.py", *args, f"hydra.run.dir={tmp_path / 'killed'}", cwd=work, env=env).returncode == -signal.SIGKILL
+    resumed = run("train.py", f"ckpt_path={tmp_path / 'killed'}", cwd=work)
+    assert resumed.returncode == 0 and "step.ckpt" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert_same_training(tmp_path / "whole", tmp_path / "killed")
+
+
+@pytest.mark.parametrize("steps_per_batch", [None, 2])
+def test_batch_loader_state_continues_the_epoch_and_the_next(steps_per_batch):
+    """A loader restored from `state_dict` mid-epoch hands out the rest of that epoch, then the
+    next epochs, exactly as the original (order and flips)."""
+    images = torch.arange(40, dtype=torch.uint8).view(10, 1, 2, 2).repeat(1, 1, 1, 2)  # (10, 1, 2, 4)
+    labels = torch.arange(10)
+
+    def loader() -> BatchLoader:
+        return BatchLoader(images, labels, 2, shuffle=True, hflip=True, seed=3, steps_per_batch=steps_per_batch)
+
+    def flat(items) -> list[torch.Tensor]:
+        return [torch.cat([b[0] for b in item]) if isinstance(item, list) else item[0] for item in items]
+
+    original = loader()
+    epoch = iter(original)
+    next(epoch)
+    state = original.state_dict()
+    expected = flat(list(epoch) + list(original) + list(original))  # rest of epoch 1, epochs 2 and 3
+    restored = loader()
+    restored.load_state_dict(state)
+    got = flat(list(restored) + list(restored) + list(restored))
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_finished_run_is_left_alone(work: Path, reference: Path):
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
+    result = run("train.py", f"ckpt_path={reference}", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "has already finished" in result.stdout and "nothing was changed" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
+
+
+def test_run_ended_by_max_time_is_left_alone(work: Path, tmp_path: Path):
+    run_dir = tmp_path / "timed"
+    args = [*TINY, *data_args(work), "trainer.max_epochs=100000", "trainer.max_time=00:00:00:02",
+            "sample.every_n_epochs=0", f"hydra.run.dir={run_dir}"]
+    assert run("train.py", *args, cwd=tmp_path).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    result = run("train.py", f"ckpt_path={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0 and "trainer.max_time=00:00:00:02" in result.stdout, result.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_moved_run_dir_resumes_from_its_own_files(work: Path, reference: Path, tmp_path: Path):
+    moved = tmp_path / "moved"
+    shutil.copytree(reference, moved)
+    hidden = reference.with_name("reference-hidden")
+    reference.rename(hidden)  # the original is gone while the copy resumes
+    try:
+        result = run("train.py", f"ckpt_path={moved}", "trainer.max_epochs=5", cwd=work)
+    finally:
+        hidden.rename(reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert metrics["epochs"] == 5 and metrics["val_bpd"] == metrics["val_bpd"]  # not NaN
+    assert Path(metrics["best_checkpoint"]).parent == (moved / "checkpoints").resolve()
+
+
+def test_moved_run_dir_keeps_its_best_checkpoint_record(tmp_path: Path):
+    """What the resumed run knows of its best checkpoint so far survives the move (Lightning's
+    ModelCheckpoint drops it when the folder changed: a worse later epoch would become "best")."""
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    best = str(old / "best-epoch001-val_bpd0.5000.ckpt")
+    callback = RunDirCheckpoint(dirpath=new, monitor="val/bpd", mode="min", save_last=True)
+    callback.load_state_dict({"monitor": "val/bpd", "dirpath": str(old), "best_model_score": torch.tensor(0.5),
+                              "best_model_path": best, "kth_best_model_path": best, "kth_value": torch.tensor(0.5),
+                              "best_k_models": {best: torch.tensor(0.5)}, "last_model_path": str(old / "last.ckpt")})
+    moved_best = str(Path(callback.dirpath) / Path(best).name)
+    assert callback.best_model_score == 0.5 and callback.best_model_path == moved_best
+    assert list(callback.best_k_models) == [moved_best] and callback.last_model_path == str(Path(callback.dirpath) / "last.ckpt")
+
+
+# --- files from others never run code ----------------------------------------------------------------
+class Payload:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_checkpoint_never_runs(work: Path, tmp_path: Path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = {"hyper_parameters": {"arch": "pixelcnn", "levels": 4}, "state_dict": {}, "epoch": 0, "x": Payload(marker)}
+    downloads, run_dir = tmp_path / "downloads", tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    downloads.mkdir()
+    torch.save(evil, downloads / "model.ckpt")
+    torch.save(evil, run_dir / "checkpoints" / "last.ckpt")
+    for script, arg in (("sample.py", f"ckpt={downloads / 'model.ckpt'}"),
+                        ("evaluate.py", f"ckpt={downloads / 'model.ckpt'}"),
+                        ("train.py", f"ckpt_path={downloads / 'model.ckpt'}"),
+                        ("train.py", f"ckpt_path={run_dir}")):  # resuming a run dir someone sent
+        result = run(script, arg, *(data_args(work) if script == "train.py" else []), cwd=tmp_path)
+        assert not marker.exists(), f"{script} ran the checkpoint's code"
+        assert "could run code" in one_error_line(result), script
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "downloads", "last.ckpt", "model.ckpt", "run"]
+
+
+def test_truncated_checkpoint_and_cache(work: Path, reference: Path, tmp_path: Path):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((reference / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    for script, key in (("sample.py", "ckpt"), ("evaluate.py", "ckpt"), ("train.py", "ckpt_path")):
+        assert "truncated" in one_error_line(run(script, f"{key}={truncated}", cwd=tmp_path)), script
+    data = tmp_path / "data"
+    shutil.copytree(work / "data", data)
+    cache = data / "fashion_mnist_16px_4lv.pt"
+    cache.write_bytes(cache.read_bytes()[:1000])  # a run killed while writing it (before the atomic rename existed)
+    result = run("train.py", *TINY, "trainer.max_epochs=1", f"data.root={data}", f"data.system_dir={tmp_path / 'none'}",
+                 f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(cache, weights_only=True)["train_images"].shape[0] == 100  # rebuilt from the IDX files
+
+
+# --- run dirs: never shared, never deleted, never mixed ----------------------------------------------
+def test_two_runs_in_the_same_second_get_their_own_dirs(work: Path, tmp_path: Path):
+    """Both runs ask for the same name (what two runs started in the same second get from the
+    default `outputs/<date>/<time>`), through the default config's own resolver."""
+    same_name = "hydra.run.dir='${resume_run_dir:${ckpt_path},outputs/same-second}'"
+    args = [*TINY, "trainer.max_epochs=1", *data_args(work), same_name]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    dirs = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert dirs == ["same-second", "same-second_1"]
+    for name in dirs:
+        assert (tmp_path / "outputs" / name / "metrics.json").is_file()
+        assert len(list((tmp_path / "outputs" / name / "checkpoints").glob("last*.ckpt"))) == 1
+
+
+def test_fresh_dir_never_hands_out_a_name_twice(tmp_path: Path):
+    with ProcessPoolExecutor(2) as pool:
+        names = list(pool.map(fresh_dir, [str(tmp_path / "run")] * 12))
+    assert len(set(names)) == 12 and all(Path(n).is_dir() for n in names)
+
+
+def test_sweep_dir_is_reserved_once_for_all_jobs(work: Path, tmp_path: Path):
+    result = run("train.py", "-m", *TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=1", *data_args(work),
+                 "model.lr=1e-3,2e-3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [day] = (tmp_path / "multirun").iterdir()
+    [sweep] = day.iterdir()  # one sweep dir holding both jobs and the summary
+    assert (sweep / "summary.md").is_file() and len([p for p in sweep.iterdir() if p.is_dir()]) == 2
+    assert not (tmp_path / "outputs").exists()  # no stray run dir reserved by a multirun
+
+
+def test_user_files_in_the_run_dir_are_never_deleted(work: Path, tmp_path: Path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "notes.log").write_text("x")
+    line = one_error_line(run("train.py", "data.levels=300", f"hydra.run.dir={folder}", cwd=tmp_path))
+    assert "already holds files" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.log"] and (folder / "notes.log").read_text() == "x"
+
+
+def test_finished_run_dir_is_not_reused_by_a_new_run(work: Path, reference: Path):
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
+    line = one_error_line(run("train.py", *TINY, *data_args(work), f"hydra.run.dir={reference}", cwd=work))
+    assert "already holds files" in line and f"ckpt_path={reference}" in line
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ckpt_path={tmp}/missing.ckpt"], "does not exist"),
+    (["trainer.limit_train_batches=abc"], "trainer.limit_train_batches='abc' is invalid"),
+    (["trainer.limit_train_batches=-1"], "trainer.limit_train_batches=-1 is invalid"),
+    (["model.lr=inf"], "model.lr=inf is invalid: it must be a finite number"),
+    (["data.levels=300"], "data.levels=300 is invalid"),
+])
+def test_failed_run_leaves_no_run_dir(work: Path, tmp_path: Path, args: list[str], message: str):
+    """With the default run dir (outputs/<date>/<time>), which the run itself reserved."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert message in one_error_line(run("train.py", *TINY, *data_args(work), *args, cwd=tmp_path))
+    assert list(tmp_path.iterdir()) == []  # not even outputs/<date>/
+
+
+# --- outputs that cannot be written --------------------------------------------------------------
+def unwritable_dirs(tmp_path: Path) -> list[Path]:
+    """Folders no one can create, root included: under /proc, and under a plain file. As a user
+    (root ignores permissions) also a read-only folder."""
+    (tmp_path / "a_file").write_text("")
+    dirs = [Path("/proc/forbidden"), tmp_path / "a_file" / "inside"]
+    if os.geteuid() != 0:
+        (tmp_path / "read_only").mkdir()
+        (tmp_path / "read_only").chmod(0o555)
+        dirs.append(tmp_path / "read_only" / "out")
+    return dirs
+
+
+def test_unwritable_outputs_are_refused_before_any_work(work: Path, reference: Path, tmp_path: Path):
+    for i, folder in enumerate(unwritable_dirs(tmp_path)):
+        commands = [("train.py", [*TINY, *data_args(work), f"hydra.run.dir={folder}"])]
+        if i == 0:  # the same check (config.check_out_dir) serves every output key: each command once
+            commands += [("sample.py", [f"ckpt={reference}", f"out={folder}"]),
+                         ("evaluate.py", [f"ckpt={reference}", f"out={folder}", f"data_root={work / 'data'}"])]
+        for script, args in commands:
+            started = time.perf_counter()
+            line = one_error_line(run(script, *args, cwd=tmp_path))
+            assert str(folder) in line or str(folder.parent) in line, (script, line)
+            assert time.perf_counter() - started < 60
+
+
+def test_read_only_run_dir_on_resume_is_one_line(work: Path, reference: Path, tmp_path: Path):
+    """A run dir that became unwritable (here: its checkpoints folder replaced by a file is not
+    possible to resume; a read-only mount is simulated for non-root users with chmod)."""
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the unwritable cases root cannot write are tested above")
+    copy = tmp_path / "run"
+    shutil.copytree(reference, copy)
+    for path in [copy, *copy.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o555)
+    try:
+        line = one_error_line(run("train.py", f"ckpt_path={copy}", "trainer.max_epochs=5", cwd=tmp_path))
+        assert str(copy) in line
+    finally:
+        for path in [copy, *copy.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+
+
+# --- bad values: the whole class of each -----------------------------------------------------------
+def float_keys(cfg) -> list[str]:
+    container = OmegaConf.to_container(cfg, resolve=False)
+    keys = []
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(node, float):
+            keys.append(prefix.rstrip("."))
+
+    walk("", {k: v for k, v in container.items() if k != "hydra"})
+    return keys
+
+
+@pytest.mark.parametrize("config", ["train", "entry/sample", "entry/evaluate", "entry/classifier"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_every_float_key_rejects_non_finite_values(config: str, value: str):
+    config_dir, name = (ROOT / "conf" / config).parent, Path(config).name
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+        keys = float_keys(compose(name, overrides=["ckpt=x"] if name in ("sample", "evaluate") else []))
+        assert keys  # every config has float keys (lr, temperature, dropout, ...)
+        for key in keys:
+            overrides = [f"{key}={value}"] + (["ckpt=x"] if name in ("sample", "evaluate") else [])
+            with pytest.raises(UserError, match=rf"^{key}=.* it must be a finite number"):
+                validate(compose(name, overrides=overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["n=1000000000"], "n=1000000000 is invalid"),
+    (["scale=100000"], "scale=100000 is invalid"),
+    (["completions=1000000"], "completions=1000000 is invalid"),
+])
+def test_sample_sizes_are_bounded(overrides: list[str], message: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "entry")):
+        with pytest.raises(UserError, match=message.replace("[", r"\[")):
+            validate(compose("sample", overrides=["ckpt=x", *overrides]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["temperature=[0.5,nan]"], "temperature[1]=nan is invalid"),
+    (["n=10000", "scale=64"], "megapixel grid"),  # each bound allowed, not both together
+])
+def test_sample_py_bounds(reference: Path, tmp_path: Path, args: list[str], message: str):
+    line = one_error_line(run("sample.py", f"ckpt={reference}", f"out={tmp_path / 'out'}", *args, cwd=tmp_path))
+    assert message in line and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_whose_hyperparameters_do_not_fit_its_weights(reference: Path, tmp_path: Path):
+    checkpoint = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["channels"] = 16  # the weights have 8
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    for script in ("sample.py", "evaluate.py"):
+        assert "do not match its weights" in one_error_line(run(script, f"ckpt={tmp_path / 'edited.ckpt'}", cwd=tmp_path))
+
+
+@pytest.mark.parametrize("args, choices", [
+    (["model=nonexistent"], "gated, pixelcnn"),
+    (["experiment=nonexistent"], "best, quick, quick_gated"),
+    (["-m", "model=pixelcnn,nonexistent"], "gated, pixelcnn"),
+])
+def test_unknown_config_option_is_one_line(tmp_path: Path, args: list[str], choices: str):
+    for script in ("train.py", "bench.py") if args == ["model=nonexistent"] else ("train.py",):
+        line = one_error_line(run(script, *args, cwd=tmp_path))
+        assert "nonexistent is not an option" in line and choices in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_step_checkpoints_must_fall_between_batches():
+    """Steps are taken data.steps_per_batch at a time: a period that is not a multiple of it
+    would never (or seldom) meet a batch end, so it is refused, explicit or auto (8 on CUDA)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        with pytest.raises(UserError, match=r"^checkpoint_every_n_steps=6 is invalid"):
+            validate(compose("train", overrides=["checkpoint_every_n_steps=6", "data.steps_per_batch=4"]))
+        auto = compose("train", overrides=["checkpoint_every_n_steps=4"])
+    check_step_checkpoints(auto, SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False))
+    with pytest.raises(UserError, match="multiple of 8"):
+        check_step_checkpoints(auto, SpeedChoices(cuda=True, compile=False, precision="32-true", channels_last=False))

@@ -22,7 +22,7 @@ from fakes import write_dataset
 from pixelcnn.callbacks import SampleGridCallback
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.config import UserError, validate
-from pixelcnn.sweep import collect_runs, format_table
+from pixelcnn.sweep import collect_runs, summary_table
 from pixelcnn.training import SpeedChoices, build_callbacks, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +227,7 @@ def test_sweep_summary_rows_come_from_each_job(tmp_path: Path):
         (tmp_path / str(job) / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {job}\n")
         if metrics:  # job 2 died before writing metrics
             (tmp_path / str(job) / "metrics.json").write_text(json.dumps({**metrics, "epochs": 3, "parameters": 10}))
-    lines = format_table(collect_runs(tmp_path)).splitlines()
+    lines = summary_table(collect_runs(tmp_path)).splitlines()
     assert lines[:3] == ["3 jobs: 2 ok, 1 failed.", "Best: job 1 (model.lr=1), best val 0.5000 bits/dim.",
                          "Overrides of every job: seed=1"]
     assert lines[-3:] == ["| 1 | 1 | model.lr=1 | 0.5000 | 0.5200 | 3 | 10 | ok |",  # ranked by val bits/dim

@@ -26,6 +26,7 @@ from pixelcnn.config import UserError, validate
 from pixelcnn.data import BatchLoader
 from pixelcnn.run_dirs import fresh_dir
 from pixelcnn.training import SpeedChoices, check_step_checkpoints
+from test_cli import data_args
 
 pytestmark = pytest.mark.faults
 
@@ -61,10 +62,6 @@ def work(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("faults")
     write_dataset(path / "data", n_train=100, n_test=20)
     return path
-
-
-def data_args(work: Path) -> list[str]:
-    return [f"data.root={work / 'data'}", f"data.system_dir={work / 'no-system-dataset'}"]
 
 
 @pytest.fixture(scope="module")

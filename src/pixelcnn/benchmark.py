@@ -155,7 +155,7 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def format_table(result: dict) -> str:
+def bench_table(result: dict) -> str:
     train = result["train"]
     lines = [
         f"device: {result['device']}  (torch {result['torch']}, model {result['model']}, batch {result['batch_size']}, "
@@ -176,7 +176,7 @@ def format_table(result: dict) -> str:
 
 def main(cfg: DictConfig) -> dict:
     result = run(cfg)
-    table = format_table(result)
+    table = bench_table(result)
     print(table)
     out = Path(cfg.bench.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "rank": i} for i, r in enumerate(ok, 1)] + [{**r, "rank": None} for r in runs if r["status"] != "ok"]
 
 
-def format_table(runs: list[dict[str, Any]]) -> str:
+def summary_table(runs: list[dict[str, Any]]) -> str:
     """summary.md: jobs ranked by best val bits/dim, failed ones last with their reason."""
     def bpd(value: Any) -> str:
         return f"{value:.4f}" if _number(value) else "-"
@@ -188,7 +188,7 @@ class SweepSummary(Callback):
         self._pending = None
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = collect_runs(sweep_dir)
-        table = format_table(runs)
+        table = summary_table(runs)
         if plot(runs, sweep_dir / "summary.png"):
             table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
         (sweep_dir / "summary.md").write_text(table)

@@ -7,18 +7,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pixelcnn.checkpoints import register_resolvers
-from pixelcnn.cli import exit_on_unknown_choice, exit_on_user_error
-
-register_resolvers()
+from pixelcnn.commands import bench as command
+from pixelcnn.commands.cli import exit_on_unknown_choice, exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    from pixelcnn.benchmark import main as bench
-
     with exit_on_user_error():
-        bench(cfg)
+        command.main(cfg)
 
 
 if __name__ == "__main__":

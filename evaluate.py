@@ -5,15 +5,14 @@ heatmaps, most/least likely test images, sample quality), or score any images as
 import hydra
 from omegaconf import DictConfig
 
-from pixelcnn.cli import exit_on_user_error
+from pixelcnn.commands import evaluate as command
+from pixelcnn.commands.cli import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf/entry", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from pixelcnn.evaluation import run
-
     with exit_on_user_error():
-        run(cfg)
+        command.main(cfg)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,14 @@ Only the checkpoint is needed. See README.md and conf/entry/sample.yaml for ever
 import hydra
 from omegaconf import DictConfig
 
-from pixelcnn.cli import exit_on_user_error
+from pixelcnn.commands import sample as command
+from pixelcnn.commands.cli import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf/entry", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from pixelcnn.generate import run
-
     with exit_on_user_error():
-        run(cfg)
+        command.main(cfg)
 
 
 if __name__ == "__main__":

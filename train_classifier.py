@@ -1,19 +1,18 @@
-"""Train the sample-quality classifier and cache it in the data dir:
-`python train_classifier.py [data.root=data] [epochs=5]`. `evaluate.py` trains it on first use
-if it is missing, so this is only needed to retrain. See conf/entry/classifier.yaml."""
+"""Train the sample-quality classifier and cache it beside the data cache:
+`python train_classifier.py [epochs=5]`. `evaluate.py` trains it on first use if it is missing,
+so this is only needed to retrain. See conf/entry/classifier.yaml."""
 
 import hydra
 from omegaconf import DictConfig
 
-from pixelcnn.cli import exit_on_user_error
+from pixelcnn.commands import train_classifier as command
+from pixelcnn.commands.cli import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf/entry", config_name="classifier")
 def main(cfg: DictConfig) -> None:
-    from pixelcnn.classifier import run
-
     with exit_on_user_error():
-        run(cfg)
+        command.main(cfg)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from pixelcnn.classifier import (
     frechet_distance,
     load_or_train_classifier,
     quality_metrics,
-    run,
 )
+from pixelcnn.commands.train_classifier import main as run
 from pixelcnn.config import UserError
 from pixelcnn.data import setup_datamodule
 from test_data import write_dataset

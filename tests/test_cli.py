@@ -118,7 +118,7 @@ def test_train_writes_checkpoints_logs_and_metrics(trained_run: Path):
     best = load_module(metrics["best_checkpoint"])
     test_images = torch.load(trained_run.parent.parent / "data" / "fashion_mnist_16px_4lv.pt")["test_images"]
     with torch.no_grad():
-        assert metrics["test_bpd"] == pytest.approx(best.bits_per_dim(test_images, None).item(), rel=1e-5)
+        assert metrics["test_bpd"] == pytest.approx(best.mean_bits_per_dim(test_images, None).item(), rel=1e-5)
     events = EventAccumulator(str(trained_run / "tb")).Reload()
     assert any(tag.startswith("samples/") for tag in events.Tags()["images"])
     assert {"train/bpd_epoch", "val/bpd", "test/bpd"} <= set(events.Tags()["scalars"])

@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 
 from pixelcnn.checkpoints import load_module
-from pixelcnn.completion import complete_fast, run_completion
+from pixelcnn.commands.sample import complete as run_completion
+from pixelcnn.commands.sample import main as sample_run
 from pixelcnn.config import UserError
 from pixelcnn.gated import GatedPixelCNN
-from pixelcnn.generate import run as sample_run
 from pixelcnn.model import PixelCNN
-from pixelcnn.sampling import draw_uniforms, sample_fast
+from pixelcnn.sampling import complete_fast, draw_uniforms, sample_fast
 from test_data import write_dataset
 from test_evaluate import SIZE, save_checkpoint
 

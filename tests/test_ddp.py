@@ -112,8 +112,8 @@ def test_two_processes_share_each_epoch_and_test_like_one(tmp_path: Path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best = load_module(metrics["best_checkpoint"])
     with torch.no_grad():
-        test_bpd = best.bits_per_dim(*dm.test_set).item()
-        val_bpd = best.bits_per_dim(*dm.val_set).item()
+        test_bpd = best.mean_bits_per_dim(*dm.test_set).item()
+        val_bpd = best.mean_bits_per_dim(*dm.val_set).item()
     assert metrics["test_bpd"] == pytest.approx(test_bpd, abs=1e-6)
     assert metrics["val_bpd"] == pytest.approx(val_bpd, abs=1e-6)
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]

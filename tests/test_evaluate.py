@@ -19,7 +19,8 @@ from torchvision.io import write_png
 from pixelcnn.checkpoints import load_module
 from pixelcnn.config import UserError
 from pixelcnn.data import quantize
-from pixelcnn.evaluation import bits_per_dim, load_images, run
+from pixelcnn.commands.evaluate import load_images
+from pixelcnn.commands.evaluate import main as run
 from pixelcnn.images import levels_to_grid, save_grid
 from pixelcnn.module import PixelCNNModule
 from test_data import write_dataset
@@ -66,7 +67,7 @@ def test_test_bpd_equals_module_loss_and_figures_exist(tmp_path, data_root, num_
     module = load_module(ckpt)
     cached = torch.load(data_root / f"fashion_mnist_{SIZE}px_4lv.pt")  # written by the data module
     with torch.no_grad():  # the whole test split as one batch of the training loss
-        expected = module.bits_per_dim(cached["test_images"], cached["test_labels"]).item()
+        expected = module.mean_bits_per_dim(cached["test_images"], cached["test_labels"]).item()
     assert metrics["test_bpd"] == pytest.approx(expected, abs=1e-5) and metrics["test_images"] == N_TEST
     assert metrics["bpd_most_likely"] <= metrics["test_bpd"] <= metrics["bpd_least_likely"]
     for name in ("nll_heatmaps.png", "most_likely.png", "least_likely.png", "metrics.json"):
@@ -109,8 +110,8 @@ def test_bad_options_are_user_errors(tmp_path, override, message):
 def test_conditional_score_without_labels_is_the_class_marginal(tmp_path):
     module = load_module(save_checkpoint(tmp_path / "c.ckpt", num_classes=10))
     images = torch.randint(4, (5, 1, SIZE, SIZE), dtype=torch.uint8)
-    per_class = torch.stack([bits_per_dim(module, images, torch.full((5,), c)) for c in range(10)], 1)  # (5, 10)
-    marginal = bits_per_dim(module, images)
+    per_class = torch.stack([module.image_bits_per_dim(images, torch.full((5,), c)) for c in range(10)], 1)  # (5, 10)
+    marginal = module.image_bits_per_dim(images)
     # mean_c 2^-b_c lies between max_c 2^-b_c / 10 and max_c 2^-b_c.
     best = per_class.min(1).values
     assert (marginal >= best - 1e-9).all() and (marginal <= best + np.log2(10) / SIZE**2 + 1e-9).all()
@@ -122,7 +123,7 @@ def test_scores_npy_in_both_layouts(tmp_path):
     levels = np.random.default_rng(0).integers(0, 4, (3, SIZE, SIZE)).astype(np.int64)
     np.save(tmp_path / "flat.npy", levels)
     np.save(tmp_path / "channel.npy", levels[:, None].astype(np.uint8))
-    expected = bits_per_dim(load_module(ckpt), torch.from_numpy(levels).to(torch.uint8)[:, None])
+    expected = load_module(ckpt).image_bits_per_dim(torch.from_numpy(levels).to(torch.uint8)[:, None])
     for name in ("flat", "channel"):
         result = run(eval_config(ckpt, tmp_path, tmp_path / "out", images=str(tmp_path / f"{name}.npy")))
         assert result["images"] == [f"{name}.npy[{i}]" for i in range(3)]
@@ -141,7 +142,7 @@ def test_scores_png_folder_with_training_preprocessing(tmp_path):
     images, names = load_images(tmp_path / "pngs", SIZE, 4)
     assert names == ["img0.png", "img1.png"] and torch.equal(images, quantize(pictures[:, 0], SIZE, 4))
     result = run(eval_config(ckpt, tmp_path, tmp_path / "out", images=str(tmp_path / "pngs")))
-    assert result["bits_per_dim"] == pytest.approx(bits_per_dim(load_module(ckpt), images).tolist())
+    assert result["bits_per_dim"] == pytest.approx(load_module(ckpt).image_bits_per_dim(images).tolist())
     assert Path(result["csv"]).name == "scores_pngs.csv"
 
 

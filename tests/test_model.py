@@ -103,12 +103,12 @@ def test_loss_is_in_bits_per_dimension():
     torch.nn.init.zeros_(module.net.to_logits.weight)
     torch.nn.init.zeros_(module.net.to_logits.bias)
     levels = torch.randint(0, 4, (3, 1, 6, 6), dtype=torch.uint8)
-    assert module.bits_per_dim(levels, None).item() == pytest.approx(2.0)
+    assert module.mean_bits_per_dim(levels, None).item() == pytest.approx(2.0)
 
     with torch.no_grad():
         module.net.to_logits.bias.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
     expected = -torch.log2(torch.softmax(torch.tensor([0.0, 1.0, 2.0, 3.0]), 0))[levels.long()].mean()
-    assert module.bits_per_dim(levels, None).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert module.mean_bits_per_dim(levels, None).item() == pytest.approx(expected.item(), rel=1e-5)
     assert module.nll_bits_per_pixel(levels).shape == (3, 6, 6)
 
 
@@ -134,7 +134,7 @@ def test_each_micro_batch_gets_its_own_optimizer_step():
 
 def test_parse_labels():
     from pixelcnn.config import UserError
-    from pixelcnn.generate import parse_labels
+    from pixelcnn.commands.sample import parse_labels
 
     for label in ("sandal", "Sandal", 5):
         labels, nrow = parse_labels(label, 10, 3)

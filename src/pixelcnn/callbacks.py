@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pixelcnn.config import UserError
-from pixelcnn.generate import parse_labels
 from pixelcnn.images import levels_to_grid
 
 
@@ -34,8 +33,8 @@ class SampleGridCallback(L.Callback):
     def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         labels, nrow = None, 8
         if module.conditional:  # one row per class, as `sample.py label=all` draws them
-            classes = module.hparams.num_classes
-            labels, nrow = parse_labels("all", classes, max(self.n // classes, 1))
+            nrow = max(self.n // module.hparams.num_classes, 1)
+            labels = torch.arange(module.hparams.num_classes).repeat_interleave(nrow)
         n = len(labels) if labels is not None else self.n
         levels = module.sample(n, self.temperature, self.seed, labels, self.method)
         grid = levels_to_grid(levels, module.levels, nrow=nrow, scale=self.scale)

@@ -1,8 +1,8 @@
-"""Finding and loading this project's checkpoints, with one clear error when that fails."""
+"""Finding, reading and loading this project's checkpoints (only weights and plain data are ever
+unpickled), with one clear error when that fails; whether a saved run can or need be resumed."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -14,8 +14,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError
-from pixelcnn.run_dirs import fresh_dir, resume_dir_of
-
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
@@ -121,60 +119,6 @@ def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) ->
         if callbacks.get("Timer", {}).get("time_elapsed", {}).get("train", 0) >= limit:
             return f"it trained for trainer.max_time={max_time}: pass a larger trainer.max_time to extend it"
     return None
-
-
-def with_resume_overrides(argv: list[str]) -> list[str]:
-    """`train.py ckpt_path=<run> [more]` -> argv with the run's own overrides (its
-    `.hydra/overrides.yaml`) put before the user's, so a resumed run has the config it was
-    started with (experiment=..., model=..., data.root=...) without retyping it."""
-    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]  # not flags, nor their values
-    resume = [a.split("=", 1)[1] for a in overrides if a.startswith("ckpt_path=")]
-    if not resume or not resume[-1] or "-m" in argv or "--multirun" in argv:
-        return argv
-    run_dir = resume_dir_of(resume[-1])
-    saved = Path(run_dir) / ".hydra" / "overrides.yaml" if run_dir else None
-    if saved is None or not saved.is_file():
-        return argv
-    # Not the ones already given: Lightning's DDP processes re-run this (already rewritten) command.
-    original = [o for o in OmegaConf.load(saved) if not str(o).startswith(("ckpt_path=", "hydra.")) and o not in argv]
-    if not original:
-        return argv
-    print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original)}",
-          flush=True)
-    first = argv.index(overrides[0])
-    return argv[:first] + [str(o) for o in original] + argv[first:]
-
-
-def resume_run_dir(ckpt_path: str | None, default: str) -> str:
-    """Hydra resolver: a resumed run writes into the run dir its checkpoint came from; any other
-    run into `default`, which `pixelcnn.cli.RunDirGuard` then reserves (`fresh_dir`: with a suffix
-    if another run took the name). No side effect here: OmegaConf also evaluates a value that a
-    config merge replaces (bench.yaml's run dir), and that must not create a folder."""
-    return (resume_dir_of(ckpt_path) if ckpt_path else None) or default
-
-
-def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
-    """Hydra resolver: where a run's resolved config goes. A resumed run must not overwrite the
-    `.hydra/` of the run it continues (it is that run's record), so it gets a sub-dir."""
-    return f".hydra/resume-{stamp}" if ckpt_path else ".hydra"
-
-
-def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> str:
-    """Hydra resolver: a sweep job's folder, named by its overrides, shortened (with a hash to
-    stay unique) when they would exceed a file name's length limit."""
-    if len(override_dirname) <= max_length:
-        return f"{job_num}_{override_dirname}" if override_dirname else str(job_num)
-    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    return f"{job_num}_{override_dirname[:max_length]}..{digest}"
-
-
-def register_resolvers() -> None:
-    # use_cache: a sweep dir is reserved once per config (Hydra copies the cache into each job's config).
-    for name, resolver, cached in (("resume_run_dir", resume_run_dir, False), ("fresh_dir", fresh_dir, True),
-                                   ("resume_output_subdir", resume_output_subdir, False),
-                                   ("sweep_subdir", sweep_subdir, False)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver, use_cache=cached)
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -16,19 +16,15 @@ Sample quality (`quality_metrics`):
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from pixelcnn.config import check_options, validate
 from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, Split, cache_lock, save_cache, setup_datamodule
-from pixelcnn.generate import pick_device
 
 EPOCHS = 5  # ~1 min on 2 CPU cores at 16x16, ~88% test accuracy
 
@@ -229,24 +225,3 @@ def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000,
         metrics["class_accuracy"] = (predicted == labels).float().mean().item()
     metrics["quality_n"] = n
     return metrics
-
-
-# ---------------------------------------------------------------------------- command
-
-
-def run(cfg: DictConfig) -> FashionClassifier:
-    """What `train_classifier.py` does: train on the training split of the data module `cfg.data`
-    describes, print test accuracy and the Fréchet floor (1000 train vs 1000 test images), and
-    overwrite the cache."""
-    validate(cfg)  # epochs, batch_size, lr, data.*
-    device = pick_device(cfg.device)
-    data_args = OmegaConf.to_container(cfg.data, resolve=True)
-    check_options(data_args, inspect.signature(FashionMNISTDataModule).parameters, "data", "the data module")
-    datamodule = setup_datamodule(**data_args)
-    classifier = fit_and_cache(datamodule, device, cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    n = min(1000, len(datamodule.train_set[0]), len(datamodule.test_set[0]))
-    train_feats = classify(classifier, random_subset(datamodule.train_set, n, cfg.seed)[0])[0]
-    test_feats = classify(classifier, random_subset(datamodule.test_set, n, cfg.seed)[0])[0]
-    print(f"[classifier] Fréchet distance floor ({n} train vs {n} test images): "
-          f"{frechet_distance(train_feats, test_feats):.3f}", flush=True)
-    return classifier

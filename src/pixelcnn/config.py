@@ -1,22 +1,48 @@
 """Checks of user-supplied config values, so a bad value fails at once with one clear line.
 
-Hydra already rejects unknown keys (the config is in struct mode); this module checks ranges.
+Hydra already rejects unknown keys (the config is in struct mode); this module checks every
+value's range and type (`RULES`, `validate`), in one place. `UserError` is such a mistake, and
+`user_errors_unwrapped` finds the ones that other libraries wrap.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit status 2."""
+
+
+# Writing failed for a reason the user can fix (where the output goes), not a bug: one line.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EDQUOT}
+
+
+@contextmanager
+def user_errors_unwrapped():
+    """Re-raise what wraps a user's mistake as the UserError it is."""
+    try:
+        yield
+    except InstantiationException as err:  # hydra's `instantiate` wraps what a constructor raised
+        raise err.__cause__ if isinstance(err.__cause__, UserError) else err
+    except MissingMandatoryValue as err:  # a `???` key of the config, e.g. ckpt
+        raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> (e.g. ckpt=outputs/<date>/<time>)") from None
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        where = err.filename or "the output folder"
+        raise UserError(f"cannot write {where}: {err.strerror}; pass a writable folder for the outputs") from None
 
 
 def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], bool], str]:
@@ -136,6 +162,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2"),
     # keys of the evaluate / classifier / sample commands
+    "device": _one_of("auto", "cpu", "cuda"),
+    "mode": _one_of("sample", "complete"),
+    "quality": _one_of(True, False),
     "epochs": _int(1),
     "batch_size": _int(1),
     "lr": _positive_float(),
@@ -215,6 +244,27 @@ def non_finite_key(node: Any, prefix: str = "") -> tuple[str, float] | None:
     return None
 
 
+def combination_error(cfg: DictConfig) -> str | None:
+    """What is wrong with values that are each valid but do not go together, or None."""
+    select = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
+    one_temperature = not isinstance(select("temperature"), ListConfig)
+    if select("model.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
+        return "scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
+    every, steps = select("checkpoint_every_n_steps"), select("data.steps_per_batch")
+    if isinstance(every, int) and isinstance(steps, int) and every % steps:  # steps are taken `steps` at a time
+        return f"checkpoint_every_n_steps={every} is invalid: it must be a multiple of data.steps_per_batch={steps}"
+    if select("mode") == "complete":  # sample.py's image completion
+        if not one_temperature:
+            return "mode=complete takes one temperature, not a list"
+        if select("method") != "fast":
+            return f"mode=complete uses the fast (incremental) sampler only: drop method={select('method')}"
+        if select("label") == "all":
+            return "mode=complete takes label=<one class> (test images of that class) or no label, not label=all"
+    if "quality" in cfg and not one_temperature:  # evaluate.py
+        return "evaluate.py takes one temperature (of the quality samples), not a list"
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise UserError naming the first key whose value is out of range. Every float key must
     be finite (inf and nan pass `> 0` style checks but mean nothing as a setting)."""
@@ -229,13 +279,8 @@ def validate(cfg: DictConfig) -> None:
         if not ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
             raise UserError(f"{key}={shown!r} is invalid: it must be {allowed}")
-    if OmegaConf.select(cfg, "model.scheduler.name") == "cosine" and cfg.trainer.max_epochs == -1 \
-            and cfg.trainer.max_steps == -1:
-        raise UserError("scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps")
-    every, steps = OmegaConf.select(cfg, "checkpoint_every_n_steps"), OmegaConf.select(cfg, "data.steps_per_batch")
-    if isinstance(every, int) and isinstance(steps, int) and every % steps:  # steps are taken `steps` at a time
-        raise UserError(f"checkpoint_every_n_steps={every} is invalid: it must be a multiple of "
-                        f"data.steps_per_batch={steps}")
+    if message := combination_error(cfg):
+        raise UserError(message)
     check_output_keys(cfg)
     for key in ("levels", "image_size"):  # the model's copies (stored in checkpoints) must match the data
         model_value, data_value = OmegaConf.select(cfg, f"model.{key}"), OmegaConf.select(cfg, f"data.{key}")

@@ -34,7 +34,8 @@ from pixelcnn.config import UserError
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
+CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+NUM_CLASSES = len(CLASS_NAMES)
 APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 IMAGES_MAGIC_NDIM, LABELS_MAGIC_NDIM = 3, 1  # IDX magic 0x0803 (images) / 0x0801 (labels)
 IDX_UBYTE = 0x08
@@ -48,11 +49,11 @@ FIX_CORRUPT = (
 )
 
 
-class CorruptDatasetError(RuntimeError):
+class CorruptDatasetError(UserError):
     """An IDX file exists but is truncated, too long, or not a valid IDX/gzip file."""
 
 
-class DatasetNotFoundError(RuntimeError):
+class DatasetNotFoundError(UserError):
     """The IDX files are in none of the places searched and could not be downloaded."""
 
 
@@ -407,10 +408,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
     With `on_device` "auto" the data moves once to the trainer's CUDA device; True moves it to
     any non-CPU trainer device; False keeps it on the CPU.
     """
-
-    CLASS_NAMES = (
-        "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
-    )
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from pixelcnn.config import UserError, check_options
 from pixelcnn.gated import GatedPixelCNN
 from pixelcnn.model import PixelCNN
-from pixelcnn.sampling import SamplingMethod, sample
+from pixelcnn.sampling import SamplingMethod, eval_mode, sample
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
 
@@ -65,7 +65,7 @@ class PixelCNNModule(L.LightningModule):
         self.levels = levels
         self.image_size = image_size
         self.conditional = num_classes > 0
-        self.loss_fn = self.bits_per_dim  # replaced by a compiled version in `compile_loss`
+        self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
         # Mean bits/dim over the whole split, per image: the sum and the count are each summed over
         # DDP ranks, so it equals one process's mean. (self.log's sync_dist averages the count as an
         # integer, which truncates when the ranks' shares differ.) "disable": NaN stays NaN, and no
@@ -78,20 +78,41 @@ class PixelCNNModule(L.LightningModule):
         self._cosine: WarmupCosine | None = None  # the cosine schedule, once configure_optimizers made it
 
     # --- the objective ---------------------------------------------------------------------------
-    def bits_per_dim(self, levels: Tensor, labels: Tensor) -> Tensor:
-        """Mean negative log-likelihood of the batch in bits per pixel. (B, 1, H, W) uint8 -> ()"""
-        return self.nll_bits_per_pixel(levels, labels).mean()
+    def mean_bits_per_dim(self, images: Tensor, labels: Tensor) -> Tensor:
+        """The loss: mean negative log-likelihood of the batch in bits per pixel. (B, 1, H, W) uint8 -> ()"""
+        return self.nll_bits_per_pixel(images, labels).mean()
 
-    def nll_bits_per_pixel(self, levels: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Negative log-likelihood of every pixel in bits. (B, 1, H, W) uint8 levels -> (B, H, W)"""
-        x = levels.float() / self.levels  # (B, 1, H, W) model input
+    def nll_bits_per_pixel(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Negative log-likelihood of every pixel in bits. (B, 1, H, W) uint8 level images -> (B, H, W)"""
+        x = images.float() / self.levels  # (B, 1, H, W) model input
         logits = self.net(x, labels if self.conditional else None)  # (B, L, H, W)
-        return F.cross_entropy(logits.float(), levels[:, 0].long(), reduction="none") / math.log(2)
+        return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
+
+    @torch.no_grad()
+    def nll_maps(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
+        """`nll_bits_per_pixel` of any number of images, in eval mode. (N, 1, H, W) uint8 -> (N, H, W) on the CPU"""
+        maps = []
+        with eval_mode(self):
+            for start in range(0, len(images), batch_size):
+                batch_labels = labels[start : start + batch_size].to(self.device) if labels is not None else None
+                maps.append(self.nll_bits_per_pixel(images[start : start + batch_size].to(self.device), batch_labels).cpu())
+        return torch.cat(maps)
+
+    def image_bits_per_dim(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
+        """Bits/dim of each image: (N, 1, H, W) uint8 -> (N,) float64. A conditional model without
+        labels gives the marginal over classes (uniform prior), -log2(mean_c 2^(-bits(x | c))) / (H * W)."""
+        if not self.conditional or labels is not None:
+            return self.nll_maps(images, labels, batch_size).double().mean((1, 2))
+        classes = self.hparams.num_classes
+        total_bits = torch.stack([self.nll_maps(images, torch.full((len(images),), c), batch_size).double().sum((1, 2))
+                                  for c in range(classes)], dim=1)  # (N, C)
+        marginal = -(torch.logsumexp(-total_bits * math.log(2), dim=1) - math.log(classes)) / math.log(2)
+        return marginal / images[0, 0].numel()
 
     def compile_loss(self, **compile_kwargs) -> None:
         """Compile the whole loss (input scaling, network, cross-entropy) as one graph; the
         parameters stay in `self.net`, so checkpoints are unchanged."""
-        self.loss_fn = torch.compile(self.bits_per_dim, **compile_kwargs)
+        self.loss_fn = torch.compile(self.mean_bits_per_dim, **compile_kwargs)
 
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
         """`batch` is a list of micro-batches of `data.batch_size` (see `data.steps_per_batch`):
@@ -107,14 +128,14 @@ class PixelCNNModule(L.LightningModule):
         steps_left = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1
         epoch_ends_here = batch_idx + 1 == trainer.num_training_batches
         losses, sizes = [], []
-        for i, (levels, labels) in enumerate(batch):
+        for i, (images, labels) in enumerate(batch):
             if self._accumulated == 0:
                 optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(levels, labels)
+            loss = self.loss_fn(images, labels)
             self.manual_backward(loss if accumulate == 1 else loss / accumulate)
             # A copy: compiled (CUDA-graph) outputs are overwritten by the next call. No host sync.
             losses.append(loss.detach().clone())
-            sizes.append(len(levels))
+            sizes.append(len(images))
             self._accumulated += 1
             if self._accumulated == accumulate or (epoch_ends_here and i == len(batch) - 1):
                 optimizer.step()  # clipping happens in `on_before_optimizer_step`, on unscaled gradients

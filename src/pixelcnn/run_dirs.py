@@ -1,4 +1,5 @@
-"""Run directories that cannot collide, and the rule that only a run's own directory is removed.
+"""Where runs write: run and sweep folder names (the Hydra resolvers of conf/train.yaml), folders
+that cannot collide, and the rule that only a run's own folder is removed.
 
 `fresh_dir` (a Hydra resolver) reserves a new directory with one atomic `os.mkdir`, adding a
 suffix when another run (another process, the same second) took the name first, so two runs
@@ -7,17 +8,19 @@ reserved here, or one that did not exist when the run started, is known to be th
 `created_by_this_run` says so, and only such a directory may be removed after an input error.
 
 `check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
-cannot be written (`pixelcnn.cli.RunDirGuard` calls it before Hydra writes into the dir).
+cannot be written (`pixelcnn.commands.train.RunDirGuard` calls it before Hydra writes into the dir).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from pixelcnn.config import UserError, check_out_dir
 
@@ -96,7 +99,7 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
         _CREATED.add(path.resolve())
 
 
-def resume_dir_of(ckpt_path: str) -> str | None:
+def run_dir_of(ckpt_path: str | Path) -> str | None:
     """The run dir a checkpoint path belongs to (a run dir, its checkpoints/ or a file in it), or None."""
     path = Path(ckpt_path)
     if path.is_dir():
@@ -109,3 +112,36 @@ def removable_on_error(output_dir: str | Path) -> bool:
     sweep job's dir (RunDirGuard let the sweep start only in a new or empty sweep dir)."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     return created_by_this_run(output_dir) or multirun
+
+
+def resume_run_dir(ckpt_path: str | None, default: str) -> str:
+    """Hydra resolver: a resumed run writes into the run dir its checkpoint came from; any other
+    run into `default`, which `pixelcnn.commands.train.RunDirGuard` then reserves (`fresh_dir`: with a suffix
+    if another run took the name). No side effect here: OmegaConf also evaluates a value that a
+    config merge replaces (bench.yaml's run dir), and that must not create a folder."""
+    return (run_dir_of(ckpt_path) if ckpt_path else None) or default
+
+
+def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
+    """Hydra resolver: where a run's resolved config goes. A resumed run must not overwrite the
+    `.hydra/` of the run it continues (it is that run's record), so it gets a sub-dir."""
+    return f".hydra/resume-{stamp}" if ckpt_path else ".hydra"
+
+
+def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> str:
+    """Hydra resolver: a sweep job's folder, named by its overrides, shortened (with a hash to
+    stay unique) when they would exceed a file name's length limit."""
+    if len(override_dirname) <= max_length:
+        return f"{job_num}_{override_dirname}" if override_dirname else str(job_num)
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return f"{job_num}_{override_dirname[:max_length]}..{digest}"
+
+
+def register_resolvers() -> None:
+    """Make the resolvers above known to OmegaConf, before Hydra composes a config that uses them."""
+    # use_cache: a sweep dir is reserved once per config (Hydra copies the cache into each job's config).
+    for name, resolver, cached in (("resume_run_dir", resume_run_dir, False), ("fresh_dir", fresh_dir, True),
+                                   ("resume_output_subdir", resume_output_subdir, False),
+                                   ("sweep_subdir", sweep_subdir, False)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver, use_cache=cached)

@@ -67,14 +67,30 @@ def sample_naive(model: nn.Module, uniforms: Tensor, height: int, width: int, te
 
 
 @torch.no_grad()
-def _fast_loop(model: nn.Module, uniforms: Tensor, out: Tensor, temperature: float, labels: Tensor | None) -> None:
+def _fast_loop(model: nn.Module, uniforms: Tensor, out: Tensor, temperature: float, labels: Tensor | None,
+               kept_rows: int = 0) -> None:
+    """Fill `out` (B, H, W) in raster order; rows [0, kept_rows) keep their values (completion)."""
     n, height, width = out.shape
     state = model.start_incremental(n, height, width, labels)
     for i in range(height):
         for j in range(width):
-            level = draw_levels(state.logits(i, j), temperature, uniforms[:, i * width + j])
-            state.set_pixel(i, j, level)
-            out[:, i, j] = level
+            logits = state.logits(i, j)  # (B, L); kept pixels too: the protocol fills its caches in raster order
+            if i >= kept_rows:
+                out[:, i, j] = draw_levels(logits, temperature, uniforms[:, i * width + j])
+            state.set_pixel(i, j, out[:, i, j])
+
+
+@torch.no_grad()
+def complete_fast(model: nn.Module, known: Tensor, rows: int, uniforms: Tensor, temperature: float = 1.0,
+                  labels: Tensor | None = None) -> Tensor:
+    """Image completion: keep rows [0, rows) of `known` (B, H, W) and draw the others. -> (B, H, W) long
+
+    In raster order every pixel is conditioned on all pixels above it, so this is exact sampling
+    from p(bottom | top) with `sample_fast`'s draw rule; `uniforms` (B, H*W) as from
+    `draw_uniforms` (the entries of kept pixels are unused)."""
+    out = known.long().clone()  # (B, H, W)
+    _fast_loop(model, uniforms, out, temperature, labels, kept_rows=rows)
+    return out
 
 
 class _CapturedSampler:

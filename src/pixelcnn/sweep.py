@@ -1,18 +1,16 @@
 """A sweep's results: each job's `metrics.json` (written as the job ends, ok or failed) and, when
-the sweep ends, one summary of all jobs in the sweep dir: `summary.md` (jobs ranked by best val
-bits/dim, failed ones with their reason), `summary.png` (best val bits/dim against each swept
-parameter) and the best parameters in `optimization_results.yaml`."""
+the sweep ends (`write_summary`, called by the train command's SweepSummary callback), one
+summary of all jobs in the sweep dir: `summary.md` (jobs ranked by best val bits/dim, failed
+ones with their reason), `summary.png` (best val bits/dim against each swept parameter) and the
+best parameters in `optimization_results.yaml`."""
 
 from __future__ import annotations
 
-import atexit
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
@@ -159,42 +157,18 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     return [ax.get_title() for ax in axes.flat[:len(swept)]]
 
 
-class SweepSummary(Callback):
-    """When a sweep ends: summary.md, summary.png and (unless the sweeper wrote it)
-    optimization_results.yaml in the sweep dir; then exit status 1 if any job failed.
-    If the sweep ends early instead (Ctrl-C, or the Optuna sweeper's error when every trial
-    failed: "No trials are completed yet"), the summary of the jobs so far is written at exit."""
-
-    def __init__(self) -> None:
-        self._pending: DictConfig | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._pending = config
-        atexit.register(self._write_if_pending)  # Hydra calls no callback when the sweep raises
-
-    def _write_if_pending(self) -> None:
-        if self._pending is not None and Path(self._pending.hydra.sweep.dir).is_dir():
-            self.write(self._pending)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if failed := self.write(config):
-            print(f"error: {failed} jobs failed (see {Path(config.hydra.sweep.dir) / 'summary.md'})",
-                  file=sys.stderr, flush=True)
-            # SystemExit passes through Hydra's callback and error handling (they catch Exception).
-            raise SystemExit(1)
-
-    def write(self, config: DictConfig) -> int:
-        """Write the summary files; returns the number of failed jobs."""
-        self._pending = None
-        sweep_dir = Path(config.hydra.sweep.dir)
-        runs = collect_runs(sweep_dir)
-        table = summary_table(runs)
-        if plot(runs, sweep_dir / "summary.png"):
-            table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
-        (sweep_dir / "summary.md").write_text(table)
-        results_file = sweep_dir / RESULTS_FILE
-        sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
-        if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
-            OmegaConf.save(OmegaConf.create(best), results_file)
-        print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
-        return sum(r["status"] != "ok" for r in runs)
+def write_summary(config: DictConfig) -> int:
+    """Write summary.md, summary.png and (unless the sweeper wrote it) optimization_results.yaml
+    into the sweep dir of `config`; print the table; return the number of failed jobs."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    runs = collect_runs(sweep_dir)
+    table = summary_table(runs)
+    if plot(runs, sweep_dir / "summary.png"):
+        table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
+    (sweep_dir / "summary.md").write_text(table)
+    results_file = sweep_dir / RESULTS_FILE
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
+    if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
+        OmegaConf.save(OmegaConf.create(best), results_file)
+    print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
+    return sum(r["status"] != "ok" for r in runs)

@@ -1,7 +1,7 @@
-"""A Hydra callback that checks every job of a sweep before the first one trains: each job's
-config is composed (with Hydra's own sweep expansion and config loader) and given the checks a
-job runs first (config.validate, the device choice, the model's constructor). Bad jobs get one
-`error:` line each and the sweep stops with exit status 2, before the sweep dir is created.
+"""Checks every job of a sweep before the first one trains (`sweep_errors`, run by the train
+command's SweepPrecheck callback): each job's config is composed (with Hydra's own sweep
+expansion and config loader) and given the checks a job runs first (config.validate, the device
+choice, the model's constructor). Bad jobs get one `error:` line each.
 
 For the Optuna sweeper the jobs are not known in advance; its search space is checked instead:
 each parameter at both ends of its interval or range and at each of its choices (the others as
@@ -9,17 +9,13 @@ the config has them)."""
 
 from __future__ import annotations
 
-import sys
-from typing import Any
-
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.config import UserError
+from pixelcnn.config import UserError, user_errors_unwrapped, validate
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
@@ -36,8 +32,6 @@ def check_job(cfg: DictConfig, here: bool) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from pixelcnn.cli import user_errors_unwrapped
-    from pixelcnn.config import validate
     from pixelcnn.training import resolve_speed
 
     validate(cfg)
@@ -92,28 +86,26 @@ def search_space_checks(master: DictConfig, arguments: list[str]) -> list[tuple[
              fixed + [f"{key}={value}"]) for key, (override, values) in space.items() for value in values]
 
 
-class SweepPrecheck(Callback):
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweeper = OmegaConf.select(config, "hydra.sweeper._target_")
-        arguments = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
-        if sweeper == BASIC_SWEEPER:
-            jobs = basic_sweep_jobs(config, arguments)
-            varied = {o.split("=", 1)[0] for job in jobs for o in job
-                      if sum(o in other for other in jobs) < len(jobs)}  # the overrides that differ between jobs
-            checks = [(f"job {n} ({' '.join(o for o in job if o.split('=', 1)[0] in varied) or ' '.join(job)})", job)
-                      for n, job in enumerate(jobs)]
-        elif sweeper == OPTUNA_SWEEPER:
-            checks = search_space_checks(config, arguments)
-        else:  # another sweeper: its jobs are checked as they start
-            return
-        errors, seen = [], set()
-        for label, overrides in checks:
-            error = job_error(config, overrides)
-            # A bad fixed override shows in every check of the search space: named once.
-            if error is not None and not (sweeper == OPTUNA_SWEEPER and error in seen):
-                seen.add(error)
-                errors.append(f"error: {label}: {error}")
-        if errors:
-            print("\n".join(errors), file=sys.stderr, flush=True)
-            # SystemExit passes through Hydra's callback and error handling (they catch Exception).
-            raise SystemExit(2)
+def sweep_errors(config: DictConfig) -> list[str]:
+    """One `error: <job>: <why>` line for each job (Optuna: each search-space value) of the sweep
+    `config` describes that would fail as it starts; empty if all pass or the sweeper is another."""
+    sweeper = OmegaConf.select(config, "hydra.sweeper._target_")
+    arguments = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
+    if sweeper == BASIC_SWEEPER:
+        jobs = basic_sweep_jobs(config, arguments)
+        varied = {o.split("=", 1)[0] for job in jobs for o in job
+                  if sum(o in other for other in jobs) < len(jobs)}  # the overrides that differ between jobs
+        checks = [(f"job {n} ({' '.join(o for o in job if o.split('=', 1)[0] in varied) or ' '.join(job)})", job)
+                  for n, job in enumerate(jobs)]
+    elif sweeper == OPTUNA_SWEEPER:
+        checks = search_space_checks(config, arguments)
+    else:  # another sweeper: its jobs are checked as they start
+        return []
+    errors, seen = [], set()
+    for label, overrides in checks:
+        error = job_error(config, overrides)
+        # A bad fixed override shows in every check of the search space: named once.
+        if error is not None and not (sweeper == OPTUNA_SWEEPER and error in seen):
+            seen.add(error)
+            errors.append(f"error: {label}: {error}")
+    return errors

@@ -16,8 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import check_out_dir, validate
+from pixelcnn.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
 from pixelcnn.training import SpeedChoices, build_module, resolve_speed
+
+register_resolvers()  # conf/bench.yaml composes the training config, which uses them
 
 
 class _Timer(L.Callback):

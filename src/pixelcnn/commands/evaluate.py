@@ -1,4 +1,4 @@
-"""Likelihood tools, what `python evaluate.py ckpt=...` does.
+"""What `python evaluate.py ckpt=...` does, with the model's likelihoods (`PixelCNNModule.nll_maps`).
 
 Without `images=`: exact test bits/dim over the whole test split, a per-pixel NLL heatmap
 figure (where the model is surprised), grids of the most and least likely test images, and
@@ -14,50 +14,25 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import Tensor
 from torchvision.io import ImageReadMode, read_image
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.classifier import load_or_train_classifier, quality_metrics
+from pixelcnn.commands.cli import pick_device
 from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.data import quantize, setup_datamodule
-from pixelcnn.generate import default_out_dir, pick_device
 from pixelcnn.images import levels_to_grid, save_grid
-from pixelcnn.sampling import eval_mode
+from pixelcnn.run_dirs import run_dir_of
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
-
-
-@torch.no_grad()
-def nll_maps(module, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-    """Per-pixel negative log-likelihood in bits. (N, 1, H, W) uint8 levels -> (N, H, W) float on the CPU"""
-    maps = []
-    with eval_mode(module):
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(module.device)
-            batch_labels = labels[start : start + batch_size].to(module.device) if labels is not None else None
-            maps.append(module.nll_bits_per_pixel(batch, batch_labels).cpu())
-    return torch.cat(maps)
-
-
-def bits_per_dim(module, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-    """Bits/dim of each image: (N, 1, H, W) uint8 -> (N,) float64. Conditional models without
-    labels get the marginal over classes, -log2(mean_c 2^(-bits(x | c))) / (H * W)."""
-    if not module.conditional or labels is not None:
-        return nll_maps(module, images, labels, batch_size).double().mean((1, 2))
-    classes = module.hparams.num_classes
-    total_bits = torch.stack([nll_maps(module, images, torch.full((len(images),), c), batch_size).double().sum((1, 2))
-                              for c in range(classes)], dim=1)  # (N, C)
-    marginal = -(torch.logsumexp(-total_bits * math.log(2), dim=1) - math.log(classes)) / math.log(2)
-    return marginal / images[0, 0].numel()
 
 
 # ---------------------------------------------------------------------------- reading user images
@@ -135,7 +110,7 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels)
     images, labels = datamodule.test_set
     started = time.perf_counter()
-    maps = nll_maps(module, images, labels if module.conditional else None, cfg.batch_size)  # (N, H, W)
+    maps = module.nll_maps(images, labels if module.conditional else None, cfg.batch_size)  # (N, H, W)
     per_image = maps.double().mean((1, 2))  # (N,) bits/dim of each test image
     seconds = time.perf_counter() - started
     order = per_image.argsort()
@@ -175,7 +150,7 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
 def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
     """Bits/dim of each image in `cfg.images`: printed table and `scores_<name>.csv`."""
     images, names = load_images(cfg.images, module.image_size, module.levels)
-    scores = bits_per_dim(module, images, None, cfg.batch_size)  # (N,)
+    scores = module.image_bits_per_dim(images, None, cfg.batch_size)  # (N,)
     csv_path = out_dir / f"scores_{Path(cfg.images).stem}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as file:
@@ -194,17 +169,13 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
     return {"images": names, "bits_per_dim": scores.tolist(), "csv": str(csv_path)}
 
 
-def run(cfg: DictConfig) -> dict:
-    """What `evaluate.py` does: the test-split evaluation, or with `images=` the outlier scores."""
-    validate(cfg)  # batch_size, heatmaps, extremes, quality_n (0 or >= 2), temperature, method
-    if not isinstance(cfg.quality, bool):
-        raise UserError(f"quality={cfg.quality!r} is invalid: it must be true or false")
-    if isinstance(cfg.temperature, ListConfig):
-        raise UserError("evaluate.py takes one temperature (of the quality samples), not a list")
+def main(cfg: DictConfig) -> dict:
+    """The test-split evaluation, or with `images=` the outlier scores."""
+    validate(cfg)
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, device)
-    out_dir = check_out_dir(cfg.out if cfg.out else default_out_dir(ckpt).with_name("eval"))
+    out_dir = check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / "eval")
     if cfg.images is not None:
         return score_images(module, cfg, out_dir)
     return evaluate_test_split(module, cfg, out_dir, ckpt)

@@ -17,6 +17,7 @@ from pixelcnn.data import (
     CorruptDatasetError,
     DatasetNotFoundError,
     FashionMNISTDataModule,
+    default_data_dir,
     quantize,
     read_idx,
     resize_images,
@@ -35,6 +36,23 @@ def source_indices(images: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
     equal = (images[:, None] == candidates[None]).flatten(2).all(-1)  # (N, M)
     assert (equal.sum(1) == 1).all()
     return equal.int().argmax(1)
+
+
+# ---------------------------------------------------------------------------- the data dir
+
+
+def test_data_dir_is_one_place_whatever_the_launch_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative default would land here
+    monkeypatch.setenv("PIXELCNN_DATA_DIR", "~/datasets/pixelcnn")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_data_dir() == tmp_path / "home" / "datasets" / "pixelcnn"
+    monkeypatch.delenv("PIXELCNN_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_data_dir() == tmp_path / "xdg" / "pixelcnn"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_data_dir() == tmp_path / "home" / ".cache" / "pixelcnn"
+    assert FashionMNISTDataModule().root == default_data_dir()  # data.root: null
+    assert FashionMNISTDataModule(root="~/mine").root == tmp_path / "home" / "mine"
 
 
 # ---------------------------------------------------------------------------- preprocessing

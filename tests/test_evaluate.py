@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,23 @@ def test_evaluate_entry_point(tmp_path, data_root):
     assert done.returncode == 0, done.stderr
     assert "test bits/dim" in done.stdout and (tmp_path / "eval" / "metrics.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "tiny.ckpt"]  # nothing else written
+
+
+def test_commands_share_one_data_dir_whatever_the_launch_dir(tmp_path):
+    """evaluate.py run from two folders builds the data cache and trains the classifier once,
+    in $PIXELCNN_DATA_DIR, and writes nothing into either launch folder."""
+    data_dir, ckpt = tmp_path / "cache", save_checkpoint(tmp_path / "tiny.ckpt", num_classes=10)
+    write_dataset(data_dir, n_train=5010, n_test=N_TEST)
+    env = {**os.environ, "PIXELCNN_DATA_DIR": str(data_dir)}
+    outputs = []
+    for name in ("first", "second"):
+        launch = tmp_path / name
+        launch.mkdir()
+        done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", "quality_n=10", "heatmaps=0",
+                               "extremes=2", f"out={tmp_path / name / 'eval'}", "device=cpu"],
+                              cwd=launch, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in launch.iterdir()) == ["eval"]  # no data/ where it was launched
+        outputs.append(done.stdout)
+    assert "no cached classifier" in outputs[0] and "no cached classifier" not in outputs[1]
+    assert (data_dir / f"fashion_mnist_{SIZE}px_4lv.pt").is_file() and (data_dir / f"classifier_{SIZE}px_4lv.pt").is_file()

@@ -71,18 +71,10 @@ def test_incremental_logits_match_the_full_forward_pass(config):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(levels=1), "levels must be >= 2"),
-        (dict(channels=0), "channels and layers must be positive"),
-        (dict(layers=0), "channels and layers must be positive"),
         (dict(kernel_size=4), "kernel_size must be odd"),
         (dict(kernel_size=0), "kernel_size must be odd"),
         (dict(input_kernel=6), "input_kernel must be odd"),
         (dict(input_kernel=1), "input_kernel must be odd and >= 3"),
-        (dict(dilations=()), "dilations must be a non-empty"),
-        (dict(dilations=(1, 0)), "dilations must be a non-empty"),
-        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
-        (dict(num_classes=-1), "num_classes must be >= 0"),
     ],
 )
 def test_invalid_arguments_raise(bad, message):

@@ -36,8 +36,8 @@ class SampleGridCallback(L.Callback):
             nrow = max(self.n // module.hparams.num_classes, 1)
             labels = torch.arange(module.hparams.num_classes).repeat_interleave(nrow)
         n = len(labels) if labels is not None else self.n
-        levels = module.sample(n, self.temperature, self.seed, labels, self.method)
-        grid = levels_to_grid(levels, module.levels, nrow=nrow, scale=self.scale)
+        images = module.sample(n, self.temperature, self.seed, labels, self.method)
+        grid = levels_to_grid(images, module.levels, nrow=nrow, scale=self.scale)
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_image"):
                 logger.experiment.add_image(f"samples/T={self.temperature:g}", grid, trainer.current_epoch + 1)

@@ -2,9 +2,9 @@
 
 The classifier sees images exactly as the PixelCNN does (quantized to `levels` grey levels at
 `image_size`, input `level / levels`), so its features measure what the generative model
-models. It is trained on a data module's training split and cached as
-`<data module root>/classifier_<S>px_<L>lv.pt`, one per (image_size, levels);
-`python train_classifier.py` (re)trains it.
+models. It is trained on a data module's training split and cached beside its data cache, as
+`<data dir>/classifier_<S>px_<L>lv.pt`, one per (image_size, levels); `python
+train_classifier.py` (re)trains it.
 
 Sample quality (`quality_metrics`):
 - Fréchet distance (FID-style, Heusel et al. 2017) between the classifier's penultimate
@@ -46,21 +46,21 @@ class FashionClassifier(nn.Module):
         )
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, NUM_CLASSES))
 
-    def features(self, levels: Tensor) -> Tensor:
-        """Penultimate features. (B, 1, S, S) or (B, S, S) integer levels -> (B, feature_dim)"""
-        x = levels.reshape(-1, 1, *levels.shape[-2:]).float() / self.levels  # (B, 1, S, S) as the PixelCNN sees it
+    def features(self, images: Tensor) -> Tensor:
+        """Penultimate features. (B, 1, S, S) or (B, S, S) integer level images -> (B, feature_dim)"""
+        x = images.reshape(-1, 1, *images.shape[-2:]).float() / self.levels  # (B, 1, S, S) as the PixelCNN sees it
         return self.body(x)
 
-    def forward(self, levels: Tensor) -> Tensor:  # -> (B, 10) logits
-        return self.head(self.features(levels))
+    def forward(self, images: Tensor) -> Tensor:  # -> (B, 10) logits
+        return self.head(self.features(images))
 
 
 @torch.no_grad()
-def classify(classifier: FashionClassifier, levels: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-    """(features (N, D) float64, predicted classes (N,)) of levels (N, [1,] S, S), on the CPU."""
+def classify(classifier: FashionClassifier, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """(features (N, D) float64, predicted classes (N,)) of level images (N, [1,] S, S), on the CPU."""
     device = next(classifier.parameters()).device
     features, predictions = [], []
-    for batch in levels.split(batch_size):
+    for batch in images.split(batch_size):
         feats = classifier.features(batch.to(device))
         features.append(feats.double().cpu())
         predictions.append(classifier.head(feats).argmax(-1).cpu())
@@ -192,7 +192,7 @@ def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000,
     `data` is a `FashionMNISTDataModule` (set up here if it is not yet; its tensors may be on
     any device) or a bare test split (images, labels). The classifier defaults to the one cached
     in the data module's root, trained on its training split if absent; with a bare split, to
-    the one of the default data module in `data/`.
+    the one in the default data dir (`data.default_data_dir`).
     """
     datamodule = data if isinstance(data, FashionMNISTDataModule) else None
     if datamodule is not None:
@@ -210,7 +210,7 @@ def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000,
         print(f"[classifier] quality_n={n} is more than the {available} {what}: using {available}", flush=True)
         n = available
     if classifier is None:
-        source = datamodule if datamodule is not None else setup_datamodule("data", module.image_size, module.levels)
+        source = datamodule if datamodule is not None else setup_datamodule(None, module.image_size, module.levels)
         classifier = load_or_train_classifier(source, module.device)
     test_images, _ = random_subset(test_set, n, seed)
     labels = torch.arange(n) % module.hparams.num_classes if module.conditional else None

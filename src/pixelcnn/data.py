@@ -5,8 +5,10 @@ quantized to `levels` grey levels exactly as in the reference notebook (Foster, 
 Deep Learning", 2nd ed., chapter 5). The whole dataset is ~20 MB of uint8, so it is kept in
 memory (on the GPU when training there) and batches are cut with one indexing op each.
 
-The IDX files are taken from, in this order: the configured root directory, the Debian
-package directory (`apt-get install dataset-fashion-mnist`), or torchvision's download.
+The IDX files are taken from, in this order: the data dir (`data.root`, by default
+`default_data_dir()`), the Debian package directory (`apt-get install dataset-fashion-mnist`),
+or torchvision's download into the data dir. The preprocessed tensors are cached in the data dir,
+and so is the sample-quality classifier (`pixelcnn.classifier`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class CorruptDatasetError(UserError):
 
 class DatasetNotFoundError(UserError):
     """The IDX files are in none of the places searched and could not be downloaded."""
+
+
+def default_data_dir() -> Path:
+    """The data dir when `data.root` is null: $PIXELCNN_DATA_DIR, else $XDG_CACHE_HOME/pixelcnn
+    (~/.cache/pixelcnn). One place for every command, wherever it is launched from."""
+    if configured := os.environ.get("PIXELCNN_DATA_DIR"):
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pixelcnn"
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -411,7 +421,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str | os.PathLike = "data",
+        root: str | os.PathLike | None = None,
         system_dir: str | os.PathLike = "/usr/share/datasets/fashion-mnist",
         download: bool = True,
         image_size: int = 16,
@@ -427,11 +437,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
         limit_train_batches: int | float | None = None,
     ):
         super().__init__()
-        if on_device not in ("auto", True, False):
-            raise ValueError(f"on_device must be 'auto', True or False, got {on_device!r}")
-        if not 2 <= levels <= 256:
+        if not 2 <= levels <= 256:  # more would wrap around in uint8 (ranges are otherwise config.RULES')
             raise ValueError(f"levels must be in 2..256 to fit uint8, got {levels}")
-        self.root, self.system_dir, self.download = root, system_dir, download
+        self.root = Path(root).expanduser() if root else default_data_dir()  # a config's ~ is not expanded by the shell
+        self.system_dir, self.download = system_dir, download
         self.image_size, self.levels = image_size, levels
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed = val_size, split_seed
@@ -526,7 +535,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self.loader("test_set", self.eval_batch_size, train=False)
 
 
-def setup_datamodule(root: str | os.PathLike, image_size: int, levels: int, **kwargs) -> FashionMNISTDataModule:
+def setup_datamodule(root: str | os.PathLike | None, image_size: int, levels: int, **kwargs) -> FashionMNISTDataModule:
     """The data module, set up: same files, cache and splits as training (other arguments as
     `FashionMNISTDataModule`'s, e.g. `val_size`, `system_dir`)."""
     datamodule = FashionMNISTDataModule(root=root, image_size=image_size, levels=levels, **kwargs)

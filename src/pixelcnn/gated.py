@@ -159,20 +159,11 @@ class GatedPixelCNN(nn.Module):
     ):
         super().__init__()
         dilations = tuple(dilations)  # Hydra passes a ListConfig
-        if levels < 2:
-            raise ValueError(f"levels must be >= 2, got {levels}")
-        if channels < 1 or layers < 1:
-            raise ValueError(f"channels and layers must be positive, got {channels} and {layers}")
+        # Only what the masks need; value ranges are checked once, in config.RULES.
         if kernel_size < 1 or kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
         if input_kernel < 3 or input_kernel % 2 != 1:  # 1 would hide everything from the input convs
             raise ValueError(f"input_kernel must be odd and >= 3, got {input_kernel}")
-        if not dilations or any(d < 1 for d in dilations):
-            raise ValueError(f"dilations must be a non-empty sequence of positive integers, got {dilations}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.levels = levels
         self.num_classes = num_classes
         self.input_vertical = VerticalStackConv(1, channels, input_kernel, mask_center=True)
@@ -211,7 +202,7 @@ class IncrementalGatedPixelCNN:
 
     Protocol shared with every model of the project (see `pixelcnn.sampling`):
       logits(i, j) -> (B, levels)   all pixels before (i, j) must have been set
-      set_pixel(i, j, levels)       (B,) integer levels of pixel (i, j)
+      set_pixel(i, j, values)       (B,) integer levels of pixel (i, j)
     As for `IncrementalPixelCNN`, `logits` must be called at every pixel in raster order
     (it is what fills the caches).
     """
@@ -258,6 +249,6 @@ class IncrementalGatedPixelCNN:
         h = F.relu(conv1x1_at(net.head, F.relu(h)) + net.cond_head(labels))  # (B, C)
         return conv1x1_at(net.to_logits, h)
 
-    def set_pixel(self, i: int, j: int, levels: Tensor) -> None:
+    def set_pixel(self, i: int, j: int, values: Tensor) -> None:
         p = self.net.input_vertical.pad_side
-        self.image[:, 0, i + p, j + p] = levels.to(self.image.dtype) / self.net.levels
+        self.image[:, 0, i + p, j + p] = values.to(self.image.dtype) / self.net.levels

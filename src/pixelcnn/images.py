@@ -10,12 +10,12 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 
-def levels_to_grid(levels: Tensor, num_levels: int, nrow: int = 8, scale: int = 1, padding: int = 1) -> Tensor:
-    """(N, H, W) or (N, 1, H, W) integer levels -> (3, H', W') float grid in [0, 1].
+def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, padding: int = 1) -> Tensor:
+    """(N, H, W) or (N, 1, H, W) integer level images, of `levels` grey levels -> (3, H', W') float grid in [0, 1].
 
     `scale` enlarges each pixel to a scale x scale block (nearest) so a 16x16 image is visible.
     """
-    images = levels.reshape(levels.shape[0], 1, *levels.shape[-2:]).float() / (num_levels - 1)  # (N, 1, H, W)
+    images = images.reshape(images.shape[0], 1, *images.shape[-2:]).float() / (levels - 1)  # (N, 1, H, W)
     if scale > 1:
         images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     # pad_value 0.5 (mid grey) keeps the grid lines visible against both black and white pixels.
@@ -36,12 +36,12 @@ def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
     return torch.cat(padded, dim=2)[:, :, :-gap]
 
 
-def save_grid_and_levels(grid: Tensor, levels: Tensor, out_dir: Path, stem: str,
+def save_grid_and_levels(grid: Tensor, images: Tensor, out_dir: Path, stem: str,
                          label: str | None = None) -> tuple[Path, Path]:
-    """Write the figure `<stem>[_label-<label>].png` and the raw levels as uint8 `.npy` beside it."""
+    """Write the figure `<stem>[_label-<label>].png` and the level images as uint8 `.npy` beside it."""
     if label is not None:
         stem += f"_label-{label}"
     png = save_grid(grid, out_dir / f"{stem}.png")
     npy = out_dir / f"{stem}.npy"
-    np.save(npy, levels.cpu().numpy().astype(np.uint8))
+    np.save(npy, images.cpu().numpy().astype(np.uint8))
     return png, npy

@@ -183,7 +183,7 @@ class IncrementalPixelCNN:
 
     Protocol shared with every model of the project (see `pixelcnn.sampling`):
       logits(i, j) -> (B, levels)   all pixels before (i, j) must have been set
-      set_pixel(i, j, levels)       (B,) integer levels of pixel (i, j)
+      set_pixel(i, j, values)       (B,) integer levels of pixel (i, j)
     """
 
     def __init__(self, net: PixelCNN, batch_size: int, height: int, width: int, labels: Tensor | None):
@@ -213,6 +213,6 @@ class IncrementalPixelCNN:
             h = F.relu(conv1x1_at(conv, h) + cond(labels))
         return conv1x1_at(net.to_logits, h)
 
-    def set_pixel(self, i: int, j: int, levels: Tensor) -> None:
+    def set_pixel(self, i: int, j: int, values: Tensor) -> None:
         p = self.net.input_conv.kernel_size[0] // 2
-        self.image[:, i + p, j + p, 0] = levels.to(self.image.dtype) / self.net.levels
+        self.image[:, i + p, j + p, 0] = values.to(self.image.dtype) / self.net.levels

@@ -38,7 +38,8 @@ def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn
 class PixelCNNModule(L.LightningModule):
     """Trains any network of `ARCHITECTURES` with cross-entropy over the pixel levels.
 
-    Batches are `(levels uint8 (B, 1, H, W), labels long (B,))`; the network sees `level / levels`.
+    Batches are `(images uint8 (B, 1, H, W) of levels 0..levels-1, labels long (B,))`; the network
+    sees `images / levels`. `levels` is always the number of grey levels, never a tensor.
     """
 
     def __init__(

@@ -67,10 +67,6 @@ def classify(classifier: FashionClassifier, images: Tensor, batch_size: int = 10
     return torch.cat(features), torch.cat(predictions)
 
 
-def accuracy(classifier: FashionClassifier, split: Split) -> float:
-    return (classify(classifier, split[0])[1] == split[1].cpu()).float().mean().item()
-
-
 def train_classifier(train_set: Split, test_set: Split, image_size: int, levels: int, epochs: int = EPOCHS,
                      batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
                      device: str | torch.device = "cpu") -> tuple[FashionClassifier, float]:
@@ -93,7 +89,7 @@ def train_classifier(train_set: Split, test_set: Split, image_size: int, levels:
             optimizer.step()
             schedule.step()
     classifier.eval()
-    return classifier, accuracy(classifier, test_set)
+    return classifier, (classify(classifier, test_set[0])[1] == test_set[1].cpu()).float().mean().item()
 
 
 def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:

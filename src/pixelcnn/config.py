@@ -131,9 +131,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every_n_steps": (lambda v: v is None or _int(1)[0](v), "null or an integer >= 1"),
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
-    # Lightning's meaning: an int is a count, a float a fraction (1.0: all).
-    "trainer.limit_train_batches": (lambda v: v is None or _int(0)[0](v) or (isinstance(v, float) and 0 <= v <= 1),
-                                    "null, an integer >= 0 (batches) or a fraction in [0.0, 1.0]"),
+    "trainer.limit_train_batches": _limit_batches(),  # batches of data.batch_size: optimizer steps
     "trainer.gradient_clip_val": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                           and v >= 0), "null or a number >= 0 (0: no clipping)"),
     "trainer.gradient_clip_algorithm": _one_of(None, "norm", "value"),

@@ -171,18 +171,13 @@ class PixelCNNModule(L.LightningModule):
             schedulers[0].scheduler.step(self.trainer.callback_metrics["val/bpd"])
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.val_bpd.update(self.per_image(self.loss_fn(*batch), batch))
+        # Once per image, so that MeanMetric counts images (its `weight` is ignored with nan_strategy="disable").
+        self.val_bpd.update(self.loss_fn(*batch).expand(len(batch[0])))
         self.log("val/bpd", self.val_bpd, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.test_bpd.update(self.per_image(self.loss_fn(*batch), batch))
+        self.test_bpd.update(self.loss_fn(*batch).expand(len(batch[0])))
         self.log("test/bpd", self.test_bpd)
-
-    @staticmethod
-    def per_image(batch_mean: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
-        """The batch's mean once per image, () -> (B,): MeanMetric then counts images. (Its `weight`
-        argument would do this, but torchmetrics ignores it with nan_strategy="disable".)"""
-        return batch_mean.expand(batch[0].shape[0])
 
     def configure_optimizers(self):
         """AdamW, and the configured lr scheduler in Lightning's dict form (so LearningRateMonitor

@@ -79,10 +79,6 @@ def created_by_this_run(path: str | Path) -> bool:
     return Path(path).resolve() in _CREATED
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
 def check_run_dir(path: Path, key: str, resuming: bool) -> None:
     """Refuse a run dir that is not a resume but already holds files, or cannot be written;
     a dir that does not exist yet will be created by this run, so it is marked as its own."""
@@ -91,7 +87,7 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
     check_out_dir(path, key)
     if resuming:
         return
-    if path.is_dir() and not _is_empty_dir(path):
+    if path.is_dir() and any(path.iterdir()):
         raise UserError(f"{key}={path} already holds files (an earlier run?): pass a new folder, or resume that "
                         f"run with ckpt_path={path}")
     if not path.exists():

@@ -65,11 +65,9 @@ def with_resume_overrides(argv: list[str]) -> list[str]:
     original = [o for o in OmegaConf.load(saved) if not str(o).startswith(("ckpt_path=", "hydra.")) and o not in argv]
     if not original:
         return argv
-    print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original)}",
-          flush=True)
+    print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original)}", flush=True)
     first = argv.index(overrides[0])
     return argv[:first] + [str(o) for o in original] + argv[first:]
-
 
 
 def failure_reason(err: BaseException) -> str:
@@ -106,15 +104,10 @@ def record_job_failure(job_dir: str | Path, job: int | str):
 
 
 class RunDirGuard(Callback):
-    """A Hydra callback: checks the run dir (or a sweep's dir) before Hydra writes into it, see
-    `pixelcnn.run_dirs.check_run_dir`. Commands that keep no record (`hydra.output_subdir: null`,
-    e.g. bench.py writing into the launch dir) have no run dir to check.
-
+    """Checks the run dir (or a sweep's dir) before Hydra writes into it (`run_dirs.check_run_dir`).
     Hydra's callbacks turn an exception into a warning, so a refusal exits here directly."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.output_subdir is None:
-            return
         run_dir = Path(str(config.hydra.run.dir))
         ckpt_path = config.get("ckpt_path")
         resume_dir = run_dir_of(str(ckpt_path)) if ckpt_path else None
@@ -135,8 +128,6 @@ class RunDirGuard(Callback):
             sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.output_subdir is None:
-            return
         with exit_on_user_error():
             check_run_dir(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir", resuming=False)
 
@@ -158,20 +149,16 @@ class SweepSummary(Callback):
     failed. If the sweep ends early instead (Ctrl-C, or the Optuna sweeper's error when every
     trial failed: "No trials are completed yet"), the summary of the jobs so far is written at exit."""
 
-    def __init__(self) -> None:
-        self._pending: DictConfig | None = None
-
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._pending = config
-        atexit.register(self._write_if_pending)  # Hydra calls no callback when the sweep raises
+        atexit.register(self.write_at_exit, config)  # Hydra calls no callback when the sweep raises
 
-    def _write_if_pending(self) -> None:
-        if self._pending is not None and Path(self._pending.hydra.sweep.dir).is_dir():
-            self._pending, config = None, self._pending
+    @staticmethod
+    def write_at_exit(config: DictConfig) -> None:
+        if Path(config.hydra.sweep.dir).is_dir():
             write_summary(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._pending = None
+        atexit.unregister(self.write_at_exit)
         if failed := write_summary(config):
             print(f"error: {failed} jobs failed (see {Path(config.hydra.sweep.dir) / 'summary.md'})",
                   file=sys.stderr, flush=True)

@@ -335,6 +335,7 @@ def test_bad_checkpoint_fails_cleanly(tmp_path: Path, make_ckpt, message):
 
 def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path: Path):
     out = tmp_path / "results" / "bench.json"
+    (tmp_path / "notes.txt").write_text("a user's file")  # launched from a folder with files, like `make bench`
     result = run("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",
                  "model.filters=8", "model.residual_blocks=1", "model.num_classes=10", "bench.repeats=1",
                  "bench.warmup_batches=1", "bench.train_batches=2", "bench.sample_sizes=[3]", "bench.epoch=estimate",
@@ -344,7 +345,7 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
     assert measured["train"]["img_per_s"] > 0 and measured["config"]["model"]["num_classes"] == 10
     assert set(measured["sampling"]) == {"3"} and measured["sampling"]["3"]["naive_s"] > 0
     assert "| train img/s (Lightning loop, median) |" in result.stdout and "| sample 3: naive / fast |" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no log file, no run dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no log file, no run dir
 
 
 @pytest.mark.parametrize("args, message", [

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pixelcnn.checkpoints import load_module
-from pixelcnn.commands.sample import complete as run_completion
+from pixelcnn.commands.sample import complete
 from pixelcnn.commands.sample import main as sample_run
 from pixelcnn.config import UserError
 from pixelcnn.gated import GatedPixelCNN
@@ -60,9 +60,9 @@ def complete_config(ckpt: Path, data_root: Path, out: Path, **overrides) -> Omeg
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
-def test_run_completion_writes_figure_and_levels(tmp_path, data_root, num_classes):
+def test_complete_writes_figure_and_levels(tmp_path, data_root, num_classes):
     module = load_module(save_checkpoint(tmp_path / "tiny.ckpt", num_classes))
-    png, npy = run_completion(module, complete_config(tmp_path / "tiny.ckpt", data_root, tmp_path), tmp_path)
+    png, npy = complete(module, complete_config(tmp_path / "tiny.ckpt", data_root, tmp_path), tmp_path)
     completed = torch.from_numpy(np.load(npy)).long()
     originals = torch.load(data_root / f"fashion_mnist_{SIZE}px_4lv.pt")["test_images"][:5, 0].long()  # (5, H, W)
     assert completed.shape == (5, 3, SIZE, SIZE) and png.stat().st_size > 0
@@ -74,7 +74,7 @@ def test_run_completion_writes_figure_and_levels(tmp_path, data_root, num_classe
         expected = complete_fast(module.net, originals.repeat_interleave(3, dim=0), 3, uniforms, 1.0, labels)
         assert torch.equal(completed.flatten(0, 1), expected)
 
-    _, npy = run_completion(module, complete_config(tmp_path, data_root, tmp_path, rows=SIZE), tmp_path)
+    _, npy = complete(module, complete_config(tmp_path, data_root, tmp_path, rows=SIZE), tmp_path)
     assert torch.equal(torch.from_numpy(np.load(npy)).long(), originals[:, None].expand(5, 3, SIZE, SIZE))
 
 
@@ -82,7 +82,7 @@ def test_label_picks_test_images_of_that_class(tmp_path, data_root):
     module = load_module(save_checkpoint(tmp_path / "tiny.ckpt"))
     cached = torch.load(data_root / f"fashion_mnist_{SIZE}px_4lv.pt")
     label = int(cached["test_labels"][3])
-    _, npy = run_completion(module, complete_config(tmp_path, data_root, tmp_path, label=label, rows=SIZE), tmp_path)
+    _, npy = complete(module, complete_config(tmp_path, data_root, tmp_path, label=label, rows=SIZE), tmp_path)
     expected = cached["test_images"][cached["test_labels"] == label][:5, 0]
     assert torch.equal(torch.from_numpy(np.load(npy))[:, 0], expected)
 
@@ -102,7 +102,7 @@ def test_bad_options_are_user_errors(tmp_path, override, message):
 def test_rows_above_the_image_height_name_the_allowed_range(tmp_path):
     module = load_module(save_checkpoint(tmp_path / "tiny.ckpt"))
     with pytest.raises(UserError, match=rf"rows={SIZE + 1} is invalid: it must be an integer in \[0, {SIZE}\]"):
-        run_completion(module, complete_config(tmp_path, tmp_path / "no-data", tmp_path, rows=SIZE + 1), tmp_path)
+        complete(module, complete_config(tmp_path, tmp_path / "no-data", tmp_path, rows=SIZE + 1), tmp_path)
 
 
 def test_sample_entry_point_complete_mode(tmp_path, data_root):

@@ -121,10 +121,10 @@ def test_conditional_score_without_labels_is_the_class_marginal(tmp_path):
 
 def test_scores_npy_in_both_layouts(tmp_path):
     ckpt = save_checkpoint(tmp_path / "tiny.ckpt")
-    levels = np.random.default_rng(0).integers(0, 4, (3, SIZE, SIZE)).astype(np.int64)
-    np.save(tmp_path / "flat.npy", levels)
-    np.save(tmp_path / "channel.npy", levels[:, None].astype(np.uint8))
-    expected = load_module(ckpt).image_bits_per_dim(torch.from_numpy(levels).to(torch.uint8)[:, None])
+    images = np.random.default_rng(0).integers(0, 4, (3, SIZE, SIZE)).astype(np.int64)
+    np.save(tmp_path / "flat.npy", images)
+    np.save(tmp_path / "channel.npy", images[:, None].astype(np.uint8))
+    expected = load_module(ckpt).image_bits_per_dim(torch.from_numpy(images).to(torch.uint8)[:, None])
     for name in ("flat", "channel"):
         result = run(eval_config(ckpt, tmp_path, tmp_path / "out", images=str(tmp_path / f"{name}.npy")))
         assert result["images"] == [f"{name}.npy[{i}]" for i in range(3)]

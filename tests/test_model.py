@@ -102,14 +102,14 @@ def test_loss_is_in_bits_per_dimension():
     module = PixelCNNModule(levels=4, filters=8, residual_blocks=1)
     torch.nn.init.zeros_(module.net.to_logits.weight)
     torch.nn.init.zeros_(module.net.to_logits.bias)
-    levels = torch.randint(0, 4, (3, 1, 6, 6), dtype=torch.uint8)
-    assert module.mean_bits_per_dim(levels, None).item() == pytest.approx(2.0)
+    images = torch.randint(0, 4, (3, 1, 6, 6), dtype=torch.uint8)
+    assert module.mean_bits_per_dim(images, None).item() == pytest.approx(2.0)
 
     with torch.no_grad():
         module.net.to_logits.bias.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
-    expected = -torch.log2(torch.softmax(torch.tensor([0.0, 1.0, 2.0, 3.0]), 0))[levels.long()].mean()
-    assert module.mean_bits_per_dim(levels, None).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert module.nll_bits_per_pixel(levels).shape == (3, 6, 6)
+    expected = -torch.log2(torch.softmax(torch.tensor([0.0, 1.0, 2.0, 3.0]), 0))[images.long()].mean()
+    assert module.mean_bits_per_dim(images, None).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert module.nll_bits_per_pixel(images).shape == (3, 6, 6)
 
 
 def test_each_micro_batch_gets_its_own_optimizer_step():

@@ -1,9 +1,8 @@
 """Finding, reading and loading this project's checkpoints (only weights and plain data are ever
-unpickled), with one clear error when that fails; whether a saved run can or need be resumed."""
+unpickled), with one clear error when that fails; whether a checkpoint can resume a config."""
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
@@ -91,34 +90,6 @@ def check_resume(checkpoint: dict, model_cfg: DictConfig, path: Path) -> None:
             raise UserError(f"ckpt_path={path} was trained with model.{key}={saved.get(key, '<unset>')!r}, this "
                             f"config has {wanted.get(key, '<unset>')!r}: a resumed run continues the saved model, "
                             "so drop that override (or start a new run from scratch)")
-
-
-def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) -> str | None:
-    """Why the run in `run_dir` is over, or None if resuming it would train more: it wrote its
-    metrics.json (it ended) and reached `max_epochs` or `max_time` ("DD:HH:MM:SS"), or was stopped
-    early (a resume restores the stopping state and the time spent, so it would stop at once)."""
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        return None
-    try:
-        epochs = json.loads(metrics_file.read_text()).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(epochs, int) and max_epochs != -1 and epochs >= max_epochs:
-        return f"it trained {epochs} epochs, trainer.max_epochs={max_epochs}: pass trainer.max_epochs=<more> to extend it"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    try:
-        callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
-    except Exception:  # noqa: BLE001 - no readable last.ckpt: the resume itself reports that
-        return None
-    if any(key.startswith("EarlyStopping") and state.get("stopped_epoch", 0) > 0 for key, state in callbacks.items()):
-        return f"early stopping ended it after {epochs} epochs"
-    if max_time:
-        days, hours, minutes, seconds = (int(part) for part in max_time.split(":"))
-        limit = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-        if callbacks.get("Timer", {}).get("time_elapsed", {}).get("train", 0) >= limit:
-            return f"it trained for trainer.max_time={max_time}: pass a larger trainer.max_time to extend it"
-    return None
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -411,8 +411,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
     """Fashion-MNIST quantized to `levels` grey levels at `image_size` x `image_size`.
 
     The 60k training images are split into train / val (`val_size`) by a fixed permutation
-    from `split_seed`; test is the 10k t10k set. Batches are (levels uint8 (B, 1, S, S),
-    labels int64 (B,)); training batches come as lists of `steps_per_batch` such batches
+    from `split_seed`; test is the 10k t10k set. Batches are (images uint8 (B, 1, S, S) of
+    levels 0..levels-1, labels int64 (B,)); training batches come as lists of `steps_per_batch` such batches
     (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
     (Lightning's meaning, counting batches, not the lists of them that Lightning iterates).
     With `on_device` "auto" the data moves once to the trainer's CUDA device; True moves it to

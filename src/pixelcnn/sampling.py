@@ -7,6 +7,7 @@ images:
   every layer's activations as pixels are generated, so the total work is about one forward
   pass per image (Ramachandran et al. 2017). On CUDA the whole H*W-step loop is captured
   once in a CUDA graph and replayed, which removes the per-step launch overhead.
+`complete_fast` is the fast sampler with the top rows of each image given (image completion).
 
 The draw: `softmax(logits / temperature)` then a multinomial draw by inverse CDF with a
 uniform number per pixel drawn up front. Pre-drawn uniforms make runs reproducible from one

@@ -43,7 +43,7 @@ class _Timer(L.Callback):
             return
         if batch_idx == self.warmup:
             self.start = self._now(module)
-        self.images += sum(len(levels) for levels, _ in batch)  # a batch is a list of micro-batches
+        self.images += sum(len(images) for images, _ in batch)  # a batch is a list of micro-batches
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         # Only the last batch syncs: a sync per batch would hide the CPU/GPU overlap being measured.

@@ -68,7 +68,7 @@ def load_png(path: Path, image_size: int, levels: int) -> Tensor:
 
 
 def load_images(path: str | Path, image_size: int, levels: int) -> tuple[Tensor, list[str]]:
-    """(levels (N, 1, S, S) uint8, a name per image) from a .npy, a .png or a folder of PNGs."""
+    """(level images (N, 1, S, S) uint8, a name per image) from a .npy, a .png or a folder of PNGs."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"images={path} does not exist: pass a .npy of levels, a .png, or a folder of PNGs")

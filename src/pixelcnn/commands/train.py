@@ -6,18 +6,20 @@ summary is written at the end. The three Hydra callbacks are named in conf/train
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pixelcnn.checkpoints import check_resume, finished_run, read_checkpoint, resolve_checkpoint
+from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.commands.cli import exit_on_unknown_choice, exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
 from pixelcnn.run_dirs import check_run_dir, fresh_dir, register_resolvers, run_dir_of
@@ -103,11 +105,43 @@ def record_job_failure(job_dir: str | Path, job: int | str):
         print(f"error: job {job} failed: {reason}", file=sys.stderr, flush=True)
 
 
+def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) -> str | None:
+    """Why the run in `run_dir` is over, or None if resuming it would train more: it wrote its
+    metrics.json (it ended) and reached `max_epochs` or `max_time` ("DD:HH:MM:SS"), or was stopped
+    early (a resume restores the stopping state and the time spent, so it would stop at once)."""
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    try:
+        epochs = json.loads(metrics_file.read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(epochs, int) and max_epochs != -1 and epochs >= max_epochs:
+        return f"it trained {epochs} epochs, trainer.max_epochs={max_epochs}: pass trainer.max_epochs=<more> to extend it"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    except Exception:  # noqa: BLE001 - no readable last.ckpt: the resume itself reports that
+        return None
+    if any(key.startswith("EarlyStopping") and state.get("stopped_epoch", 0) > 0 for key, state in callbacks.items()):
+        return f"early stopping ended it after {epochs} epochs"
+    if max_time:
+        days, hours, minutes, seconds = (int(part) for part in max_time.split(":"))
+        limit = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        if callbacks.get("Timer", {}).get("time_elapsed", {}).get("train", 0) >= limit:
+            return f"it trained for trainer.max_time={max_time}: pass a larger trainer.max_time to extend it"
+    return None
+
+
 class RunDirGuard(Callback):
     """Checks the run dir (or a sweep's dir) before Hydra writes into it (`run_dirs.check_run_dir`).
-    Hydra's callbacks turn an exception into a warning, so a refusal exits here directly."""
+    Hydra's callbacks turn an exception into a warning, so a refusal exits here directly. Runs
+    that keep no record (`hydra.output_subdir: null`) are not checked: bench.py, and the DDP ranks
+    > 0 that Lightning starts by re-running the command with it, into the dir rank 0 checked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.output_subdir is None:
+            return
         run_dir = Path(str(config.hydra.run.dir))
         ckpt_path = config.get("ckpt_path")
         resume_dir = run_dir_of(str(ckpt_path)) if ckpt_path else None

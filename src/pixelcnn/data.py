@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
+CUDA_STEPS_PER_BATCH = 8  # data.steps_per_batch=auto with the data on a CUDA device (else 1)
 APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 IMAGES_MAGIC_NDIM, LABELS_MAGIC_NDIM = 3, 1  # IDX magic 0x0803 (images) / 0x0801 (labels)
 IDX_UBYTE = 0x08
@@ -412,8 +413,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     The 60k training images are split into train / val (`val_size`) by a fixed permutation
     from `split_seed`; test is the 10k t10k set. Batches are (images uint8 (B, 1, S, S) of
-    levels 0..levels-1, labels int64 (B,)); training batches come as lists of `steps_per_batch` such batches
-    (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
+    levels 0..levels-1, labels int64 (B,)); training batches come as lists of `steps_per_batch`
+    such batches (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
     (Lightning's meaning, counting batches, not the lists of them that Lightning iterates).
     With `on_device` "auto" the data moves once to the trainer's CUDA device; True moves it to
     any non-CPU trainer device; False keeps it on the CPU.
@@ -494,7 +495,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         setattr(self, name, split)  # keep the moved copy so the copy happens once
         steps = None
         if train:  # auto: amortize the training loop's per-batch overhead where steps are fast (CUDA)
-            steps = (8 if split[0].is_cuda else 1) if self.steps_per_batch == "auto" else self.steps_per_batch
+            steps = self.steps_per_batch
+            if steps == "auto":
+                steps = CUDA_STEPS_PER_BATCH if split[0].is_cuda else 1
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if world_size > len(split[0]):
             raise UserError(f"the {name.removesuffix('_set')} split has {len(split[0])} images, fewer than the "

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
+from pixelcnn.data import CUDA_STEPS_PER_BATCH
 from pixelcnn.resources import claim_job_resources, cuda_device_args
 from pixelcnn.sweep import write_metrics
 
@@ -149,11 +150,13 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
 def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
     """checkpoint_every_n_steps must be a multiple of the optimizer steps per Lightning batch, as
     checkpoints are written between batches. `validate` checks an explicit data.steps_per_batch;
-    auto is known here: 8 when the data sits on the GPU (FashionMNISTDataModule.loader), else 1."""
+    auto is known here: CUDA_STEPS_PER_BATCH when the data sits on the GPU, else 1."""
     every, steps = cfg.checkpoint_every_n_steps, cfg.data.steps_per_batch
-    if every and steps == "auto" and speed.cuda and cfg.data.on_device in ("auto", True) and every % 8:
-        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes 8 "
-                        "optimizer steps per batch on CUDA, so it must be a multiple of 8")
+    on_cuda = speed.cuda and cfg.data.on_device in ("auto", True)  # where FashionMNISTDataModule puts the data
+    if every and steps == "auto" and on_cuda and every % CUDA_STEPS_PER_BATCH:
+        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes "
+                        f"{CUDA_STEPS_PER_BATCH} optimizer steps per batch on CUDA, so it must be a multiple of "
+                        f"{CUDA_STEPS_PER_BATCH}")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

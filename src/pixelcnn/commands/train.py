@@ -120,7 +120,7 @@ def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) ->
         return f"it trained {epochs} epochs, trainer.max_epochs={max_epochs}: pass trainer.max_epochs=<more> to extend it"
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
-        callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+        callbacks = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
     except Exception:  # noqa: BLE001 - no readable last.ckpt: the resume itself reports that
         return None
     if any(key.startswith("EarlyStopping") and state.get("stopped_epoch", 0) > 0 for key, state in callbacks.items()):

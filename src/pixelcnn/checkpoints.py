@@ -51,8 +51,7 @@ def latest_checkpoint(paths: list[Path]) -> list[Path]:
 
     def progress(path: Path) -> tuple[int, bool]:
         try:
-            # mmap: only the step is read here, not the weights (the chosen file is read in full later).
-            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1)
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1)  # mmap: no weights read
         except Exception:  # noqa: BLE001 - an unreadable file is tried last (read_checkpoint then says why)
             step = -1
         return step, path.name == "last.ckpt"

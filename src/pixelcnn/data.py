@@ -495,9 +495,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         setattr(self, name, split)  # keep the moved copy so the copy happens once
         steps = None
         if train:  # auto: amortize the training loop's per-batch overhead where steps are fast (CUDA)
-            steps = self.steps_per_batch
-            if steps == "auto":
-                steps = CUDA_STEPS_PER_BATCH if split[0].is_cuda else 1
+            steps = (CUDA_STEPS_PER_BATCH if split[0].is_cuda else 1) if self.steps_per_batch == "auto" else self.steps_per_batch
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if world_size > len(split[0]):
             raise UserError(f"the {name.removesuffix('_set')} split has {len(split[0])} images, fewer than the "

@@ -115,12 +115,6 @@ def secondary_rank() -> bool:
     return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
-def say(message: str) -> None:
-    """Print on the global rank 0 only (each DDP process runs this code)."""
-    if not secondary_rank():
-        print(message, flush=True)
-
-
 def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogger, callbacks: list[L.Callback],
                   output_dir: Path, device_args: dict) -> L.Trainer:
     """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
@@ -154,9 +148,8 @@ def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
     every, steps = cfg.checkpoint_every_n_steps, cfg.data.steps_per_batch
     on_cuda = speed.cuda and cfg.data.on_device in ("auto", True)  # where FashionMNISTDataModule puts the data
     if every and steps == "auto" and on_cuda and every % CUDA_STEPS_PER_BATCH:
-        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes "
-                        f"{CUDA_STEPS_PER_BATCH} optimizer steps per batch on CUDA, so it must be a multiple of "
-                        f"{CUDA_STEPS_PER_BATCH}")
+        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes {CUDA_STEPS_PER_BATCH} "
+                        f"optimizer steps per batch on CUDA, so it must be a multiple of {CUDA_STEPS_PER_BATCH}")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -190,9 +183,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, speed, logger, build_callbacks(cfg, output_dir, speed), output_dir,
                             cuda_device_args(resources) if speed.cuda else {})
     n_params = sum(p.numel() for p in module.parameters())
-    say(f"[pixelcnn] run dir: {output_dir.resolve()}\n"
-        f"[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; {speed}; "
-        f"TensorBoard: tensorboard --logdir {output_dir / 'tb'}")
+    if not secondary_rank():  # each DDP process runs this; the ranks are not set up yet
+        print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; "
+              f"{speed}; TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
 
     started = time.perf_counter()
     try:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from fakes import write_dataset
 from pixelcnn.callbacks import RunDirCheckpoint
-from pixelcnn.config import UserError, validate
+from pixelcnn.config import PATH_KEYS, UserError, validate
 from pixelcnn.data import BatchLoader
 from pixelcnn.run_dirs import fresh_dir
 from pixelcnn.training import SpeedChoices, check_step_checkpoints
@@ -290,6 +290,7 @@ def test_finished_run_dir_is_not_reused_by_a_new_run(work: Path, reference: Path
 
 @pytest.mark.parametrize("args, message", [
     (["ckpt_path={tmp}/missing.ckpt"], "does not exist"),
+    (["ckpt_path=3"], "ckpt_path=3 does not exist"),  # a number is a path, also in the run-dir resolver
     (["trainer.limit_train_batches=abc"], "trainer.limit_train_batches='abc' is invalid"),
     (["trainer.limit_train_batches=-1"], "trainer.limit_train_batches=-1 is invalid"),
     (["model.lr=inf"], "model.lr=inf is invalid: it must be a finite number"),
@@ -374,6 +375,22 @@ def test_every_float_key_rejects_non_finite_values(config: str, value: str):
             overrides = [f"{key}={value}"] + (["ckpt=x"] if name in ("sample", "evaluate") else [])
             with pytest.raises(UserError, match=rf"^{key}=.* it must be a finite number"):
                 validate(compose(name, overrides=overrides))
+
+
+@pytest.mark.parametrize("config", ["train", "entry/sample", "entry/evaluate", "entry/classifier", "bench"])
+def test_every_path_key_takes_a_number_as_a_path(config: str):
+    """Hydra reads `out=2024` as an int: every path key turns it into the folder "2024"."""
+    config_dir, name = (ROOT / "conf" / config).parent, Path(config).name
+    required = ["ckpt=x"] if name in ("sample", "evaluate") else []  # a later override of ckpt wins
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+        keys = [k for k in PATH_KEYS if OmegaConf.select(compose(name, overrides=required), k, default="-") != "-"]
+        assert keys
+        for key in keys:
+            cfg = compose(name, overrides=[*required, f"{key}=2024"])
+            validate(cfg)
+            assert OmegaConf.select(cfg, key) == "2024", key
+            with pytest.raises(UserError, match=rf"^{key}=true is invalid: it must be a path"):
+                validate(compose(name, overrides=[*required, f"{key}=true"]))
 
 
 @pytest.mark.parametrize("overrides, message", [

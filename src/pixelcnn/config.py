@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 
@@ -200,6 +200,21 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
     return path
 
 
+# Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder.
+PATH_KEYS = ("ckpt", "ckpt_path", "out", "images", "data_root", "data.root", "data.system_dir", "bench.out")
+
+
+def paths_as_strings(cfg: DictConfig) -> None:
+    """Every path key that Hydra parsed as a number becomes the path it names (a string)."""
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, bool):
+            raise UserError(f"{key}={str(value).lower()} is invalid: it must be a path")
+        if isinstance(value, (int, float)):
+            with read_write(cfg):
+                OmegaConf.update(cfg, key, str(value))
+
+
 # Keys naming where a command writes (a folder, or a file whose folder must be writable); null: a default
 # that the command checks itself once it is known (e.g. <run dir>/samples).
 OUTPUT_FOLDERS = ("out",)
@@ -270,6 +285,7 @@ def validate(cfg: DictConfig) -> None:
     container = OmegaConf.to_container(cfg, resolve=False)
     if found := non_finite_key({k: v for k, v in container.items() if k != "hydra"}):
         raise UserError(f"{found[0]}={found[1]} is invalid: it must be a finite number")
+    paths_as_strings(cfg)
     for key, (ok, allowed) in RULES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if isinstance(value, str) and value == "__absent__":

@@ -115,7 +115,7 @@ def resume_run_dir(ckpt_path: str | None, default: str) -> str:
     run into `default`, which `pixelcnn.commands.train.RunDirGuard` then reserves (`fresh_dir`: with a suffix
     if another run took the name). No side effect here: OmegaConf also evaluates a value that a
     config merge replaces (bench.yaml's run dir), and that must not create a folder."""
-    return (run_dir_of(ckpt_path) if ckpt_path else None) or default
+    return (run_dir_of(str(ckpt_path)) if ckpt_path else None) or default  # str: ckpt_path=3 is an int
 
 
 def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:

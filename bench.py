@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.commands import bench as command
-from pixelcnn.commands.cli import exit_on_unknown_choice, exit_on_user_error
+from pixelcnn.commands.cli import check_command_line, exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
@@ -18,5 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unknown_choice(sys.argv, Path(__file__).parent / "conf")
+    check_command_line(sys.argv, Path(__file__).parent / "conf")
     main()

@@ -2,11 +2,14 @@
 heatmaps, most/least likely test images, sample quality), or score any images as outliers:
 `python evaluate.py ckpt=... images=<file.npy | folder of PNGs>`. See conf/entry/evaluate.yaml."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.commands import evaluate as command
-from pixelcnn.commands.cli import exit_on_user_error
+from pixelcnn.commands.cli import check_command_line, exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf/entry", config_name="evaluate")
@@ -16,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv, Path(__file__).parent / "conf/entry")
     main()

@@ -1,5 +1,5 @@
 """Train a PixelCNN: `python train.py [overrides]`, e.g. `python train.py model.residual_blocks=3`,
-`python train.py experiment=quick`, `python train.py -m model.lr=1e-4,5e-4`. See README.md."""
+`python train.py experiment=quick`, `python train.py -m optim.lr=1e-4,5e-4`. See README.md."""
 
 import sys
 from pathlib import Path
@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.commands import train as command
+from pixelcnn.commands.cli import check_command_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,5 +18,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = command.prepare_argv(sys.argv, Path(__file__).parent / "conf")
+    check_command_line(sys.argv, Path(__file__).parent / "conf")
     main()

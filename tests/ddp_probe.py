@@ -36,5 +36,4 @@ build_callbacks = training.build_callbacks
 training.build_callbacks = lambda *args: [*build_callbacks(*args), BatchRecorder()]
 
 if __name__ == "__main__":
-    sys.argv = train.command.prepare_argv(sys.argv, ROOT / "conf")
     hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")(train.main.__wrapped__)()

@@ -68,20 +68,20 @@ def trained_run(workdir: Path) -> Path:
 # --- configuration --------------------------------------------------------------------------------
 def test_defaults_are_the_seed_model():
     cfg = compose_train()
-    assert (cfg.model.lr, cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.levels) == (1e-4, 150, 128, 4)
+    assert (cfg.optim.lr, cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.levels) == (1e-4, 150, 128, 4)
     module = instantiate(cfg.model)
     assert sum(p.numel() for p in module.parameters()) == 307_460
 
 
 def test_overrides_reach_the_objects():
-    cfg = compose_train("model.filters=32", "model.residual_blocks=3", "data.levels=8", "model.lr=5e-4",
+    cfg = compose_train("model.filters=32", "model.residual_blocks=3", "data.levels=8", "optim.lr=5e-4",
                         "sample.temperature=0.7", "seed=3", "model=pixelcnn")
-    module = instantiate(cfg.model)
-    assert len(module.net.blocks) == 3 and module.net.to_logits.out_channels == 8 and module.hparams.lr == 5e-4
+    module = instantiate(cfg.model, optim=cfg.optim)
+    assert len(module.net.blocks) == 3 and module.net.to_logits.out_channels == 8 and module.optim["lr"] == 5e-4
     gated = instantiate(compose_train("model=gated", "model.layers=2", "model.channels=8").model)
     assert gated.hparams.arch == "gated" and len(gated.net.gated_layers) == 2
     quick = compose_train("experiment=quick")
-    assert (quick.model.filters, quick.model.residual_blocks, quick.model.lr) == (32, 2, 1e-3)
+    assert (quick.model.filters, quick.model.residual_blocks, quick.optim.lr) == (32, 2, 1e-3)
     quick_gated = instantiate(compose_train("experiment=quick_gated").model)
     assert quick_gated.hparams.arch == "gated" and quick_gated.conditional and len(quick_gated.net.gated_layers) == 4
 
@@ -131,13 +131,13 @@ def test_lightning_training_knobs_from_the_command_line(workdir: Path):
     run_dir = workdir / "outputs" / "knobs"
     result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), "data.steps_per_batch=2",
                  "trainer.gradient_clip_val=1.0", "trainer.gradient_clip_algorithm=value",
-                 "trainer.accumulate_grad_batches=2", "scheduler=cosine", "scheduler.warmup_steps=1",
+                 "trainer.accumulate_grad_batches=2", "optim/scheduler=cosine", "optim.scheduler.warmup_steps=1",
                  f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4  # 2 epochs x ceil(3 batches / 2 accumulated) optimizer steps
     assert last["lr_schedulers"][0]["last_epoch"] == 4  # stepped once per optimizer step
-    assert last["hyper_parameters"]["scheduler"] == {"name": "cosine", "warmup_steps": 1, "final_lr_ratio": 0.01}
+    assert last["hyper_parameters"]["optim"]["scheduler"] == {"name": "cosine", "warmup_steps": 1, "final_lr_ratio": 0.01}
     assert "train/lr" in EventAccumulator(str(run_dir / "tb")).Reload().Tags()["scalars"]
     # Resuming restores the schedule's position and keeps stepping it.
     result = run("train.py", f"ckpt_path={run_dir}", "trainer.max_epochs=3", cwd=workdir)
@@ -223,27 +223,27 @@ def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
 def test_sweep_summary_rows_come_from_each_job(tmp_path: Path):
     for job, metrics in enumerate([{"val_bpd": 0.7, "test_bpd": 0.71}, {"val_bpd": 0.5, "test_bpd": 0.52}, None]):
         (tmp_path / str(job) / ".hydra").mkdir(parents=True)
-        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model.lr={job}\n- seed=1\n")
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={job}\n- seed=1\n")
         (tmp_path / str(job) / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {job}\n")
         if metrics:  # job 2 died before writing metrics
             (tmp_path / str(job) / "metrics.json").write_text(json.dumps({**metrics, "epochs": 3, "parameters": 10}))
     lines = summary_table(collect_runs(tmp_path)).splitlines()
-    assert lines[:3] == ["3 jobs: 2 ok, 1 failed.", "Best: job 1 (model.lr=1), best val 0.5000 bits/dim.",
+    assert lines[:3] == ["3 jobs: 2 ok, 1 failed.", "Best: job 1 (optim.lr=1), best val 0.5000 bits/dim.",
                          "Overrides of every job: seed=1"]
-    assert lines[-3:] == ["| 1 | 1 | model.lr=1 | 0.5000 | 0.5200 | 3 | 10 | ok |",  # ranked by val bits/dim
-                          "| 2 | 0 | model.lr=0 | 0.7000 | 0.7100 | 3 | 10 | ok |",
-                          "| - | 2 | model.lr=2 | - | - |  |  | failed: no metrics.json: the job was killed or is still running |"]
+    assert lines[-3:] == ["| 1 | 1 | optim.lr=1 | 0.5000 | 0.5200 | 3 | 10 | ok |",  # ranked by val bits/dim
+                          "| 2 | 0 | optim.lr=0 | 0.7000 | 0.7100 | 3 | 10 | ok |",
+                          "| - | 2 | optim.lr=2 | - | - |  |  | failed: no metrics.json: the job was killed or is still running |"]
 
 
 def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
     sweep = workdir / "multirun"
-    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "trainer.max_epochs=1", "model.lr=1e-3,2e-3",
+    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "trainer.max_epochs=1", "optim.lr=1e-3,2e-3",
                  f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = [p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file()]
-    assert len(jobs) == 2 and all("model.lr=" in p.name for p in jobs)
+    assert len(jobs) == 2 and all("optim.lr=" in p.name for p in jobs)
     summary = (sweep / "summary.md").read_text()
-    assert "model.lr=0.001" in summary and "model.lr=0.002" in summary and summary.count("| ok |") == 2
+    assert "optim.lr=0.001" in summary and "optim.lr=0.002" in summary and summary.count("| ok |") == 2
 
 
 # --- bad input: one line, exit != 0, nothing half-written --------------------------------------------
@@ -298,10 +298,10 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
     ("trainer.max_steps=0", "trainer.max_steps"),
-    ("scheduler=cosine scheduler.warmup_steps=-1", "scheduler.warmup_steps"),
-    ("scheduler=cosine scheduler.final_lr_ratio=2", "scheduler.final_lr_ratio"),
-    ("scheduler=plateau scheduler.factor=1", "scheduler.factor"),
-    ("scheduler=cosine trainer.max_epochs=-1", "scheduler"),  # no run length to decay over
+    ("optim/scheduler=cosine optim.scheduler.warmup_steps=-1", "optim.scheduler.warmup_steps"),
+    ("optim/scheduler=cosine optim.scheduler.final_lr_ratio=2", "optim.scheduler.final_lr_ratio"),
+    ("optim/scheduler=plateau optim.scheduler.factor=1", "optim.scheduler.factor"),
+    ("optim/scheduler=cosine trainer.max_epochs=-1", "optim/scheduler"),  # no run length to decay over
 ])
 def test_bad_values_are_named_by_validate(override: str, key: str):
     """The same UserError path as above (exit 2, one line), checked in-process for each rule."""

@@ -264,7 +264,7 @@ def test_fresh_dir_never_hands_out_a_name_twice(tmp_path: Path):
 
 def test_sweep_dir_is_reserved_once_for_all_jobs(work: Path, tmp_path: Path):
     result = run("train.py", "-m", *TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=1", *data_args(work),
-                 "model.lr=1e-3,2e-3", cwd=tmp_path)
+                 "optim.lr=1e-3,2e-3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     [day] = (tmp_path / "multirun").iterdir()
     [sweep] = day.iterdir()  # one sweep dir holding both jobs and the summary
@@ -293,7 +293,7 @@ def test_finished_run_dir_is_not_reused_by_a_new_run(work: Path, reference: Path
     (["ckpt_path=3"], "ckpt_path=3 does not exist"),  # a number is a path, also in the run-dir resolver
     (["trainer.limit_train_batches=abc"], "trainer.limit_train_batches='abc' is invalid"),
     (["trainer.limit_train_batches=-1"], "trainer.limit_train_batches=-1 is invalid"),
-    (["model.lr=inf"], "model.lr=inf is invalid: it must be a finite number"),
+    (["optim.lr=inf"], "optim.lr=inf is invalid: it must be a finite number"),
     (["data.levels=300"], "data.levels=300 is invalid"),
 ])
 def test_failed_run_leaves_no_run_dir(work: Path, tmp_path: Path, args: list[str], message: str):

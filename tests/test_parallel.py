@@ -71,7 +71,7 @@ def test_the_launchers_compose_from_the_plugins_configs():
 def test_a_parallel_sweep_runs_its_jobs_with_a_share_of_the_threads(workdir: Path):
     sweep = workdir / "multirun-parallel"
     result = run("train.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *TINY, *NO_QUALITY,
-                 *data_args(workdir), "trainer.max_epochs=1", "model.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}",
+                 *data_args(workdir), "trainer.max_epochs=1", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}",
                  cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file())

@@ -172,7 +172,7 @@ def test_a_sweep_runs_on_slurm_through_the_launcher(slurm_cluster: Cluster, work
     sweep = workdir / "multirun-slurm"
     args = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
             "hydra.launcher.timeout_min=5", *TINY, *NO_QUALITY, *data_args(workdir), "trainer.max_epochs=1",
-            "model.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+            "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
     # The jobs run train.py's task with this interpreter; sbatch passes this environment on (PYTHONPATH too).
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=workdir, capture_output=True,
                             text=True, timeout=240, env={**slurm_cluster.env, "HYDRA_FULL_ERROR": "1"})
@@ -181,7 +181,7 @@ def test_a_sweep_runs_on_slurm_through_the_launcher(slurm_cluster: Cluster, work
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
     assert [p.name[0] for p in jobs] == ["0", "1"], result.stdout[-2000:] + submitit_logs
     summary = (sweep / "summary.md").read_text()
-    assert "model.lr=0.001" in summary and "model.lr=0.002" in summary
+    assert "optim.lr=0.001" in summary and "optim.lr=0.002" in summary
     for job in jobs:  # each ran as a SLURM task with the one CPU it asked for
         assert re.search(r"job \d: 1 CPU threads .*SLURM_CPUS_PER_TASK=1", (job / "train.log").read_text())
     assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # submitit's per-job logs, where the README says

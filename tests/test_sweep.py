@@ -33,15 +33,15 @@ def jobs_metrics(sweep: Path) -> dict[int, dict]:
 def test_bad_jobs_are_listed_before_any_trains(workdir: Path):
     sweep = workdir / "multirun-bad"
     result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "model.residual_blocks=0,-1,1",
-                 "model.lr=1e-3,-2", f"hydra.sweep.dir={sweep}", cwd=workdir)
+                 "optim.lr=1e-3,-2", f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     # Jobs in Hydra's order: (0, 1e-3), (0, -2), (-1, 1e-3), (-1, -2), (1, 1e-3), (1, -2).
     assert lines == [
-        "error: job 1 (model.residual_blocks=0 model.lr=-2): model.lr=-2 is invalid: it must be a number > 0",
-        "error: job 2 (model.residual_blocks=-1 model.lr=0.001): model.residual_blocks=-1 is invalid: it must be an integer >= 0",
-        "error: job 3 (model.residual_blocks=-1 model.lr=-2): model.residual_blocks=-1 is invalid: it must be an integer >= 0",
-        "error: job 5 (model.residual_blocks=1 model.lr=-2): model.lr=-2 is invalid: it must be a number > 0",
+        "error: job 1 (model.residual_blocks=0 optim.lr=-2): optim.lr=-2 is invalid: it must be a number > 0",
+        "error: job 2 (model.residual_blocks=-1 optim.lr=0.001): model.residual_blocks=-1 is invalid: it must be an integer >= 0",
+        "error: job 3 (model.residual_blocks=-1 optim.lr=-2): model.residual_blocks=-1 is invalid: it must be an integer >= 0",
+        "error: job 5 (model.residual_blocks=1 optim.lr=-2): optim.lr=-2 is invalid: it must be a number > 0",
     ]
     assert not sweep.exists()  # nothing trained, no sweep dir
 
@@ -77,7 +77,7 @@ def test_optuna_search_space_ends_are_checked(workdir: Path):
 def sweep_with_a_failure(workdir: Path) -> tuple[Path, object]:
     """Three jobs; job 1's learning rate makes the loss non-finite within a few steps."""
     sweep = workdir / "multirun-survives"
-    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "model.lr=1e-3,1e12,3e-3",
+    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "optim.lr=1e-3,1e12,3e-3",
                  f"hydra.sweep.dir={sweep}", cwd=workdir)
     return sweep, result
 
@@ -88,7 +88,7 @@ def test_a_failing_job_is_recorded_and_the_others_run(sweep_with_a_failure):
     assert "Traceback" not in result.stderr
     metrics = jobs_metrics(sweep)
     assert metrics[1]["status"] == "failed"
-    assert metrics[1]["error"].startswith("the training loss is ") and "try a lower model.lr (now 1e+12)" in metrics[1]["error"]
+    assert metrics[1]["error"].startswith("the training loss is ") and "try a lower optim.lr (now 1e+12)" in metrics[1]["error"]
     assert 0 < metrics[0]["val_bpd"] < 3 and 0 < metrics[2]["val_bpd"] < 3  # job 2 ran after job 1 failed
     assert f"error: job 1 failed: {metrics[1]['error']}" in result.stderr
     assert "error: 1 jobs failed" in result.stderr.strip().splitlines()[-1]
@@ -101,12 +101,12 @@ def test_summary_ranks_jobs_and_lists_the_failed_one(sweep_with_a_failure):
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
     best, second = sorted((0, 2), key=lambda job: metrics[job]["val_bpd"])
     lrs = {0: "0.001", 1: "1000000000000.0", 2: "0.003"}
-    assert rows[0].startswith(f"| 1 | {best} | model.lr={lrs[best]} | {metrics[best]['val_bpd']:.4f} |")
-    assert rows[1].startswith(f"| 2 | {second} | model.lr={lrs[second]} | {metrics[second]['val_bpd']:.4f} |")
-    assert rows[2].startswith("| - | 1 | model.lr=1000000000000.0 | - | - |") and f"failed: {metrics[1]['error']}" in rows[2]
+    assert rows[0].startswith(f"| 1 | {best} | optim.lr={lrs[best]} | {metrics[best]['val_bpd']:.4f} |")
+    assert rows[1].startswith(f"| 2 | {second} | optim.lr={lrs[second]} | {metrics[second]['val_bpd']:.4f} |")
+    assert rows[2].startswith("| - | 1 | optim.lr=1000000000000.0 | - | - |") and f"failed: {metrics[1]['error']}" in rows[2]
     assert summary.startswith("3 jobs: 2 ok, 1 failed.")
     best_file = OmegaConf.load(sweep / "optimization_results.yaml")
-    assert best_file.best_value == metrics[best]["val_bpd"] and best_file.best_params == {"model.lr": float(lrs[best])}
+    assert best_file.best_value == metrics[best]["val_bpd"] and best_file.best_params == {"optim.lr": float(lrs[best])}
     png = sweep / "summary.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(summary.png)" in summary
 
@@ -126,7 +126,7 @@ def test_every_job_shows_in_tensorboard_hparams_with_its_final_metrics(sweep_wit
                                    if tag.startswith("hparams/")})
     assert sorted(sessions) == [0, 1, 2]
     for job, (hparams, final) in sessions.items():
-        assert hparams["model.lr"].number_value == pytest.approx({0: 1e-3, 1: 1e12, 2: 3e-3}[job])
+        assert hparams["optim.lr"].number_value == pytest.approx({0: 1e-3, 1: 1e12, 2: 3e-3}[job])
         if job == 1:
             assert final == {"hparams/failed": 1.0}
             continue
@@ -136,24 +136,24 @@ def test_every_job_shows_in_tensorboard_hparams_with_its_final_metrics(sweep_wit
 
 def test_a_single_run_stops_at_a_non_finite_loss(workdir: Path):
     run_dir = workdir / "outputs" / "diverges"
-    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), "model.lr=1e12", "trainer.max_epochs=50",
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), "optim.lr=1e12", "trainer.max_epochs=50",
                  f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()[-1:]
-    assert line.startswith("error: the training loss is ") and "at optimizer step" in line and "model.lr" in line
+    assert line.startswith("error: the training loss is ") and "at optimizer step" in line and "optim.lr" in line
     assert not (run_dir / "metrics.json").exists()  # stopped, not trained on for 50 epochs
 
 
 def test_non_finite_loss_names_the_first_bad_step():
     one_device = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
     trainer = SimpleNamespace(global_step=12, current_epoch=3, strategy=one_device)  # 12 steps, the last 4 in this batch
-    module = SimpleNamespace(hparams={"lr": 0.5})
+    module = SimpleNamespace(hparams={"optim": {"lr": 0.5}})
     stop = StopOnNonFiniteLoss()
     stop.on_train_batch_end(trainer, module, {"loss": torch.tensor([1.0, 0.9, 0.8, 0.7])}, None, 0)
-    with pytest.raises(NonFiniteLossError, match=r"is inf at optimizer step 10 \(epoch 4\).*model.lr \(now 0.5\)"):
+    with pytest.raises(NonFiniteLossError, match=r"is inf at optimizer step 10 \(epoch 4\).*optim.lr \(now 0.5\)"):
         stop.on_train_batch_end(trainer, module, {"loss": torch.tensor([1.0, float("inf"), float("nan"), 1.0])},
                                 None, 0)
-    accumulating = SimpleNamespace(hparams={"lr": 0.5}, accumulate_grad_batches=2)
+    accumulating = SimpleNamespace(hparams={"optim": {"lr": 0.5}}, accumulate_grad_batches=2)
     with pytest.raises(NonFiniteLossError, match=r"is nan in micro-batch 3 of 4 of the batch ending at optimizer step 12"):
         stop.on_train_batch_end(trainer, accumulating, {"loss": torch.tensor([1.0, 1.0, float("nan"), 1.0])}, None, 0)
     # DDP: another rank's bad loss stops this rank too, in the same batch.
@@ -163,7 +163,7 @@ def test_non_finite_loss_names_the_first_bad_step():
 
 
 def test_failure_reasons_are_one_line():
-    assert failure_reason(UserError("model.lr=-1 is invalid")) == "model.lr=-1 is invalid"
+    assert failure_reason(UserError("optim.lr=-1 is invalid")) == "optim.lr=-1 is invalid"
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
     assert failure_reason(oom).startswith("out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB)")
     assert "data.batch_size" in failure_reason(oom)
@@ -171,11 +171,11 @@ def test_failure_reasons_are_one_line():
 
 
 def test_plot_has_a_panel_per_swept_parameter(tmp_path: Path):
-    runs = [{"job": job, "params": {"model.lr": lr, "model": arch, "seed": "0"}, "status": status, "val_bpd": bpd}
+    runs = [{"job": job, "params": {"optim.lr": lr, "model": arch, "seed": "0"}, "status": status, "val_bpd": bpd}
             for job, (lr, arch, status, bpd) in enumerate([("1e-4", "pixelcnn", "ok", 0.6), ("1e-3", "gated", "ok", 0.5),
                                                            ("1e-2", "gated", "failed", None)])]
     titles = plot(runs, tmp_path / "summary.png")
-    assert titles == ["model.lr (1 failed job not shown)", "model (1 failed job not shown)"]  # seed is not swept
+    assert titles == ["optim.lr (1 failed job not shown)", "model (1 failed job not shown)"]  # seed is not swept
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert plot([{**r, "status": "failed"} for r in runs], tmp_path / "none.png") == []
     assert not (tmp_path / "none.png").exists()
@@ -202,7 +202,7 @@ def test_optuna_search_ranks_trials_by_their_runs_values(workdir: Path):
     best_job = min(values, key=values.get)
     best_run = next(r for r in runs if r["job"] == best_job)
     assert {k: str(v) for k, v in best.best_params.items()} == {k: best_run["params"][k] for k in best.best_params}
-    assert set(best.best_params) == {"model.lr", "model.channels", "model.layers", "model.dropout"}
+    assert set(best.best_params) == {"optim.lr", "model.channels", "model.layers", "model.dropout"}
     summary = (sweep / "summary.md").read_text()
     assert f"Best: job {best_job} (" in summary and f"best val {min(values.values()):.4f} bits/dim" in summary
     ranked = [int(line.split("|")[2]) for line in summary.splitlines() if line.startswith("| ") and "rank" not in line]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pixelcnn.checkpoints import check_resume
+from pixelcnn.checkpoints import check_same_network
 from pixelcnn.config import UserError
 from pixelcnn.data import BatchLoader
 from pixelcnn.module import PixelCNNModule
@@ -22,7 +22,8 @@ LR = 1e-2
 
 def tiny(**kwargs) -> PixelCNNModule:
     torch.manual_seed(0)  # the same initial weights for every module of a test
-    return PixelCNNModule(**{"filters": 4, "residual_blocks": 0, "image_size": 6, "lr": LR, **kwargs})
+    optim = {"lr": kwargs.pop("lr", LR), "weight_decay": 0.0, "scheduler": kwargs.pop("scheduler", {"name": "none"})}
+    return PixelCNNModule(**{"filters": 4, "residual_blocks": 0, "image_size": 6, "optim": optim, **kwargs})
 
 
 def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +110,7 @@ def test_an_epochs_last_batches_make_a_short_accumulation_group():
 
 # --- learning-rate schedulers ----------------------------------------------------------------------
 def expected_cosine_lr(step: int, warmup: int, total: int, final: float) -> float:
-    """The documented schedule (conf/scheduler/cosine.yaml), written out independently."""
+    """The documented schedule (conf/optim/scheduler/cosine.yaml), written out independently."""
     if step < warmup:
         return LR * (step + 1) / (warmup + 1)
     progress = (step - warmup) / (total - 1 - warmup)
@@ -143,15 +144,22 @@ def test_plateau_halves_the_lr_when_val_stalls():
 
 
 def test_a_resume_keeps_the_schedule_and_old_checkpoints_had_none():
-    """The schedule is part of the saved model's hyperparameters: a resume with another one is
-    refused; checkpoints from before the option trained at a constant lr, so resume with none."""
+    """A resume continues the saved schedule's state: one with another kind of schedule is
+    refused; checkpoints from before the option trained at a constant lr, so resume with none.
+    (Older checkpoints kept lr and scheduler among the model's hyperparameters.)"""
     model = {"arch": "pixelcnn", "lr": 1e-4}
     none, cosine = {"name": "none"}, {"name": "cosine", "warmup_steps": 0, "final_lr_ratio": 0.01}
-    check_resume({"hyper_parameters": model}, OmegaConf.create({**model, "scheduler": none}), Path("old.ckpt"))
-    check_resume({"hyper_parameters": {**model, "scheduler": cosine}}, OmegaConf.create({**model, "scheduler": cosine}),
-                 Path("new.ckpt"))
-    with pytest.raises(UserError, match="model.scheduler="):
-        check_resume({"hyper_parameters": model}, OmegaConf.create({**model, "scheduler": cosine}), Path("old.ckpt"))
+
+    def config(scheduler: dict) -> OmegaConf:
+        return OmegaConf.create({"model": {"arch": "pixelcnn"}, "optim": {"lr": 1e-4, "scheduler": scheduler}})
+
+    check_same_network(model, config(none), Path("old.ckpt"), key="ckpt_path")
+    check_same_network({**model, "scheduler": cosine}, config(cosine), Path("new.ckpt"), key="ckpt_path")
+    check_same_network({"arch": "pixelcnn", "optim": {"lr": 1e-3, "scheduler": cosine}}, config(cosine),
+                       Path("new.ckpt"), key="ckpt_path")  # the lr may change
+    with pytest.raises(UserError, match="optim/scheduler="):
+        check_same_network(model, config(cosine), Path("old.ckpt"), key="ckpt_path")
+    check_same_network(model, config(cosine), Path("old.ckpt"), key="init_from")  # a new run: a new schedule
 
 
 def test_cosine_needs_a_run_length():

@@ -74,8 +74,8 @@ class StopOnNonFiniteLoss(L.Callback):
         # next all-reduce): any rank's bad loss stops all. A no-op on one device.
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return
-        lr = module.hparams.get("lr") if hasattr(module, "hparams") else None
-        advice = "training stopped; try a lower model.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
+        lr = (module.hparams.get("optim") or {}).get("lr") if hasattr(module, "hparams") else None
+        advice = "training stopped; try a lower optim.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
         if not bad_here:
             raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
                                      f"{trainer.global_step}: {advice}")

@@ -1,5 +1,5 @@
 """Finding, reading and loading this project's checkpoints (only weights and plain data are ever
-unpickled), with one clear error when that fails; whether a checkpoint can resume a config."""
+unpickled), with one clear error when that fails; whether a checkpoint holds the network a config builds."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
         raise UserError(f"{key}={path} is not a readable PyTorch checkpoint (not a complete torch.save file: "
                         "truncated, damaged or something else)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # weights read when used
     except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and plain data
         raise UserError(f"{key}={path} is not a checkpoint of this project: it holds Python objects other than "
                         "weights, which are never loaded (they could run code)") from None
@@ -79,27 +79,40 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     return checkpoint
 
 
-def check_resume(checkpoint: dict, model_cfg: DictConfig, path: Path) -> None:
-    """A resumed run must build the network it saved: compare the checkpoint's hyperparameters
-    with the composed `model` config (which `with_resume_overrides` normally makes equal)."""
-    wanted = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
-    # Checkpoints from before the scheduler option trained at a constant lr.
-    saved = {"scheduler": {"name": "none"}, **checkpoint["hyper_parameters"]}
-    for key in sorted(set(wanted) | set(saved)):
-        if key not in saved or key not in wanted or saved[key] != wanted[key]:
-            raise UserError(f"ckpt_path={path} was trained with model.{key}={saved.get(key, '<unset>')!r}, this "
-                            f"config has {wanted.get(key, '<unset>')!r}: a resumed run continues the saved model, "
-                            "so drop that override (or start a new run from scratch)")
+def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> None:
+    """The checkpoint (`key`=`path`: ckpt_path or init_from) must hold the network that `cfg.model`
+    builds: what gives its weights their meaning (architecture, sizes, levels, image size, classes).
+    Dropout and the optim group may change; a resume continues the saved lr schedule's state, so
+    it keeps the kind of schedule."""
+    from pixelcnn.module import LEGACY_OPTIM_KEYS, saved_optim  # late import: keeps config/CLI errors fast
+
+    def network(values: dict) -> dict:
+        return {k: v for k, v in values.items() if not k.startswith("_") and k not in ("dropout", "optim",
+                                                                                         *LEGACY_OPTIM_KEYS)}
+
+    saved, wanted = network(hparams), network(OmegaConf.to_container(cfg.model, resolve=True))
+    for name in sorted(set(saved) | set(wanted)):
+        if saved.get(name, "<unset>") != wanted.get(name, "<unset>"):
+            shown = f"data.{name}" if name in ("levels", "image_size") else f"model.{name}"  # the model's follow data's
+            raise UserError(f"{key}={path} holds a network with {shown}={saved.get(name, '<unset>')!r}, this config "
+                            f"has {wanted.get(name, '<unset>')!r}: its weights only fit the same network, so drop "
+                            f"that override (or train a new network from scratch)")
+    schedule, now = saved_optim(hparams)["scheduler"]["name"], cfg.optim.scheduler.name
+    if key == "ckpt_path" and schedule != now:
+        raise UserError(f"{key}={path} was trained with optim/scheduler={schedule}, this config has {now}: a resume "
+                        f"continues the saved schedule (its other values may change); to start a new schedule from "
+                        f"these weights, start a new run with init_from={path}")
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     """Load a `PixelCNNModule` from a checkpoint (file or run dir), in eval mode."""
-    from pixelcnn.module import PixelCNNModule  # late import: keeps config/CLI errors fast
+    from pixelcnn.module import LEGACY_OPTIM_KEYS, PixelCNNModule  # late import: keeps config/CLI errors fast
 
     path = resolve_checkpoint(path)
     checkpoint = read_checkpoint(path)
     try:
-        module = PixelCNNModule(**checkpoint["hyper_parameters"])
+        hparams = checkpoint["hyper_parameters"]
+        module = PixelCNNModule(**{k: v for k, v in hparams.items() if k not in LEGACY_OPTIM_KEYS})
         module.load_state_dict(checkpoint["state_dict"])
     except (TypeError, ValueError, RuntimeError) as err:  # hyperparameters that do not build these weights
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]

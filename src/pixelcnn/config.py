@@ -113,8 +113,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.kernel_size": _odd_int(3),
     "model.dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
     "model.num_classes": (lambda v: v in (0, 10), "0 (unconditional) or 10 (Fashion-MNIST classes)"),
-    "model.lr": _positive_float(),
-    "model.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+    "optim.lr": _positive_float(),
+    "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
     "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None),
                          'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
@@ -136,12 +136,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                                                           and v >= 0), "null or a number >= 0 (0: no clipping)"),
     "trainer.gradient_clip_algorithm": _one_of(None, "norm", "value"),
     "trainer.accumulate_grad_batches": _int(1),
-    "scheduler.name": _one_of("none", "cosine", "plateau"),
-    "scheduler.warmup_steps": _int(0),
-    "scheduler.final_lr_ratio": _fraction(),
-    "scheduler.factor": _fraction(lo_open=True, hi_open=True),
-    "scheduler.patience": _int(0),
-    "scheduler.min_lr_ratio": _fraction(),
+    "optim.scheduler.name": _one_of("none", "cosine", "plateau"),
+    "optim.scheduler.warmup_steps": _int(0),
+    "optim.scheduler.final_lr_ratio": _fraction(),
+    "optim.scheduler.factor": _fraction(lo_open=True, hi_open=True),
+    "optim.scheduler.patience": _int(0),
+    "optim.scheduler.min_lr_ratio": _fraction(),
     "speed.compile": _one_of("auto", True, False),
     "speed.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "speed.precision": _one_of("auto", "32-true", "bf16-mixed", "16-mixed"),
@@ -201,7 +201,17 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
 
 
 # Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder.
-PATH_KEYS = ("ckpt", "ckpt_path", "out", "images", "data_root", "data.root", "data.system_dir", "bench.out")
+PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "out", "images", "data_root", "data.root", "data.system_dir", "bench.out")
+
+
+def as_override(key: str, value: object) -> str:
+    """`key=value` as it can be pasted into a shell: quoted for the shell and, in double quotes,
+    for Hydra's override grammar, unless the value only has characters both read as they are."""
+    text = str(value)
+    if re.fullmatch(r"[\w/.+%@:-]+", text, re.ASCII):
+        return f"{key}={text}"
+    hydra_quoted = '"' + text.replace('"', '\\"').replace("${", "\\${") + '"'
+    return "'" + f"{key}={hydra_quoted}".replace("'", "'\\''") + "'"
 
 
 def paths_as_strings(cfg: DictConfig) -> None:
@@ -261,8 +271,11 @@ def combination_error(cfg: DictConfig) -> str | None:
     """What is wrong with values that are each valid but do not go together, or None."""
     select = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
     one_temperature = not isinstance(select("temperature"), ListConfig)
-    if select("model.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
-        return "scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
+    if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
+        return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
+    if select("ckpt_path") and select("init_from"):
+        return ("pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), "
+                "not both")
     every, steps = select("checkpoint_every_n_steps"), select("data.steps_per_batch")
     if isinstance(every, int) and isinstance(steps, int) and every % steps:  # steps are taken `steps` at a time
         return f"checkpoint_every_n_steps={every} is invalid: it must be a multiple of data.steps_per_batch={steps}"

@@ -23,6 +23,15 @@ from pixelcnn.model import PixelCNN
 from pixelcnn.sampling import SamplingMethod, eval_mode, sample
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
+DEFAULT_OPTIM = {"lr": 1e-4, "weight_decay": 0.0, "scheduler": {"name": "none"}}  # conf/optim/adamw.yaml's
+LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler")  # hyperparameters before the optim group: now in `optim`
+
+
+def saved_optim(hparams: dict) -> dict:
+    """The optim settings of a checkpoint's hyperparameters (those from before the optim group
+    kept lr, weight_decay and scheduler among the model's; a scheduler of None was a constant lr)."""
+    legacy = {key: hparams[key] for key in LEGACY_OPTIM_KEYS if hparams.get(key) is not None}
+    return {**DEFAULT_OPTIM, **(hparams.get("optim") or legacy)}
 
 
 def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn.Module:
@@ -48,16 +57,14 @@ class PixelCNNModule(L.LightningModule):
         levels: int = 4,
         image_size: int = 16,
         num_classes: int = 0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        scheduler: dict | None = None,
+        optim: dict | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
         accumulate_grad_batches: int = 1,
         **arch_kwargs,
     ):
-        """`scheduler` is one of conf/scheduler/ as a dict ({"name": "none"} or None: a constant lr).
-        The last three are the Trainer arguments of the same names, with Lightning's meaning; the
+        """`optim` is the optim group as a dict: lr, weight_decay and scheduler (one of
+        conf/optim/scheduler/; None: Adam at lr 1e-4, constant). The last three are the Trainer arguments of the same names, with Lightning's meaning; the
         Trainer refuses them under manual optimization, so the module applies them (`training_step`).
         They are training settings, not part of the model: left out of the hyperparameters."""
         super().__init__()
@@ -77,6 +84,7 @@ class PixelCNNModule(L.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self._accumulated = 0  # micro-batches whose gradients are summed but not yet stepped
         self._cosine: WarmupCosine | None = None  # the cosine schedule, once configure_optimizers made it
+        self._resumed_optim: dict | None = None  # the optim settings a resumed checkpoint was saved with
 
     # --- the objective ---------------------------------------------------------------------------
     def mean_bits_per_dim(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -186,9 +194,10 @@ class PixelCNNModule(L.LightningModule):
         # on CUDA; foreach is the fast path elsewhere. Fused unscales fp16 gradients inside its
         # step, too late for clipping, so clipping under 16-mixed takes the foreach path.
         fused = self.device.type == "cuda" and not (self.gradient_clip_val and self.trainer.precision == "16-mixed")
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+        optim = self.optim
+        optimizer = torch.optim.AdamW(self.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"],
                                       **({"fused": True} if fused else {"foreach": True}))
-        scheduler = dict(self.hparams.scheduler or {"name": "none"})
+        scheduler = dict(optim["scheduler"])
         name, self._cosine = scheduler.pop("name"), None
         if name == "none":
             return optimizer
@@ -198,17 +207,50 @@ class PixelCNNModule(L.LightningModule):
         elif name == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
-                min_lr=self.hparams.lr * scheduler["min_lr_ratio"])
+                min_lr=optim["lr"] * scheduler["min_lr_ratio"])
             config = {"scheduler": plateau, "interval": "epoch"}  # stepped by on_validation_epoch_end
         else:
             raise ValueError(f"unknown scheduler {name!r}: none, cosine or plateau")
         return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
+
+    @property
+    def optim(self) -> dict:
+        """The optimizer settings: the `optim` argument, with defaults."""
+        return saved_optim(self.hparams)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_optim = saved_optim(checkpoint.get("hyper_parameters", {}))
 
     def on_train_start(self) -> None:
         # Here, not in configure_optimizers: setting the train loader up that early (Lightning's
         # `estimated_stepping_batches`) makes a resume skip the loader's saved state (Lightning #20550).
         if self._cosine is not None:
             self._cosine.total_steps = self.planned_optimizer_steps()
+        if self._resumed_optim is not None and self._resumed_optim != self.optim:
+            self.apply_changed_optim(self._resumed_optim)
+
+    def apply_changed_optim(self, saved: dict) -> None:
+        """A resume with other optim settings than the run's: Lightning has restored the saved
+        ones into the optimizer and scheduler, so the configured ones are put there. The schedule
+        keeps its position (cosine: recomputed at its step; plateau: its reductions so far kept)."""
+        optim, settings, optimizer = self.optim, self.optim["scheduler"], self.optimizers().optimizer
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler if self.trainer.lr_scheduler_configs else None
+        for group in optimizer.param_groups:
+            group["weight_decay"], group["initial_lr"] = optim["weight_decay"], optim["lr"]
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # cosine; its lambda held the saved settings
+                self._cosine.warmup_steps, self._cosine.final_ratio = settings["warmup_steps"], settings["final_lr_ratio"]
+                scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
+                group["lr"] = optim["lr"] * self._cosine(scheduler.last_epoch)
+            elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.factor, scheduler.patience = settings["factor"], settings["patience"]
+                scheduler.min_lrs = [optim["lr"] * settings["min_lr_ratio"]] * len(optimizer.param_groups)
+                group["lr"] = max(group["lr"] * optim["lr"] / saved["lr"], scheduler.min_lrs[0])
+            else:
+                group["lr"] = optim["lr"]
+        if self.trainer.is_global_zero:
+            changes = [f"optim.{k}={optim[k]} (was {saved.get(k)})" for k in optim if optim[k] != saved.get(k)]
+            print(f"[pixelcnn] resumed with other optimizer settings, now used: {', '.join(changes)}; the lr is now "
+                  f"{optimizer.param_groups[0]['lr']:.4g}", flush=True)
 
     def planned_optimizer_steps(self) -> int:
         """Optimizer steps of the whole fit: per epoch, batches of `data.batch_size` (after

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from pixelcnn.config import UserError, check_out_dir
+from pixelcnn.config import UserError, as_override, check_out_dir
 
 # Directories this process created for its run (absolute paths), and the missing parents created with them.
 _CREATED: set[Path] = set()
@@ -89,7 +89,7 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
         return
     if path.is_dir() and any(path.iterdir()):
         raise UserError(f"{key}={path} already holds files (an earlier run?): pass a new folder, or resume that "
-                        f"run with ckpt_path={path}")
+                        f"run with {as_override('ckpt_path', path)}")
     if not path.exists():
         _note_missing_parents(path)
         _CREATED.add(path.resolve())

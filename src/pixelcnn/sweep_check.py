@@ -35,6 +35,9 @@ def check_job(cfg: DictConfig, here: bool) -> None:
     from pixelcnn.training import resolve_speed
 
     validate(cfg)
+    if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
+        raise UserError("ckpt_path continues one run, in its own dir: resume it without -m, or start a new run "
+                        "from its weights in each job with init_from=<run>")
     with user_errors_unwrapped():
         if here:
             resolve_speed(cfg.speed, cfg.trainer.accelerator)

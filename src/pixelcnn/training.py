@@ -7,7 +7,6 @@ Hydra) the resolved config in `.hydra/`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,8 +27,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
-from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint, resolve_checkpoint
-from pixelcnn.config import UserError, validate
+from pixelcnn.checkpoints import STEP_CHECKPOINT, check_same_network, read_checkpoint, resolve_checkpoint
+from pixelcnn.config import UserError, as_override, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
 from pixelcnn.resources import claim_job_resources, cuda_device_args
 from pixelcnn.sweep import write_metrics
@@ -70,11 +69,19 @@ MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": Non
 
 
 def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
-    """The configured LightningModule with the speed choices and the trainer's clipping and
-    accumulation settings applied."""
+    """The configured LightningModule with the optim group, the speed choices and the trainer's
+    clipping and accumulation settings applied; with the weights of `init_from` if given."""
     knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
     # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
-    module = instantiate(cfg.model, _convert_="all", **knobs)
+    module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **knobs)
+    if cfg.init_from:  # fine-tuning: these weights, a fresh optimizer (the run starts at step 0)
+        path = resolve_checkpoint(cfg.init_from, prefer="best", key="init_from")
+        checkpoint = read_checkpoint(path, key="init_from")
+        check_same_network(checkpoint["hyper_parameters"], cfg, path, key="init_from")
+        module.load_state_dict(checkpoint["state_dict"])
+        if not secondary_rank():
+            print(f"[pixelcnn] init_from: the weights of {path} (step {checkpoint.get('global_step', '?')}), "
+                  "a fresh optimizer", flush=True)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if speed.compile:
@@ -99,7 +106,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
-    if cfg.model.scheduler.name != "none":  # a constant lr is not worth a GPU read-back every log_every_n_steps
+    if cfg.optim.scheduler.name != "none":  # a constant lr is not worth a GPU read-back every log_every_n_steps
         callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
     if cfg.checkpoint_every_n_steps:  # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch
         callbacks.append(RunDirCheckpoint(dirpath=output_dir / "checkpoints", filename=STEP_CHECKPOINT,
@@ -158,12 +165,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Threads (and GPU) of a job that shares the machine with others: before any torch work.
     resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
-    ckpt_path, resumed_step = None, 0
-    if cfg.ckpt_path:  # resume: the latest checkpoint, which must hold the network this config builds
-        ckpt_path = resolve_checkpoint(cfg.ckpt_path, prefer="last", key="ckpt_path")
-        resumed = read_checkpoint(ckpt_path, key="ckpt_path")
-        check_resume(resumed, cfg.model, ckpt_path)
-        resumed_step = resumed.get("global_step", 0)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # Lightning warns at each every-N-steps save under manual optimization that the weights are
     # those after the step: that is what a resume needs (they match the saved global step).
@@ -190,18 +191,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     try:
         # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        # ckpt_path: the checkpoint file the train command resolved and checked (`commands.train.RunDirGuard`).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None, weights_only=True)
     except Exception:
         # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed.
         logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
         raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
-    if ckpt_path is not None and trainer.global_step == resumed_step and (output_dir / "metrics.json").is_file():
-        # e.g. stopped by max_time, or early stopping: resuming trains nothing, so the results stand.
-        print(f"[pixelcnn] {output_dir} has already finished (nothing left to train at step {resumed_step}): its "
-              "metrics.json is unchanged", flush=True)
-        return json.loads((output_dir / "metrics.json").read_text())
     test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False,
                         weights_only=True)
     metrics = {
@@ -222,7 +219,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                                 if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)})
     write_metrics(output_dir / "metrics.json", metrics)
     print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
-          f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})", flush=True)
+          f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})\n[pixelcnn] "
+          f"samples: python sample.py {as_override('ckpt', output_dir)}; more epochs: python train.py "
+          f"{as_override('ckpt_path', output_dir)} trainer.max_epochs=<more>", flush=True)
     return metrics
 
 
@@ -242,7 +241,8 @@ def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices)
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
     """The hyperparameters worth comparing in TensorBoard's HPARAMS tab, flattened to scalars."""
-    keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
+    keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
             "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
     flat: dict[str, object] = {}

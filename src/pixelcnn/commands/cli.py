@@ -6,10 +6,13 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 
-from pixelcnn.config import UserError, user_errors_unwrapped
+from pixelcnn.config import UserError, as_override, user_errors_unwrapped
 from pixelcnn.run_dirs import remove_own_dir, removable_on_error
 
 
@@ -23,26 +26,36 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
     except UserError as err:
         if cleanup_dir is not None and Path(cleanup_dir).is_dir() and removable_on_error(cleanup_dir):
             remove_own_dir(cleanup_dir)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(str(err))
 
 
-def exit_on_unknown_choice(argv: list[str], config_dir: str | Path) -> None:
-    """`group=option` overrides (model=gated, experiment=quick, sweeps like model=pixelcnn,gated)
-    naming an option that `config_dir/group/` does not have: one `error:` line with the choices,
-    exit 2. Run before Hydra, whose own message is a dozen lines of search-path details."""
+def check_command_line(argv: list[str], config_dir: str | Path) -> None:
+    """Before Hydra, whose own messages are a dozen lines: an override its grammar cannot read (a
+    path with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote
+    it, and a `group=option` (model=gated, experiment=quick, sweeps like model=pixelcnn,gated) naming
+    an option that `config_dir/group/` does not have gets one with the choices; exit 2."""
     config_dir = Path(config_dir)
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or arg.startswith("-"):  # flags (-m, --config-name x) and their values
+            continue
+        try:
+            OverridesParser.create().parse_overrides([arg])
+        except OverrideParseException as err:
+            fail(f"Hydra cannot read {arg!r} ({str(err).splitlines()[0]}): quote the value, single quotes for "
+                 f"the shell and double quotes for Hydra, e.g. {as_override(key, value)}")
         group = config_dir / key
-        if not sep or key.startswith("hydra") or not group.is_dir() or any(c in value for c in "()[]{}$"):
+        if key.startswith("hydra") or not group.is_dir() or any(c in value for c in "()[]{}$"):
             continue
         choices = sorted(p.stem for p in group.glob("*.yaml"))
         for option in (v.strip() for v in value.split(",")):
             if option and option != "null" and option not in choices:
-                print(f"error: {key}={option} is not an option: choose one of {', '.join(choices)} "
-                      f"(files in {group})", file=sys.stderr, flush=True)
-                sys.exit(2)
+                fail(f"{key}={option} is not an option: choose one of {', '.join(choices)} (files in {group})")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,5 +1,5 @@
-"""What `train.py` does around `training.train(cfg)`: the argv a resumed run is started with,
-the run dir checks before Hydra writes, and a sweep that survives its failing jobs: each job's
+"""What `train.py` does around `training.train(cfg)`: the run dir checks and a resumed run's
+config and checkpoint, before Hydra writes, and a sweep that survives its failing jobs: each job's
 config is checked before any trains, a failing job is recorded and the others go on, and a
 summary is written at the end. The three Hydra callbacks are named in conf/train.yaml."""
 
@@ -13,14 +13,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
-from pixelcnn.commands.cli import exit_on_unknown_choice, exit_on_user_error
+from pixelcnn.checkpoints import check_same_network, read_checkpoint, resolve_checkpoint
+from pixelcnn.commands.cli import exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
 from pixelcnn.run_dirs import check_run_dir, fresh_dir, register_resolvers, run_dir_of
 from pixelcnn.sweep import write_metrics, write_summary
@@ -43,33 +46,6 @@ def main(cfg: DictConfig) -> float | None:
     # Removed after an input error only if this run created it (a resumed run's dir never is).
     with exit_on_user_error(cleanup_dir=cfg.output_dir):
         return train(cfg)["val_bpd"]
-
-
-def prepare_argv(argv: list[str], config_dir: Path) -> list[str]:
-    """Before Hydra: refuse unknown config choices in one line; add a resumed run's overrides."""
-    exit_on_unknown_choice(argv, config_dir)
-    return with_resume_overrides(argv)
-
-
-def with_resume_overrides(argv: list[str]) -> list[str]:
-    """`train.py ckpt_path=<run> [more]` -> argv with the run's own overrides (its
-    `.hydra/overrides.yaml`) put before the user's, so a resumed run has the config it was
-    started with (experiment=..., model=..., data.root=...) without retyping it."""
-    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]  # not flags, nor their values
-    resume = [a.split("=", 1)[1] for a in overrides if a.startswith("ckpt_path=")]
-    if not resume or not resume[-1] or "-m" in argv or "--multirun" in argv:
-        return argv
-    run_dir = run_dir_of(resume[-1])
-    saved = Path(run_dir) / ".hydra" / "overrides.yaml" if run_dir else None
-    if saved is None or not saved.is_file():
-        return argv
-    # Not the ones already given: Lightning's DDP processes re-run this (already rewritten) command.
-    original = [o for o in OmegaConf.load(saved) if not str(o).startswith(("ckpt_path=", "hydra.")) and o not in argv]
-    if not original:
-        return argv
-    print(f"[pixelcnn] resuming: re-applying the run's overrides from {saved}: {' '.join(original)}", flush=True)
-    first = argv.index(overrides[0])
-    return argv[:first] + [str(o) for o in original] + argv[first:]
 
 
 def failure_reason(err: BaseException) -> str:
@@ -105,24 +81,20 @@ def record_job_failure(job_dir: str | Path, job: int | str):
         print(f"error: job {job} failed: {reason}", file=sys.stderr, flush=True)
 
 
-def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) -> str | None:
-    """Why the run in `run_dir` is over, or None if resuming it would train more: it wrote its
-    metrics.json (it ended) and reached `max_epochs` or `max_time` ("DD:HH:MM:SS"), or was stopped
-    early (a resume restores the stopping state and the time spent, so it would stop at once)."""
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        return None
+def finished_run(run_dir: Path, checkpoint: dict, trainer: DictConfig) -> str | None:
+    """Why the run in `run_dir` is over, or None if resuming it from `checkpoint` would train more:
+    it wrote its metrics.json (it ended) and reached trainer.max_epochs, max_steps or max_time, or
+    was stopped early (a resume restores the stopping state and the time spent, so it would stop at once)."""
     try:
-        epochs = json.loads(metrics_file.read_text()).get("epochs")
-    except (OSError, ValueError, AttributeError):
+        epochs = json.loads((run_dir / "metrics.json").read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):  # no metrics.json (the run did not end), or not ours
         return None
+    max_epochs, max_steps, max_time = trainer.get("max_epochs", -1), trainer.get("max_steps", -1), trainer.get("max_time")
     if isinstance(epochs, int) and max_epochs != -1 and epochs >= max_epochs:
         return f"it trained {epochs} epochs, trainer.max_epochs={max_epochs}: pass trainer.max_epochs=<more> to extend it"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    try:
-        callbacks = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
-    except Exception:  # noqa: BLE001 - no readable last.ckpt: the resume itself reports that
-        return None
+    if max_steps != -1 and checkpoint.get("global_step", 0) >= max_steps:
+        return f"it took trainer.max_steps={max_steps} optimizer steps: pass trainer.max_steps=<more> to extend it"
+    callbacks = checkpoint.get("callbacks", {})
     if any(key.startswith("EarlyStopping") and state.get("stopped_epoch", 0) > 0 for key, state in callbacks.items()):
         return f"early stopping ended it after {epochs} epochs"
     if max_time:
@@ -133,38 +105,157 @@ def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) ->
     return None
 
 
+# Never taken back from a saved config: where this run writes and what it continues or starts from.
+NOT_RESTORED = ("hydra", "output_dir", "ckpt_path", "init_from")
+
+
+def restore_saved_config(config: DictConfig, run_dir: Path, announce: bool) -> None:
+    """`train.py ckpt_path=<run> [overrides]`: the config the run was started with, in place of
+    `config` (what this command line composes), with this command line's overrides on top.
+
+    The run dir is data from anywhere, so its files are read as plain YAML and only pick among
+    this project's own configs: a group choice (its hydra.yaml's runtime.choices, e.g. model=gated)
+    is taken if it names an option of that group in conf/; the config is composed again with those
+    choices and this command line; then the saved values (its config.yaml) are copied onto the
+    keys this config has, unless overridden now: plain values only, never a `_key_` (`_target_`),
+    and an interpolation `${...}` only if it is this config's own (resolvers create folders and
+    read the environment). `validate` then checks every value, as for any run."""
+    saved = read_saved_yaml(run_dir / ".hydra" / "config.yaml")
+    choices = dig(read_saved_yaml(run_dir / ".hydra" / "hydra.yaml"), "hydra", "runtime", "choices") or {}
+    if isinstance(saved.get("scheduler"), dict) and isinstance(saved.get("model"), dict) and "optim" not in saved:
+        # Saved before the optim group: the optimizer's values were the model's, the schedule a group of its own.
+        saved["optim"] = {**{k: saved["model"].pop(k) for k in ("lr", "weight_decay") if k in saved["model"]},
+                          "scheduler": saved.pop("scheduler")}
+        choices = {("optim/scheduler" if group == "scheduler" else group): option for group, option in choices.items()}
+    task = [str(o) for o in config.hydra.overrides.task]
+    given = {o.key_or_group.replace("/", ".") for o in OverridesParser.create().parse_overrides(task)}
+    loader, now = GlobalHydra.instance().hydra.config_loader, config.hydra.runtime.choices
+    groups = [f"{group}={option}" for group, option in choices.items()
+              if group in now and not group.startswith("hydra/") and group != "hparams_search"  # -m presets
+              and group.replace("/", ".") not in given and option != now[group] and isinstance(option, str)
+              and option in loader.get_group_options(group)]
+    try:
+        composed = loader.load_sweep_config(config, groups + task)
+    except ConfigCompositionException as err:  # an override of this command line that the run's config lacks
+        cause = " ".join(str(err.__cause__ or "").split()[:12])
+        raise UserError(f"{str(err).splitlines()[0]} ({cause}): {run_dir} was run with {' '.join(groups)}; drop "
+                        "that override") from None
+    restored, ignored = [], []
+
+    def copy(values: dict, own: dict, prefix: str) -> None:
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            if (not prefix and key in NOT_RESTORED) or name in given or any(name.startswith(g + ".") for g in given):
+                continue
+            if not isinstance(own, dict) or key not in own:
+                ignored.append(name)
+            elif isinstance(value, dict) and isinstance(own[key], dict):
+                copy(value, own[key], f"{name}.")
+            elif value != own[key]:
+                if str(key).startswith("_") or isinstance(own[key], dict) or not plain_value(value):
+                    ignored.append(name)
+                else:
+                    OmegaConf.update(composed, name, value, merge=False)
+                    restored.append(f"{name}={value}")
+
+    copy(saved, OmegaConf.to_container(composed, resolve=False), "")
+    with read_write(config), open_dict(config):
+        for key in [key for key in config if key != "hydra"]:
+            del config[key]
+        for key, value in composed.items_ex(resolve=False):
+            if key != "hydra":
+                config[key] = value
+        config.hydra.runtime.choices = composed.hydra.runtime.choices
+    if announce:
+        print(f"[pixelcnn] resuming {run_dir}: re-applying the run's overrides, read from its .hydra/ as data: "
+              f"{' '.join(groups + restored) or '(none)'}", flush=True)
+        if ignored:
+            print(f"[pixelcnn] ignored in {run_dir / '.hydra'}: {', '.join(ignored)} (not plain values of this "
+                  "project's config keys)", flush=True)
+
+
+def read_saved_yaml(path: Path) -> dict:
+    """A YAML file of a run dir as plain data (`yaml.safe_load`: no tag can build an object); {} if absent."""
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path} cannot be read as a saved config ({type(err).__name__}): it is damaged or not a "
+                        "run's record; pass the run's overrides yourself with ckpt_path=<the .ckpt file>") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a saved config (not a mapping of keys to values)")
+    return data
+
+
+def dig(data: Any, *keys: str) -> Any:
+    """data[k1][k2]... of nested dicts, or None where a level is missing or not a dict."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def plain_value(value: Any) -> bool:
+    """A scalar or a list of scalars, without an interpolation (which a resolver would run)."""
+    items = value if isinstance(value, list) else [value]
+    return all(v is None or isinstance(v, (int, float, bool)) or (isinstance(v, str) and "${" not in v) for v in items)
+
+
 class RunDirGuard(Callback):
-    """Checks the run dir (or a sweep's dir) before Hydra writes into it (`run_dirs.check_run_dir`).
-    Hydra's callbacks turn an exception into a warning, so a refusal exits here directly. Runs
-    that keep no record (`hydra.output_subdir: null`) are not checked: bench.py, and the DDP ranks
-    > 0 that Lightning starts by re-running the command with it, into the dir rank 0 checked."""
+    """Before Hydra writes into the run dir: checks it (`run_dirs.check_run_dir`) and, for a
+    resume (ckpt_path), brings back the run's config (`restore_saved_config`), picks its latest
+    checkpoint, checks that it holds this config's network, and ends at once if the run has
+    finished. Hydra's callbacks turn an exception into a warning, so a refusal exits here
+    directly. The DDP ranks > 0, which Lightning starts by re-running the command with
+    `hydra.output_subdir=null` into the dir rank 0 checked, only get the same config and checkpoint;
+    other runs that keep no record (bench.py) are not checked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.output_subdir is None:
+        rank_zero = config.hydra.output_subdir is not None
+        ckpt_path = str(config.ckpt_path) if config.get("ckpt_path") else None  # str: ckpt_path=3 is a path
+        if not rank_zero and not ckpt_path:
             return
         run_dir = Path(str(config.hydra.run.dir))
-        ckpt_path = config.get("ckpt_path")
-        resume_dir = run_dir_of(str(ckpt_path)) if ckpt_path else None
+        resume_dir = run_dir_of(ckpt_path) if ckpt_path else None
         resuming = resume_dir is not None and run_dir.resolve() == Path(resume_dir).resolve()
-        if not resuming and str(OmegaConf.to_container(config.hydra.run)["dir"]).startswith("${resume_run_dir:"):
+        if rank_zero and not resuming and str(OmegaConf.to_container(config.hydra.run)["dir"]).startswith("${resume_run_dir:"):
             # The default name (outputs/<date>/<time>): reserve it, or a suffixed one if another run has it.
             run_dir = Path(fresh_dir(str(run_dir)))
-            with read_write(config.hydra.run):
+        with exit_on_user_error(cleanup_dir=run_dir if rank_zero else None):
+            if rank_zero:
+                check_run_dir(run_dir, "hydra.run.dir", resuming)
+            with read_write(config.hydra):  # fixed now: they follow ckpt_path, which becomes the checkpoint file
                 config.hydra.run.dir = str(run_dir)
-        with exit_on_user_error(cleanup_dir=run_dir):
-            check_run_dir(run_dir, "hydra.run.dir", resuming)
-            if ckpt_path:  # a checkpoint that cannot be resumed is refused before Hydra writes its record
-                path = resolve_checkpoint(str(ckpt_path), prefer="last", key="ckpt_path")
-                check_resume(read_checkpoint(path, key="ckpt_path"), config.model, path)
-        trainer = config.get("trainer") or {}
-        if resuming and (reason := finished_run(run_dir, trainer.get("max_epochs", -1), trainer.get("max_time"))):
-            print(f"[pixelcnn] {run_dir} has already finished ({reason}); nothing was changed", flush=True)
-            sys.exit(0)
+                config.hydra.output_subdir = config.hydra.output_subdir
+            if ckpt_path:
+                self.resume(config, ckpt_path, Path(resume_dir) if resume_dir else None, resuming)
+
+    @staticmethod
+    def resume(config: DictConfig, ckpt_path: str, resume_dir: Path | None, in_place: bool) -> None:
+        """Set the run's config and its checkpoint file (config.ckpt_path), or exit if it has finished."""
+        rank_zero = config.hydra.output_subdir is not None
+        if resume_dir is not None and (resume_dir / ".hydra" / "config.yaml").is_file():
+            restore_saved_config(config, resume_dir, announce=rank_zero)
+        try:
+            path = resolve_checkpoint(ckpt_path, prefer="last", key="ckpt_path")
+        except UserError:
+            if not in_place or (resume_dir / "metrics.json").exists() or not (resume_dir / ".hydra").is_dir():
+                raise
+            # Killed before its first checkpoint: nothing to continue, so it starts again, in its dir.
+            if rank_zero:
+                print(f"[pixelcnn] {resume_dir} has no checkpoint (it stopped before its first one): training it "
+                      "from the start, with its saved config", flush=True)
+            path = None
+        if path is not None:
+            checkpoint = read_checkpoint(path, key="ckpt_path")
+            check_same_network(checkpoint["hyper_parameters"], config, path, key="ckpt_path")
+            if in_place and rank_zero and (reason := finished_run(resume_dir, checkpoint, config.trainer)):
+                print(f"[pixelcnn] {resume_dir} has already finished ({reason}); nothing was changed", flush=True)
+                sys.exit(0)
+        with read_write(config):
+            config.ckpt_path = str(path) if path is not None else None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
             check_run_dir(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir", resuming=False)
-
 
 
 class SweepPrecheck(Callback):

@@ -90,6 +90,11 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
     if path.is_dir() and any(path.iterdir()):
         raise UserError(f"{key}={path} already holds files (an earlier run?): pass a new folder, or resume that "
                         f"run with {as_override('ckpt_path', path)}")
+    claim_if_new(path)
+
+
+def claim_if_new(path: Path) -> None:
+    """A dir that does not exist yet will be created by this run: mark it as its own."""
     if not path.exists():
         _note_missing_parents(path)
         _CREATED.add(path.resolve())

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pixelcnn.checkpoints import check_same_network, read_checkpoint, resolve_checkpoint
 from pixelcnn.commands.cli import exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
-from pixelcnn.run_dirs import check_run_dir, fresh_dir, register_resolvers, run_dir_of
+from pixelcnn.run_dirs import check_run_dir, claim_if_new, fresh_dir, register_resolvers, run_dir_of
 from pixelcnn.sweep import write_metrics, write_summary
 from pixelcnn.sweep_check import sweep_errors
 
@@ -43,8 +43,10 @@ def main(cfg: DictConfig) -> float | None:
             return train(cfg)["val_bpd"]
         # Not NaN: with optuna 2.10 the Optuna sweeper crashes on a NaN value; a non-float marks the trial failed.
         return None
-    # Removed after an input error only if this run created it (a resumed run's dir never is).
-    with exit_on_user_error(cleanup_dir=cfg.output_dir):
+    # Removed after an input error only if this run created it; of a resumed run, only its record
+    # .hydra/resume-<time>/ (a refused resume leaves none, so the next one reads the run's last good one).
+    record = HydraConfig.get().output_subdir or ".hydra"
+    with exit_on_user_error(cleanup_dir=Path(cfg.output_dir) / record if record != ".hydra" else cfg.output_dir):
         return train(cfg)["val_bpd"]
 
 
@@ -120,8 +122,9 @@ def restore_saved_config(config: DictConfig, run_dir: Path, announce: bool) -> N
     keys this config has, unless overridden now: plain values only, never a `_key_` (`_target_`),
     and an interpolation `${...}` only if it is this config's own (resolvers create folders and
     read the environment). `validate` then checks every value, as for any run."""
-    saved = read_saved_yaml(run_dir / ".hydra" / "config.yaml")
-    choices = dig(read_saved_yaml(run_dir / ".hydra" / "hydra.yaml"), "hydra", "runtime", "choices") or {}
+    record = latest_record(run_dir)
+    saved = read_saved_yaml(record / "config.yaml")
+    choices = dig(read_saved_yaml(record / "hydra.yaml"), "hydra", "runtime", "choices") or {}
     if isinstance(saved.get("scheduler"), dict) and isinstance(saved.get("model"), dict) and "optim" not in saved:
         # Saved before the optim group: the optimizer's values were the model's, the schedule a group of its own.
         saved["optim"] = {**{k: saved["model"].pop(k) for k in ("lr", "weight_decay") if k in saved["model"]},
@@ -167,11 +170,18 @@ def restore_saved_config(config: DictConfig, run_dir: Path, announce: bool) -> N
                 config[key] = value
         config.hydra.runtime.choices = composed.hydra.runtime.choices
     if announce:
-        print(f"[pixelcnn] resuming {run_dir}: re-applying the run's overrides, read from its .hydra/ as data: "
+        print(f"[pixelcnn] resuming {run_dir}: re-applying the run's overrides, read from {record} as data: "
               f"{' '.join(groups + restored) or '(none)'}", flush=True)
         if ignored:
-            print(f"[pixelcnn] ignored in {run_dir / '.hydra'}: {', '.join(ignored)} (not plain values of this "
+            print(f"[pixelcnn] ignored in {record}: {', '.join(ignored)} (not plain values of this "
                   "project's config keys)", flush=True)
+
+
+def latest_record(run_dir: Path) -> Path:
+    """The run's newest config record: that of its last resume (.hydra/resume-<time>/, so a changed
+    optim.lr or max_epochs carries on), else the one it started with (.hydra/)."""
+    records = sorted((run_dir / ".hydra").glob("resume-*/config.yaml"))
+    return records[-1].parent if records else run_dir / ".hydra"
 
 
 def read_saved_yaml(path: Path) -> dict:
@@ -225,6 +235,8 @@ class RunDirGuard(Callback):
             with read_write(config.hydra):  # fixed now: they follow ckpt_path, which becomes the checkpoint file
                 config.hydra.run.dir = str(run_dir)
                 config.hydra.output_subdir = config.hydra.output_subdir
+            if rank_zero and resuming:  # .hydra/resume-<time>/: this run's own record
+                claim_if_new(run_dir / config.hydra.output_subdir)
             if ckpt_path:
                 self.resume(config, ckpt_path, Path(resume_dir) if resume_dir else None, resuming)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fakes import write_dataset
 from pixelcnn.callbacks import SampleGridCallback
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.config import UserError, validate
+from pixelcnn.config import UserError, as_override, validate
 from pixelcnn.sweep import collect_runs, summary_table
-from pixelcnn.training import SpeedChoices, build_callbacks, resolve_speed
+from pixelcnn.training import SpeedChoices, build_callbacks, build_module, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -172,12 +174,79 @@ def test_resume_from_the_run_dir_alone_reapplies_its_overrides(workdir: Path, tr
     assert list((trained_run / ".hydra").glob("resume-*/config.yaml"))
 
 
-def test_resume_with_another_model_fails_cleanly(workdir: Path, trained_run: Path):
-    result = run("train.py", f"ckpt_path={trained_run}", "model.filters=16", cwd=workdir)
+@pytest.mark.parametrize("override, saved", [
+    ("model.filters=16", "model.filters=8"),
+    ("model=gated", "model.arch='pixelcnn'"),  # another group: the run's choice is not forced on top of it
+    ("data.levels=8", "data.levels=4"),  # the model's levels follow data.levels: named as the user sets it
+])
+def test_resume_with_another_model_fails_cleanly(workdir: Path, trained_run: Path, override: str, saved: str):
+    records = sorted((trained_run / ".hydra").iterdir())
+    result = run("train.py", f"ckpt_path={trained_run}", override, cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error: ckpt_path=") and "model.filters=8" in line
+    assert line.startswith("error: ckpt_path=") and saved in line
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert sorted((trained_run / ".hydra").iterdir()) == records  # a refused resume leaves no record
+
+
+def test_a_resume_uses_a_new_lr_and_keeps_it(workdir: Path, trained_run: Path, tmp_path: Path):
+    """The optim group may change on resume: the new lr is the one the optimizer steps with (it is
+    in the optimizer state saved after the resume), it is printed, and the next plain resume keeps it."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    epochs = json.loads((copy / "metrics.json").read_text())["epochs"]
+    result = run("train.py", f"ckpt_path={copy}", "optim.lr=0.003", f"trainer.max_epochs={epochs + 1}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "now used: optim.lr=0.003 (was 0.0001)" in result.stdout
+    last = torch.load(copy / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == epochs and last["hyper_parameters"]["optim"]["lr"] == 0.003
+    assert [group["lr"] for group in last["optimizer_states"][0]["param_groups"]] == [0.003]
+    result = run("train.py", f"ckpt_path={copy}", cwd=workdir)  # its newest record: lr 0.003, max_epochs + 1
+    assert result.returncode == 0 and "has already finished" in result.stdout, result.stderr[-3000:]
+    assert "optim.lr=0.003" in result.stdout
+
+
+def test_init_from_starts_a_new_run_from_the_weights(workdir: Path, trained_run: Path, tmp_path: Path):
+    speed = SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False)
+    saved = torch.load(resolve_checkpoint(trained_run), map_location="cpu", weights_only=True)["state_dict"]
+    module = build_module(compose_train(*TINY, f"init_from={trained_run}"), speed)
+    assert saved.keys() == module.state_dict().keys()
+    assert all(torch.equal(tensor, module.state_dict()[name]) for name, tensor in saved.items())
+    with pytest.raises(UserError, match=r"^init_from=.* model.filters=8, this config has 16"):
+        build_module(compose_train(*TINY, "model.filters=16", f"init_from={trained_run}"), speed)
+    with pytest.raises(UserError, match="not both"):
+        validate(compose_train(f"init_from={trained_run}", f"ckpt_path={trained_run}"))
+    tuned = tmp_path / "tuned"
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), f"init_from={trained_run}", "trainer.max_epochs=1",
+                 "optim.lr=0.002", f"hydra.run.dir={tuned}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[pixelcnn] init_from: the weights of" in result.stdout
+    last = torch.load(tuned / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # A new run: its own first epoch of 3 steps, with an optimizer that starts at step 0 (trained_run's is past 6).
+    assert last["global_step"] == 3 and last["optimizer_states"][0]["state"][0]["step"] == 3
+    assert last["hyper_parameters"]["optim"]["lr"] == 0.002
+
+
+def test_a_run_dir_with_spaces_and_accents_pastes_as_printed(workdir: Path, trained_run: Path, tmp_path: Path):
+    """train.py prints its next commands with the run dir quoted for the shell and for Hydra's
+    grammar (which cannot read non-ASCII letters unquoted); pasted as printed, they work. An
+    unquoted one is one line saying how to quote it."""
+    copy = tmp_path / "my runs" / "épreuve 1"
+    shutil.copytree(trained_run, copy)
+    epochs = json.loads((copy / "metrics.json").read_text())["epochs"]
+    [resume] = shlex.split(as_override("ckpt_path", copy))  # what the shell hands over, quotes for Hydra kept
+    result = run("train.py", resume, f"trainer.max_epochs={epochs + 1}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [printed] = [line for line in result.stdout.splitlines() if line.startswith("[pixelcnn] samples: ")]
+    sample_command = shlex.split(printed.split("samples: ", 1)[1].split(";")[0])
+    assert sample_command[:2] == ["python", "sample.py"]
+    result = run("sample.py", *sample_command[2:], "n=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((copy / "samples").glob("*.png"))
+    result = run("sample.py", f"ckpt={copy}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: Hydra cannot read") and as_override("ckpt", copy) in line
 
 
 def test_a_failed_resume_never_deletes_the_folder(tmp_path: Path):

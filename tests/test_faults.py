@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -221,6 +222,68 @@ def test_malicious_checkpoint_never_runs(work: Path, tmp_path: Path):
         assert not marker.exists(), f"{script} ran the checkpoint's code"
         assert "could run code" in one_error_line(result), script
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "downloads", "last.ckpt", "model.ckpt", "run"]
+
+
+def test_a_run_dir_from_someone_else_never_runs_code(work: Path, reference: Path, tmp_path: Path):
+    """Every file a resume reads from a run dir (.hydra/config.yaml, hydra.yaml, overrides.yaml,
+    metrics.json, the checkpoints' hyperparameters) holds something that would create a marker if
+    it were imported, instantiated or resolved: the resume only takes this project's own values."""
+    marker, made_dir = tmp_path / "PAYLOAD_RAN", tmp_path / "RESOLVER_RAN"
+    run_dir = tmp_path / "sent"
+    shutil.copytree(reference, run_dir)
+    hydra_dir = run_dir / ".hydra"
+    touch = {"_target_": "os.system", "_args_": [f"touch {marker}"]}
+    config = yaml.safe_load((hydra_dir / "config.yaml").read_text())
+    config["model"].update(_target_="os.system", _args_=[f"touch {marker}"])  # instantiate(cfg.model) would run it
+    config["data"]["_target_"] = "os.system"
+    config["seed"] = f"${{fresh_dir:{made_dir}}}"  # a resolver that creates a folder
+    config["sample"]["every_n_epochs"] = "${oc.env:HOME}"
+    config["evil"], config["hydra"] = touch, {"callbacks": {"evil": touch}}
+    (hydra_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    hydra_record = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())
+    hydra_record["hydra"]["callbacks"] = {"evil": touch}
+    hydra_record["hydra"]["runtime"]["choices"].update({"data": "../../sent/evil", "hydra/launcher": "evil",
+                                                        "experiment": "quick,best", "evil": "x"})
+    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump(hydra_record))
+    (run_dir / "sent").mkdir()
+    (run_dir / "sent" / "evil.yaml").write_text(yaml.safe_dump(touch))
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(
+        [f"+hydra.callbacks.evil._target_=os.system", f"+hydra.callbacks.evil._args_=[touch {marker}]",
+         "model._target_=os.system"]))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "epochs": f"$(touch {marker})"}))
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["hyper_parameters"].update(_target_="os.system", _args_=[f"touch {marker}"])
+        torch.save(checkpoint, path)
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", tmp_path / "payload.ckpt")
+    result = run("train.py", f"ckpt_path={run_dir}", "trainer.max_epochs=5", cwd=tmp_path)
+    assert not marker.exists() and not made_dir.exists()
+    assert result.returncode == 0, result.stderr[-3000:]
+    [ignored] = [line for line in result.stdout.splitlines() if line.startswith("[pixelcnn] ignored in")]
+    assert all(key in ignored for key in ("model._target_", "model._args_", "data._target_", "seed", "evil"))
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 5
+    line = one_error_line(run("sample.py", f"ckpt={tmp_path / 'payload.ckpt'}", cwd=tmp_path))
+    assert "is not an option of model.arch=gated" in line
+    for record in hydra_dir.rglob("config.yaml"):  # the first one and the resume's (the one read: the newest)
+        record.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert "cannot be read as a saved config" in one_error_line(run("train.py", f"ckpt_path={run_dir}", cwd=tmp_path))
+    assert not marker.exists() and not made_dir.exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_dir(work: Path, reference: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(KILL_SHIM), os.environ.get("PYTHONPATH", "")]),
+           "PIXELCNN_KILL_AT_STEP": "1"}
+    killed = run("train.py", *TINY, *EPOCHS, *data_args(work), f"hydra.run.dir={run_dir}", cwd=work, env=env)
+    assert killed.returncode == -signal.SIGKILL and not list(run_dir.rglob("*.ckpt"))
+    line = one_error_line(run("train.py", *TINY, *EPOCHS, *data_args(work), f"hydra.run.dir={run_dir}", cwd=work))
+    assert f"ckpt_path={run_dir}" in line  # the way forward it names is the one below
+    resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "has no checkpoint (it stopped before its first one): training it from the start" in resumed.stdout
+    assert_same_training(reference, run_dir)  # its saved config, from step 0: the uninterrupted run exactly
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and list((run_dir / ".hydra").glob("resume-*/config.yaml"))
 
 
 def test_truncated_checkpoint_and_cache(work: Path, reference: Path, tmp_path: Path):

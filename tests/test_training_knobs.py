@@ -32,11 +32,11 @@ def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 4, (n, 1, 6, 6), dtype=torch.uint8, generator=generator), torch.zeros(n, dtype=torch.long)
 
 
-def fit(module: PixelCNNModule, loader, val_loader=None, callbacks=(), **trainer_kwargs) -> L.Trainer:
+def fit(module: PixelCNNModule, loader, val_loader=None, callbacks=(), ckpt_path=None, **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(**{"max_epochs": 1, **trainer_kwargs}, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=list(callbacks))
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path, weights_only=True)
     return trainer
 
 
@@ -160,6 +160,20 @@ def test_a_resume_keeps_the_schedule_and_old_checkpoints_had_none():
     with pytest.raises(UserError, match="optim/scheduler="):
         check_same_network(model, config(cosine), Path("old.ckpt"), key="ckpt_path")
     check_same_network(model, config(cosine), Path("old.ckpt"), key="init_from")  # a new run: a new schedule
+
+
+@pytest.mark.parametrize("scheduler", [{"name": "none"}, {"name": "cosine", "warmup_steps": 2, "final_lr_ratio": 0.1}])
+def test_a_resume_with_another_lr_steps_with_it(tmp_path: Path, capsys, scheduler: dict):
+    """Lightning restores the saved optimizer and schedule; the resumed module puts the new lr in
+    (cosine: the schedule at its step, from the new lr, over the new run length) and says so."""
+    trainer = fit(tiny(scheduler=scheduler), BatchLoader(*data(32), 8, steps_per_batch=2), max_epochs=1)  # 4 steps
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    spy = OptimizerSpy(lambda optimizer: optimizer.param_groups[0]["lr"], "pre")
+    fit(tiny(lr=LR / 10, scheduler=scheduler), BatchLoader(*data(32), 8, steps_per_batch=2), callbacks=[spy],
+        ckpt_path=tmp_path / "epoch1.ckpt", max_epochs=2)
+    expected = [LR / 10] * 4 if scheduler["name"] == "none" else [expected_cosine_lr(s, 2, 8, 0.1) / 10 for s in range(4, 8)]
+    assert spy.values == pytest.approx(expected, rel=1e-9)
+    assert f"now used: optim.lr={LR / 10} (was {LR})" in capsys.readouterr().out
 
 
 def test_cosine_needs_a_run_length():

@@ -63,8 +63,8 @@ class PixelCNNModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         **arch_kwargs,
     ):
-        """`optim` is the optim group as a dict: lr, weight_decay and scheduler (one of
-        conf/optim/scheduler/; None: Adam at lr 1e-4, constant). The last three are the Trainer arguments of the same names, with Lightning's meaning; the
+        """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
+        The last three are the Trainer arguments of the same names, with Lightning's meaning; the
         Trainer refuses them under manual optimization, so the module applies them (`training_step`).
         They are training settings, not part of the model: left out of the hyperparameters."""
         super().__init__()

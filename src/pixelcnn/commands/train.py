@@ -45,8 +45,8 @@ def main(cfg: DictConfig) -> float | None:
         return None
     # Removed after an input error only if this run created it; of a resumed run, only its record
     # .hydra/resume-<time>/ (a refused resume leaves none, so the next one reads the run's last good one).
-    record = HydraConfig.get().output_subdir or ".hydra"
-    with exit_on_user_error(cleanup_dir=Path(cfg.output_dir) / record if record != ".hydra" else cfg.output_dir):
+    record = str(HydraConfig.get().output_subdir)
+    with exit_on_user_error(cleanup_dir=Path(cfg.output_dir) / record if "/resume-" in record else cfg.output_dir):
         return train(cfg)["val_bpd"]
 
 
@@ -112,19 +112,18 @@ NOT_RESTORED = ("hydra", "output_dir", "ckpt_path", "init_from")
 
 
 def restore_saved_config(config: DictConfig, run_dir: Path, announce: bool) -> None:
-    """`train.py ckpt_path=<run> [overrides]`: the config the run was started with, in place of
-    `config` (what this command line composes), with this command line's overrides on top.
-
-    The run dir is data from anywhere, so its files are read as plain YAML and only pick among
-    this project's own configs: a group choice (its hydra.yaml's runtime.choices, e.g. model=gated)
-    is taken if it names an option of that group in conf/; the config is composed again with those
-    choices and this command line; then the saved values (its config.yaml) are copied onto the
-    keys this config has, unless overridden now: plain values only, never a `_key_` (`_target_`),
-    and an interpolation `${...}` only if it is this config's own (resolvers create folders and
-    read the environment). `validate` then checks every value, as for any run."""
+    """`train.py ckpt_path=<run> [overrides]`: `config` becomes the run's own, this command line's
+    overrides on top. A run dir is data from anywhere: its files are read as plain YAML; a group
+    choice (model=gated) is taken only if it names an option in conf/<group>/; the config is
+    composed again with those choices; saved values are copied onto keys it has that were not
+    overridden now: plain values only, no `_key_` (`_target_`), no interpolation (resolvers create
+    folders, read the environment). `validate` then checks every value, as for any run."""
     record = latest_record(run_dir)
     saved = read_saved_yaml(record / "config.yaml")
-    choices = dig(read_saved_yaml(record / "hydra.yaml"), "hydra", "runtime", "choices") or {}
+    choices = read_saved_yaml(record / "hydra.yaml")
+    for key in ("hydra", "runtime", "choices"):  # hydra.runtime.choices, where each level is a dict
+        choices = choices.get(key) if isinstance(choices, dict) else {}
+    choices = choices if isinstance(choices, dict) else {}
     if isinstance(saved.get("scheduler"), dict) and isinstance(saved.get("model"), dict) and "optim" not in saved:
         # Saved before the optim group: the optimizer's values were the model's, the schedule a group of its own.
         saved["optim"] = {**{k: saved["model"].pop(k) for k in ("lr", "weight_decay") if k in saved["model"]},
@@ -141,8 +140,8 @@ def restore_saved_config(config: DictConfig, run_dir: Path, announce: bool) -> N
         composed = loader.load_sweep_config(config, groups + task)
     except ConfigCompositionException as err:  # an override of this command line that the run's config lacks
         cause = " ".join(str(err.__cause__ or "").split()[:12])
-        raise UserError(f"{str(err).splitlines()[0]} ({cause}): {run_dir} was run with {' '.join(groups)}; drop "
-                        "that override") from None
+        raise UserError(f"{str(err).splitlines()[0]} ({cause}): not a key of the config of {run_dir} "
+                        f"({' '.join(groups) or 'the defaults'}); drop that override") from None
     restored, ignored = [], []
 
     def copy(values: dict, own: dict, prefix: str) -> None:
@@ -190,16 +189,9 @@ def read_saved_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text()) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise UserError(f"{path} cannot be read as a saved config ({type(err).__name__}): it is damaged or not a "
-                        "run's record; pass the run's overrides yourself with ckpt_path=<the .ckpt file>") from None
+                        "run's record; restore it from a copy of the run") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a saved config (not a mapping of keys to values)")
-    return data
-
-
-def dig(data: Any, *keys: str) -> Any:
-    """data[k1][k2]... of nested dicts, or None where a level is missing or not a dict."""
-    for key in keys:
-        data = data.get(key) if isinstance(data, dict) else None
     return data
 
 
@@ -210,13 +202,11 @@ def plain_value(value: Any) -> bool:
 
 
 class RunDirGuard(Callback):
-    """Before Hydra writes into the run dir: checks it (`run_dirs.check_run_dir`) and, for a
-    resume (ckpt_path), brings back the run's config (`restore_saved_config`), picks its latest
-    checkpoint, checks that it holds this config's network, and ends at once if the run has
-    finished. Hydra's callbacks turn an exception into a warning, so a refusal exits here
-    directly. The DDP ranks > 0, which Lightning starts by re-running the command with
-    `hydra.output_subdir=null` into the dir rank 0 checked, only get the same config and checkpoint;
-    other runs that keep no record (bench.py) are not checked."""
+    """Before Hydra writes into the run dir: checks it (`run_dirs.check_run_dir`); for a resume,
+    the run's config (`restore_saved_config`), its latest checkpoint (which must hold this config's
+    network), or exit 0 if the run has finished. Hydra turns a callback's exception into a warning,
+    so a refusal exits here. DDP ranks > 0 (Lightning re-runs the command with hydra.output_subdir=null)
+    get the same config and checkpoint, unchecked; bench.py (no record) is not checked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         rank_zero = config.hydra.output_subdir is not None
@@ -248,10 +238,10 @@ class RunDirGuard(Callback):
             restore_saved_config(config, resume_dir, announce=rank_zero)
         try:
             path = resolve_checkpoint(ckpt_path, prefer="last", key="ckpt_path")
-        except UserError:
-            if not in_place or (resume_dir / "metrics.json").exists() or not (resume_dir / ".hydra").is_dir():
+        except UserError:  # a run dir killed before its first checkpoint (it has its record) starts again in it
+            if not (in_place and Path(ckpt_path).is_dir() and (resume_dir / ".hydra").is_dir()
+                    and not (resume_dir / "metrics.json").exists() and not any(resume_dir.rglob("*.ckpt"))):
                 raise
-            # Killed before its first checkpoint: nothing to continue, so it starts again, in its dir.
             if rank_zero:
                 print(f"[pixelcnn] {resume_dir} has no checkpoint (it stopped before its first one): training it "
                       "from the start, with its saved config", flush=True)

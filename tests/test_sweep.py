@@ -59,6 +59,16 @@ def test_model_constructor_errors_are_found_before_any_trains(workdir: Path, ove
     assert line.startswith(message)
 
 
+def test_a_sweep_does_not_resume_a_run(workdir: Path):
+    """A resume continues one run in its own dir; several runs from its weights are init_from's."""
+    sweep = workdir / "multirun-resume"
+    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), f"ckpt_path={workdir}", "seed=0,1",
+                 f"hydra.sweep.dir={sweep}", cwd=workdir)
+    assert result.returncode == 2 and not sweep.exists() and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("ckpt_path continues one run" in line and "init_from" in line for line in lines)
+
+
 def test_optuna_search_space_ends_are_checked(workdir: Path):
     sweep = workdir / "optuna-bad"
     result = run("train.py", "-m", "hparams_search=optuna", *TINY_GATED, *data_args(workdir), "model.channels=choice(0,8)",

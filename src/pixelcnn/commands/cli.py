@@ -28,13 +28,16 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
 
 
 def exit_on_unknown_choice(argv: list[str], config_dir: str | Path) -> None:
-    """`group=option` overrides (model=gated, experiment=quick, sweeps like model=pixelcnn,gated)
+    """`group=option` overrides (model=gated, experiment=quick, sweeps like model=pixelcnn,gated, lists
+    like logger=[tensorboard,csv])
     naming an option that `config_dir/group/` does not have: one `error:` line with the choices,
     exit 2. Run before Hydra, whose own message is a dozen lines of search-path details."""
     config_dir = Path(config_dir)
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
         group = config_dir / key
+        if value.startswith("[") and value.endswith("]"):  # several options at once: logger=[tensorboard,csv]
+            value = value[1:-1]
         if not sep or key.startswith("hydra") or not group.is_dir() or any(c in value for c in "()[]{}$"):
             continue
         choices = sorted(p.stem for p in group.glob("*.yaml"))

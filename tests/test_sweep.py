@@ -302,3 +302,49 @@ def test_optuna_search_ranks_trials_by_their_runs_values(workdir: Path):
     assert f"Best: job {best_job} (" in summary and f"best val {min(values.values()):.4f} bits/dim" in summary
     ranked = [int(line.split("|")[2]) for line in summary.splitlines() if line.startswith("| ") and "rank" not in line]
     assert ranked == sorted(values, key=values.get)
+
+
+def test_running_the_same_optuna_search_again_continues_its_study(workdir: Path):
+    """Two invocations of one command, 2 trials each: the second adds trials 2 and 3 to the study kept in
+    multirun/optuna/<study_name>.db, with new suggestions, and its summary lists all four trials with
+    their sweep. data.val_size=1000 (of 100 images) fails as the job starts: that trial stays failed."""
+    tiny = [o for o in TINY_GATED if not o.startswith("data.val_size")]  # searched here
+    command = ["train.py", "-m", "hparams_search=optuna", *tiny, *data_args(workdir), "trainer.max_epochs=1",
+               "trainer.limit_train_batches=2", "sample.every_n_epochs=0", "hydra.sweeper.n_trials=2",
+               "hydra.sweeper.study_name=continued",
+               "model.channels=choice(4,8)", "model.layers=range(1,3)", "data.val_size=choice(20,1000)"]
+    sweeps = [workdir / "optuna-first", workdir / "optuna-again"]
+    for sweep in sweeps:
+        result = run(*command, f"hydra.sweep.dir={sweep}", cwd=workdir)
+        failed = [r for r in collect_runs(sweep) if r["params"]["data.val_size"] == "1000"]
+        assert result.returncode == (1 if failed else 0), result.stderr[-3000:]
+    assert "continuing the Optuna study 'continued' (2 trials so far)" in result.stdout
+    import optuna
+
+    study = optuna.load_study(study_name="continued", storage=f"sqlite:///{workdir / 'multirun/optuna/continued.db'}")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    first, again = (collect_runs(sweep) for sweep in sweeps)
+    jobs = [(job, sweep) for sweep, runs in ((1, first), (2, again)) for job in runs]  # trial order
+    assert len(jobs) == 4
+    assert jobs[2][0]["params"] != jobs[0][0]["params"]  # the continued sampler does not repeat the first sweep
+    for trial, (job, _) in zip(study.trials, jobs):
+        assert {k: str(v) for k, v in trial.params.items()} == {k: job["params"][k] for k in trial.params}
+        if job["params"]["data.val_size"] == "1000":  # failed, not a NaN value
+            assert job["status"] == "failed" and trial.state.name == "FAIL" and trial.value is None
+        else:
+            assert job["status"] == "ok" and trial.state.name == "COMPLETE" and trial.value == job["val_bpd"]
+    assert {job["status"] for job, _ in jobs} == {"ok", "failed"}  # both cases happened
+    # The first summary had its two trials; the second lists all four, ranked, each with its sweep and job.
+    assert len(table_rows((sweeps[0] / "summary.md").read_text(), "| rank | trial")) == 2
+    summary = (sweeps[1] / "summary.md").read_text()
+    rows = table_rows(summary, "| rank | trial")
+    ok = sorted((n for n, (job, _) in enumerate(jobs) if job["status"] == "ok"), key=lambda n: jobs[n][0]["val_bpd"])
+    failed = [n for n, (job, _) in enumerate(jobs) if job["status"] != "ok"]
+    assert [row[1] for row in rows] == [str(n) for n in ok + failed]
+    for row in rows:
+        job, sweep = jobs[int(row[1])]
+        assert row[2:4] == [str(sweep), str(job["job"])]
+        assert row[-1] == ("ok" if job["status"] == "ok" else f"failed: {job['error']}")
+    assert f"1 = {sweeps[0]}; 2 = {sweeps[1]} (this one)" in summary
+    best = OmegaConf.load(sweeps[1] / "optimization_results.yaml")  # the sweeper's best of the whole study
+    assert best.best_value == jobs[ok[0]][0]["val_bpd"]

@@ -6,7 +6,11 @@ best parameters in `optimization_results.yaml`.
 
 Jobs that differ only in their seeds (`SEED_KEYS`) are one configuration: the summary then
 ranks configurations by their mean over seeds (mean ± standard deviation, count, failed seeds
-named), above the per-job rows, and the plot shows each configuration's spread."""
+named), above the per-job rows, and the plot shows each configuration's spread.
+
+An Optuna sweep with a storage (hparams_search=optuna: multirun/optuna/<study_name>.db) adds its
+trials to a study that the same command continues: `start_study_sweep` records in the study which
+sweep dir holds which trials, and the summary then lists every trial of the study, with its sweep."""
 
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from pixelcnn.sweep_check import OPTUNA_SWEEPER
 
 RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
 SEED_KEYS = ("seed", "data.split_seed")  # jobs differing only in these are repeats of one configuration
 # The metrics aggregated over seeds: key in metrics.json -> column title.
 AGGREGATED = {"val_bpd": "best val bits/dim", "test_bpd": "test bits/dim", "frechet_distance": "Fréchet distance"}
+SWEEP_ATTR = "pixelcnn sweep dir "  # an Optuna study's user attribute: this prefix + a sweep dir -> its first trial
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
@@ -150,17 +157,24 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
     if groups and groups[0]["val_bpd"][0] is not None:
         lines.append(f"Best configuration: {groups[0]['config']}, best val {_mean_std(groups[0]['val_bpd'])} "
                      "bits/dim over seeds.")
+    study = any("trial" in run for run in runs)  # study_runs: every trial of an Optuna study, from its sweeps
+
+    def job(run: dict[str, Any]) -> str:
+        return str(run["job"]) if run["job"] is not None else "?"
+
     if ok:
         best = ok[0]
-        lines.append(f"Best: job {best['job']} ({_params_text(best, swept)}), best val {best['val_bpd']:.4f} bits/dim.")
+        lines.append(f"Best: job {job(best)} ({_params_text(best, swept)}), best val {best['val_bpd']:.4f} bits/dim"
+                     + (f" (trial {best['trial']}, sweep {best.get('sweep') or '?'})." if study else "."))
     lines += [f"Overrides of every job: {' '.join(common) or '(none)'}", ""]
     if groups:
         lines += seed_table(groups) + ["", "## Jobs", ""]
-    lines += ["| rank | job | overrides | best val bits/dim | test bits/dim | epochs | parameters | status |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| rank | " + ("trial | sweep | " if study else "") + "job | overrides | best val bits/dim | test bits/dim "
+              "| epochs | parameters | status |", "|---|---|---|---|---|---|---|---|" + "---|---|" * study]
     for run in ranked:
         status = "ok" if run["status"] == "ok" else f"failed: {run.get('error') or 'unknown reason'}"
-        lines.append(f"| {run['rank'] or '-'} | {run['job'] if run['job'] is not None else '?'} "
+        trial = f"{run['trial']} | {run.get('sweep') or '?'} | " if study else ""
+        lines.append(f"| {run['rank'] or '-'} | {trial}{job(run)} "
                      f"| {_params_text(run, swept)} | {bpd(run.get('val_bpd'))} | {bpd(run.get('test_bpd'))} "
                      f"| {run.get('epochs', '')} | {run.get('parameters', '')} | {status.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
@@ -252,12 +266,88 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     return [ax.get_title() for ax in axes.flat[:len(keys)]]
 
 
+def open_study(config: DictConfig):
+    """The Optuna study of this sweep (created if new), or None: another sweeper, or a study kept in
+    memory (hydra.sweeper.storage=null)."""
+    sweeper = config.hydra.sweeper
+    if OmegaConf.select(config, "hydra.sweeper._target_") != OPTUNA_SWEEPER or not sweeper.get("storage"):
+        return None
+    import optuna
+
+    storage = str(sweeper.storage)
+    if storage.startswith("sqlite:///"):  # SQLite creates the file but not its folder
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    direction = sweeper.direction
+    directions = [getattr(d, "name", str(d)) for d in (direction if OmegaConf.is_list(direction) else [direction])]
+    return optuna.create_study(study_name=sweeper.study_name, storage=storage, directions=directions,
+                               load_if_exists=True)  # what the sweeper then does: it finds this study
+
+
+def start_study_sweep(config: DictConfig) -> None:
+    """Before an Optuna sweep with a storage: record in the study the sweep dir and the number of
+    its first trial (so summary.md can list every trial with its sweep and job). A study that
+    already has trials is continued: the sampler's seed is offset by their count, or the sampler
+    would make the first sweep's random start-up suggestions again."""
+    if (study := open_study(config)) is None:
+        return
+    first = len(study.trials)
+    study.set_user_attr(SWEEP_ATTR + str(Path(config.hydra.sweep.dir).resolve()), first)
+    if not first:
+        return
+    if (seed := OmegaConf.select(config, "hydra.sweeper.sampler.seed")) is not None:
+        with read_write(config.hydra.sweeper.sampler):
+            config.hydra.sweeper.sampler.seed = seed + first
+    print(f"[pixelcnn] continuing the Optuna study '{study.study_name}' ({first} trials so far) in "
+          f"{config.hydra.sweeper.storage}" + (f", sampler seed {seed} + {first}" if seed is not None else "")
+          + "; hydra.sweeper.study_name=<another name> starts a new study", flush=True)
+
+
+def study_sweeps(study) -> list[tuple[int, Path]]:
+    """(first trial, sweep dir) of each sweep that added trials to `study` (start_study_sweep), in order."""
+    return sorted((first, Path(key[len(SWEEP_ATTR):])) for key, first in study.user_attrs.items()
+                  if key.startswith(SWEEP_ATTR))
+
+
+def study_runs(study) -> list[dict[str, Any]]:
+    """Every trial of an Optuna `study`, as collect_runs gives a job, plus `trial` and `sweep`
+    (1 = the study's first sweep): the job's own record where its sweep dir still holds it, else
+    what the study knows. A trial's state decides: only a complete one is ok."""
+    jobs = {}
+    for n, (first, sweep_dir) in enumerate(study_sweeps(study), 1):
+        for run in collect_runs(sweep_dir) if sweep_dir.is_dir() else []:
+            if run["job"] is not None:
+                jobs[first + run["job"]] = {**run, "sweep": n, "dir": str(sweep_dir / run["dir"])}
+    runs = []
+    for trial in study.trials:
+        run = jobs.get(trial.number)
+        # Two sweeps of one study at the same time interleave their trials: a job counts only if its values match.
+        if run is None or any(parse_value(run["params"].get(k, "")) != v for k, v in trial.params.items()):
+            run = {"job": None, "dir": "", "params": {k: str(v) for k, v in trial.params.items()},
+                   "overrides": " ".join(f"{k}={v}" for k, v in trial.params.items()), "status": "ok",
+                   "val_bpd": trial.value}
+        state = trial.state.name
+        if state == "FAIL":
+            run = {**run, "status": "failed", "error": run.get("error") or "the trial failed"}
+        elif state != "COMPLETE":
+            run = {**run, "status": "failed", "error": f"trial {state.lower()}: its sweep ended before it did"}
+        runs.append({**run, "trial": trial.number})
+    return runs
+
+
 def write_summary(config: DictConfig) -> int:
     """Write summary.md, summary.png and (unless the sweeper wrote it) optimization_results.yaml
-    into the sweep dir of `config`; print the table; return the number of failed jobs."""
+    into the sweep dir of `config`; print the table; return the number of failed jobs of this
+    sweep. An Optuna sweep with a storage summarizes every trial of its study."""
     sweep_dir = Path(config.hydra.sweep.dir)
-    runs = collect_runs(sweep_dir)
-    table = summary_table(runs)
+    runs = this_sweep = collect_runs(sweep_dir)
+    table = ""
+    if (study := open_study(config)) is not None:
+        runs = study_runs(study)
+        sweeps = [f"{n} = {path}" + (" (this one)" if path == sweep_dir.resolve() else "")
+                  for n, (_, path) in enumerate(study_sweeps(study), 1)]
+        table = (f"Optuna study '{study.study_name}' ({config.hydra.sweeper.storage}): all its trials, from each sweep "
+                 f"that added some: {'; '.join(sweeps)}.\n\n")
+    table += summary_table(runs)
     if plot(runs, sweep_dir / "summary.png"):
         table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
     (sweep_dir / "summary.md").write_text(table)
@@ -266,4 +356,4 @@ def write_summary(config: DictConfig) -> int:
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
         OmegaConf.save(OmegaConf.create(best), results_file)
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
-    return sum(r["status"] != "ok" for r in runs)
+    return sum(r["status"] != "ok" for r in this_sweep)

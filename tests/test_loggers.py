@@ -26,6 +26,12 @@ def test_tensorboard_is_the_default_and_several_loggers_combine():
     assert "logger" not in compose_train("~logger")  # no logger at all
 
 
+def test_an_unknown_logger_in_a_list_is_one_error_line(tmp_path: Path):
+    result = run("train.py", "logger=[tensorboard,wandb]", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: logger=wandb is not an option: choose one of csv, mlflow, tensorboard (files in {ROOT / 'conf/logger'})")
+
+
 @pytest.fixture(scope="module")
 def logged_run(workdir: Path) -> Path:
     run_dir = workdir / "outputs" / "three-loggers"

@@ -22,9 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pixelcnn.sweep_check import OPTUNA_SWEEPER
-
 RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 SEED_KEYS = ("seed", "data.split_seed")  # jobs differing only in these are repeats of one configuration
 # The metrics aggregated over seeds: key in metrics.json -> column title.
 AGGREGATED = {"val_bpd": "best val bits/dim", "test_bpd": "test bits/dim", "frechet_distance": "Fréchet distance"}

@@ -1,7 +1,7 @@
 """`train(cfg)`: build data, model and trainer from a composed config, fit, test, return metrics.
 
-Everything a run produces goes into `cfg.output_dir`: the loggers' files (`conf/logger/`: TensorBoard's
-`tb/` by default, `csv/`, `mlruns/`), checkpoints
+Everything a run produces goes into `cfg.output_dir`: the chosen loggers' files (conf/logger/:
+TensorBoard's `tb/` by default, `csv/`, MLflow's `mlflow.db` + `mlartifacts/`), checkpoints
 (`checkpoints/best-*.ckpt` by val bits/dim and `last.ckpt`), `metrics.json`, and (written by
 Hydra) the resolved config in `.hydra/`.
 """
@@ -100,17 +100,14 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
-    if cfg.model.scheduler.name != "none" and cfg.get("logger"):  # a constant lr is not worth a GPU read-back every log_every_n_steps
+    # A constant lr is not worth a GPU read-back every log_every_n_steps; without a logger, Lightning refuses it.
+    if cfg.model.scheduler.name != "none" and cfg.get("logger"):
         callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
     if cfg.checkpoint_every_n_steps:  # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch
         callbacks.append(RunDirCheckpoint(dirpath=output_dir / "checkpoints", filename=STEP_CHECKPOINT,
                                           every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1,
                                           enable_version_counter=False))
     return callbacks
-
-
-# The extra to install for a logger whose package is optional (Lightning raises ModuleNotFoundError).
-LOGGER_EXTRAS = {"mlflow": "mlflow"}
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
@@ -122,10 +119,10 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
         try:
             loggers.append(instantiate(logger_cfg))
         except InstantiationException as err:
-            if isinstance(err.__cause__, ModuleNotFoundError):
-                extra = LOGGER_EXTRAS.get(name, name)
-                raise UserError(f"logger={name} needs the {extra} package, which is not installed: "
-                                f"pip install -e '.[{extra}]' (or pip install {extra})") from None
+            if isinstance(err.__cause__, ModuleNotFoundError):  # Lightning's check of an optional package
+                # Only mlflow is optional among conf/logger/'s loggers; its extra has the logger's name.
+                raise UserError(f"logger={name} needs the {name} package, which is not installed: "
+                                f"pip install -e '.[{name}]' (or pip install {name})") from None
             raise
     return loggers
 
@@ -152,14 +149,14 @@ def secondary_rank() -> bool:
     return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
-def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: list[Logger], callbacks: list[L.Callback],
+def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], callbacks: list[L.Callback],
                   output_dir: Path, device_args: dict) -> L.Trainer:
     """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
     or DDP where its processes cannot be started, are a UserError (one line)."""
     try:
         # limit_train_batches is the data module's (it counts optimizer steps), clipping and accumulation the module's.
-        trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger or False, callbacks=callbacks,
-                                         default_root_dir=str(output_dir), limit_train_batches=None,
+        trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=loggers or False,
+                                         callbacks=callbacks, default_root_dir=str(output_dir), limit_train_batches=None,
                                          **MODULE_TRAINER_KEYS, **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
@@ -231,7 +228,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception:
-        # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab (and the other loggers), marked failed.
+        # A failed run (e.g. a non-finite loss) still shows in every logger (TensorBoard's HPARAMS tab), marked failed.
         log_results(trainer.loggers, cfg, {"hparams/failed": 1.0}, trainer.global_step)
         raise
     fit_seconds = time.perf_counter() - started

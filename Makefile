@@ -11,7 +11,12 @@ DATASET_DIR := /usr/share/datasets/fashion-mnist
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# The tests also need pytest and the optional extras they exercise (mlflow: logger=mlflow).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,mlflow]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -41,7 +46,7 @@ train: setup data
 quick: setup data
 	$(PY) train.py experiment=quick $(ARGS)
 
-test: setup data
+test: setup $(VENV)/.installed-test data
 	$(PY) -m pytest -q $(ARGS)
 
 bench: setup data

@@ -17,7 +17,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from pixelcnn.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from pixelcnn.commands.train import failure_reason
 from pixelcnn.config import UserError
-from pixelcnn.sweep import collect_runs, plot, write_metrics
+from pixelcnn.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_metrics
 from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 # TINY for the gated model, which hparams_search=optuna searches (its width and depth are searched).
@@ -144,6 +144,36 @@ def test_every_job_shows_in_tensorboard_hparams_with_its_final_metrics(sweep_wit
         assert final["hparams/test_bpd"] == pytest.approx(metrics[job]["test_bpd"], rel=1e-6)
 
 
+def test_a_sweep_over_seeds_is_summarized_per_configuration(workdir: Path):
+    """A real sweep: two learning rates x two seeds. summary.md ranks the two configurations by
+    their mean over seeds (mean ± std, n) above the four jobs; summary.png shows the spread."""
+    sweep = workdir / "multirun-seeds"
+    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "trainer.max_epochs=1",
+                 "trainer.limit_train_batches=2", "seed=0,1", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}",
+                 cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = collect_runs(sweep)
+    assert len(runs) == 4 and all(r["status"] == "ok" for r in runs)
+    summary = (sweep / "summary.md").read_text()
+    rows = table_rows(summary, "| rank | configuration")
+    by_lr = {lr: [r for r in runs if r["params"]["optim.lr"] == lr] for lr in ("0.001", "0.002")}
+    means = {lr: sum(r["val_bpd"] for r in group) / 2 for lr, group in by_lr.items()}
+    assert len({r["val_bpd"] for r in by_lr["0.001"]}) == 2  # the seeds really differ
+    for rank, lr in enumerate(sorted(means, key=means.get), 1):
+        vals, tests = [r["val_bpd"] for r in by_lr[lr]], [r["test_bpd"] for r in by_lr[lr]]
+        std = abs(vals[0] - vals[1]) / 2 ** 0.5  # sample standard deviation of two values
+        test_std = abs(tests[0] - tests[1]) / 2 ** 0.5
+        assert rows[rank - 1] == [str(rank), f"optim.lr={lr}", "seed=0 seed=1", f"{means[lr]:.4f} ± {std:.4f} (n=2)",
+                                  f"{sum(tests) / 2:.4f} ± {test_std:.4f} (n=2)", "0"]
+    assert len(table_rows(summary, "| rank | job")) == 4  # the per-job rows stay, below
+    assert summary.index("| rank | configuration") < summary.index("| rank | job")
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_params == {"optim.lr": float(min(means, key=means.get))} and best.best_value_n == 2
+    assert best.best_value == pytest.approx(min(means.values()))
+    assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot(runs, workdir / "again.png") == ["optim.lr"]  # one panel: the seeds are the spread, not a parameter
+
+
 def test_a_single_run_stops_at_a_non_finite_loss(workdir: Path):
     run_dir = workdir / "outputs" / "diverges"
     result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), "optim.lr=1e12", "trainer.max_epochs=50",
@@ -191,6 +221,71 @@ def test_plot_has_a_panel_per_swept_parameter(tmp_path: Path):
     assert not (tmp_path / "none.png").exists()
 
 
+def table_rows(summary: str, header: str) -> list[list[str]]:
+    """The cells of the rows of the summary.md table whose header starts with `header`."""
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def fake_run(job: int, status: str = "ok", val: float | None = None, test: float | None = None, **params: str) -> dict:
+    return {"job": job, "dir": str(job), "params": params, "overrides": " ".join(f"{k}={v}" for k, v in params.items()),
+            "status": status, "val_bpd": val, "test_bpd": test,
+            **({"error": "the training loss is nan"} if status != "ok" else {})}
+
+
+def test_ranking_is_by_val_when_test_disagrees():
+    """Val and test bits/dim in opposite orders: the ranking (and the best) must follow val, the
+    number the model was selected on; ranking by test would pick job 1."""
+    runs = [fake_run(0, val=0.50, test=0.60, **{"optim.lr": "1e-3"}),
+            fake_run(1, val=0.55, test=0.52, **{"optim.lr": "2e-3"}),
+            fake_run(2, val=0.53, test=0.56, **{"optim.lr": "3e-3"})]
+    summary = summary_table(runs)
+    assert [(row[0], row[1]) for row in table_rows(summary, "| rank | job")] == [("1", "0"), ("2", "2"), ("3", "1")]
+    assert "Best: job 0 (optim.lr=1e-3)" in summary
+    assert best_results(runs, "BasicSweeper")["best_params"] == {"optim.lr": 1e-3}
+    # Over seeds: configuration A has the better mean val, B the better mean test.
+    seeded = [fake_run(0, val=0.50, test=0.60, seed="0", **{"optim.lr": "1e-3"}),
+              fake_run(1, val=0.52, test=0.62, seed="1", **{"optim.lr": "1e-3"}),
+              fake_run(2, val=0.55, test=0.50, seed="0", **{"optim.lr": "2e-3"}),
+              fake_run(3, val=0.57, test=0.52, seed="1", **{"optim.lr": "2e-3"})]
+    summary = summary_table(seeded)
+    assert [row[:2] for row in table_rows(summary, "| rank | configuration")] == [["1", "optim.lr=1e-3"],
+                                                                                    ["2", "optim.lr=2e-3"]]
+    assert best_results(seeded, "BasicSweeper")["best_params"] == {"optim.lr": 1e-3}
+
+
+def test_seeds_are_aggregated_and_a_failed_seed_is_named():
+    runs = [fake_run(0, val=0.50, test=0.51, seed="0", **{"optim.lr": "1e-3"}),
+            fake_run(1, val=0.52, test=0.55, seed="1", **{"optim.lr": "1e-3"}),
+            fake_run(2, "failed", seed="2", **{"optim.lr": "1e-3"}),
+            fake_run(3, val=0.49, test=0.50, seed="0", **{"optim.lr": "2e-3"}),
+            fake_run(4, "failed", seed="1", **{"optim.lr": "2e-3"}),
+            fake_run(5, "failed", seed="2", **{"optim.lr": "2e-3"}),
+            fake_run(6, "failed", seed="0", **{"optim.lr": "3e-3"}),
+            fake_run(7, "failed", seed="1", **{"optim.lr": "3e-3"}),
+            fake_run(8, "failed", seed="2", **{"optim.lr": "3e-3"})]
+    runs[0]["frechet_distance"], runs[1]["frechet_distance"] = 10.0, 14.0
+    rows = table_rows(summary_table(runs), "| rank | configuration")
+    # lr=2e-3 has one ok seed (0.49): ranked first by its mean, counted n=1, its failed seeds named.
+    assert rows[0][:4] == ["1", "optim.lr=2e-3", "seed=0 seed=1 seed=2", "0.4900 (n=1)"]
+    assert rows[0][-1] == ("2: job 4 (seed=1): the training loss is nan; job 5 (seed=2): the training loss is nan")
+    # lr=1e-3: mean and sample std of the two ok seeds only (the failed one is not averaged in).
+    assert rows[1][:6] == ["2", "optim.lr=1e-3", "seed=0 seed=1 seed=2", "0.5100 ± 0.0141 (n=2)",
+                           "0.5300 ± 0.0283 (n=2)", "12.0000 ± 2.8284 (n=2)"]
+    assert rows[1][-1] == "1: job 2 (seed=2): the training loss is nan"
+    assert rows[2][:4] == ["-", "optim.lr=3e-3", "seed=0 seed=1 seed=2", "-"] and rows[2][-1].startswith("3: job 6")
+    [group] = [g for g in seed_groups(runs) if g["config"] == "optim.lr=1e-3"]
+    assert group["val_bpd"] == (pytest.approx(0.51), pytest.approx(0.0141421, rel=1e-4), 2)
+    # Without a repeated seed nothing is aggregated.
+    assert seed_groups([fake_run(0, val=0.5, seed="0"), fake_run(1, val=0.6, seed="1", **{"optim.lr": "1"})]) == []
+
+
 def test_metrics_json_has_no_nan(tmp_path: Path):
     write_metrics(tmp_path / "metrics.json", {"val_bpd": float("nan"), "test_bpd": float("inf"), "epochs": 2})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"val_bpd": None, "test_bpd": None, "epochs": 2}
@@ -217,3 +312,49 @@ def test_optuna_search_ranks_trials_by_their_runs_values(workdir: Path):
     assert f"Best: job {best_job} (" in summary and f"best val {min(values.values()):.4f} bits/dim" in summary
     ranked = [int(line.split("|")[2]) for line in summary.splitlines() if line.startswith("| ") and "rank" not in line]
     assert ranked == sorted(values, key=values.get)
+
+
+def test_running_the_same_optuna_search_again_continues_its_study(workdir: Path):
+    """Two invocations of one command, 2 trials each: the second adds trials 2 and 3 to the study kept in
+    multirun/optuna/<study_name>.db, with new suggestions, and its summary lists all four trials with
+    their sweep. data.val_size=1000 (of 100 images) fails as the job starts: that trial stays failed."""
+    tiny = [o for o in TINY_GATED if not o.startswith("data.val_size")]  # searched here
+    command = ["train.py", "-m", "hparams_search=optuna", *tiny, *data_args(workdir), "trainer.max_epochs=1",
+               "trainer.limit_train_batches=2", "sample.every_n_epochs=0", "hydra.sweeper.n_trials=2",
+               "hydra.sweeper.study_name=continued",
+               "model.channels=choice(4,8)", "model.layers=range(1,3)", "data.val_size=choice(20,1000)"]
+    sweeps = [workdir / "optuna-first", workdir / "optuna-again"]
+    for sweep in sweeps:
+        result = run(*command, f"hydra.sweep.dir={sweep}", cwd=workdir)
+        failed = [r for r in collect_runs(sweep) if r["params"]["data.val_size"] == "1000"]
+        assert result.returncode == (1 if failed else 0), result.stderr[-3000:]
+    assert "continuing the Optuna study 'continued' (2 trials so far)" in result.stdout
+    import optuna
+
+    study = optuna.load_study(study_name="continued", storage=f"sqlite:///{workdir / 'multirun/optuna/continued.db'}")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    first, again = (collect_runs(sweep) for sweep in sweeps)
+    jobs = [(job, sweep) for sweep, runs in ((1, first), (2, again)) for job in runs]  # trial order
+    assert len(jobs) == 4
+    assert jobs[2][0]["params"] != jobs[0][0]["params"]  # the continued sampler does not repeat the first sweep
+    for trial, (job, _) in zip(study.trials, jobs):
+        assert {k: str(v) for k, v in trial.params.items()} == {k: job["params"][k] for k in trial.params}
+        if job["params"]["data.val_size"] == "1000":  # failed, not a NaN value
+            assert job["status"] == "failed" and trial.state.name == "FAIL" and trial.value is None
+        else:
+            assert job["status"] == "ok" and trial.state.name == "COMPLETE" and trial.value == job["val_bpd"]
+    assert {job["status"] for job, _ in jobs} == {"ok", "failed"}  # both cases happened
+    # The first summary had its two trials; the second lists all four, ranked, each with its sweep and job.
+    assert len(table_rows((sweeps[0] / "summary.md").read_text(), "| rank | trial")) == 2
+    summary = (sweeps[1] / "summary.md").read_text()
+    rows = table_rows(summary, "| rank | trial")
+    ok = sorted((n for n, (job, _) in enumerate(jobs) if job["status"] == "ok"), key=lambda n: jobs[n][0]["val_bpd"])
+    failed = [n for n, (job, _) in enumerate(jobs) if job["status"] != "ok"]
+    assert [row[1] for row in rows] == [str(n) for n in ok + failed]
+    for row in rows:
+        job, sweep = jobs[int(row[1])]
+        assert row[2:4] == [str(sweep), str(job["job"])]
+        assert row[-1] == ("ok" if job["status"] == "ok" else f"failed: {job['error']}")
+    assert f"1 = {sweeps[0]}; 2 = {sweeps[1]} (this one)" in summary
+    best = OmegaConf.load(sweeps[1] / "optimization_results.yaml")  # the sweeper's best of the whole study
+    assert best.best_value == jobs[ok[0]][0]["val_bpd"]

@@ -1,4 +1,4 @@
-"""Lightning callbacks: sample grids in TensorBoard, a run-time estimate at start, a stop as soon
+"""Lightning callbacks: sample grids in every logger, a run-time estimate at start, a stop as soon
 as the training loss is not finite, and what makes a resumed run continue exactly (random states,
 checkpoint paths of a moved run dir)."""
 
@@ -12,13 +12,28 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 
 from pixelcnn.config import UserError
-from pixelcnn.images import levels_to_grid
+from pixelcnn.images import levels_to_grid, save_grid
+
+
+def log_grid_image(logger: Logger, grid: torch.Tensor, temperature: float, epoch: int) -> None:
+    """Put the (3, H, W) sample grid of `epoch` where `logger` keeps images: TensorBoard's images
+    tab, an MLflow image artifact (samples/epochNNN_T<t>.png), or (CSV and any other logger with a
+    log_dir) a PNG in <log_dir>/samples/."""
+    name = f"epoch{epoch:03d}_T{temperature:g}.png"
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(f"samples/T={temperature:g}", grid, epoch)
+    elif isinstance(logger, MLFlowLogger):
+        pixels = grid.permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()  # (H, W, 3) as MLflow takes it
+        logger.experiment.log_image(logger.run_id, pixels, artifact_file=f"samples/{name}")
+    elif getattr(logger, "log_dir", None):
+        save_grid(grid, Path(logger.log_dir) / "samples" / name)
 
 
 class SampleGridCallback(L.Callback):
-    """Every `every_n_epochs` epochs, log a grid of samples drawn with a fixed seed.
+    """Every `every_n_epochs` epochs, log a grid of samples drawn with a fixed seed, to every logger.
 
     The fixed seed means the grids of successive epochs use the same random numbers, so
     they show how the model changes rather than sampling noise. Conditional models get one
@@ -39,8 +54,7 @@ class SampleGridCallback(L.Callback):
         images = module.sample(n, self.temperature, self.seed, labels, self.method)
         grid = levels_to_grid(images, module.levels, nrow=nrow, scale=self.scale)
         for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image(f"samples/T={self.temperature:g}", grid, trainer.current_epoch + 1)
+            log_grid_image(logger, grid, self.temperature, trainer.current_epoch + 1)
 
     def due(self, epoch: int, max_epochs: int | None, stopping: bool) -> bool:
         """Whether epoch `epoch` (1-based) gets a grid: every N epochs, and the last one."""

@@ -2,18 +2,32 @@
 the sweep ends (`write_summary`, called by the train command's SweepSummary callback), one
 summary of all jobs in the sweep dir: `summary.md` (jobs ranked by best val bits/dim, failed
 ones with their reason), `summary.png` (best val bits/dim against each swept parameter) and the
-best parameters in `optimization_results.yaml`."""
+best parameters in `optimization_results.yaml`.
+
+Jobs that differ only in their seeds (`SEED_KEYS`) are one configuration: the summary then
+ranks configurations by their mean over seeds (mean ± standard deviation, count, failed seeds
+named), above the per-job rows, and the plot shows each configuration's spread.
+
+An Optuna sweep with a storage (hparams_search=optuna: multirun/optuna/<study_name>.db) adds its
+trials to a study that the same command continues: `start_study_sweep` records in the study which
+sweep dir holds which trials, and the summary then lists every trial of the study, with its sweep."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+SEED_KEYS = ("seed", "data.split_seed")  # jobs differing only in these are repeats of one configuration
+# The metrics aggregated over seeds: key in metrics.json -> column title.
+AGGREGATED = {"val_bpd": "best val bits/dim", "test_bpd": "test bits/dim", "frechet_distance": "Fréchet distance"}
+SWEEP_ATTR = "pixelcnn sweep dir "  # an Optuna study's user attribute: this prefix + a sweep dir -> its first trial
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
@@ -73,8 +87,63 @@ def rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "rank": i} for i, r in enumerate(ok, 1)] + [{**r, "rank": None} for r in runs if r["status"] != "ok"]
 
 
+def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep's configurations over seeds, best first (lowest mean best val bits/dim; those
+    with no ok job last), if some jobs differ only in their seeds; else []. Each has `config`
+    (the swept non-seed overrides), `runs`, `seeds`, `failed` (its failed runs), and per
+    AGGREGATED metric the mean, std (None below 2 values) and count over its ok runs."""
+    swept = swept_keys(runs)
+    config_keys = [k for k in swept if k not in SEED_KEYS]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run["params"].get(k) for k in config_keys), []).append(run)
+    if len(groups) == len(runs):  # no seed was repeated: nothing to aggregate
+        return []
+    result = []
+    for members in groups.values():
+        ok = [r for r in members if r["status"] == "ok"]
+        stats = {}
+        for key in AGGREGATED:
+            values = [r[key] for r in ok if _number(r.get(key))]
+            stats[key] = (statistics.fmean(values) if values else None,
+                          statistics.stdev(values) if len(values) > 1 else None, len(values))
+        result.append({"config": " ".join(f"{k}={members[0]['params'][k]}" for k in config_keys
+                                          if k in members[0]["params"]) or "(all jobs)",
+                       "params": {k: members[0]["params"][k] for k in config_keys if k in members[0]["params"]},
+                       "runs": members, "failed": [r for r in members if r["status"] != "ok"],
+                       "seeds": " ".join(_params_text(r, [k for k in swept if k in SEED_KEYS]) for r in members),
+                       **stats})
+    return sorted(result, key=lambda g: (g["val_bpd"][0] is None, g["val_bpd"][0] or 0.0))
+
+
+def _mean_std(stat: tuple[float | None, float | None, int]) -> str:
+    mean, std, n = stat
+    if mean is None:
+        return "-"
+    return f"{mean:.4f} ± {std:.4f} (n={n})" if std is not None else f"{mean:.4f} (n={n})"
+
+
+def seed_table(groups: list[dict[str, Any]]) -> list[str]:
+    """summary.md's table of configurations over seeds (mean ± std and count of ok seeds; failed
+    seeds counted and named, never averaged in)."""
+    metrics = [k for k in AGGREGATED if any(g[k][2] for g in groups) or k != "frechet_distance"]
+    lines = ["## Configurations over seeds", "",
+             f"Jobs that differ only in {' / '.join(SEED_KEYS)}, ranked by the mean best val bits/dim over their "
+             "ok seeds (mean ± sample standard deviation, n = ok seeds); a failed seed is named, not averaged in.", "",
+             "| rank | configuration | seeds | " + " | ".join(AGGREGATED[k] for k in metrics) + " | failed |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    for i, group in enumerate(groups, 1):
+        failed = "; ".join(f"job {r['job']} ({_params_text(r, list(SEED_KEYS))}): {r.get('error') or 'unknown reason'}"
+                           for r in group["failed"]).replace("|", "/")
+        lines.append(f"| {i if group['val_bpd'][0] is not None else '-'} | {group['config']} | {group['seeds']} | "
+                     + " | ".join(_mean_std(group[k]) for k in metrics)
+                     + f" | {len(group['failed'])}{': ' + failed if failed else ''} |")
+    return lines
+
+
 def summary_table(runs: list[dict[str, Any]]) -> str:
-    """summary.md: jobs ranked by best val bits/dim, failed ones last with their reason."""
+    """summary.md: jobs ranked by best val bits/dim, failed ones last with their reason; above
+    them, when jobs repeat a configuration with other seeds, the configurations ranked by mean."""
     def bpd(value: Any) -> str:
         return f"{value:.4f}" if _number(value) else "-"
 
@@ -82,16 +151,29 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
     common = [f"{k}={v}" for k, v in (runs[0]["params"].items() if runs else []) if k not in swept]
     ranked = rank(runs)
     ok = [r for r in ranked if r["status"] == "ok"]
+    groups = seed_groups(runs)
     lines = [f"{len(runs)} jobs: {len(ok)} ok, {len(runs) - len(ok)} failed."]
+    if groups and groups[0]["val_bpd"][0] is not None:
+        lines.append(f"Best configuration: {groups[0]['config']}, best val {_mean_std(groups[0]['val_bpd'])} "
+                     "bits/dim over seeds.")
+    study = any("trial" in run for run in runs)  # study_runs: every trial of an Optuna study, from its sweeps
+
+    def job(run: dict[str, Any]) -> str:
+        return str(run["job"]) if run["job"] is not None else "?"
+
     if ok:
         best = ok[0]
-        lines.append(f"Best: job {best['job']} ({_params_text(best, swept)}), best val {best['val_bpd']:.4f} bits/dim.")
-    lines += [f"Overrides of every job: {' '.join(common) or '(none)'}", "",
-              "| rank | job | overrides | best val bits/dim | test bits/dim | epochs | parameters | status |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(f"Best: job {job(best)} ({_params_text(best, swept)}), best val {best['val_bpd']:.4f} bits/dim"
+                     + (f" (trial {best['trial']}, sweep {best.get('sweep') or '?'})." if study else "."))
+    lines += [f"Overrides of every job: {' '.join(common) or '(none)'}", ""]
+    if groups:
+        lines += seed_table(groups) + ["", "## Jobs", ""]
+    lines += ["| rank | " + ("trial | sweep | " if study else "") + "job | overrides | best val bits/dim | test bits/dim "
+              "| epochs | parameters | status |", "|---|---|---|---|---|---|---|---|" + "---|---|" * study]
     for run in ranked:
         status = "ok" if run["status"] == "ok" else f"failed: {run.get('error') or 'unknown reason'}"
-        lines.append(f"| {run['rank'] or '-'} | {run['job'] if run['job'] is not None else '?'} "
+        trial = f"{run['trial']} | {run.get('sweep') or '?'} | " if study else ""
+        lines.append(f"| {run['rank'] or '-'} | {trial}{job(run)} "
                      f"| {_params_text(run, swept)} | {bpd(run.get('val_bpd'))} | {bpd(run.get('test_bpd'))} "
                      f"| {run.get('epochs', '')} | {run.get('parameters', '')} | {status.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
@@ -103,7 +185,15 @@ def _params_text(run: dict[str, Any], swept: list[str]) -> str:
 
 def best_results(runs: list[dict[str, Any]], sweeper: str) -> dict[str, Any] | None:
     """The best job's swept parameters and value, in the Optuna sweeper's optimization_results.yaml
-    format (so every sweep has its best in the same file); None if no job succeeded."""
+    format (so every sweep has its best in the same file); None if no job succeeded. Over seeds:
+    the best configuration's parameters and its mean (with its std and ok jobs)."""
+    if groups := seed_groups(runs):
+        mean, std, n = groups[0]["val_bpd"]
+        if mean is None:
+            return None
+        return {"name": sweeper, "best_params": {k: parse_value(v) for k, v in groups[0]["params"].items()},
+                "best_value": mean, "best_value_std": std, "best_value_n": n,
+                "best_jobs": [r["job"] for r in groups[0]["runs"] if r["status"] == "ok"]}
     ok = rank(runs)[:1]
     if not ok or ok[0]["status"] != "ok":
         return None
@@ -116,8 +206,9 @@ def best_results(runs: list[dict[str, Any]], sweeper: str) -> dict[str, Any] | N
 def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     """summary.png: one panel per swept parameter, best val bits/dim of each ok job against the
     parameter's value (log axis for a learning rate and for positive numbers spanning 20x or more; categories
-    for text). Failed jobs are not plotted; the panel title counts them. Returns the panels'
-    titles (none, and no file, if nothing can be plotted)."""
+    for text). Over seeds, one panel per non-seed parameter: each seed's point and each
+    configuration's mean ± std. Failed jobs are not plotted; the panel title counts them. Returns
+    the panels' titles (none, and no file, if nothing can be plotted)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed (servers, SLURM nodes)
@@ -127,25 +218,42 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     swept, ok = swept_keys(runs), [r for r in runs if r["status"] == "ok"]
     if not swept or not ok:
         return []
+    groups = seed_groups(runs)
+    # Over seeds only (e.g. -m seed=0,1,2): one panel with the single configuration.
+    keys = ([k for k in swept if k not in SEED_KEYS] or ["configuration"]) if groups else swept
     failed = len(runs) - len(ok)
-    columns = min(len(swept), 4)
-    rows = math.ceil(len(swept) / columns)
+    columns = min(len(keys), 4)
+    rows = math.ceil(len(keys) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.5 * rows), squeeze=False)
-    for ax in axes.flat[len(swept):]:
+    for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
-    for ax, key in zip(axes.flat, swept):
-        points = [(parse_value(r["params"][key]), r["val_bpd"]) for r in ok if key in r["params"]]
-        numeric = all(isinstance(x, (int, float)) for x, _ in points)
-        if numeric:
+    for ax, key in zip(axes.flat, keys):
+        def value(params: dict[str, str]) -> int | float | str:
+            return parse_value(params.get(key, "(all jobs)"))
+
+        points = [(value(r["params"]), r["val_bpd"]) for r in ok if key in r["params"] or key == "configuration"]
+        if all(isinstance(x, (int, float)) for x, _ in points):
             xs = [x for x, _ in points]
             if min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
-            ax.plot(xs, [y for _, y in points], "o")
+
+            def position(x: int | float | str) -> int | float | str:
+                return x
         else:  # categories, in the order the sweep listed them
             categories = list(dict.fromkeys(str(x) for x, _ in points))
-            ax.plot([categories.index(str(x)) for x, _ in points], [y for _, y in points], "o")
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+
+            def position(x: int | float | str) -> int | float | str:
+                return categories.index(str(x))
+        ax.plot([position(x) for x, _ in points], [y for _, y in points], "o", alpha=0.4 if groups else 1.0,
+                label="one seed" if groups else None)
+        for i, group in enumerate(g for g in groups if g["val_bpd"][0] is not None):
+            mean, std, _ = group["val_bpd"]
+            ax.errorbar(position(value(group["params"])), mean, yerr=std or 0.0, fmt="s", color="C1", capsize=4,
+                        label=None if i else "mean ± std over seeds")
+        if groups:
+            ax.legend(fontsize=7)
         ax.set_xlabel(key)
         ax.set_title(key + (f" ({failed} failed job{'s' * (failed > 1)} not shown)" if failed else ""), fontsize=9)
         ax.grid(alpha=0.3)
@@ -154,15 +262,91 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [ax.get_title() for ax in axes.flat[:len(swept)]]
+    return [ax.get_title() for ax in axes.flat[:len(keys)]]
+
+
+def open_study(config: DictConfig):
+    """The Optuna study of this sweep (created if new), or None: another sweeper, or a study kept in
+    memory (hydra.sweeper.storage=null)."""
+    sweeper = config.hydra.sweeper
+    if OmegaConf.select(config, "hydra.sweeper._target_") != OPTUNA_SWEEPER or not sweeper.get("storage"):
+        return None
+    import optuna
+
+    storage = str(sweeper.storage)
+    if storage.startswith("sqlite:///"):  # SQLite creates the file but not its folder
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    direction = sweeper.direction
+    directions = [getattr(d, "name", str(d)) for d in (direction if OmegaConf.is_list(direction) else [direction])]
+    return optuna.create_study(study_name=sweeper.study_name, storage=storage, directions=directions,
+                               load_if_exists=True)  # what the sweeper then does: it finds this study
+
+
+def start_study_sweep(config: DictConfig) -> None:
+    """Before an Optuna sweep with a storage: record in the study the sweep dir and the number of
+    its first trial (so summary.md can list every trial with its sweep and job). A study that
+    already has trials is continued: the sampler's seed is offset by their count, or the sampler
+    would make the first sweep's random start-up suggestions again."""
+    if (study := open_study(config)) is None:
+        return
+    first = len(study.trials)
+    study.set_user_attr(SWEEP_ATTR + str(Path(config.hydra.sweep.dir).resolve()), first)
+    if not first:
+        return
+    if (seed := OmegaConf.select(config, "hydra.sweeper.sampler.seed")) is not None:
+        with read_write(config.hydra.sweeper.sampler):
+            config.hydra.sweeper.sampler.seed = seed + first
+    print(f"[pixelcnn] continuing the Optuna study '{study.study_name}' ({first} trials so far) in "
+          f"{config.hydra.sweeper.storage}" + (f", sampler seed {seed} + {first}" if seed is not None else "")
+          + "; hydra.sweeper.study_name=<another name> starts a new study", flush=True)
+
+
+def study_sweeps(study) -> list[tuple[int, Path]]:
+    """(first trial, sweep dir) of each sweep that added trials to `study` (start_study_sweep), in order."""
+    return sorted((first, Path(key[len(SWEEP_ATTR):])) for key, first in study.user_attrs.items()
+                  if key.startswith(SWEEP_ATTR))
+
+
+def study_runs(study) -> list[dict[str, Any]]:
+    """Every trial of an Optuna `study`, as collect_runs gives a job, plus `trial` and `sweep`
+    (1 = the study's first sweep): the job's own record where its sweep dir still holds it, else
+    what the study knows. A trial's state decides: only a complete one is ok."""
+    jobs = {}
+    for n, (first, sweep_dir) in enumerate(study_sweeps(study), 1):
+        for run in collect_runs(sweep_dir) if sweep_dir.is_dir() else []:
+            if run["job"] is not None:
+                jobs[first + run["job"]] = {**run, "sweep": n, "dir": str(sweep_dir / run["dir"])}
+    runs = []
+    for trial in study.trials:
+        run = jobs.get(trial.number)
+        # Two sweeps of one study at the same time interleave their trials: a job counts only if its values match.
+        if run is None or any(parse_value(run["params"].get(k, "")) != v for k, v in trial.params.items()):
+            run = {"job": None, "dir": "", "params": {k: str(v) for k, v in trial.params.items()},
+                   "overrides": " ".join(f"{k}={v}" for k, v in trial.params.items()), "status": "ok",
+                   "val_bpd": trial.value}
+        state = trial.state.name
+        if state == "FAIL":
+            run = {**run, "status": "failed", "error": run.get("error") or "the trial failed"}
+        elif state != "COMPLETE":
+            run = {**run, "status": "failed", "error": f"trial {state.lower()}: its sweep ended before it did"}
+        runs.append({**run, "trial": trial.number})
+    return runs
 
 
 def write_summary(config: DictConfig) -> int:
     """Write summary.md, summary.png and (unless the sweeper wrote it) optimization_results.yaml
-    into the sweep dir of `config`; print the table; return the number of failed jobs."""
+    into the sweep dir of `config`; print the table; return the number of failed jobs of this
+    sweep. An Optuna sweep with a storage summarizes every trial of its study."""
     sweep_dir = Path(config.hydra.sweep.dir)
-    runs = collect_runs(sweep_dir)
-    table = summary_table(runs)
+    runs = this_sweep = collect_runs(sweep_dir)
+    table = ""
+    if (study := open_study(config)) is not None:
+        runs = study_runs(study)
+        sweeps = [f"{n} = {path}" + (" (this one)" if path == sweep_dir.resolve() else "")
+                  for n, (_, path) in enumerate(study_sweeps(study), 1)]
+        table = (f"Optuna study '{study.study_name}' ({config.hydra.sweeper.storage}): all its trials, from each sweep "
+                 f"that added some: {'; '.join(sweeps)}.\n\n")
+    table += summary_table(runs)
     if plot(runs, sweep_dir / "summary.png"):
         table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
     (sweep_dir / "summary.md").write_text(table)
@@ -171,4 +355,4 @@ def write_summary(config: DictConfig) -> int:
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
         OmegaConf.save(OmegaConf.create(best), results_file)
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
-    return sum(r["status"] != "ok" for r in runs)
+    return sum(r["status"] != "ok" for r in this_sweep)

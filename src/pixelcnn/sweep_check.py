@@ -16,9 +16,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError, user_errors_unwrapped, validate
+from pixelcnn.sweep import OPTUNA_SWEEPER
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 # Launchers that run the jobs on this machine: only then is this machine's device the jobs' device.
 LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
                    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")

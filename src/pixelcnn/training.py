@@ -1,6 +1,7 @@
 """`train(cfg)`: build data, model and trainer from a composed config, fit, test, return metrics.
 
-Everything a run produces goes into `cfg.output_dir`: TensorBoard logs (`tb/`), checkpoints
+Everything a run produces goes into `cfg.output_dir`: the chosen loggers' files (conf/logger/:
+TensorBoard's `tb/` by default, `csv/`, MLflow's `mlflow.db` + `mlartifacts/`), checkpoints
 (`checkpoints/best-*.ckpt` by val bits/dim and `last.ckpt`), `metrics.json`, and (written by
 Hydra) the resolved config in `.hydra/`.
 """
@@ -23,7 +24,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
@@ -106,13 +107,46 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
-    if cfg.optim.scheduler.name != "none":  # a constant lr is not worth a GPU read-back every log_every_n_steps
+    # A constant lr is not worth a GPU read-back every log_every_n_steps; without a logger, Lightning refuses it.
+    if cfg.optim.scheduler.name != "none" and cfg.get("logger"):
         callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
     if cfg.checkpoint_every_n_steps:  # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch
         callbacks.append(RunDirCheckpoint(dirpath=output_dir / "checkpoints", filename=STEP_CHECKPOINT,
                                           every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1,
                                           enable_version_counter=False))
     return callbacks
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+    """The loggers the `logger` group chose (each option of conf/logger/ holds named loggers, so
+    logger=[tensorboard,mlflow] gives both; ~logger none). A logger whose package is missing is
+    one error line saying what to install."""
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        try:
+            loggers.append(instantiate(logger_cfg))
+        except InstantiationException as err:
+            if isinstance(err.__cause__, ModuleNotFoundError):  # Lightning's check of an optional package
+                # Only mlflow is optional among conf/logger/'s loggers; its extra has the logger's name.
+                raise UserError(f"logger={name} needs the {name} package, which is not installed: "
+                                f"pip install -e '.[{name}]' (or pip install {name})") from None
+            raise
+    return loggers
+
+
+def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+    """This run's hyperparameters with its final `metrics` (hparams/*), in every logger. TensorBoard
+    takes them together (its HPARAMS tab); the others (CSV's hparams.yaml and metrics.csv, MLflow's
+    params and metrics) take the hyperparameters as such and the metrics as metrics."""
+    params = _flat_hparams(cfg)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics)
+        else:
+            logger.log_hyperparams(params)
+            if metrics:
+                logger.log_metrics(metrics, step)
+        logger.save()
 
 
 def secondary_rank() -> bool:
@@ -122,14 +156,14 @@ def secondary_rank() -> bool:
     return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
-def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogger, callbacks: list[L.Callback],
+def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], callbacks: list[L.Callback],
                   output_dir: Path, device_args: dict) -> L.Trainer:
     """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
     or DDP where its processes cannot be started, are a UserError (one line)."""
     try:
         # limit_train_batches is the data module's (it counts optimizer steps), clipping and accumulation the module's.
-        trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger, callbacks=callbacks,
-                                         default_root_dir=str(output_dir), limit_train_batches=None,
+        trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=loggers or False,
+                                         callbacks=callbacks, default_root_dir=str(output_dir), limit_train_batches=None,
                                          **MODULE_TRAINER_KEYS, **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
@@ -180,13 +214,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_step_checkpoints(cfg, speed)
     module = build_module(cfg, speed)
 
-    logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
-    trainer = build_trainer(cfg, speed, logger, build_callbacks(cfg, output_dir, speed), output_dir,
+    loggers = build_loggers(cfg, output_dir)
+    trainer = build_trainer(cfg, speed, loggers, build_callbacks(cfg, output_dir, speed), output_dir,
                             cuda_device_args(resources) if speed.cuda else {})
     n_params = sum(p.numel() for p in module.parameters())
     if not secondary_rank():  # each DDP process runs this; the ranks are not set up yet
+        logs = ", ".join(f"{type(logger).__name__} {getattr(logger, 'log_dir', None) or logger.save_dir or ''}"
+                         for logger in loggers) or "none"
         print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; "
-              f"{speed}; TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
+              f"{speed}; loggers: {logs}", flush=True)
 
     started = time.perf_counter()
     try:
@@ -194,8 +230,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # ckpt_path: the checkpoint file the train command resolved and checked (`commands.train.RunDirGuard`).
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None, weights_only=True)
     except Exception:
-        # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed.
-        logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
+        # A failed run (e.g. a non-finite loss) still shows in every logger (TensorBoard's HPARAMS tab), marked failed.
+        log_results(trainer.loggers, cfg, {"hparams/failed": 1.0}, trainer.global_step)
         raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
@@ -213,10 +249,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     if cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
-        logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
-    # TensorBoard's HPARAMS tab: this run's hyperparameters with its final metrics (finite ones only).
-    logger.log_hyperparams(_flat_hparams(cfg), {f"hparams/{k}": v for k, v in metrics.items()
-                                                if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)})
+        for logger in trainer.loggers:
+            logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
+    # This run's hyperparameters with its final metrics (finite ones only), e.g. TensorBoard's HPARAMS tab.
+    log_results(trainer.loggers, cfg, {f"hparams/{k}": v for k, v in metrics.items()
+                                       if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)},
+                trainer.global_step)
     write_metrics(output_dir / "metrics.json", metrics)
     print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
           f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})\n[pixelcnn] "
@@ -240,7 +278,7 @@ def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices)
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
-    """The hyperparameters worth comparing in TensorBoard's HPARAMS tab, flattened to scalars."""
+    """The hyperparameters worth comparing (TensorBoard's HPARAMS tab, MLflow's params), flattened to scalars."""
     keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,

@@ -32,7 +32,8 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
 def check_command_line(argv: list[str], config_dir: str | Path) -> None:
     """Before Hydra, whose own messages are a dozen lines: an override its grammar cannot read (a
     path with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote
-    it, and a `group=option` (model=gated, experiment=quick, sweeps like model=pixelcnn,gated) naming
+    it, and a `group=option` (model=gated, experiment=quick, sweeps like model=pixelcnn,gated, lists
+    like logger=[tensorboard,csv]) naming
     an option that `config_dir/group/` does not have gets one with the choices; exit 2."""
     config_dir = Path(config_dir)
     for arg in argv[1:]:
@@ -45,6 +46,8 @@ def check_command_line(argv: list[str], config_dir: str | Path) -> None:
             fail(f"Hydra cannot read {arg!r} ({str(err).splitlines()[0]}): quote the value, single quotes for "
                  f"the shell and double quotes for Hydra, e.g. {as_override(key, value)}")
         group = config_dir / key
+        if value.startswith("[") and value.endswith("]"):  # several options at once: logger=[tensorboard,csv]
+            value = value[1:-1]
         if key.startswith("hydra") or not group.is_dir() or any(c in value for c in "()[]{}$"):
             continue
         choices = sorted(p.stem for p in group.glob("*.yaml"))

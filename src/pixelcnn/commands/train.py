@@ -26,7 +26,7 @@ from pixelcnn.checkpoints import check_same_network, read_checkpoint, resolve_ch
 from pixelcnn.commands.cli import exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
 from pixelcnn.run_dirs import check_run_dir, claim_if_new, fresh_dir, register_resolvers, run_dir_of
-from pixelcnn.sweep import write_metrics, write_summary
+from pixelcnn.sweep import start_study_sweep, write_metrics, write_summary
 from pixelcnn.sweep_check import sweep_errors
 
 log = logging.getLogger(__name__)
@@ -274,9 +274,12 @@ class SweepPrecheck(Callback):
 class SweepSummary(Callback):
     """When a sweep ends: its summary (`sweep.write_summary`), then exit status 1 if any job
     failed. If the sweep ends early instead (Ctrl-C, or the Optuna sweeper's error when every
-    trial failed: "No trials are completed yet"), the summary of the jobs so far is written at exit."""
+    trial failed: "No trials are completed yet"), the summary of the jobs so far is written at exit.
+    An Optuna sweep with a storage is recorded in its study first (`sweep.start_study_sweep`), so
+    that the summary lists every trial of the study, continued or not."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        start_study_sweep(config)
         atexit.register(self.write_at_exit, config)  # Hydra calls no callback when the sweep raises
 
     @staticmethod

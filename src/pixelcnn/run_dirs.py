@@ -9,6 +9,7 @@ reserved here, or one that did not exist when the run started, is known to be th
 
 `check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
 cannot be written (`pixelcnn.commands.train.RunDirGuard` calls it before Hydra writes into the dir).
+`SweptDirNames` names a sweep's job dirs after the swept overrides only.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 
 from pixelcnn.config import UserError
 from pixelcnn.images import levels_to_grid
@@ -128,7 +128,11 @@ class RunTimeEstimate(L.Callback):
         self._hint(trainer, epoch_s)
 
     def _hint(self, trainer: L.Trainer, epoch_s: float) -> None:
-        run_s = epoch_s * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        limits = [epoch_s * trainer.max_epochs] if trainer.max_epochs and trainer.max_epochs > 0 else []
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time's
+        if timer is not None and (left := timer.time_remaining()) is not None:
+            limits.append(timer.time_elapsed() + left)
+        run_s = min(limits, default=None)
         if not self._hinted and (hint := cpu_preset_hint(run_s, torch.cuda.is_available())):
             print(hint, flush=True)
             self._hinted = True

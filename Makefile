@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data slurm-deps train quick test bench sample clean
+.PHONY: setup data slurm-deps train quick test bench sample figures clean
 
 # The venv is rebuilt only when pyproject.toml changes, so every target is idempotent.
 $(VENV)/.installed: pyproject.toml
@@ -51,6 +51,10 @@ test: setup $(VENV)/.installed-test data
 
 bench: setup data
 	$(PY) bench.py $(ARGS)
+
+# docs/masks.png and docs/receptive_field.png, drawn from the real model classes (tests/test_figures.py runs it).
+figures: setup
+	$(PY) scripts/figures.py
 
 clean:
 	rm -rf $(VENV) outputs multirun bench.json

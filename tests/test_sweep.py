@@ -308,6 +308,8 @@ def test_optuna_search_ranks_trials_by_their_runs_values(workdir: Path):
     best_run = next(r for r in runs if r["job"] == best_job)
     assert {k: str(v) for k, v in best.best_params.items()} == {k: best_run["params"][k] for k in best.best_params}
     assert set(best.best_params) == {"optim.lr", "model.channels", "model.layers", "model.dropout"}
+    for job_dir in (sweep / r["dir"] for r in runs):  # named after the searched parameters only
+        assert {item.split("=")[0] for item in job_dir.name.split("_", 1)[1].split(",")} == set(best.best_params)
     summary = (sweep / "summary.md").read_text()
     assert f"Best: job {best_job} (" in summary and f"best val {min(values.values()):.4f} bits/dim" in summary
     ranked = [int(line.split("|")[2]) for line in summary.splitlines() if line.startswith("| ") and "rank" not in line]

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 
 from pixelcnn.config import UserError
@@ -112,7 +112,7 @@ class RunTimeEstimate(L.Callback):
     def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0):
         self.warmup_batches, self.measure_batches, self.timed_epoch = warmup_batches, measure_batches, timed_epoch
         self._t0 = self._epoch_t0 = 0.0
-        self._printed = False
+        self._printed = self._hinted = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._epoch_t0 = time.perf_counter()
@@ -130,6 +130,7 @@ class RunTimeEstimate(L.Callback):
             print(f"[pixelcnn] {per_batch * 1e3:.1f} ms/batch -> training alone takes about "
                   f"{self._run_time(trainer, epoch_s)} here", flush=True)
             self._printed = True
+            self._hint(trainer, epoch_s)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if (trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not self._epoch_t0
@@ -138,6 +139,17 @@ class RunTimeEstimate(L.Callback):
         epoch_s = time.perf_counter() - self._epoch_t0
         print(f"[pixelcnn] epoch {self.timed_epoch + 1} incl. validation: {epoch_s:.1f} s -> whole run about "
               f"{self._run_time(trainer, epoch_s)}", flush=True)
+        self._hint(trainer, epoch_s)
+
+    def _hint(self, trainer: L.Trainer, epoch_s: float) -> None:
+        limits = [epoch_s * trainer.max_epochs] if trainer.max_epochs and trainer.max_epochs > 0 else []
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time's
+        if timer is not None and (left := timer.time_remaining()) is not None:
+            limits.append(timer.time_elapsed() + left)
+        run_s = min(limits, default=None)
+        if not self._hinted and (hint := cpu_preset_hint(run_s, torch.cuda.is_available())):
+            print(hint, flush=True)
+            self._hinted = True
 
     @staticmethod
     def _run_time(trainer: L.Trainer, epoch_s: float) -> str:
@@ -149,6 +161,15 @@ class RunTimeEstimate(L.Callback):
     def _sync(module: L.LightningModule) -> None:
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
+
+
+def cpu_preset_hint(run_s: float | None, has_gpu: bool) -> str | None:
+    """The line for a run estimated at over 30 min on a machine without a GPU: the seed defaults are a
+    GPU job (150 epochs: ~6 h on 2 CPU cores), the CPU preset takes a few minutes."""
+    if has_gpu or run_s is None or run_s <= 30 * 60:
+        return None
+    return ("[pixelcnn] no GPU here: for a first run in ~3 min on a CPU, stop this one (Ctrl-C) and use the CPU "
+            "preset: python train.py experiment=quick")
 
 
 def _human(seconds: float) -> str:

@@ -9,6 +9,7 @@ reserved here, or one that did not exist when the run started, is known to be th
 
 `check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
 cannot be written (`pixelcnn.commands.train.RunDirGuard` calls it before Hydra writes into the dir).
+`SweptDirNames` names a sweep's job dirs after the swept overrides only.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from pixelcnn.config import UserError, as_override, check_out_dir
 
@@ -130,12 +133,30 @@ def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
 
 
 def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> str:
-    """Hydra resolver: a sweep job's folder, named by its overrides, shortened (with a hash to
-    stay unique) when they would exceed a file name's length limit."""
+    """Hydra resolver: a sweep job's folder, named by its swept overrides (`SweptDirNames`), shortened
+    (with a hash to stay unique) when they would exceed a file name's length limit."""
     if len(override_dirname) <= max_length:
         return f"{job_num}_{override_dirname}" if override_dirname else str(job_num)
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
     return f"{job_num}_{override_dirname[:max_length]}..{digest}"
+
+
+class SweptDirNames(Callback):
+    """Names each sweep job's dir after what the sweep varies (`3_model.lr=0.0005,model.residual_blocks=5`),
+    not after every override. Hydra's `hydra.job.override_dirname` lists all of a job's overrides, and a
+    job's config no longer tells which were swept: the sweep's own command line does (values with
+    sweep syntax, `model.lr=1e-4,5e-4`, plus the sweeper's `params`, e.g. the Optuna search space).
+    The other keys are added to Hydra's `hydra.job.config.override_dirname.exclude_keys` through the
+    sweep's Hydra overrides, from which every job is composed, whatever the launcher."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        swept = {o.key_or_group for o in overrides if o.is_sweep_override()}
+        swept |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})
+        excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
+        excluded += [o.key_or_group for o in overrides if o.key_or_group not in swept | set(excluded)]
+        with read_write(config.hydra.overrides):
+            config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]")
 
 
 def register_resolvers() -> None:

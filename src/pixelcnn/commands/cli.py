@@ -3,6 +3,7 @@ status 2, and leaves no half-written output behind; `device=` means the same eve
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,3 +69,12 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
     return torch.device(name)
+
+
+class NoVendorTips(logging.Filter):
+    """Drops Lightning's advertisements from the log ("💡 Tip: ... install litlogger / litmodels"): they
+    say nothing about the run. Lightning has no switch for them; conf/train.yaml puts this filter on the
+    logger that prints them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")

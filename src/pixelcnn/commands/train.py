@@ -37,6 +37,9 @@ def main(cfg: DictConfig) -> float | None:
     """Train and test; returns the run's best val bits/dim, the value a sweeper (hparams_search=optuna)
     minimizes, or None for a sweep job that failed."""
     from pixelcnn.training import train  # imported late so that `--help` and config errors are fast
+    # That import runs lightning/__init__, which gives the `lightning` logger a terminal handler of its own;
+    # Hydra's job logging (conf/train.yaml) ran before it, so each Lightning line would print twice.
+    logging.getLogger("lightning").handlers.clear()
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failing job is recorded; the other jobs still run
         with record_job_failure(cfg.output_dir, HydraConfig.get().job.num):

@@ -86,15 +86,17 @@ def test_overrides_reach_the_objects():
     assert quick_gated.hparams.arch == "gated" and quick_gated.conditional and len(quick_gated.net.gated_layers) == 4
 
 
-def test_speed_auto_picks_per_device():
-    on_cpu = resolve_speed(compose_train().speed, "cpu")
+def test_speed_auto_picks_per_device(monkeypatch):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a CPU without native bf16 (faked)
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    on_cpu = resolve_speed(compose_train("trainer.accelerator=cpu"))
     assert on_cpu == SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False)
-    forced = resolve_speed(compose_train("speed.compile=true", "speed.precision=bf16-mixed").speed, "cpu")
+    forced = resolve_speed(compose_train("trainer.accelerator=cpu", "speed.compile=true", "trainer.precision=bf16-mixed"))
     assert forced.compile and forced.precision == "bf16-mixed" and not forced.channels_last
 
 
 def test_callbacks_follow_the_config(tmp_path: Path):
-    speed = resolve_speed(compose_train().speed, "cpu")
+    speed = resolve_speed(compose_train("trainer.accelerator=cpu"))
     kinds = {type(c).__name__: c for c in build_callbacks(compose_train("early_stopping_patience=3"), tmp_path, speed)}
     assert kinds["EarlyStopping"].patience == 3 and kinds["EarlyStopping"].monitor == "val/bpd"
     assert kinds["RunDirCheckpoint"].monitor == "val/bpd" and kinds["SampleGridCallback"].every_n_epochs == 5
@@ -285,7 +287,7 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("data.steps_per_batch=0", "data.steps_per_batch"),
     ("data.hflip=maybe", "data.hflip"),
     ("speed.compile=maybe", "speed.compile"),
-    ("speed.precision=64", "speed.precision"),
+    ("trainer.precision=63", "trainer.precision"),
     ("trainer.max_time=abc", "trainer.max_time"),
     ("trainer.devices=0", "trainer.devices"),
     ("trainer.devices=[0,0]", "trainer.devices"),

@@ -37,7 +37,7 @@ def check_job(cfg: DictConfig, here: bool) -> None:
     validate(cfg)
     with user_errors_unwrapped():
         if here:
-            resolve_speed(cfg.speed, cfg.trainer.accelerator)
+            resolve_speed(cfg)
         with torch.device("meta"):
             instantiate(cfg.model, _convert_="all")
 

@@ -28,7 +28,6 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchvision
 from filelock import FileLock, Timeout
 from torch import Tensor
 
@@ -157,6 +156,8 @@ def locate_dataset(root: Path, system_dir: Path, download: bool) -> dict[str, Pa
         download_outcome = "download disabled (data.download=false)"
     else:
         try:
+            import torchvision  # late: only the download uses it, and importing it takes seconds
+
             torchvision.datasets.FashionMNIST(str(root), download=True)
             if files := find_idx_files(root_dirs[1]):
                 return files

@@ -102,6 +102,14 @@ def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoice
 MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
 
 
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The configured data module. limit_train_batches and overfit_batches count batches of
+    data.batch_size (optimizer steps), which its loader cuts; Lightning's own limits would count
+    its batches, each of data.steps_per_batch of them."""
+    return instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches,
+                       overfit_batches=cfg.trainer.get("overfit_batches") or 0)
+
+
 def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
     """The configured LightningModule with the speed choices and the trainer's clipping and
     accumulation settings applied."""
@@ -222,10 +230,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 
-    # limit_train_batches and overfit_batches count batches of data.batch_size (optimizer steps), which the
-    # loader cuts; Lightning's own limits would count its batches, each of data.steps_per_batch of them.
-    datamodule: L.LightningDataModule = instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches,
-                                                    overfit_batches=cfg.trainer.get("overfit_batches") or 0)
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
@@ -276,8 +281,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     write_metrics(output_dir / "metrics.json", metrics)
     if checkpoint.best_model_path:
         outcome = f"best val {metrics['val_bpd']:.4f} bits/dim ({checkpoint.best_model_path}), test"
-    else:  # Lightning saves none under fast_dev_run, nor without a validation (limit_val_batches=0)
-        outcome = "no checkpoint saved (no validation score): the final weights tested"
+    else:  # Lightning keeps no score under fast_dev_run, nor without a validation (limit_val_batches=0)
+        outcome = "no validation score, so no best checkpoint: the final weights tested"
     if trainer.fast_dev_run:
         outcome = f"fast_dev_run ({int(trainer.fast_dev_run)} batch per loop): {outcome}"
     print(f"[pixelcnn] {outcome} {metrics['test_bpd']:.4f} bits/dim, {trainer.current_epoch} epochs in "

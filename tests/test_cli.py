@@ -300,6 +300,10 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
     ("trainer.max_steps=0", "trainer.max_steps"),
+    ("+trainer.overfit_batches=-1", "trainer.overfit_batches"),
+    ("+trainer.val_check_interval=1.5", "trainer.val_check_interval"),
+    ("+trainer.val_check_interval=0", "trainer.val_check_interval"),
+    ("+trainer.fast_dev_run=-1", "trainer.fast_dev_run"),
     ("scheduler=cosine scheduler.warmup_steps=-1", "scheduler.warmup_steps"),
     ("scheduler=cosine scheduler.final_lr_ratio=2", "scheduler.final_lr_ratio"),
     ("scheduler=plateau scheduler.factor=1", "scheduler.factor"),
@@ -347,6 +351,8 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
     assert measured["train"]["img_per_s"] > 0 and measured["config"]["model"]["num_classes"] == 10
     assert set(measured["sampling"]) == {"3"} and measured["sampling"]["3"]["naive_s"] > 0
     assert "| train img/s (Lightning loop, median) |" in result.stdout and "| sample 3: naive / fast |" in result.stdout
+    assert measured["train"]["plain_fp32_img_per_s"] > 0 and "| train img/s, plain PyTorch fp32 loop" in result.stdout
+    assert "| ratio: Lightning loop (" in result.stdout and "| ratio: fast / naive sampling, n=3 |" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no log file, no run dir
 
 

@@ -143,6 +143,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
     "trainer.limit_train_batches": _limit_batches(),  # batches of data.batch_size: optimizer steps
+    # Lightning knobs a user adds (+trainer.<key>=...), in batches of data.batch_size like the limits.
+    "trainer.overfit_batches": _limit_batches(),
+    "trainer.val_check_interval": (lambda v: (isinstance(v, float) and 0 < v <= 1) or _int(1)[0](v),
+                                   "a fraction of the epoch in (0.0, 1.0] or a number of batches >= 1"),
+    "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or _int(0)[0](v), "true, false or a number of batches >= 0"),
     "trainer.gradient_clip_val": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                           and v >= 0), "null or a number >= 0 (0: no clipping)"),
     "trainer.gradient_clip_algorithm": _one_of(None, "norm", "value"),

@@ -46,10 +46,12 @@ class SpeedChoices:
 
 
 # speed.compile=auto on a CPU: compile the loss only for runs of at least this many optimizer steps.
-# Measured on the 2-core EPYC (AVX-512 BF16), seed model, batch 128, bf16 autocast: compiling takes
-# ~50 s (the first step), then a step takes ~0.144 s instead of ~0.170 s (890 vs 755 img/s), so it
-# pays off after ~2,000 steps (~5 epochs); 4,000 leaves a margin for slower compilers and smaller models.
-CPU_COMPILE_MIN_STEPS = 4_000
+# Measured on the 2-core EPYC (AVX-512 BF16), seed model, batch 128, bf16 autocast: the first compiled
+# step takes ~50 s, and a run compiles about 3 graphs (the training batch, the epoch's shorter last
+# batch, the evaluation batch), ~150 s; then a step takes ~0.144 s instead of ~0.170 s (890 vs 755
+# img/s, issue 18), saving ~0.026 s, so compiling pays off after ~6,000 steps. Twice that, 12,000
+# (28 epochs of 128), leaves a margin: the seed run (64,500 steps) compiles, experiment=quick (4,300) not.
+CPU_COMPILE_MIN_STEPS = 12_000
 
 
 def cpu_has_native_bf16() -> bool:
@@ -82,7 +84,7 @@ def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoice
         raise UserError(f"trainer.accelerator={accelerator} but no CUDA device is available: use "
                         "trainer.accelerator=auto (or cpu)")
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    # bf16 autocast where the device computes bf16 natively: measured to keep test bits/dim (README, Performance).
+    # bf16 autocast where the device computes bf16 natively (emulated, it would be slower than fp32).
     bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
     precision = cfg.trainer.precision
     if precision == "auto":
@@ -164,9 +166,9 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
     # the counts that mean batches are translated: limit_train_batches and overfit_batches' training part
     # are cut by the data module (FashionMNISTDataModule), an int val_check_interval is divided by `steps`.
     steps = steps_per_lightning_batch(cfg, speed)
-    knobs = {"limit_train_batches": None, **MODULE_TRAINER_KEYS}
+    knobs = {"limit_train_batches": None, "overfit_batches": 0, **MODULE_TRAINER_KEYS}
     if overfit := cfg.trainer.get("overfit_batches"):  # Lightning's other half of it: validate on the first N batches
-        knobs |= {"overfit_batches": 0, "limit_val_batches": overfit}
+        knobs["limit_val_batches"] = overfit
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         if interval % steps:

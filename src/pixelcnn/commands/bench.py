@@ -187,14 +187,14 @@ def run(cfg: DictConfig) -> dict:
 
 def bench_table(result: dict) -> str:
     train, speed = result["train"], result["speed"]
-    project = f"{speed['precision']}{', compiled' if speed['compile'] else ''}"
     lines = [
         f"device: {result['device']}  (torch {result['torch']}, model {result['model']}, batch {result['batch_size']}, "
         f"speed {result['speed']})",
         "| measure | value |", "|---|---|",
-        f"| train img/s, plain PyTorch loop, fp32 (reference) | {train['plain_fp32_img_per_s']:,.0f} |",
-        f"| train img/s, this project (Lightning loop, {project}) | {train['img_per_s']:,.0f} |",
-        f"| ratio: project / plain fp32 loop | {train['vs_plain_fp32']:.2f}x |",
+        f"| train img/s, plain PyTorch fp32 loop (reference, median) | {train['plain_fp32_img_per_s']:,.0f} |",
+        f"| train img/s (Lightning loop, median) | {train['img_per_s']:,.0f} |",
+        f"| ratio: Lightning loop ({speed['precision']}{', compiled' if speed['compile'] else ''}) / plain fp32 loop "
+        f"| {train['vs_plain_fp32']:.2f}x |",
         f"| epoch s {'incl. validation' if train['epoch_s_measured'] else '(estimate: train images / img/s)'} "
         f"| {train['epoch_s']:.2f} |",
         f"| full run at max_epochs (min) | {train['est_run_min']:.1f} |",

@@ -88,15 +88,17 @@ def test_overrides_reach_the_objects():
     assert quick_gated.hparams.arch == "gated" and quick_gated.conditional and len(quick_gated.net.gated_layers) == 4
 
 
-def test_speed_auto_picks_per_device():
-    on_cpu = resolve_speed(compose_train().speed, "cpu")
+def test_speed_auto_picks_per_device(monkeypatch):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # a CPU without native bf16 (faked)
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    on_cpu = resolve_speed(compose_train("trainer.accelerator=cpu"))
     assert on_cpu == SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False)
-    forced = resolve_speed(compose_train("speed.compile=true", "speed.precision=bf16-mixed").speed, "cpu")
+    forced = resolve_speed(compose_train("trainer.accelerator=cpu", "speed.compile=true", "trainer.precision=bf16-mixed"))
     assert forced.compile and forced.precision == "bf16-mixed" and not forced.channels_last
 
 
 def test_callbacks_follow_the_config(tmp_path: Path):
-    speed = resolve_speed(compose_train().speed, "cpu")
+    speed = resolve_speed(compose_train("trainer.accelerator=cpu"))
     kinds = {type(c).__name__: c for c in build_callbacks(compose_train("early_stopping_patience=3"), tmp_path, speed)}
     assert kinds["EarlyStopping"].patience == 3 and kinds["EarlyStopping"].monitor == "val/bpd"
     assert kinds["RunDirCheckpoint"].monitor == "val/bpd" and kinds["SampleGridCallback"].every_n_epochs == 5
@@ -356,7 +358,7 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("data.steps_per_batch=0", "data.steps_per_batch"),
     ("data.hflip=maybe", "data.hflip"),
     ("speed.compile=maybe", "speed.compile"),
-    ("speed.precision=64", "speed.precision"),
+    ("trainer.precision=63", "trainer.precision"),
     ("trainer.max_time=abc", "trainer.max_time"),
     ("trainer.devices=0", "trainer.devices"),
     ("trainer.devices=[0,0]", "trainer.devices"),
@@ -369,6 +371,10 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
     ("trainer.max_steps=0", "trainer.max_steps"),
+    ("+trainer.overfit_batches=-1", "trainer.overfit_batches"),
+    ("+trainer.val_check_interval=1.5", "trainer.val_check_interval"),
+    ("+trainer.val_check_interval=0", "trainer.val_check_interval"),
+    ("+trainer.fast_dev_run=-1", "trainer.fast_dev_run"),
     ("optim/scheduler=cosine optim.scheduler.warmup_steps=-1", "optim.scheduler.warmup_steps"),
     ("optim/scheduler=cosine optim.scheduler.final_lr_ratio=2", "optim.scheduler.final_lr_ratio"),
     ("optim/scheduler=plateau optim.scheduler.factor=1", "optim.scheduler.factor"),
@@ -416,6 +422,8 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
     assert measured["train"]["img_per_s"] > 0 and measured["config"]["model"]["num_classes"] == 10
     assert set(measured["sampling"]) == {"3"} and measured["sampling"]["3"]["naive_s"] > 0
     assert "| train img/s (Lightning loop, median) |" in result.stdout and "| sample 3: naive / fast |" in result.stdout
+    assert measured["train"]["plain_fp32_img_per_s"] > 0 and "| train img/s, plain PyTorch fp32 loop" in result.stdout
+    assert "| ratio: Lightning loop (" in result.stdout and "| ratio: fast / naive sampling, n=3 |" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no log file, no run dir
 
 

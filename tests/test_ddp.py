@@ -142,4 +142,4 @@ def test_devices_lightning_refuses_are_one_line(tmp_path: Path):
 
     cfg = compose_train("trainer.accelerator=cpu", "trainer.devices=[0,1]")  # CPUs are counted, not picked
     with pytest.raises(UserError, match=r"^trainer.devices / .*should be an int > 0.$"):
-        build_trainer(cfg, resolve_speed(cfg.speed, "cpu"), None, [], tmp_path, {})
+        build_trainer(cfg, resolve_speed(cfg), None, [], tmp_path, {})

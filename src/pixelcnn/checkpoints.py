@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError
+from pixelcnn.image_model import ImageModel
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
@@ -104,16 +105,14 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
                         f"these weights, start a new run with init_from={path}")
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Load a `PixelCNNModule` from a checkpoint (file or run dir), in eval mode."""
-    from pixelcnn.module import LEGACY_OPTIM_KEYS, PixelCNNModule  # late import: keeps config/CLI errors fast
-
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> ImageModel:
+    """The model of a checkpoint (file or run dir), in eval mode: its network, likelihood and
+    sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
     path = resolve_checkpoint(path)
     checkpoint = read_checkpoint(path)
     try:
-        hparams = checkpoint["hyper_parameters"]
-        module = PixelCNNModule(**{k: v for k, v in hparams.items() if k not in LEGACY_OPTIM_KEYS})
-        module.load_state_dict(checkpoint["state_dict"])
+        module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out
+        module.load_state_dict(checkpoint["state_dict"])  # strict: the network's weights, all of them
     except (TypeError, ValueError, RuntimeError) as err:  # hyperparameters that do not build these weights
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         reason = lines[1] if len(lines) > 1 else lines[0]  # torch: a heading, then e.g. "size mismatch for ..."

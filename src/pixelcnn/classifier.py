@@ -175,7 +175,7 @@ def random_subset(split: Split, n: int, seed: int) -> Split:
 def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000, temperature: float = 1.0,
                     seed: int = 0, classifier: FashionClassifier | None = None,
                     method: str = "fast") -> dict[str, float]:
-    """Sample quality of a `PixelCNNModule` (on any device):
+    """Sample quality of an `ImageModel` (a `PixelCNNModule` too), on any device:
 
     - `frechet_distance`: n samples vs n random test images, in classifier feature space.
     - `frechet_distance_floor`: n training vs the same n test images (only when `data` is a data
@@ -209,7 +209,7 @@ def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000,
         source = datamodule if datamodule is not None else setup_datamodule(None, module.image_size, module.levels)
         classifier = load_or_train_classifier(source, module.device)
     test_images, _ = random_subset(test_set, n, seed)
-    labels = torch.arange(n) % module.hparams.num_classes if module.conditional else None
+    labels = torch.arange(n) % module.num_classes if module.conditional else None
     samples = module.sample(n, temperature, seed, labels, method)  # (n, H, W) on the module's device
     sample_feats, predicted = classify(classifier, samples)
     test_feats = classify(classifier, test_images)[0]

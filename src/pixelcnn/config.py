@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
@@ -85,6 +85,16 @@ def _one_of(*choices: object) -> tuple[Callable[[Any], bool], str]:
                                      for c in choices)
 
 
+def _precision() -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (lightning is loaded by training anyway)
+
+        return v == "auto" or (not isinstance(v, bool) and v in [value for kind in get_args(_PRECISION_INPUT)
+                                                                  for value in get_args(kind)])
+
+    return ok, "auto or a Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true (or 32, 16, bf16, 64)"
+
+
 def _dilations() -> tuple[Callable[[Any], bool], str]:
     ok = lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_int(1)[0](d) for d in v)  # noqa: E731
     return ok, "a non-empty list of integers >= 1, e.g. [1, 2, 1, 4]"
@@ -123,6 +133,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         isinstance(v, (list, ListConfig)) and len(v) > 0 and len(set(v)) == len(v) and all(_int(0)[0](d) for d in v)),
         "a count >= 1, -1 or auto (every device), or a list of distinct device indices, e.g. [0, 1]"),
     "trainer.num_nodes": _int(1),
+    "trainer.precision": _precision(),
     # The strategies the data sharding (`BatchLoader`) and the exact val/test reduction are tested with.
     "trainer.strategy": _one_of("auto", "ddp"),
     "trainer.check_val_every_n_epoch": _int(1),
@@ -132,6 +143,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
     "trainer.limit_train_batches": _limit_batches(),  # batches of data.batch_size: optimizer steps
+    # Lightning knobs a user adds (+trainer.<key>=...), in batches of data.batch_size like the limits.
+    "trainer.overfit_batches": _limit_batches(),
+    "trainer.val_check_interval": (lambda v: (isinstance(v, float) and 0 < v <= 1) or _int(1)[0](v),
+                                   "a fraction of the epoch in (0.0, 1.0] or a number of batches >= 1"),
+    "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or _int(0)[0](v), "true, false or a number of batches >= 0"),
     "trainer.gradient_clip_val": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                                           and v >= 0), "null or a number >= 0 (0: no clipping)"),
     "trainer.gradient_clip_algorithm": _one_of(None, "norm", "value"),
@@ -144,7 +160,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.scheduler.min_lr_ratio": _fraction(),
     "speed.compile": _one_of("auto", True, False),
     "speed.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "speed.precision": _one_of("auto", "32-true", "bf16-mixed", "16-mixed"),
     "speed.channels_last": _one_of("auto", True, False),
     "speed.matmul_precision": _one_of("highest", "high", "medium"),
     "seed": _int(0),

@@ -28,7 +28,6 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchvision
 from filelock import FileLock, Timeout
 from torch import Tensor
 
@@ -157,6 +156,8 @@ def locate_dataset(root: Path, system_dir: Path, download: bool) -> dict[str, Pa
         download_outcome = "download disabled (data.download=false)"
     else:
         try:
+            import torchvision  # late: only the download uses it, and importing it takes seconds
+
             torchvision.datasets.FashionMNIST(str(root), download=True)
             if files := find_idx_files(root_dirs[1]):
                 return files
@@ -416,6 +417,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
     levels 0..levels-1, labels int64 (B,)); training batches come as lists of `steps_per_batch`
     such batches (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
     (Lightning's meaning, counting batches, not the lists of them that Lightning iterates).
+    `overfit_batches` > 0 trains on the first that many batches (or that fraction) of the training
+    set every epoch, in order and unflipped, as Lightning's `overfit_batches` turns shuffling off.
     With `on_device` "auto" the data moves once to the trainer's CUDA device; True moves it to
     any non-CPU trainer device; False keeps it on the CPU.
     """
@@ -436,6 +439,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         shuffle_seed: int | None = None,
         steps_per_batch: int | Literal["auto"] = "auto",
         limit_train_batches: int | float | None = None,
+        overfit_batches: int | float = 0,
     ):
         super().__init__()
         if not 2 <= levels <= 256:  # more would wrap around in uint8 (ranges are otherwise config.RULES')
@@ -448,6 +452,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
         self.steps_per_batch = steps_per_batch
         self.limit_train_batches = limit_train_batches
+        self.overfit_batches = overfit_batches
         self._train_loader: BatchLoader | None = None
         self._train_generator_state: Tensor | None = None  # from a checkpoint, for the next train loader
         self.data: dict[str, Tensor] | None = None
@@ -505,9 +510,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
             # The ranks must cut one permutation: seed_everything seeds their global RNGs alike, but
             # rank-0-only work (sample grids) may have drawn from rank 0's since, so take rank 0's seed.
             seed = self.trainer.strategy.broadcast(int(torch.randint(2**62, ()).item()), src=0)
-        return BatchLoader(*split, batch_size, shuffle=train, hflip=train and self.hflip, seed=seed,
-                           steps_per_batch=steps, limit_batches=self.limit_train_batches if train else None,
-                           rank=rank, world_size=world_size)
+        overfit = train and bool(self.overfit_batches)  # the same batches every epoch: no shuffle, no random flips
+        limit = (self.overfit_batches if overfit else self.limit_train_batches) if train else None
+        return BatchLoader(*split, batch_size, shuffle=train and not overfit, hflip=train and self.hflip and not overfit,
+                           seed=seed, steps_per_batch=steps, limit_batches=limit, rank=rank, world_size=world_size)
 
     def train_dataloader(self) -> BatchLoader:
         loader = self.loader("train_set", self.batch_size, train=True)

@@ -1,28 +1,22 @@
-"""The LightningModule: an autoregressive image model trained by maximum likelihood.
+"""The LightningModule: an autoregressive image model (`pixelcnn.image_model.ImageModel`: the
+network, its likelihood and samples) trained by maximum likelihood.
 
 It takes plain arguments and saves them with `save_hyperparameters()`, so a checkpoint alone
-rebuilds the network (`PixelCNNModule.load_from_checkpoint(path)`); `sample.py` and
-`evaluate.py` need nothing else. Losses are reported in bits per dimension (nats / ln 2);
-guessing uniformly among L levels costs log2(L) bits (2.0 for 4 levels).
+rebuilds the network: `sample.py` and `evaluate.py` need nothing else, and load it without
+Lightning (`pixelcnn.checkpoints.load_module`). Losses are reported in bits per dimension.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 
-from pixelcnn.config import UserError, check_options
-from pixelcnn.gated import GatedPixelCNN
-from pixelcnn.model import PixelCNN
-from pixelcnn.sampling import SamplingMethod, eval_mode, sample
+from pixelcnn.image_model import ImageModel
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
 DEFAULT_OPTIM = {"lr": 1e-4, "weight_decay": 0.0, "scheduler": {"name": "none"}}  # conf/optim/adamw.yaml's
 LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler")  # hyperparameters before the optim group: now in `optim`
 
@@ -34,22 +28,14 @@ def saved_optim(hparams: dict) -> dict:
     return {**DEFAULT_OPTIM, **(hparams.get("optim") or legacy)}
 
 
-def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn.Module:
-    """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
-    # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
-    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - {"levels", "num_classes"},
-                  "model", f"model.arch={arch}")
-    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, **arch_kwargs)
-
-
-class PixelCNNModule(L.LightningModule):
-    """Trains any network of `ARCHITECTURES` with cross-entropy over the pixel levels.
+class PixelCNNModule(ImageModel, L.LightningModule):
+    """Trains any network of `image_model.ARCHITECTURES` with cross-entropy over the pixel levels.
 
     Batches are `(images uint8 (B, 1, H, W) of levels 0..levels-1, labels long (B,))`; the network
     sees `images / levels`. `levels` is always the number of grey levels, never a tensor.
     """
+
+    device = L.LightningModule.device  # Lightning's (it tracks the module's moves), not ImageModel's
 
     def __init__(
         self,
@@ -67,12 +53,8 @@ class PixelCNNModule(L.LightningModule):
         The last three are the Trainer arguments of the same names, with Lightning's meaning; the
         Trainer refuses them under manual optimization, so the module applies them (`training_step`).
         They are training settings, not part of the model: left out of the hyperparameters."""
-        super().__init__()
+        super().__init__(arch, levels, image_size, num_classes, **arch_kwargs)
         self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"])
-        self.net = build_network(arch, levels, num_classes, **arch_kwargs)
-        self.levels = levels
-        self.image_size = image_size
-        self.conditional = num_classes > 0
         self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
         # Mean bits/dim over the whole split, per image: the sum and the count are each summed over
         # DDP ranks, so it equals one process's mean. (self.log's sync_dist averages the count as an
@@ -86,38 +68,7 @@ class PixelCNNModule(L.LightningModule):
         self._cosine: WarmupCosine | None = None  # the cosine schedule, once configure_optimizers made it
         self._resumed_optim: dict | None = None  # the optim settings a resumed checkpoint was saved with
 
-    # --- the objective ---------------------------------------------------------------------------
-    def mean_bits_per_dim(self, images: Tensor, labels: Tensor) -> Tensor:
-        """The loss: mean negative log-likelihood of the batch in bits per pixel. (B, 1, H, W) uint8 -> ()"""
-        return self.nll_bits_per_pixel(images, labels).mean()
-
-    def nll_bits_per_pixel(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Negative log-likelihood of every pixel in bits. (B, 1, H, W) uint8 level images -> (B, H, W)"""
-        x = images.float() / self.levels  # (B, 1, H, W) model input
-        logits = self.net(x, labels if self.conditional else None)  # (B, L, H, W)
-        return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
-
-    @torch.no_grad()
-    def nll_maps(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-        """`nll_bits_per_pixel` of any number of images, in eval mode. (N, 1, H, W) uint8 -> (N, H, W) on the CPU"""
-        maps = []
-        with eval_mode(self):
-            for start in range(0, len(images), batch_size):
-                batch_labels = labels[start : start + batch_size].to(self.device) if labels is not None else None
-                maps.append(self.nll_bits_per_pixel(images[start : start + batch_size].to(self.device), batch_labels).cpu())
-        return torch.cat(maps)
-
-    def image_bits_per_dim(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-        """Bits/dim of each image: (N, 1, H, W) uint8 -> (N,) float64. A conditional model without
-        labels gives the marginal over classes (uniform prior), -log2(mean_c 2^(-bits(x | c))) / (H * W)."""
-        if not self.conditional or labels is not None:
-            return self.nll_maps(images, labels, batch_size).double().mean((1, 2))
-        classes = self.hparams.num_classes
-        total_bits = torch.stack([self.nll_maps(images, torch.full((len(images),), c), batch_size).double().sum((1, 2))
-                                  for c in range(classes)], dim=1)  # (N, C)
-        marginal = -(torch.logsumexp(-total_bits * math.log(2), dim=1) - math.log(classes)) / math.log(2)
-        return marginal / images[0, 0].numel()
-
+    # --- the objective: ImageModel.mean_bits_per_dim ----------------------------------------------
     def compile_loss(self, **compile_kwargs) -> None:
         """Compile the whole loss (input scaling, network, cross-entropy) as one graph; the
         parameters stay in `self.net`, so checkpoints are unchanged."""
@@ -269,15 +220,6 @@ class PixelCNNModule(L.LightningModule):
         if total == math.inf:
             raise ValueError("a cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
         return int(total)
-
-    # --- generation ------------------------------------------------------------------------------
-    def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, labels: Tensor | None = None,
-               method: SamplingMethod = "fast") -> Tensor:
-        """Draw n images as (n, H, W) long levels. Conditional models need `labels` (n,)."""
-        if self.conditional and labels is None:
-            raise ValueError("this model is class-conditional: pass labels (one class index per image)")
-        return sample(self.net, n, self.image_size, self.image_size, temperature, seed,
-                      labels if self.conditional else None, method)
 
 
 class WarmupCosine:

@@ -142,10 +142,10 @@ def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> 
 
 
 class SweptDirNames(Callback):
-    """Names each sweep job's dir after what the sweep varies (`3_model.lr=0.0005,model.residual_blocks=5`),
+    """Names each sweep job's dir after what the sweep varies (`3_optim.lr=0.0005,model.residual_blocks=5`),
     not after every override. Hydra's `hydra.job.override_dirname` lists all of a job's overrides, and a
     job's config no longer tells which were swept: the sweep's own command line does (values with
-    sweep syntax, `model.lr=1e-4,5e-4`, plus the sweeper's `params`, e.g. the Optuna search space).
+    sweep syntax, `optim.lr=1e-4,5e-4`, plus the sweeper's `params`, e.g. the Optuna search space).
     The other keys are added to Hydra's `hydra.job.config.override_dirname.exclude_keys` through the
     sweep's Hydra overrides, from which every job is composed, whatever the launcher."""
 

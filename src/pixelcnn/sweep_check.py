@@ -40,7 +40,7 @@ def check_job(cfg: DictConfig, here: bool) -> None:
                         "from its weights in each job with init_from=<run>")
     with user_errors_unwrapped():
         if here:
-            resolve_speed(cfg.speed, cfg.trainer.accelerator)
+            resolve_speed(cfg)
         with torch.device("meta"):
             instantiate(cfg.model, _convert_="all")
 

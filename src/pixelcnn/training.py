@@ -45,28 +45,71 @@ class SpeedChoices:
     channels_last: bool
 
 
-def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
-    """Turn the `auto` values of the speed group into concrete choices for the device in use."""
+# speed.compile=auto on a CPU: compile the loss only for runs of at least this many optimizer steps.
+# Measured on the 2-core EPYC (AVX-512 BF16), seed model, batch 128, bf16 autocast: the first compiled
+# step takes ~50 s, and a run compiles about 3 graphs (the training batch, the epoch's shorter last
+# batch, the evaluation batch), ~150 s; then a step takes ~0.144 s instead of ~0.170 s (890 vs 755
+# img/s, issue 18), saving ~0.026 s, so compiling pays off after ~6,000 steps. Twice that, 12,000
+# (28 epochs of 128), leaves a margin: the seed run (64,500 steps) compiles, experiment=quick (4,300) not.
+CPU_COMPILE_MIN_STEPS = 12_000
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as torch's CPUID probes
+    report it; elsewhere bf16 autocast is emulated and slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's (private, so looked up)
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def planned_steps(cfg: DictConfig, train_images: int) -> float:
+    """Optimizer steps the run will take at most (math.inf without a limit): batches of
+    data.batch_size per epoch after limit_train_batches, times max_epochs, at most max_steps."""
+    trainer = cfg.trainer
+    if trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
+        return 1 if trainer.fast_dev_run is True else trainer.fast_dev_run
+    batches = math.ceil(train_images / cfg.data.batch_size)
+    if overfit := trainer.get("overfit_batches"):
+        batches = int(batches * overfit) if isinstance(overfit, float) else min(batches, overfit)
+    elif (limit := trainer.limit_train_batches) is not None:
+        batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+    steps = math.inf if trainer.max_epochs == -1 else batches * trainer.max_epochs
+    return min(steps, trainer.max_steps) if trainer.max_steps >= 0 else steps
+
+
+def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoices:
+    """Turn the `auto` values of the speed group and of trainer.precision into concrete choices for
+    the device in use and a run of `train_steps` optimizer steps (any other precision is Lightning's)."""
+    accelerator, speed = cfg.trainer.accelerator, cfg.speed
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={accelerator} but no CUDA device is available: use "
                         "trainer.accelerator=auto (or cpu)")
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-
-    def pick(value, on_cuda, otherwise):
-        return (on_cuda if cuda else otherwise) if value == "auto" else value
-
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    # bf16 autocast where the device computes bf16 natively (emulated, it would be slower than fp32).
+    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if bf16 else "32-true"
+    # Compiling pays off on CUDA at once; on a CPU only with bf16 autocast (where it was measured) in a long run.
+    compile_auto = cuda or (precision == "bf16-mixed" and train_steps >= CPU_COMPILE_MIN_STEPS)
     return SpeedChoices(
         cuda=cuda,
-        compile=bool(pick(speed.compile, True, False)),
-        precision=str(pick(speed.precision, "bf16-mixed" if bf16 else "32-true", "32-true")),
-        channels_last=bool(pick(speed.channels_last, True, False)),
+        compile=bool(compile_auto if speed.compile == "auto" else speed.compile),
+        precision=str(precision),
+        channels_last=bool(cuda if speed.channels_last == "auto" else speed.channels_last),
     )
 
 
 # Trainer arguments the module applies itself: Lightning refuses them under manual optimization
 # (several optimizer steps per Lightning batch), so the Trainer gets its defaults instead.
 MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The configured data module. limit_train_batches and overfit_batches count batches of
+    data.batch_size (optimizer steps), which its loader cuts; Lightning's own limits would count
+    its batches, each of data.steps_per_batch of them."""
+    return instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches,
+                       overfit_batches=cfg.trainer.get("overfit_batches") or 0)
 
 
 def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
@@ -160,11 +203,23 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
                   output_dir: Path, device_args: dict) -> L.Trainer:
     """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
     or DDP where its processes cannot be started, are a UserError (one line)."""
+    # Lightning counts its own batches, each of `steps` batches of data.batch_size here (optimizer steps), so
+    # the counts that mean batches are translated: limit_train_batches and overfit_batches' training part
+    # are cut by the data module (FashionMNISTDataModule), an int val_check_interval is divided by `steps`.
+    steps = steps_per_lightning_batch(cfg, speed)
+    knobs = {"limit_train_batches": None, "overfit_batches": 0, **MODULE_TRAINER_KEYS}
+    if overfit := cfg.trainer.get("overfit_batches"):  # Lightning's other half of it: validate on the first N batches
+        knobs["limit_val_batches"] = overfit
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        if interval % steps:
+            raise UserError(f"trainer.val_check_interval={interval} is invalid here: it counts batches of "
+                            f"data.batch_size, taken {steps} per Lightning batch (data.steps_per_batch), so it must "
+                            f"be a multiple of {steps}")
+        knobs["val_check_interval"] = interval // steps
     try:
-        # limit_train_batches is the data module's (it counts optimizer steps), clipping and accumulation the module's.
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=loggers or False,
-                                         callbacks=callbacks, default_root_dir=str(output_dir), limit_train_batches=None,
-                                         **MODULE_TRAINER_KEYS, **device_args)
+                                         callbacks=callbacks, default_root_dir=str(output_dir), **knobs, **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
@@ -182,15 +237,22 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     return trainer
 
 
+def steps_per_lightning_batch(cfg: DictConfig, speed: SpeedChoices) -> int:
+    """Optimizer steps (batches of data.batch_size) per Lightning batch: data.steps_per_batch, whose
+    auto is CUDA_STEPS_PER_BATCH when the data sits on the GPU (as FashionMNISTDataModule puts it), else 1."""
+    if cfg.data.steps_per_batch != "auto":
+        return cfg.data.steps_per_batch
+    return CUDA_STEPS_PER_BATCH if speed.cuda and cfg.data.on_device in ("auto", True) else 1
+
+
 def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
     """checkpoint_every_n_steps must be a multiple of the optimizer steps per Lightning batch, as
     checkpoints are written between batches. `validate` checks an explicit data.steps_per_batch;
-    auto is known here: CUDA_STEPS_PER_BATCH when the data sits on the GPU, else 1."""
-    every, steps = cfg.checkpoint_every_n_steps, cfg.data.steps_per_batch
-    on_cuda = speed.cuda and cfg.data.on_device in ("auto", True)  # where FashionMNISTDataModule puts the data
-    if every and steps == "auto" and on_cuda and every % CUDA_STEPS_PER_BATCH:
-        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes {CUDA_STEPS_PER_BATCH} "
-                        f"optimizer steps per batch on CUDA, so it must be a multiple of {CUDA_STEPS_PER_BATCH}")
+    auto is known here."""
+    every, steps = cfg.checkpoint_every_n_steps, steps_per_lightning_batch(cfg, speed)
+    if every and cfg.data.steps_per_batch == "auto" and every % steps:
+        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes {steps} "
+                        f"optimizer steps per batch on CUDA, so it must be a multiple of {steps}")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -205,12 +267,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 
-    # limit_train_batches counts batches of data.batch_size (optimizer steps), which the loader
-    # cuts; Lightning's own limit would count its batches, each of data.steps_per_batch of them.
-    datamodule: L.LightningDataModule = instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches)
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
-    speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
+    speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     check_step_checkpoints(cfg, speed)
     module = build_module(cfg, speed)
 
@@ -256,10 +316,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                        if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)},
                 trainer.global_step)
     write_metrics(output_dir / "metrics.json", metrics)
-    print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
-          f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})\n[pixelcnn] "
-          f"samples: python sample.py {as_override('ckpt', output_dir)}; more epochs: python train.py "
-          f"{as_override('ckpt_path', output_dir)} trainer.max_epochs=<more>", flush=True)
+    if checkpoint.best_model_path:
+        outcome = f"best val {metrics['val_bpd']:.4f} bits/dim ({checkpoint.best_model_path}), test"
+    else:  # Lightning keeps no score under fast_dev_run, nor without a validation (limit_val_batches=0)
+        outcome = "no validation score, so no best checkpoint: the final weights tested"
+    if trainer.fast_dev_run:
+        outcome = f"fast_dev_run ({int(trainer.fast_dev_run)} batch per loop): {outcome}"
+    print(f"[pixelcnn] {outcome} {metrics['test_bpd']:.4f} bits/dim, {trainer.current_epoch} epochs in "
+          f"{fit_seconds / 60:.1f} min\n[pixelcnn] samples: python sample.py {as_override('ckpt', output_dir)}; "
+          f"more epochs: python train.py {as_override('ckpt_path', output_dir)} trainer.max_epochs=<more>", flush=True)
     return metrics
 
 

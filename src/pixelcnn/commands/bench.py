@@ -1,5 +1,6 @@
-"""What `bench.py` measures: training throughput through the real Lightning loop, epoch time,
-and naive vs fast sampling, on whatever device is present. Medians over repetitions."""
+"""What `bench.py` measures: training throughput through the real Lightning loop next to a plain
+PyTorch fp32 loop of the same model (the reference a user can compare with), epoch time, and naive
+vs fast sampling, on whatever device is present. Medians over repetitions."""
 
 from __future__ import annotations
 
@@ -18,9 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.config import check_out_dir, validate
 from pixelcnn.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
-from pixelcnn.training import SpeedChoices, build_module, resolve_speed
+from pixelcnn.training import SpeedChoices, build_module, planned_steps, resolve_speed, steps_per_lightning_batch
 
 register_resolvers()  # conf/bench.yaml composes the training config, which uses them
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class _Timer(L.Callback):
@@ -32,29 +39,23 @@ class _Timer(L.Callback):
         self.images = 0  # images trained on inside the timed window
         self.epoch_seconds: list[float] = []
 
-    @staticmethod
-    def _now(module: L.LightningModule) -> float:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-        return time.perf_counter()
-
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
         if trainer.current_epoch != 0 or batch_idx < self.warmup:
             return
         if batch_idx == self.warmup:
-            self.start = self._now(module)
+            self.start = now(module.device)
         self.images += sum(len(images) for images, _ in batch)  # a batch is a list of micro-batches
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         # Only the last batch syncs: a sync per batch would hide the CPU/GPU overlap being measured.
         if trainer.current_epoch == 0 and batch_idx == trainer.num_training_batches - 1:
-            self.end = self._now(module)
+            self.end = now(module.device)
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self._epoch_start = self._now(module)
+        self._epoch_start = now(module.device)
 
     def on_train_epoch_end(self, trainer, module) -> None:  # runs after the epoch's validation
-        self.epoch_seconds.append(self._now(module) - self._epoch_start)
+        self.epoch_seconds.append(now(module.device) - self._epoch_start)
 
 
 def device_name() -> str:
@@ -89,16 +90,36 @@ def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, speed: SpeedCho
     return timer
 
 
+def plain_loop_rate(cfg: DictConfig, datamodule: L.LightningDataModule, device: torch.device, steps: int,
+                    warmup: int) -> float:
+    """img/s of a plain PyTorch loop over the same model and batches, in fp32 and not compiled: no
+    Lightning, no autocast. `warmup` steps, then `steps` timed ones."""
+    plain = SpeedChoices(cuda=device.type == "cuda", compile=False, precision="32-true", channels_last=False)
+    module = build_module(cfg, plain).to(device)  # its loss is plain PyTorch: scale, network, cross-entropy
+    # The optimizer the module uses (AdamW, fused on CUDA, foreach elsewhere); the lr does not change the speed.
+    optimizer = torch.optim.AdamW(module.parameters(), **({"fused": True} if plain.cuda else {"foreach": True}))
+    images, labels = (t.to(device) for t in datamodule.train_set)
+    batch_size = cfg.data.batch_size
+    order = torch.randperm(len(images), device=device)
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = now(device)
+        first = step * batch_size % max(len(images) - batch_size, 1)
+        index = order[first : first + batch_size]
+        loss = module.mean_bits_per_dim(images[index], labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch_size / (now(device) - start)
+
+
 def time_sampler(fn, device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = now(device)
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(now(device) - start)
     return statistics.median(times)
 
 
@@ -110,9 +131,11 @@ def run(cfg: DictConfig) -> dict:
     bench = cfg.bench
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
+    datamodule.setup()
     batch_size = cfg.data.batch_size
-    # Decided up front: Lightning moves the module back to the CPU when `fit` ends.
-    speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
+    # Decided up front (Lightning moves the module back to the CPU when `fit` ends), as train.py
+    # decides for the whole configured run, however few batches are timed here.
+    speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     device = torch.device("cuda" if speed.cuda else "cpu")
     result: dict = {"device": device_name(), "torch": torch.__version__, "model": cfg.model.arch,
                     "batch_size": batch_size, "speed": {}, "train": {}, "sampling": {}}
@@ -126,6 +149,11 @@ def run(cfg: DictConfig) -> dict:
         peak = max(peak, peak_memory_mb(device))
     result["speed"] = vars(speed)
     result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates, "peak_memory_mb": peak}
+    steps = steps_per_lightning_batch(cfg, speed)  # the same optimizer steps as the Lightning loop
+    plain = [plain_loop_rate(cfg, datamodule, device, bench.train_batches * steps, bench.warmup_batches * steps)
+             for _ in range(bench.repeats)]
+    result["train"] |= {"plain_fp32_img_per_s": statistics.median(plain), "plain_fp32_img_per_s_runs": plain,
+                        "vs_plain_fp32": statistics.median(rates) / statistics.median(plain)}
 
     # 2. a whole epoch with validation, measured on the second epoch (the first compiles).
     if bench.epoch == "measure" or (bench.epoch == "auto" and device.type == "cuda"):
@@ -133,8 +161,7 @@ def run(cfg: DictConfig) -> dict:
         result["train"]["epoch_s"] = timer.epoch_seconds[-1]
         result["train"]["epoch_s_measured"] = True
     else:
-        train_images = len(datamodule.train_set[0]) if hasattr(datamodule, "train_set") else 55_000
-        result["train"]["epoch_s"] = train_images / result["train"]["img_per_s"]
+        result["train"]["epoch_s"] = len(datamodule.train_set[0]) / result["train"]["img_per_s"]
         result["train"]["epoch_s_measured"] = False  # estimate: training images / throughput
     result["train"]["est_run_min"] = result["train"]["epoch_s"] * cfg.trainer.max_epochs / 60
 
@@ -159,12 +186,15 @@ def run(cfg: DictConfig) -> dict:
 
 
 def bench_table(result: dict) -> str:
-    train = result["train"]
+    train, speed = result["train"], result["speed"]
     lines = [
         f"device: {result['device']}  (torch {result['torch']}, model {result['model']}, batch {result['batch_size']}, "
         f"speed {result['speed']})",
         "| measure | value |", "|---|---|",
+        f"| train img/s, plain PyTorch fp32 loop (reference, median) | {train['plain_fp32_img_per_s']:,.0f} |",
         f"| train img/s (Lightning loop, median) | {train['img_per_s']:,.0f} |",
+        f"| ratio: Lightning loop ({speed['precision']}{', compiled' if speed['compile'] else ''}) / plain fp32 loop "
+        f"| {train['vs_plain_fp32']:.2f}x |",
         f"| epoch s {'incl. validation' if train['epoch_s_measured'] else '(estimate: train images / img/s)'} "
         f"| {train['epoch_s']:.2f} |",
         f"| full run at max_epochs (min) | {train['est_run_min']:.1f} |",
@@ -172,8 +202,9 @@ def bench_table(result: dict) -> str:
     ]
     for n, entry in result["sampling"].items():
         naive = f"{entry['naive_s']:.3f} s" if "naive_s" in entry else "skipped"
-        speedup = f" ({entry['speedup']:.0f}x)" if "speedup" in entry else ""
-        lines.append(f"| sample {n}: naive / fast | {naive} / {entry['fast_s']:.3f} s{speedup} |")
+        lines.append(f"| sample {n}: naive / fast | {naive} / {entry['fast_s']:.3f} s |")
+        if "speedup" in entry:
+            lines.append(f"| ratio: fast / naive sampling, n={n} | {entry['speedup']:.0f}x |")
     return "\n".join(lines)
 
 

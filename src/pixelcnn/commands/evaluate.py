@@ -19,16 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import Tensor
-from torchvision.io import ImageReadMode, read_image
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.classifier import load_or_train_classifier, quality_metrics
 from pixelcnn.commands.cli import pick_device
 from pixelcnn.config import UserError, check_out_dir, validate
-from pixelcnn.data import quantize, setup_datamodule
 from pixelcnn.images import levels_to_grid, save_grid
 from pixelcnn.run_dirs import run_dir_of
 
@@ -60,6 +56,11 @@ def load_npy(path: Path, image_size: int, levels: int) -> Tensor:
 
 def load_png(path: Path, image_size: int, levels: int) -> Tensor:
     """A PNG (any size, 0..255; converted to grey) preprocessed as in training. -> (1, 1, S, S) uint8"""
+    # Late imports here and below: each mode imports only what it uses (sample.py and evaluate.py start fast).
+    from torchvision.io import ImageReadMode, read_image
+
+    from pixelcnn.data import quantize
+
     try:
         grey = read_image(str(path), mode=ImageReadMode.GRAY)  # (1, H, W) uint8
     except RuntimeError:  # torchvision's message names its own C++ source, not the user's file
@@ -86,6 +87,8 @@ def load_images(path: str | Path, image_size: int, levels: int) -> tuple[Tensor,
 
 def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Path:
     """Top row: the images (titled with their bits/dim); bottom row: bits per pixel, one colour scale."""
+    from matplotlib.figure import Figure
+
     count = len(images)
     figure = Figure(figsize=(1.5 * count + 1.2, 3.4))
     axes = figure.subplots(2, count, squeeze=False)
@@ -107,6 +110,8 @@ def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Pat
 
 def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> dict:
     """Test bits/dim, heatmaps, extremes and (quality=true, quality_n > 0) sample quality; writes metrics.json."""
+    from pixelcnn.data import setup_datamodule
+
     datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels)
     images, labels = datamodule.test_set
     started = time.perf_counter()
@@ -134,6 +139,8 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     if "heatmaps" in files:
         print(f"  heatmaps:     {files['heatmaps']}")
     if cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
+        from pixelcnn.classifier import load_or_train_classifier, quality_metrics
+
         classifier = load_or_train_classifier(datamodule, module.device)
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
         metrics |= quality | {"quality_temperature": cfg.temperature,

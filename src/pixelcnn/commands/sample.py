@@ -12,7 +12,6 @@ from omegaconf import DictConfig, ListConfig
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.commands.cli import pick_device
 from pixelcnn.config import UserError, check_out_dir, validate
-from pixelcnn.data import CLASS_NAMES, NUM_CLASSES, setup_datamodule
 from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 from pixelcnn.run_dirs import run_dir_of
 from pixelcnn.sampling import complete_fast, draw_uniforms, eval_mode
@@ -28,6 +27,8 @@ def parse_labels(label: object, num_classes: int, n: int) -> tuple[torch.Tensor 
             raise UserError(f"label={label!r} needs a class-conditional checkpoint (model.num_classes=10); "
                             "this one is unconditional: drop label=")
         return None, 8
+    from pixelcnn.data import CLASS_NAMES  # late, as below: pixelcnn.data imports Lightning (for its data module)
+
     if label is None:
         raise UserError(f"this checkpoint is class-conditional: pass label=<name or 0..{num_classes - 1}> or label=all "
                         f"(names: {', '.join(CLASS_NAMES)})")
@@ -44,6 +45,8 @@ def parse_labels(label: object, num_classes: int, n: int) -> tuple[torch.Tensor 
 
 def class_tag(index: int) -> str:
     """File-name tag of a class: the same however the class was typed (5, Sandal, sandal)."""
+    from pixelcnn.data import CLASS_NAMES
+
     return CLASS_NAMES[index].split("/")[0].replace(" ", "-")  # "t-shirt/top" -> t-shirt, "ankle boot" -> ankle-boot
 
 
@@ -57,7 +60,7 @@ def main(cfg: DictConfig) -> list[Path]:
         return complete(module, cfg, out_dir)
 
     temperatures = list(cfg.temperature) if isinstance(cfg.temperature, ListConfig) else [cfg.temperature]
-    labels, nrow = parse_labels(cfg.label, module.hparams.num_classes, cfg.n)
+    labels, nrow = parse_labels(cfg.label, module.num_classes, cfg.n)
     n = len(labels) if labels is not None else cfg.n
     side = module.image_size * cfg.scale + 2  # one image in the grid, with its padding
     if (pixels := n * len(temperatures) * side * side) > MAX_GRID_PIXELS:
@@ -94,6 +97,8 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     completions) and the completions as .npy (N, completions, H, W) uint8 levels. Conditional
     models use the images' true labels. Only what depends on the model is checked here (the
     rest by `config.validate`)."""
+    from pixelcnn.data import NUM_CLASSES, setup_datamodule
+
     height = width = module.image_size
     rows, completions = cfg.rows, cfg.completions
     if rows > height:

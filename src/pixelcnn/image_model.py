@@ -1,0 +1,97 @@
+"""A trained autoregressive image model without its training: the network (`build_network`, one
+of `ARCHITECTURES`), the likelihood it gives images, in bits, and its samples.
+
+It imports neither Lightning nor the data module, so that `sample.py` and `evaluate.py` load a
+checkpoint quickly (`pixelcnn.checkpoints.load_module`); `pixelcnn.module.PixelCNNModule` is this
+model with its training. Guessing uniformly among L levels costs log2(L) bits (2.0 for 4 levels).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pixelcnn.config import UserError, check_options
+from pixelcnn.gated import GatedPixelCNN
+from pixelcnn.model import PixelCNN
+from pixelcnn.sampling import SamplingMethod, eval_mode, sample
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
+
+
+def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn.Module:
+    """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
+    # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
+    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - {"levels", "num_classes"},
+                  "model", f"model.arch={arch}")
+    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, **arch_kwargs)
+
+
+class ImageModel(nn.Module):
+    """The network `arch` for `image_size` x `image_size` images of `levels` grey levels, with
+    `num_classes` classes to condition on (0: unconditional). Its only weights are `net`'s."""
+
+    def __init__(self, arch: str = "pixelcnn", levels: int = 4, image_size: int = 16, num_classes: int = 0,
+                 **arch_kwargs):
+        super().__init__()
+        self.net = build_network(arch, levels, num_classes, **arch_kwargs)
+        self.levels, self.image_size, self.num_classes = levels, image_size, num_classes
+        self.conditional = num_classes > 0
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> ImageModel:
+        """The model of a checkpoint's hyperparameters, those of the training (optimizer, schedule) left out."""
+        network = ARCHITECTURES.get(hparams.get("arch"))  # an unknown arch: build_network says so
+        kept = {"arch", "levels", "image_size", "num_classes", *(inspect.signature(network).parameters if network else ())}
+        return cls(**{key: value for key, value in hparams.items() if key in kept})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- likelihood ------------------------------------------------------------------------------
+    def mean_bits_per_dim(self, images: Tensor, labels: Tensor) -> Tensor:
+        """The loss: mean negative log-likelihood of the batch in bits per pixel. (B, 1, H, W) uint8 -> ()"""
+        return self.nll_bits_per_pixel(images, labels).mean()
+
+    def nll_bits_per_pixel(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Negative log-likelihood of every pixel in bits. (B, 1, H, W) uint8 level images -> (B, H, W)"""
+        x = images.float() / self.levels  # (B, 1, H, W) model input
+        logits = self.net(x, labels if self.conditional else None)  # (B, L, H, W)
+        return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
+
+    @torch.no_grad()
+    def nll_maps(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
+        """`nll_bits_per_pixel` of any number of images, in eval mode. (N, 1, H, W) uint8 -> (N, H, W) on the CPU"""
+        maps = []
+        with eval_mode(self):
+            for start in range(0, len(images), batch_size):
+                batch_labels = labels[start : start + batch_size].to(self.device) if labels is not None else None
+                maps.append(self.nll_bits_per_pixel(images[start : start + batch_size].to(self.device), batch_labels).cpu())
+        return torch.cat(maps)
+
+    def image_bits_per_dim(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
+        """Bits/dim of each image: (N, 1, H, W) uint8 -> (N,) float64. A conditional model without
+        labels gives the marginal over classes (uniform prior), -log2(mean_c 2^(-bits(x | c))) / (H * W)."""
+        if not self.conditional or labels is not None:
+            return self.nll_maps(images, labels, batch_size).double().mean((1, 2))
+        classes = self.num_classes
+        total_bits = torch.stack([self.nll_maps(images, torch.full((len(images),), c), batch_size).double().sum((1, 2))
+                                  for c in range(classes)], dim=1)  # (N, C)
+        marginal = -(torch.logsumexp(-total_bits * math.log(2), dim=1) - math.log(classes)) / math.log(2)
+        return marginal / images[0, 0].numel()
+
+    # --- generation ------------------------------------------------------------------------------
+    def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, labels: Tensor | None = None,
+               method: SamplingMethod = "fast") -> Tensor:
+        """Draw n images as (n, H, W) long levels. Conditional models need `labels` (n,)."""
+        if self.conditional and labels is None:
+            raise ValueError("this model is class-conditional: pass labels (one class index per image)")
+        return sample(self.net, n, self.image_size, self.image_size, temperature, seed,
+                      labels if self.conditional else None, method)

@@ -1,0 +1,107 @@
+"""Lightning's own Trainer knobs, typed as in any Lightning project (`trainer.precision`,
+`+trainer.overfit_batches`, `+trainer.val_check_interval`, `+trainer.fast_dev_run`), behave as
+in Lightning through the project's own loader and its several optimizer steps per Lightning batch.
+Each test fits a tiny model on small IDX files through the real builders of `pixelcnn.training`."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from fakes import write_dataset
+from pixelcnn.config import UserError, validate
+from pixelcnn.training import build_datamodule, build_module, build_trainer, resolve_speed
+from test_cli import NO_QUALITY, TINY, compose_train, data_args, run
+
+
+class BatchSpy(L.Callback):
+    """The training images of each epoch's batches (as one tensor per Lightning batch), and the
+    optimizer step and size of every validation batch outside the sanity check."""
+
+    def __init__(self):
+        self.train: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.val: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        self.train[trainer.current_epoch].append(torch.cat([images for images, _ in batch]).clone())
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self.val.append((trainer.global_step, len(batch[0])))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("knobs")
+    write_dataset(path / "data", n_train=100, n_test=20)  # 80 training images: 5 batches of 16
+    return path
+
+
+def fit(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[BatchSpy, L.Trainer]:
+    cfg = compose_train(*TINY, *data_args(data_dir), "trainer.accelerator=cpu", "data.eval_batch_size=5",
+                        "trainer.limit_train_batches=null", *overrides)
+    validate(cfg)
+    datamodule = build_datamodule(cfg)
+    speed = resolve_speed(cfg)
+    spy = BatchSpy()
+    trainer = build_trainer(cfg, speed, False, [spy], tmp_path, {})
+    trainer.fit(build_module(cfg, speed), datamodule=datamodule)
+    return spy, trainer
+
+
+@pytest.mark.parametrize("steps_per_batch", [1, 2])
+def test_overfit_batches_trains_on_the_same_batches_every_epoch(data_dir: Path, tmp_path: Path, steps_per_batch: int):
+    """+trainer.overfit_batches=2: each epoch trains on the training set's first 2 batches, in order
+    and unflipped (data.hflip=true is on), and validates on the first 2 val batches, as Lightning does."""
+    spy, _ = fit(data_dir, tmp_path, "+trainer.overfit_batches=2", "trainer.max_epochs=3", "data.hflip=true",
+                 f"data.steps_per_batch={steps_per_batch}")
+    epochs = [torch.cat(spy.train[epoch]) for epoch in range(3)]
+    train_images = torch.load(data_dir / "data" / "fashion_mnist_16px_4lv.pt")  # the cache the data module wrote
+    datamodule = build_datamodule(compose_train(*TINY, *data_args(data_dir)))
+    datamodule.setup()
+    assert epochs[0].shape[0] == 32 and len(train_images["train_images"]) == 100
+    assert all(torch.equal(epoch, datamodule.train_set[0][:32]) for epoch in epochs)
+    assert [size for _, size in spy.val] == [5, 5] * 3  # 2 val batches of data.eval_batch_size per epoch
+
+
+@pytest.mark.parametrize("interval, steps_per_batch, expected", [
+    (2, 1, [2, 4]),  # every 2 batches of data.batch_size (optimizer steps)
+    (0.5, 1, [2, 4]),  # half an epoch
+    (4, 2, [4, 8]),  # still batches of data.batch_size when a Lightning batch holds 2 of them
+])
+def test_val_check_interval_counts_batches(data_dir: Path, tmp_path: Path, interval, steps_per_batch: int,
+                                           expected: list[int]):
+    spy, _ = fit(data_dir, tmp_path, f"+trainer.val_check_interval={interval}", "trainer.max_epochs=1",
+                 "trainer.limit_train_batches=4" if steps_per_batch == 1 else "trainer.limit_train_batches=8",
+                 "data.batch_size=8", f"data.steps_per_batch={steps_per_batch}")
+    assert sorted({step for step, _ in spy.val}) == expected
+
+
+def test_val_check_interval_must_fit_the_lightning_batches(data_dir: Path, tmp_path: Path):
+    with pytest.raises(UserError, match="trainer.val_check_interval=3 is invalid here: .* a multiple of 2$"):
+        fit(data_dir, tmp_path, "+trainer.val_check_interval=3", "data.steps_per_batch=2")
+
+
+@pytest.mark.parametrize("precision, used", [("32-true", "32-true"), ("bf16-mixed", "bf16-mixed"),
+                                             ("16-mixed", "bf16-mixed")])  # Lightning: no fp16 AMP on a CPU
+def test_precision_is_lightnings(data_dir: Path, tmp_path: Path, precision: str, used: str):
+    _, trainer = fit(data_dir, tmp_path, f"trainer.precision={precision}", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=2")
+    assert trainer.precision == used and trainer.global_step == 2
+
+
+def test_fast_dev_run_reports_no_validation_score(data_dir: Path):
+    run_dir = data_dir / "outputs" / "fast-dev-run"
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(data_dir), "+trainer.fast_dev_run=true",
+                 f"hydra.run.dir={run_dir}", cwd=data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [line for line in result.stdout.splitlines() if "test" in line and "bits/dim" in line]
+    assert "nan" not in result.stdout
+    assert line.startswith("[pixelcnn] fast_dev_run (1 batch per loop): no validation score, so no best checkpoint")
+    assert not list(run_dir.glob("checkpoints/best-*.ckpt"))  # Lightning keeps no score under fast_dev_run
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1

@@ -25,12 +25,12 @@ def test_each_log_line_is_printed_once_without_tips_or_flops(workdir: Path):
 def test_sweep_job_dirs_are_named_after_the_swept_parameters_only(workdir: Path):
     sweep = workdir / "multirun-names"
     result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "trainer.max_epochs=1",
-                 "trainer.limit_train_batches=1", "sample.every_n_epochs=0", "model.lr=1e-3,2e-3",
+                 "trainer.limit_train_batches=1", "sample.every_n_epochs=0", "optim.lr=1e-3,2e-3",
                  "model.residual_blocks=0,1", f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
-        "0_model.lr=0.001,model.residual_blocks=0", "1_model.lr=0.002,model.residual_blocks=0",
-        "2_model.lr=0.001,model.residual_blocks=1", "3_model.lr=0.002,model.residual_blocks=1"]
+        "0_model.residual_blocks=0,optim.lr=0.001", "1_model.residual_blocks=0,optim.lr=0.002",
+        "2_model.residual_blocks=1,optim.lr=0.001", "3_model.residual_blocks=1,optim.lr=0.002"]
     # TINY sets model.residual_blocks=1 first: the sweep's value list takes its place (Hydra's job order).
 
 

@@ -76,7 +76,7 @@ def test_a_parallel_sweep_runs_its_jobs_with_a_share_of_the_threads(workdir: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
     assert len(jobs) == 2 and (sweep / "summary.md").is_file()
-    assert [job.name for job in jobs] == ["0_model.lr=0.001", "1_model.lr=0.002"]  # the swept key only, in any launcher
+    assert [job.name for job in jobs] == ["0_optim.lr=0.001", "1_optim.lr=0.002"]  # the swept key only, in any launcher
     cpus = resources.available_cpus()
     expected = max(1, min(cpus // 2, int(os.environ.get("OMP_NUM_THREADS", cpus))))
     for k, job in enumerate(jobs):  # each job knew it was one of 2 at once, and took its share of the cores

@@ -25,9 +25,11 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
+from pixelcnn.callbacks import (STOPPED_EXIT_CODE, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
+                                StepCheckpoint, StopOnNonFiniteLoss)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
@@ -101,10 +103,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
     if cfg.model.scheduler.name != "none":  # a constant lr is not worth a GPU read-back every log_every_n_steps
         callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
-    if cfg.checkpoint_every_n_steps:  # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch
-        callbacks.append(RunDirCheckpoint(dirpath=output_dir / "checkpoints", filename=STEP_CHECKPOINT,
-                                          every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1,
-                                          enable_version_counter=False))
+    # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
+    callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
     return callbacks
 
 
@@ -191,6 +191,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        raise stopped_by_sigterm(trainer, output_dir) from None
     except Exception:
         # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed.
         logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
@@ -202,8 +204,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(f"[pixelcnn] {output_dir} has already finished (nothing left to train at step {resumed_step}): its "
               "metrics.json is unchanged", flush=True)
         return json.loads((output_dir / "metrics.json").read_text())
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False,
-                        weights_only=True)
+    try:
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None,
+                            verbose=False, weights_only=True)
+    except SIGTERMException:
+        raise stopped_by_sigterm(trainer, output_dir) from None
     metrics = {
         "val_bpd": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan"),
         "test_bpd": float(test[0]["test/bpd"]),
@@ -224,6 +229,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print(f"[pixelcnn] best val {metrics['val_bpd']:.4f} bits/dim, test {metrics['test_bpd']:.4f} bits/dim, "
           f"{trainer.current_epoch} epochs in {fit_seconds / 60:.1f} min ({checkpoint.best_model_path})", flush=True)
     return metrics
+
+
+def stopped_by_sigterm(trainer: L.Trainer, output_dir: Path) -> SystemExit:
+    """The exit of a run stopped by SIGTERM: Lightning's SIGTERMException is a SystemExit with
+    status 0, which a scheduler or a sweep would take for a finished run. StepCheckpoint has said
+    where it saved; a SIGTERM outside the training epochs (sanity check, final test) saves nothing."""
+    saved = any(isinstance(c, StepCheckpoint) and c.stopped for c in trainer.callbacks)
+    if not saved and trainer.is_global_zero:
+        print(f"[pixelcnn] stopped by SIGTERM outside training (nothing new saved); resume with: python train.py "
+              f"ckpt_path={output_dir}", flush=True)
+    return SystemExit(STOPPED_EXIT_CODE)
 
 
 QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from pixelcnn.checkpoints import check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.commands.cli import exit_on_unknown_choice, exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
-from pixelcnn.run_dirs import check_run_dir, fresh_dir, register_resolvers, run_dir_of
+from pixelcnn.run_dirs import check_run_dir, fresh_dir, hold_run_dir, register_resolvers, run_dir_of
 from pixelcnn.sweep import write_metrics, write_summary
 from pixelcnn.sweep_check import sweep_errors
 
@@ -134,7 +134,8 @@ def finished_run(run_dir: Path, max_epochs: int, max_time: str | None = None) ->
 
 
 class RunDirGuard(Callback):
-    """Checks the run dir (or a sweep's dir) before Hydra writes into it (`run_dirs.check_run_dir`).
+    """Checks the run dir (or a sweep's dir) before Hydra writes into it (`run_dirs.check_run_dir`),
+    then locks a run's dir for it (`run_dirs.hold_run_dir`: a second run in it is refused).
     Hydra's callbacks turn an exception into a warning, so a refusal exits here directly. Runs
     that keep no record (`hydra.output_subdir: null`) are not checked: bench.py, and the DDP ranks
     > 0 that Lightning starts by re-running the command with it, into the dir rank 0 checked."""
@@ -160,6 +161,11 @@ class RunDirGuard(Callback):
         if resuming and (reason := finished_run(run_dir, trainer.get("max_epochs", -1), trainer.get("max_time"))):
             print(f"[pixelcnn] {run_dir} has already finished ({reason}); nothing was changed", flush=True)
             sys.exit(0)
+        from pixelcnn.training import secondary_rank  # imported late, as in record_job_failure
+
+        if not secondary_rank():  # DDP ranks started by srun / torchrun run this too: rank 0 holds the dir
+            with exit_on_user_error():  # no cleanup: the dir is the other run's
+                hold_run_dir(run_dir, "hydra.run.dir" if not resuming else "ckpt_path")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():

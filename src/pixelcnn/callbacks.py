@@ -241,6 +241,7 @@ class StepCheckpoint(Checkpoint):
         self._due_at_epoch_end = False
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.stop_requested = trainer.received_sigterm  # one that came since `fit` began (Lightning's handler)
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             signal.signal(signal.SIGTERM, self._request_stop)
 

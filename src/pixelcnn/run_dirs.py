@@ -111,7 +111,8 @@ def hold_run_dir(path: Path, key: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise UserError(f"{key}={path} cannot be locked for this run ({err.strerror}): pass a writable folder") from None
+        raise UserError(f"{key}={path} cannot be locked for this run ({err.strerror}): pass a writable "
+                        "folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # held by another process

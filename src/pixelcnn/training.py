@@ -1,8 +1,9 @@
 """`train(cfg)`: build data, model and trainer from a composed config, fit, test, return metrics.
 
 Everything a run produces goes into `cfg.output_dir`: TensorBoard logs (`tb/`), checkpoints
-(`checkpoints/best-*.ckpt` by val bits/dim and `last.ckpt`), `metrics.json`, and (written by
-Hydra) the resolved config in `.hydra/`.
+(`checkpoints/best-*.ckpt` by val bits/dim, `last.ckpt`, and `step.ckpt` every
+checkpoint_every_n_steps and on SIGTERM, after which the run exits 143), `metrics.json`, and
+(written by Hydra) the resolved config in `.hydra/`.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -74,6 +75,12 @@ def reference(work: Path) -> Path:
     return run_dir
 
 
+def kill_env(step: int, signal_name: str = "SIGKILL") -> dict[str, str]:
+    """The environment that makes train.py send itself `signal_name` once `step` optimizer steps are done."""
+    return {"PYTHONPATH": os.pathsep.join([str(KILL_SHIM), os.environ.get("PYTHONPATH", "")]),
+            "PIXELCNN_KILL_AT_STEP": str(step), "PIXELCNN_KILL_SIGNAL": signal_name}
+
+
 def assert_same_training(a: Path, b: Path) -> None:
     """Final weights and optimizer state of two runs are equal, bit for bit."""
     first, second = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for d in (a, b))
@@ -110,9 +117,10 @@ def test_killed_run_resumes_bit_for_bit(work: Path, reference: Path, tmp_path: P
 
 
 def test_resume_after_an_epoch_cut_by_limit_train_batches(work: Path, tmp_path: Path):
-    """Killed while validating after a step checkpoint at the epoch's last batch (4 of 5 batches
-    taken, limit_train_batches=4): the resumed run starts the next epoch, as the uninterrupted one."""
-    args = [*TINY, *EPOCHS, *data_args(work), "trainer.limit_train_batches=4"]
+    """Killed while validating after the epoch's last batch (4 of 5 batches taken, limit_train_batches=4),
+    where a step checkpoint was due (step 8): it waits for the epoch's end, so the resume continues
+    from the one of step 6, runs that validation and starts the next epoch, as the uninterrupted run."""
+    args = [*TINY, *EPOCHS, *data_args(work), "trainer.limit_train_batches=4", "checkpoint_every_n_steps=2"]
     whole = run("train.py", *args, f"hydra.run.dir={tmp_path / 'whole'}", cwd=work)
     assert whole.returncode == 0, whole.stderr[-3000:]
     env = {"PYTHONPATH": os.pathsep.join([str(KILL_SHIM), os.environ.get("PYTHONPATH", "")]),
@@ -121,6 +129,78 @@ def test_resume_after_an_epoch_cut_by_limit_train_batches(work: Path, tmp_path: 
     resumed = run("train.py", f"ckpt_path={tmp_path / 'killed'}", cwd=work)
     assert resumed.returncode == 0 and "step.ckpt" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     assert_same_training(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_repeated_kills_resume_bit_for_bit(work: Path, reference: Path, tmp_path: Path):
+    """Killed again and again, each time right after a checkpoint write or at an epoch's end, and
+    resumed each time: the result is the uninterrupted run's, bit for bit (issue 15). step.ckpt is
+    written at every step (5 per epoch, 20 in all). The first kill is at an epoch's last batch,
+    before its validation and last.ckpt; a fixed seed picks a later point of the next epoch; the
+    last is a SIGTERM at the following epoch's last batch (saved at that epoch's end)."""
+    rng = random.Random(15)
+    kills = [(10, "SIGKILL"), (rng.choice([11, 12, 13, 14]), "SIGKILL"), (15, "SIGTERM")]
+    run_dir = tmp_path / "run"
+    args = [*TINY, *EPOCHS, "checkpoint_every_n_steps=1", *data_args(work), f"hydra.run.dir={run_dir}"]
+    for step, signal_name in kills:
+        killed = run("train.py", *args, cwd=work, env=kill_env(step, signal_name))
+        expected = -signal.SIGKILL if signal_name == "SIGKILL" else 143
+        assert killed.returncode == expected, (kills, step, killed.stderr[-2000:])
+        args = [f"ckpt_path={run_dir}"]
+    resumed = run("train.py", *args, cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training(reference, run_dir)
+
+
+def test_sigterm_saves_at_the_next_step_and_resumes_bit_for_bit(work: Path, reference: Path, tmp_path: Path):
+    """SIGTERM (a scheduler's preemption) in the middle of an epoch, without step checkpoints
+    configured: the run saves step.ckpt at the next step boundary, says how to resume in one line,
+    exits 143; the resumed run is the uninterrupted one, bit for bit."""
+    run_dir = tmp_path / "run"
+    stopped = run("train.py", *TINY, "trainer.max_epochs=4", *data_args(work), f"hydra.run.dir={run_dir}", cwd=work,
+                  env=kill_env(13, "SIGTERM"))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    [line] = [x for x in stopped.stdout.splitlines() if "SIGTERM" in x]
+    assert "optimizer step 14" in line and f"python train.py ckpt_path={run_dir}" in line
+    assert torch.load(run_dir / "checkpoints" / "step.ckpt", weights_only=True, mmap=True)["global_step"] == 14
+    assert not (run_dir / "metrics.json").exists()
+    resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)
+    assert resumed.returncode == 0 and "step.ckpt" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert_same_training(reference, run_dir)
+
+
+def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
+    """A sweep stopped by SIGTERM exits 143 and lists the stopped job as failed, not done."""
+    result = run("train.py", "-m", *TINY, "trainer.max_epochs=1", *data_args(work), "model.lr=1e-3",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, env=kill_env(2, "SIGTERM"))
+    assert result.returncode == 143, result.stderr[-2000:]
+    [job] = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert f"ckpt_path={job}" in result.stdout and not (job / "metrics.json").exists()
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "0 ok, 1 failed" in summary, summary
+
+
+def test_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(work: Path, reference: Path, tmp_path: Path):
+    """While a run trains in its dir (here stopped with SIGSTOP after step 6), a resume of it is
+    refused in one line and writes nothing; once that run is SIGKILLed, the resume works (the OS
+    released the lock) and ends where the uninterrupted run does."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **kill_env(6, "SIGSTOP")}
+    holder = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, *EPOCHS, *data_args(work),
+                               f"hydra.run.dir={run_dir}"], cwd=work, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once it has stopped itself
+        assert os.WIFSTOPPED(status), status
+        before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+        line = one_error_line(run("train.py", f"ckpt_path={run_dir}", cwd=work))
+        assert "is in use" in line and f"pid {holder.pid}" in line, line
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training(reference, run_dir)
 
 
 @pytest.mark.parametrize("steps_per_batch", [None, 2])
@@ -248,7 +328,7 @@ def test_a_run_dir_from_someone_else_never_runs_code(work: Path, reference: Path
     (run_dir / "sent").mkdir()
     (run_dir / "sent" / "evil.yaml").write_text(yaml.safe_dump(touch))
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(
-        [f"+hydra.callbacks.evil._target_=os.system", f"+hydra.callbacks.evil._args_=[touch {marker}]",
+        ["+hydra.callbacks.evil._target_=os.system", f"+hydra.callbacks.evil._args_=[touch {marker}]",
          "model._target_=os.system"]))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "epochs": f"$(touch {marker})"}))

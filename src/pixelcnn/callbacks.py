@@ -1,18 +1,22 @@
 """Lightning callbacks: sample grids in every logger, a run-time estimate at start, a stop as soon
-as the training loss is not finite, and what makes a resumed run continue exactly (random states,
-checkpoint paths of a moved run dir)."""
+as the training loss is not finite, what makes a resumed run continue exactly (random states,
+checkpoint paths of a moved run dir), and the step checkpoint that a run killed or stopped by
+SIGTERM resumes from."""
 
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pixelcnn.config import UserError
 from pixelcnn.images import levels_to_grid, save_grid
@@ -240,3 +244,72 @@ class RunDirCheckpoint(ModelCheckpoint):
                                                                         "last_model_path") if key in state_dict},
                           "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
         super().load_state_dict(state_dict)
+
+
+STOPPED_EXIT_CODE = 143  # a run stopped by SIGTERM after saving: 128 + 15, what a shell reports for SIGTERM
+
+
+class StepCheckpoint(Checkpoint):
+    """`<dirpath>/<filename>.ckpt`, replaced each time: the run's resume point between two optimizer
+    steps. Written every `every_n_steps` steps (0: never), and when the run is asked to stop
+    (SIGTERM, as schedulers send before they kill a job): then at the next step boundary, after
+    which the run ends with a line saying how to resume it and SystemExit(STOPPED_EXIT_CODE).
+
+    Never at an epoch's last batch: Lightning resumes a checkpoint saved there (before the epoch's
+    validation) by skipping that validation and counting the next epoch as already started, so that
+    run's later checkpoints record its epoch progress one epoch behind, and resuming one of them
+    replays a whole epoch (issue 15). Such a save is made at the epoch's end instead (in
+    `on_train_epoch_end`, a point Lightning resumes from as from any epoch-end checkpoint).
+
+    SIGTERM: Lightning's own handler (its `_SignalConnector`) only sets `trainer.received_sigterm`;
+    its loops then stop at the next batch without a checkpoint, or in the middle of a validation,
+    and exit with status 0 (`SIGTERMException` is a SystemExit without a code). So while training
+    this handler replaces it (Lightning puts the handlers of before `fit` back when `fit` ends);
+    SIGINT and the SLURM requeue signal stay Lightning's. Under DDP the ranks decide together
+    (one reduction per batch) so that all save the same step and stop together."""
+
+    def __init__(self, dirpath: str | Path, filename: str, every_n_steps: int | None = None):
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.every_n_steps = every_n_steps or 0
+        self.stop_requested = False  # set by the SIGTERM handler
+        self.stopped = False  # this callback saved and stopped the run
+        self._due_at_epoch_end = False
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.stop_requested = trainer.received_sigterm  # one that came since `fit` began (Lightning's handler)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            signal.signal(signal.SIGTERM, self._request_stop)
+
+    def _request_stop(self, signum: int, frame) -> None:
+        self.stop_requested = True
+
+    def _stop_now(self, trainer: L.Trainer) -> bool:
+        return trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)  # any rank's SIGTERM
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        stop = self._stop_now(trainer)
+        due = stop or (self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0)
+        if not due or trainer.fast_dev_run:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:  # the epoch's last batch: see the class doc
+            self._due_at_epoch_end = True
+            return
+        self._save(trainer, stop)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        stop = self._stop_now(trainer)  # also a SIGTERM during the epoch's last batch or its validation
+        if (self._due_at_epoch_end or stop) and not trainer.fast_dev_run:
+            self._due_at_epoch_end = False
+            self._save(trainer, stop)
+
+    def _save(self, trainer: L.Trainer, stop: bool) -> None:
+        trainer.save_checkpoint(self.path)
+        if not stop:
+            return
+        self.stopped = True
+        if trainer.is_global_zero:
+            print(f"[pixelcnn] stopped by SIGTERM at optimizer step {trainer.global_step}: saved {self.path}; resume "
+                  f"with: python train.py ckpt_path={self.path.parent.parent}", flush=True)
+        # Lightning's own exception for this stop (it ends `fit` as an interruption); the train
+        # command turns it into exit status STOPPED_EXIT_CODE.
+        raise SIGTERMException

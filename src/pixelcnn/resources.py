@@ -104,3 +104,10 @@ def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
 def cuda_device_args(resources: JobResources) -> dict:
     """lightning.Trainer arguments that put a parallel sweep's job on its own GPU (when it trains on CUDA)."""
     return {} if resources.cuda_device is None else {"devices": [resources.cuda_device]}
+
+
+def secondary_rank() -> bool:
+    """True in a DDP process other than global rank 0, told by the environment that started it
+    (so known before Lightning sets up): LOCAL_RANK (the processes Lightning itself starts),
+    RANK (torchrun), SLURM_PROCID (srun), NODE_RANK (the other machines)."""
+    return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))

@@ -10,10 +10,13 @@ reserved here, or one that did not exist when the run started, is known to be th
 `check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
 cannot be written (`pixelcnn.commands.train.RunDirGuard` calls it before Hydra writes into the dir).
 `SweptDirNames` names a sweep's job dirs after the swept overrides only.
+`hold_run_dir` then locks the dir for the run, so that a second run (a resume started twice) is
+refused instead of writing into it at the same time.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -101,6 +104,34 @@ def claim_if_new(path: Path) -> None:
     if not path.exists():
         _note_missing_parents(path)
         _CREATED.add(path.resolve())
+
+
+RUN_LOCK = ".lock"  # in a run dir: locked by the process training in it, and holding its pid
+_HELD_LOCKS: list[int] = []  # open file descriptors of the locks this process holds, until it exits
+
+
+def hold_run_dir(path: Path, key: str) -> None:
+    """Lock the run dir `path` until this process exits, or refuse it in one line if another
+    process holds it. An flock (not filelock.FileLock, which truncates the file: a resume refused
+    or with nothing left to do must change nothing) on `path/RUN_LOCK`, which the OS releases when
+    its holder ends in any way, SIGKILL included: a killed run never leaves its dir locked."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"{key}={path} cannot be locked for this run ({err.strerror}): pass a writable "
+                        "folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by another process
+        holder = os.read(fd, 20).decode(errors="replace").strip()
+        os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise UserError(f"{key}={path} is in use: another train.py{pid} is training in it; wait until it ends or "
+                        "stop it (two runs in one run dir would mix their checkpoints and logs)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCKS.append(fd)
 
 
 def run_dir_of(ckpt_path: str | Path) -> str | None:

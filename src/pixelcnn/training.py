@@ -2,7 +2,8 @@
 
 Everything a run produces goes into `cfg.output_dir`: the chosen loggers' files (conf/logger/:
 TensorBoard's `tb/` by default, `csv/`, MLflow's `mlflow.db` + `mlartifacts/`), checkpoints
-(`checkpoints/best-*.ckpt` by val bits/dim and `last.ckpt`), `metrics.json`, and (written by
+(`checkpoints/best-*.ckpt` by val bits/dim `last.ckpt`, and `step.ckpt` every checkpoint_every_n_steps and on SIGTERM, after which
+the run exits 143), `metrics.json`, and (written by
 Hydra) the resolved config in `.hydra/`.
 """
 
@@ -25,13 +26,15 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
+from pixelcnn.callbacks import (STOPPED_EXIT_CODE, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
+                                StepCheckpoint, StopOnNonFiniteLoss)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_same_network, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, as_override, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
-from pixelcnn.resources import claim_job_resources, cuda_device_args
+from pixelcnn.resources import claim_job_resources, cuda_device_args, secondary_rank
 from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
@@ -153,10 +156,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     # A constant lr is not worth a GPU read-back every log_every_n_steps; without a logger, Lightning refuses it.
     if cfg.optim.scheduler.name != "none" and cfg.get("logger"):
         callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
-    if cfg.checkpoint_every_n_steps:  # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch
-        callbacks.append(RunDirCheckpoint(dirpath=output_dir / "checkpoints", filename=STEP_CHECKPOINT,
-                                          every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=1,
-                                          enable_version_counter=False))
+    # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
+    callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
     return callbacks
 
 
@@ -191,12 +192,6 @@ def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float
                 logger.log_metrics(metrics, step)
         logger.save()
 
-
-def secondary_rank() -> bool:
-    """True in a DDP process other than global rank 0, told by the environment that started it
-    (so known before Lightning sets up): LOCAL_RANK (the processes Lightning itself starts),
-    RANK (torchrun), SLURM_PROCID (srun), NODE_RANK (the other machines)."""
-    return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
 def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], callbacks: list[L.Callback],
@@ -289,14 +284,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
         # ckpt_path: the checkpoint file the train command resolved and checked (`commands.train.RunDirGuard`).
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None, weights_only=True)
+    except SIGTERMException:
+        raise stopped_by_sigterm(trainer, output_dir) from None
     except Exception:
         # A failed run (e.g. a non-finite loss) still shows in every logger (TensorBoard's HPARAMS tab), marked failed.
         log_results(trainer.loggers, cfg, {"hparams/failed": 1.0}, trainer.global_step)
         raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False,
-                        weights_only=True)
+    try:
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None,
+                            verbose=False, weights_only=True)
+    except SIGTERMException:
+        raise stopped_by_sigterm(trainer, output_dir) from None
     metrics = {
         "val_bpd": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan"),
         "test_bpd": float(test[0]["test/bpd"]),
@@ -326,6 +326,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
           f"{fit_seconds / 60:.1f} min\n[pixelcnn] samples: python sample.py {as_override('ckpt', output_dir)}; "
           f"more epochs: python train.py {as_override('ckpt_path', output_dir)} trainer.max_epochs=<more>", flush=True)
     return metrics
+
+
+def stopped_by_sigterm(trainer: L.Trainer, output_dir: Path) -> SystemExit:
+    """The exit of a run stopped by SIGTERM: Lightning's SIGTERMException is a SystemExit with
+    status 0, which a scheduler or a sweep would take for a finished run. StepCheckpoint has said
+    where it saved; a SIGTERM outside the training epochs (sanity check, final test) saves nothing."""
+    saved = any(isinstance(c, StepCheckpoint) and c.stopped for c in trainer.callbacks)
+    if not saved and trainer.is_global_zero:
+        print(f"[pixelcnn] stopped by SIGTERM outside training (nothing new saved); resume with: python train.py "
+              f"ckpt_path={output_dir}", flush=True)
+    return SystemExit(STOPPED_EXIT_CODE)
 
 
 QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pixelcnn.checkpoints import check_same_network, read_checkpoint, resolve_checkpoint
 from pixelcnn.commands.cli import exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
-from pixelcnn.run_dirs import check_run_dir, claim_if_new, fresh_dir, register_resolvers, run_dir_of
+from pixelcnn.resources import secondary_rank
+from pixelcnn.run_dirs import check_run_dir, claim_if_new, fresh_dir, hold_run_dir, register_resolvers, run_dir_of
 from pixelcnn.sweep import start_study_sweep, write_metrics, write_summary
 from pixelcnn.sweep_check import sweep_errors
 
@@ -75,8 +76,6 @@ def record_job_failure(job_dir: str | Path, job: int | str):
         with user_errors_unwrapped():
             yield
     except Exception as err:  # noqa: BLE001 - every failure of one job is recorded, the sweep goes on
-        from pixelcnn.training import secondary_rank  # loaded already: the job was training
-
         if secondary_rank():  # a DDP job's other processes: rank 0 records the failure
             return
         reason = failure_reason(err)
@@ -207,7 +206,8 @@ def plain_value(value: Any) -> bool:
 class RunDirGuard(Callback):
     """Before Hydra writes into the run dir: checks it (`run_dirs.check_run_dir`); for a resume,
     the run's config (`restore_saved_config`), its latest checkpoint (which must hold this config's
-    network), or exit 0 if the run has finished. Hydra turns a callback's exception into a warning,
+    network), or exit 0 if the run has finished; then locks the run dir (`run_dirs.hold_run_dir`: a second run
+    in it is refused). Hydra turns a callback's exception into a warning,
     so a refusal exits here. DDP ranks > 0 (Lightning re-runs the command with hydra.output_subdir=null)
     get the same config and checkpoint, unchecked; bench.py (no record) is not checked."""
 
@@ -232,6 +232,9 @@ class RunDirGuard(Callback):
                 claim_if_new(run_dir / config.hydra.output_subdir)
             if ckpt_path:
                 self.resume(config, ckpt_path, Path(resume_dir) if resume_dir else None, resuming)
+        if rank_zero and not secondary_rank():  # DDP ranks started by srun / torchrun run this too: rank 0 holds the dir
+            with exit_on_user_error():  # no cleanup: the dir is the other run's
+                hold_run_dir(run_dir, "ckpt_path" if resuming else "hydra.run.dir")
 
     @staticmethod
     def resume(config: DictConfig, ckpt_path: str, resume_dir: Path | None, in_place: bool) -> None:

@@ -62,7 +62,9 @@ def data_args(workdir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trained_run(workdir: Path) -> Path:
     run_dir = workdir / "outputs" / "run"
-    result = run("train.py", *TINY, *data_args(workdir), "quality_n=30", f"hydra.run.dir={run_dir}", cwd=workdir)
+    # fp32: the test below re-scores the test split in fp32 (on a CPU with native bf16, auto trains and tests in bf16).
+    result = run("train.py", *TINY, *data_args(workdir), "quality_n=30", "trainer.precision=32-true",
+                 f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -33,6 +32,7 @@ from filelock import FileLock, Timeout
 from torch import Tensor
 
 from pixelcnn.config import UserError
+from pixelcnn.files import torch_save
 
 log = logging.getLogger(__name__)
 
@@ -204,18 +204,12 @@ def load_cache(path: Path, image_size: int, levels: int) -> dict[str, Tensor] | 
 
 
 def save_cache(path: Path, data: dict[str, Tensor]) -> None:
-    """Write atomically (temp file + rename) so a killed run never leaves half a file; skip if not writable."""
-    tmp_name = None
+    """Write whole or not at all (`files.torch_save`); a folder that cannot take it (read-only,
+    full) only costs the cache: a warning, and the next run builds it again."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            torch.save(data, tmp)
-        os.replace(tmp_name, path)
+        torch_save(data, path)
     except OSError as err:
-        log.warning("Not caching the preprocessed dataset at %s (%s)", path, err)
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.remove(tmp_name)
+        log.warning("Not caching at %s (%s)", path, err.strerror or err)
 
 
 @contextmanager

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from pixelcnn.files import atomic_write
+
 
 def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, padding: int = 1) -> Tensor:
     """(N, H, W) or (N, 1, H, W) integer level images, of `levels` grey levels -> (3, H', W') float grid in [0, 1].
@@ -23,10 +25,9 @@ def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, p
 
 
 def save_grid(grid: Tensor, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return path
+    with atomic_write(path) as file:
+        save_image(grid, file, format="png")
+    return Path(path)
 
 
 def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
@@ -43,5 +44,6 @@ def save_grid_and_levels(grid: Tensor, images: Tensor, out_dir: Path, stem: str,
         stem += f"_label-{label}"
     png = save_grid(grid, out_dir / f"{stem}.png")
     npy = out_dir / f"{stem}.npy"
-    np.save(npy, images.cpu().numpy().astype(np.uint8))
+    with atomic_write(npy) as file:
+        np.save(file, images.cpu().numpy().astype(np.uint8))
     return png, npy

@@ -103,6 +103,11 @@ def run_dir_of(ckpt_path: str | Path) -> str | None:
     return str(path.parent.parent) if path.parent.name == "checkpoints" else None
 
 
+def holds_checkpoints(run_dir: str | Path) -> bool:
+    """Whether `run_dir` has a checkpoint to resume from (each one is whole: `files.AtomicCheckpointIO`)."""
+    return any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
+
+
 def removable_on_error(output_dir: str | Path) -> bool:
     """Whether a job that failed on bad input may remove its output dir: a run's own dir, or a
     sweep job's dir (RunDirGuard let the sweep start only in a new or empty sweep dir)."""

@@ -31,6 +31,7 @@ from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, 
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import UserError, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
+from pixelcnn.files import AtomicCheckpointIO
 from pixelcnn.resources import claim_job_resources, cuda_device_args
 from pixelcnn.sweep import write_metrics
 
@@ -121,8 +122,10 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, logger: TensorBoardLogge
     or DDP where its processes cannot be started, are a UserError (one line)."""
     try:
         # limit_train_batches is the data module's (it counts optimizer steps), clipping and accumulation the module's.
+        # Checkpoints are written whole or not at all (`AtomicCheckpointIO`).
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=logger, callbacks=callbacks,
                                          default_root_dir=str(output_dir), limit_train_batches=None,
+                                         plugins=[AtomicCheckpointIO()],
                                          **MODULE_TRAINER_KEYS, **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).

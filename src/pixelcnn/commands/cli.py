@@ -9,21 +9,27 @@ from pathlib import Path
 
 import torch
 
-from pixelcnn.config import UserError, user_errors_unwrapped
-from pixelcnn.run_dirs import remove_own_dir, removable_on_error
+from pixelcnn.config import UserError, WriteError, user_errors_unwrapped
+from pixelcnn.run_dirs import holds_checkpoints, remove_own_dir, removable_on_error
 
 
 @contextmanager
 def exit_on_user_error(cleanup_dir: str | Path | None = None):
     """Turn UserError (data errors included) and unwritable outputs into `error: ...` + exit 2.
-    `cleanup_dir` (the run dir) is removed only if this run created it (`removable_on_error`)."""
+    `cleanup_dir` (the run dir) is removed only if this run created it (`removable_on_error`) and
+    it holds no checkpoint: one that does can be resumed (e.g. after a full disk is cleared)."""
     try:
         with user_errors_unwrapped():
             yield
     except UserError as err:
-        if cleanup_dir is not None and Path(cleanup_dir).is_dir() and removable_on_error(cleanup_dir):
-            remove_own_dir(cleanup_dir)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        message = str(err)
+        if cleanup_dir is not None and Path(cleanup_dir).is_dir():
+            if holds_checkpoints(cleanup_dir):
+                if isinstance(err, WriteError):
+                    message += f"; then resume from its last complete checkpoint: ckpt_path={cleanup_dir}"
+            elif removable_on_error(cleanup_dir):
+                remove_own_dir(cleanup_dir)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

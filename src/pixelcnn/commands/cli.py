@@ -26,7 +26,7 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
         if cleanup_dir is not None and Path(cleanup_dir).is_dir():
             if holds_checkpoints(cleanup_dir):
                 if isinstance(err, WriteError):
-                    message += f"; then resume from its last complete checkpoint: ckpt_path={cleanup_dir}"
+                    message += f"; the run resumes from its last complete checkpoint with ckpt_path={cleanup_dir}"
             elif removable_on_error(cleanup_dir):
                 remove_own_dir(cleanup_dir)
         print(f"error: {message}", file=sys.stderr, flush=True)

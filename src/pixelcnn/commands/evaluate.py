@@ -22,7 +22,6 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import Tensor
-from torchvision.io import ImageReadMode, read_image
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.classifier import load_or_train_classifier, quality_metrics
@@ -30,7 +29,7 @@ from pixelcnn.commands.cli import pick_device
 from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.data import quantize, setup_datamodule
 from pixelcnn.files import atomic_write, write_text
-from pixelcnn.images import levels_to_grid, save_grid
+from pixelcnn.images import levels_to_grid, load_image, save_grid
 from pixelcnn.run_dirs import run_dir_of
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
@@ -60,11 +59,9 @@ def load_npy(path: Path, image_size: int, levels: int) -> Tensor:
 
 
 def load_png(path: Path, image_size: int, levels: int) -> Tensor:
-    """A PNG (any size, 0..255; converted to grey) preprocessed as in training. -> (1, 1, S, S) uint8"""
-    try:
-        grey = read_image(str(path), mode=ImageReadMode.GRAY)  # (1, H, W) uint8
-    except RuntimeError:  # torchvision's message names its own C++ source, not the user's file
-        raise UserError(f"images: {path} is not a readable PNG image") from None
+    """An image file (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`) as grey 0..255,
+    preprocessed as in training. -> (1, 1, S, S) uint8"""
+    grey = torch.from_numpy(load_image(path, channels=1))[None]  # (1, H, W) uint8
     return quantize(grey, image_size, levels)
 
 

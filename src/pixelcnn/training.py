@@ -32,7 +32,7 @@ from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint,
 from pixelcnn.config import UserError, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
 from pixelcnn.files import AtomicCheckpointIO
-from pixelcnn.resources import claim_job_resources, cuda_device_args
+from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, training_footprint
 from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,25 @@ def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
                         f"optimizer steps per batch on CUDA, so it must be a multiple of {CUDA_STEPS_PER_BATCH}")
 
 
+def check_model_fits(cfg: DictConfig, speed: SpeedChoices, trainer: L.Trainer, datamodule) -> None:
+    """Refuse a model too large for the trainer's device, or too slow for an epoch to end
+    (`resources.check_training_fits`), from a copy built on the meta device (no memory)."""
+    with torch.device("meta"):
+        net = instantiate(cfg.model, _convert_="all").net
+    images = len(datamodule.train_set[0]) // trainer.world_size  # one device's share
+    batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
+    footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0,
+                                   activation_bytes=4 if speed.precision == "32-true" else 2)
+    batches = math.ceil(images / batch_size)
+    limit = cfg.trainer.limit_train_batches
+    batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit) if limit is not None else batches
+    if cfg.trainer.max_steps > 0:
+        batches = min(batches, cfg.trainer.max_steps)
+    size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
+                            if key in cfg.model)
+    check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
@@ -180,11 +199,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
     check_step_checkpoints(cfg, speed)
-    module = build_module(cfg, speed)
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
     trainer = build_trainer(cfg, speed, logger, build_callbacks(cfg, output_dir, speed), output_dir,
                             cuda_device_args(resources) if speed.cuda else {})
+    check_model_fits(cfg, speed, trainer, datamodule)  # before the model takes any memory
+    module = build_module(cfg, speed)
     n_params = sum(p.numel() for p in module.parameters())
     if not secondary_rank():  # each DDP process runs this; the ranks are not set up yet
         print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; "

@@ -300,3 +300,11 @@ def test_16_bit_png_scores_as_its_8_bit_twin(tmp_path: Path):
     Image.fromarray(((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)).save(tmp_path / "flat.png")
     images, names = load_images(tmp_path, image_size=16, levels=4)
     assert names == ["deep.png", "flat.png"] and torch.equal(images[0], images[1]) and images.max() == 0
+
+
+def test_run_dir_on_a_full_disk_is_refused_before_hydra_writes(work: Path, disk: Path):
+    """Hydra's own record of the run could not be written: refused before it tries, in one line."""
+    fill(disk, leave=0)
+    line = one_error_line(run("train.py", *TINY, *data_args(work), f"hydra.run.dir={disk / 'run'}", cwd=work))
+    assert "kB free" in line and str(disk / "run") in line
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]

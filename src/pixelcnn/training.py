@@ -11,8 +11,10 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, StopOnNonFiniteLoss
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_resume, read_checkpoint, resolve_checkpoint
-from pixelcnn.config import UserError, validate
+from pixelcnn.config import WRITE_ERRNOS, UserError, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
 from pixelcnn.files import AtomicCheckpointIO
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, training_footprint
@@ -174,6 +176,14 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, trainer: L.Trainer, d
     check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)
 
 
+def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
+    """`threading.excepthook`: TensorBoard's writer thread raises its failed write (e.g. a full disk)
+    again in the main thread, which reports it in one line (`config.user_errors_unwrapped`), so the
+    thread's own traceback is left out; any other thread error is printed as usual."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRNOS):
+        threading.__excepthook__(args)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
@@ -210,13 +220,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; "
               f"{speed}; TensorBoard: tensorboard --logdir {output_dir / 'tb'}", flush=True)
 
+    threading.excepthook = quiet_write_errors
     started = time.perf_counter()
     try:
         # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Exception:
-        # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed.
-        logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
+        # A failed run (e.g. a non-finite loss) still shows in TensorBoard's HPARAMS tab, marked failed,
+        # unless its disk is full; the writer is closed (its thread done) before the run dir may be removed.
+        with suppress(OSError):
+            logger.log_hyperparams(_flat_hparams(cfg), {"hparams/failed": 1.0})
+        with suppress(OSError):
+            logger.finalize("failed")
         raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback

@@ -118,7 +118,7 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
             expected_size = math.prod(dims)
             if expected_size > MAX_IDX_BYTES:
                 raise corrupt(path, f"its header says {dims} = {expected_size} bytes of data, more than the "
-                                    f"{MAX_IDX_BYTES} bytes (data.MAX_IDX_BYTES) any dataset of 28x28 images needs")
+                                    f"{MAX_IDX_BYTES} an IDX file may hold here (data.MAX_IDX_BYTES)")
             data = file.read(expected_size + 1)  # one more: a longer file is reported, not read on
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # bad gzip header / truncated / corrupt stream
         raise corrupt(path, f"broken gzip stream ({err})") from err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -54,7 +54,9 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
     except Image.DecompressionBombError as err:  # Pillow's own limit, checked as it opens a far larger one
         raise UserError(f"{path} has too many pixels to decode ({err})") from None
     except Exception as err:  # noqa: BLE001 - not an image, truncated, a mode Pillow cannot convert: one line
-        raise UserError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
+        kind = f"{Path(path).suffix.lstrip('.').upper()} " if Path(path).suffix else ""  # "a readable PNG image"
+        reason = "not an image format Pillow knows" if isinstance(err, UnidentifiedImageError) else f"{type(err).__name__}: {err}"
+        raise UserError(f"{path} is not a readable {kind}image ({reason})") from None
 
 
 def _grey_or_rgb(image: Image.Image, path: str | Path) -> Image.Image:

@@ -3,6 +3,7 @@ status 2, and leaves no half-written output behind; `device=` means the same eve
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,10 @@ import torch
 
 from pixelcnn.config import UserError, WriteError, user_errors_unwrapped
 from pixelcnn.run_dirs import holds_checkpoints, remove_own_dir, removable_on_error
+
+# A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
+# traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).
+logging.raiseExceptions = False
 
 
 @contextmanager

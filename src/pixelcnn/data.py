@@ -113,7 +113,8 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
             zeros, type_code, file_ndim = struct.unpack(">HBB", header[:4])
             if (zeros, type_code, file_ndim) != (0, IDX_UBYTE, ndim):
                 expected = (IDX_UBYTE << 8) | ndim
-                raise corrupt(path, f"bad magic number 0x{header[:4].hex()}, expected 0x{expected:08x} (ubyte, {ndim}-D)")
+                raise corrupt(path, f"bad magic number 0x{header[:4].hex()}, expected 0x{expected:08x} "
+                                    f"(ubyte, {ndim}-D)")
             dims = struct.unpack(f">{ndim}I", header[4:])
             expected_size = math.prod(dims)
             if expected_size > MAX_IDX_BYTES:

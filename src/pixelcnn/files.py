@@ -46,7 +46,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
                 directory.rmdir()
             except OSError:
                 break
-        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a write to the open file names no file
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a write names no file
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
 

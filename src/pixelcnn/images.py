@@ -45,8 +45,8 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
         with Image.open(path) as image:
             width, height = image.size  # from the header: nothing decoded yet
             if width * height > MAX_IMAGE_PIXELS:
-                raise UserError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:.1f}-megapixel "
-                                "limit (pixelcnn.images.MAX_IMAGE_PIXELS): scale it down first")
+                raise UserError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:.1f}-"
+                                "megapixel limit (pixelcnn.images.MAX_IMAGE_PIXELS): scale it down first")
             shown = _grey_or_rgb(ImageOps.exif_transpose(image), path)
             return np.array(shown.convert("L" if channels == 1 else "RGB"))  # a copy: writable
     except UserError:
@@ -55,7 +55,8 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
         raise UserError(f"{path} has too many pixels to decode ({err})") from None
     except Exception as err:  # noqa: BLE001 - not an image, truncated, a mode Pillow cannot convert: one line
         kind = f"{Path(path).suffix.lstrip('.').upper()} " if Path(path).suffix else ""  # "a readable PNG image"
-        reason = "not an image format Pillow knows" if isinstance(err, UnidentifiedImageError) else f"{type(err).__name__}: {err}"
+        unknown = isinstance(err, UnidentifiedImageError)
+        reason = "not an image format Pillow knows" if unknown else f"{type(err).__name__}: {err}"
         raise UserError(f"{path} is not a readable {kind}image ({reason})") from None
 
 

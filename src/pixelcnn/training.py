@@ -168,7 +168,8 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, trainer: L.Trainer, d
                                    activation_bytes=4 if speed.precision == "32-true" else 2)
     batches = math.ceil(images / batch_size)
     limit = cfg.trainer.limit_train_batches
-    batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit) if limit is not None else batches
+    if limit is not None:  # Lightning's meaning: a fraction, or a number of batches
+        batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
     if cfg.trainer.max_steps > 0:
         batches = min(batches, cfg.trainer.max_steps)
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")

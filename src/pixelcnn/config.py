@@ -25,6 +25,10 @@ class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit status 2."""
 
 
+class WriteError(UserError):
+    """An output could not be written (full disk, read-only folder, ...): nothing half-written is left."""
+
+
 # Writing failed for a reason the user can fix (where the output goes), not a bug: one line.
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EDQUOT}
 
@@ -38,11 +42,17 @@ def user_errors_unwrapped():
         raise err.__cause__ if isinstance(err.__cause__, UserError) else err
     except MissingMandatoryValue as err:  # a `???` key of the config, e.g. ckpt
         raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> (e.g. ckpt=outputs/<date>/<time>)") from None
-    except OSError as err:
-        if err.errno not in WRITE_ERRNOS:
-            raise
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is, or was caused by, a failed write
+        while not isinstance(err, OSError) or err.errno not in WRITE_ERRNOS:  # Lightning/TensorBoard may wrap it
+            if (err := err.__cause__ or (None if err.__suppress_context__ else err.__context__)) is None:
+                raise
         where = err.filename or "the output folder"
-        raise UserError(f"cannot write {where}: {err.strerror}; pass a writable folder for the outputs") from None
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"cannot write {where}: {err.strerror} (nothing half-written was left); free some "
+                             "space there or pass another folder for the outputs") from None
+        raise WriteError(f"cannot write {where}: {err.strerror}; pass a writable folder for the outputs") from None
 
 
 def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], bool], str]:

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -32,6 +31,7 @@ from filelock import FileLock, Timeout
 from torch import Tensor
 
 from pixelcnn.config import UserError
+from pixelcnn.files import torch_save
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ CUDA_STEPS_PER_BATCH = 8  # data.steps_per_batch=auto with the data on a CUDA de
 APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 IMAGES_MAGIC_NDIM, LABELS_MAGIC_NDIM = 3, 1  # IDX magic 0x0803 (images) / 0x0801 (labels)
 IDX_UBYTE = 0x08
+# Bytes an IDX file may hold after its header: 20x Fashion-MNIST's largest (47 MB), so a header
+# (or a gzip bomb behind one) cannot make a read take all memory; it becomes ~4x that as float.
+MAX_IDX_BYTES = 2**30
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -96,28 +99,34 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
 
     torchvision's `read_sn3_pascalvincent_tensor` only reads uncompressed files and tolerates
     short ones (`strict=False`), so the header and the payload size are checked here before
-    the bytes become a tensor.
+    the bytes become a tensor. A .gz file is inflated as a stream, never beyond what its header
+    promises (at most MAX_IDX_BYTES) plus one byte: a gzip bomb costs no more than an honest file.
     """
     path = Path(path)
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:  # bad header / truncated / corrupt stream
-            raise corrupt(path, f"broken gzip stream ({err})") from err
     header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise corrupt(path, f"only {len(data)} bytes, shorter than the {header_size}-byte IDX header")
-    zeros, type_code, file_ndim = struct.unpack(">HBB", data[:4])
-    if (zeros, type_code, file_ndim) != (0, IDX_UBYTE, ndim):
-        expected = (IDX_UBYTE << 8) | ndim
-        raise corrupt(path, f"bad magic number 0x{data[:4].hex()}, expected 0x{expected:08x} (ubyte, {ndim}-D)")
-    dims = struct.unpack(f">{ndim}I", data[4:header_size])
-    expected_size, actual_size = math.prod(dims), len(data) - header_size
-    if actual_size != expected_size:
-        state = "truncated" if actual_size < expected_size else "too long"
-        raise corrupt(path, f"{state}: header says {dims} = {expected_size} bytes of data, found {actual_size}")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header_size).view(*dims)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as file:
+            header = file.read(header_size)
+            if len(header) < header_size:
+                raise corrupt(path, f"only {len(header)} bytes, shorter than the {header_size}-byte IDX header")
+            zeros, type_code, file_ndim = struct.unpack(">HBB", header[:4])
+            if (zeros, type_code, file_ndim) != (0, IDX_UBYTE, ndim):
+                expected = (IDX_UBYTE << 8) | ndim
+                raise corrupt(path, f"bad magic number 0x{header[:4].hex()}, expected 0x{expected:08x} "
+                                    f"(ubyte, {ndim}-D)")
+            dims = struct.unpack(f">{ndim}I", header[4:])
+            expected_size = math.prod(dims)
+            if expected_size > MAX_IDX_BYTES:
+                raise corrupt(path, f"its header says {dims} = {expected_size} bytes of data, more than the "
+                                    f"{MAX_IDX_BYTES} an IDX file may hold here (data.MAX_IDX_BYTES)")
+            data = file.read(expected_size + 1)  # one more: a longer file is reported, not read on
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # bad gzip header / truncated / corrupt stream
+        raise corrupt(path, f"broken gzip stream ({err})") from err
+    if len(data) != expected_size:
+        state = "truncated" if len(data) < expected_size else "too long"
+        found = f"{len(data)}" if len(data) <= expected_size else "more"
+        raise corrupt(path, f"{state}: header says {dims} = {expected_size} bytes of data, found {found}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
 
 
 def read_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
@@ -205,18 +214,12 @@ def load_cache(path: Path, image_size: int, levels: int) -> dict[str, Tensor] | 
 
 
 def save_cache(path: Path, data: dict[str, Tensor]) -> None:
-    """Write atomically (temp file + rename) so a killed run never leaves half a file; skip if not writable."""
-    tmp_name = None
+    """Write whole or not at all (`files.torch_save`); a folder that cannot take it (read-only,
+    full) only costs the cache: a warning, and the next run builds it again."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-            tmp_name = tmp.name
-            torch.save(data, tmp)
-        os.replace(tmp_name, path)
+        torch_save(data, path)
     except OSError as err:
-        log.warning("Not caching the preprocessed dataset at %s (%s)", path, err)
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.remove(tmp_name)
+        log.warning("Not caching at %s (%s)", path, err.strerror or err)
 
 
 @contextmanager

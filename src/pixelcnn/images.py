@@ -1,4 +1,5 @@
-"""Turning level indices into viewable images: level 0 is black, level L-1 is white."""
+"""Images in and out: level indices as viewable grids (level 0 is black, level L-1 is white), and
+any image file read as the 0..255 grey or RGB values it shows (`load_image`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,75 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+
+from pixelcnn.config import UserError
+from pixelcnn.files import atomic_write
+
+# Pixels an image file may have: its size is read from the header and checked before any decoding,
+# since a small compressed file can decode to gigabytes (a 20000x20000 PNG of 400 KB). 2**25 (33.5
+# megapixels, an 8000x4000 photo) is far more than any image this project models needs, and its
+# decoded RGBA copy takes 128 MB.
+MAX_IMAGE_PIXELS = 2**25
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows open 16-bit PNGs
+
+
+def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
+    """The image file at `path` (any format Pillow reads; the first frame; EXIF rotation applied)
+    as uint8 values 0..255: (H, W) grey with `channels`=1, (H, W, 3) RGB with `channels`=3. Each
+    Pillow mode is converted by what its values mean:
+
+    - 1 (bilevel): 0 or 255. L: as is. P: through its palette.
+    - I;16 / I;16B / I (16-bit grey): 0..65535 scaled to 0..255 (v / 257, rounded). A 32-bit I
+      image with values outside 0..65535, and F (float pixels, no fixed range), are refused.
+    - RGB, CMYK, YCbCr, LAB, HSV, ...: converted to RGB by Pillow; grey from RGB is ITU-R 601-2
+      luma (L = 0.299 R + 0.587 G + 0.114 B, Pillow's "L").
+    - With alpha (LA, RGBA, PA, La, RGBa, or a transparent colour in the file): composited on a
+      BLACK background (v * alpha / 255), black being the background of Fashion-MNIST: a
+      transparent pixel is empty space, as there.
+
+    A file that is not an image, is damaged, has more than MAX_IMAGE_PIXELS pixels (checked in the
+    header, before decoding) or a mode without a defined range is a UserError naming it.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:.1f}-"
+                                "megapixel limit (pixelcnn.images.MAX_IMAGE_PIXELS): scale it down first")
+            shown = _grey_or_rgb(ImageOps.exif_transpose(image), path)
+            return np.array(shown.convert("L" if channels == 1 else "RGB"))  # a copy: writable
+    except UserError:
+        raise
+    except Image.DecompressionBombError as err:  # Pillow's own limit, checked as it opens a far larger one
+        raise UserError(f"{path} has too many pixels to decode ({err})") from None
+    except Exception as err:  # noqa: BLE001 - not an image, truncated, a mode Pillow cannot convert: one line
+        kind = f"{Path(path).suffix.lstrip('.').upper()} " if Path(path).suffix else ""  # "a readable PNG image"
+        unknown = isinstance(err, UnidentifiedImageError)
+        reason = "not an image format Pillow knows" if unknown else f"{type(err).__name__}: {err}"
+        raise UserError(f"{path} is not a readable {kind}image ({reason})") from None
+
+
+def _grey_or_rgb(image: Image.Image, path: str | Path) -> Image.Image:
+    """`image` as a mode L or RGB image of the 0..255 values it shows (see `load_image`)."""
+    mode = image.mode
+    if mode == "F":
+        raise UserError(f"{path} has 32-bit float pixels, whose range is not defined: save it with 8- or 16-bit pixels")
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)  # (H, W)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UserError(f"{path} has 32-bit pixels {values.min()}..{values.max()}, outside 16 bits (0..65535): "
+                            "save it with 8- or 16-bit pixels")
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # round(v / 257)
+    if mode in ("La", "RGBa"):  # premultiplied alpha: the colour is already composited on black
+        return Image.fromarray(np.asarray(image)[..., :-1].squeeze(-1) if mode == "La" else np.asarray(image)[..., :3])
+    if mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA")).astype(np.uint32)  # (H, W, 4); palette and tRNS applied
+        return Image.fromarray(((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8))  # on black
+    return image.convert("L" if mode in ("1", "L") else "RGB")
 
 
 def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, padding: int = 1) -> Tensor:
@@ -33,11 +101,11 @@ def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, p
 
 
 def save_grid(grid: Tensor, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # torchvision's save_image, written out (see levels_to_grid): [0, 1] floats to bytes, rounded.
-    Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()).save(path)
-    return path
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    with atomic_write(path) as file:
+        Image.fromarray(pixels).save(file, format="png")
+    return Path(path)
 
 
 def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
@@ -54,5 +122,6 @@ def save_grid_and_levels(grid: Tensor, images: Tensor, out_dir: Path, stem: str,
         stem += f"_label-{label}"
     png = save_grid(grid, out_dir / f"{stem}.png")
     npy = out_dir / f"{stem}.npy"
-    np.save(npy, images.cpu().numpy().astype(np.uint8))
+    with atomic_write(npy) as file:
+        np.save(file, images.cpu().numpy().astype(np.uint8))
     return png, npy

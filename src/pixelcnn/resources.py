@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,89 @@ def secondary_rank() -> bool:
     (so known before Lightning sets up): LOCAL_RANK (the processes Lightning itself starts),
     RANK (torchrun), SLURM_PROCID (srun), NODE_RANK (the other machines)."""
     return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+# ---------------------------------------------------------------------------- does the model fit
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one training step of a network needs, counted on the meta device (no memory used)."""
+    parameters: int
+    state_bytes: int          # fp32 weights, their gradients and AdamW's two moments: 16 bytes per parameter
+    activation_bytes: int     # every layer's output at the batch size, which autograd keeps for the backward pass
+    step_flops: float         # one optimizer step: the backward pass costs about twice the forward
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.activation_bytes
+
+
+def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditional: bool,
+                       activation_bytes: int = 4) -> Footprint:
+    """The footprint of `net` (built on the meta device) trained on (batch_size, 1, S, S) images.
+    `activation_bytes`: 2 under 16-bit mixed precision, else 4. A lower bound of the real need:
+    temporary buffers, the data and the framework itself come on top."""
+    values, flops = 0, 0.0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal values, flops
+        if isinstance(output, Tensor):
+            values += output.numel()
+            if isinstance(module, nn.Conv2d):  # one multiply-add per output value and kernel tap
+                flops += 2 * output.numel() * module.weight[0].numel()
+            elif isinstance(module, nn.Linear):
+                flops += 2 * output.numel() * module.in_features
+
+    leaves = [m for m in net.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.device("meta"), torch.no_grad():
+            labels = torch.zeros(batch_size, dtype=torch.long) if conditional else None
+            net(torch.zeros(batch_size, 1, image_size, image_size), labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    parameters = sum(p.numel() for p in net.parameters())
+    return Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a job on `device`: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the free physical pages
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# A lower bound of a step's time needs a device speed no real run beats: above the fp32 peak of a
+# CPU core (AVX-512: 2 FMA units x 16 lanes x 2 FLOP x ~3 GHz), and above the dense 16-bit peak of
+# any current GPU (H100/H200: ~1e15).
+PEAK_FLOPS_PER_CPU_THREAD = 2e11
+PEAK_FLOPS_CUDA = 2e15
+# An epoch is when a run validates, keeps its best checkpoint and can be judged: one that cannot
+# end within a day even at peak speed is a mistyped size, refused rather than left running.
+MAX_EPOCH_SECONDS = 24 * 3600
+
+
+def check_training_fits(footprint: Footprint, device: torch.device, images_per_epoch: int, batch_size: int,
+                        size_keys: str) -> None:
+    """Refuse, in one line and before anything is allocated, a model whose training cannot fit
+    `device`'s free memory or cannot finish one epoch within MAX_EPOCH_SECONDS at peak speed.
+    Both are lower bounds (`training_footprint`), so a model that fits is never refused."""
+    from pixelcnn.config import UserError
+
+    free = available_memory(device)
+    if footprint.total_bytes > free:
+        raise UserError(f"this model needs at least {footprint.total_bytes / 1e9:.1f} GB to train at data.batch_size="
+                        f"{batch_size} ({footprint.parameters:,} parameters: {footprint.state_bytes / 1e9:.1f} GB with "
+                        f"gradients and optimizer state; activations {footprint.activation_bytes / 1e9:.1f} GB), but "
+                        f"{device.type} has {free / 1e9:.1f} GB free: lower data.batch_size or {size_keys}")
+    peak = PEAK_FLOPS_CUDA if device.type == "cuda" else PEAK_FLOPS_PER_CPU_THREAD * torch.get_num_threads()
+    seconds = footprint.step_flops / batch_size * images_per_epoch / peak
+    if seconds > MAX_EPOCH_SECONDS:
+        raise UserError(f"one epoch of this model ({images_per_epoch:,} images) takes at least {seconds / 3600:.0f} h "
+                        f"on {device.type}, even at a peak {peak:.0e} FLOP/s: lower {size_keys}, or shorten the epoch "
+                        "with trainer.limit_train_batches")

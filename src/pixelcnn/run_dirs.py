@@ -33,6 +33,9 @@ from pixelcnn.config import UserError, as_override, check_out_dir
 # Directories this process created for its run (absolute paths), and the missing parents created with them.
 _CREATED: set[Path] = set()
 _CREATED_PARENTS: list[Path] = []
+# Free space a run dir's disk must have, checked before Hydra writes its record there (which it
+# cannot report in one line): the record and logs take ~10 kB, the smallest checkpoint ~30 kB.
+MIN_RUN_DIR_FREE = 2**20
 # Every suffix up to this is tried before giving up (a loop on a full or read-only disk must end).
 MAX_SUFFIX = 1000
 
@@ -91,6 +94,10 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"{key}={path} is a file: pass a folder for the run's outputs")
     check_out_dir(path, key)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if (free := shutil.disk_usage(existing).free) < MIN_RUN_DIR_FREE:
+        raise UserError(f"{key}={path} is on a disk with {free // 1024} kB free, less than a run needs to start: "
+                        "free some space there or pass a folder on another disk")
     if resuming:
         return
     if path.is_dir() and any(path.iterdir()):
@@ -140,6 +147,11 @@ def run_dir_of(ckpt_path: str | Path) -> str | None:
     if path.is_dir():
         return str(path.parent if path.name == "checkpoints" else path)
     return str(path.parent.parent) if path.parent.name == "checkpoints" else None
+
+
+def holds_checkpoints(run_dir: str | Path) -> bool:
+    """Whether `run_dir` has a checkpoint to resume from (each one is whole: `files.AtomicCheckpointIO`)."""
+    return any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
 
 
 def removable_on_error(output_dir: str | Path) -> bool:

@@ -22,6 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from pixelcnn.files import atomic_write, write_text
+
 RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 SEED_KEYS = ("seed", "data.split_seed")  # jobs differing only in these are repeats of one configuration
@@ -36,7 +38,7 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     def finite(value: Any) -> Any:
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    Path(path).write_text(json.dumps({k: finite(v) for k, v in metrics.items()}, indent=2, allow_nan=False))
+    write_text(path, json.dumps({k: finite(v) for k, v in metrics.items()}, indent=2, allow_nan=False))
 
 
 def parse_value(text: str) -> int | float | str:
@@ -260,7 +262,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     for row in axes:
         row[0].set_ylabel("best val bits/dim")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as file:
+        fig.savefig(file, dpi=100, format="png")
     plt.close(fig)
     return [ax.get_title() for ax in axes.flat[:len(keys)]]
 
@@ -349,10 +352,11 @@ def write_summary(config: DictConfig) -> int:
     table += summary_table(runs)
     if plot(runs, sweep_dir / "summary.png"):
         table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
-    (sweep_dir / "summary.md").write_text(table)
+    write_text(sweep_dir / "summary.md", table)
     results_file = sweep_dir / RESULTS_FILE
     sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
-        OmegaConf.save(OmegaConf.create(best), results_file)
+        with atomic_write(results_file, "w") as file:
+            OmegaConf.save(OmegaConf.create(best), file)
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
     return sum(r["status"] != "ok" for r in this_sweep)

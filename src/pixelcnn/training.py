@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.callbacks import (STOPPED_EXIT_CODE, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
                                 StepCheckpoint, StopOnNonFiniteLoss)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_same_network, read_checkpoint, resolve_checkpoint
-from pixelcnn.config import UserError, as_override, validate
+from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
-from pixelcnn.resources import claim_job_resources, cuda_device_args, secondary_rank
+from pixelcnn.files import AtomicCheckpointIO
+from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
 from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
@@ -212,8 +215,10 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
                             f"be a multiple of {steps}")
         knobs["val_check_interval"] = interval // steps
     try:
+        # Checkpoints are written whole or not at all (`AtomicCheckpointIO`).
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=loggers or False,
-                                         callbacks=callbacks, default_root_dir=str(output_dir), **knobs, **device_args)
+                                         callbacks=callbacks, default_root_dir=str(output_dir),
+                                         plugins=[AtomicCheckpointIO()], **knobs, **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
@@ -249,6 +254,34 @@ def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
                         f"optimizer steps per batch on CUDA, so it must be a multiple of {steps}")
 
 
+def check_model_fits(cfg: DictConfig, speed: SpeedChoices, trainer: L.Trainer, datamodule) -> None:
+    """Refuse a model too large for the trainer's device, or too slow for an epoch to end
+    (`resources.check_training_fits`), from a copy built on the meta device (no memory)."""
+    with torch.device("meta"):
+        net = instantiate(cfg.model, _convert_="all").net
+    images = len(datamodule.train_set[0]) // trainer.world_size  # one device's share
+    batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
+    footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0,
+                                   activation_bytes=4 if speed.precision == "32-true" else 2)
+    batches = math.ceil(images / batch_size)
+    limit = cfg.trainer.limit_train_batches
+    if limit is not None:  # Lightning's meaning: a fraction, or a number of batches
+        batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+    if cfg.trainer.max_steps > 0:
+        batches = min(batches, cfg.trainer.max_steps)
+    size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
+                            if key in cfg.model)
+    check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)
+
+
+def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
+    """`threading.excepthook`: TensorBoard's writer thread raises its failed write (e.g. a full disk)
+    again in the main thread, which reports it in one line (`config.user_errors_unwrapped`), so the
+    thread's own traceback is left out; any other thread error is printed as usual."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRNOS):
+        threading.__excepthook__(args)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg)
@@ -266,11 +299,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     check_step_checkpoints(cfg, speed)
-    module = build_module(cfg, speed)
 
     loggers = build_loggers(cfg, output_dir)
     trainer = build_trainer(cfg, speed, loggers, build_callbacks(cfg, output_dir, speed), output_dir,
                             cuda_device_args(resources) if speed.cuda else {})
+    check_model_fits(cfg, speed, trainer, datamodule)  # before the model takes any memory
+    module = build_module(cfg, speed)
     n_params = sum(p.numel() for p in module.parameters())
     if not secondary_rank():  # each DDP process runs this; the ranks are not set up yet
         logs = ", ".join(f"{type(logger).__name__} {getattr(logger, 'log_dir', None) or logger.save_dir or ''}"
@@ -278,6 +312,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; "
               f"{speed}; loggers: {logs}", flush=True)
 
+    threading.excepthook = quiet_write_errors
     started = time.perf_counter()
     try:
         # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
@@ -286,8 +321,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SIGTERMException:
         raise stopped_by_sigterm(trainer, output_dir) from None
     except Exception:
-        # A failed run (e.g. a non-finite loss) still shows in every logger (TensorBoard's HPARAMS tab), marked failed.
-        log_results(trainer.loggers, cfg, {"hparams/failed": 1.0}, trainer.global_step)
+        # A failed run (e.g. a non-finite loss) still shows in every logger (TensorBoard's HPARAMS tab), marked
+        # failed, unless its disk is full; the writers are closed (their threads done) before the run dir may be removed.
+        with suppress(OSError):
+            log_results(trainer.loggers, cfg, {"hparams/failed": 1.0}, trainer.global_step)
+        for logger in trainer.loggers:
+            with suppress(OSError):
+                logger.finalize("failed")
         raise
     fit_seconds = time.perf_counter() - started
     checkpoint = trainer.checkpoint_callback

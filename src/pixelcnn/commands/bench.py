@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import check_out_dir, validate
+from pixelcnn.files import write_text
 from pixelcnn.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
 from pixelcnn.training import SpeedChoices, build_module, planned_steps, resolve_speed, steps_per_lightning_batch
@@ -213,7 +214,6 @@ def main(cfg: DictConfig) -> dict:
     table = bench_table(result)
     print(table)
     out = Path(cfg.bench.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    write_text(out, json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
     print(f"written: {out}")
     return result

@@ -13,21 +13,31 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
-from pixelcnn.config import UserError, as_override, user_errors_unwrapped
-from pixelcnn.run_dirs import remove_own_dir, removable_on_error
+from pixelcnn.config import UserError, WriteError, as_override, user_errors_unwrapped
+from pixelcnn.run_dirs import holds_checkpoints, remove_own_dir, removable_on_error
+
+# A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
+# traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).
+logging.raiseExceptions = False
 
 
 @contextmanager
 def exit_on_user_error(cleanup_dir: str | Path | None = None):
     """Turn UserError (data errors included) and unwritable outputs into `error: ...` + exit 2.
-    `cleanup_dir` (the run dir) is removed only if this run created it (`removable_on_error`)."""
+    `cleanup_dir` (the run dir) is removed only if this run created it (`removable_on_error`) and
+    it holds no checkpoint: one that does can be resumed (e.g. after a full disk is cleared)."""
     try:
         with user_errors_unwrapped():
             yield
     except UserError as err:
-        if cleanup_dir is not None and Path(cleanup_dir).is_dir() and removable_on_error(cleanup_dir):
-            remove_own_dir(cleanup_dir)
-        fail(str(err))
+        message = str(err)
+        if cleanup_dir is not None and Path(cleanup_dir).is_dir():
+            if holds_checkpoints(cleanup_dir):
+                if isinstance(err, WriteError):
+                    message += f"; the run resumes from its last complete checkpoint with ckpt_path={cleanup_dir}"
+            elif removable_on_error(cleanup_dir):
+                remove_own_dir(cleanup_dir)
+        fail(message)
 
 
 def check_command_line(argv: list[str], config_dir: str | Path) -> None:

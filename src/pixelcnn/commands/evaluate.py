@@ -25,7 +25,8 @@ from torch import Tensor
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.commands.cli import pick_device
 from pixelcnn.config import UserError, check_out_dir, validate
-from pixelcnn.images import levels_to_grid, save_grid
+from pixelcnn.files import atomic_write, write_text
+from pixelcnn.images import levels_to_grid, load_image, save_grid
 from pixelcnn.run_dirs import run_dir_of
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
@@ -55,16 +56,11 @@ def load_npy(path: Path, image_size: int, levels: int) -> Tensor:
 
 
 def load_png(path: Path, image_size: int, levels: int) -> Tensor:
-    """A PNG (any size, 0..255; converted to grey) preprocessed as in training. -> (1, 1, S, S) uint8"""
-    # Late imports here and below: each mode imports only what it uses (sample.py and evaluate.py start fast).
-    from torchvision.io import ImageReadMode, read_image
+    """An image file (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`) as grey 0..255,
+    preprocessed as in training. -> (1, 1, S, S) uint8"""
+    grey = torch.from_numpy(load_image(path, channels=1))[None]  # (1, H, W) uint8
+    from pixelcnn.data import quantize  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
 
-    from pixelcnn.data import quantize
-
-    try:
-        grey = read_image(str(path), mode=ImageReadMode.GRAY)  # (1, H, W) uint8
-    except RuntimeError:  # torchvision's message names its own C++ source, not the user's file
-        raise UserError(f"images: {path} is not a readable PNG image") from None
     return quantize(grey, image_size, levels)
 
 
@@ -100,8 +96,8 @@ def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Pat
         ax.set_axis_off()
     figure.colorbar(heat, ax=axes[1, :].tolist(), label="bits per pixel", shrink=0.9)
     figure.suptitle("Per-pixel negative log-likelihood: where the model is surprised", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_write(path) as file:
+        figure.savefig(file, dpi=120, bbox_inches="tight", format="png")
     return path
 
 
@@ -149,7 +145,7 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
               f"Fréchet distance {quality['frechet_distance']:.3f} (floor, train vs test: {quality['frechet_distance_floor']:.3f})"
               + (f", class accuracy {quality['class_accuracy']:.1%}" if "class_accuracy" in quality else ""))
     metrics["files"] = {name: str(path) for name, path in files.items()}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(f"  metrics:      {out_dir / 'metrics.json'}")
     return metrics
 
@@ -159,8 +155,7 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
     images, names = load_images(cfg.images, module.image_size, module.levels)
     scores = module.image_bits_per_dim(images, None, cfg.batch_size)  # (N,)
     csv_path = out_dir / f"scores_{Path(cfg.images).stem}.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as file:
+    with atomic_write(csv_path, "w") as file:
         writer = csv.writer(file)
         writer.writerow(["image", "bits_per_dim"])
         writer.writerows((name, f"{score:.6f}") for name, score in zip(names, scores.tolist()))

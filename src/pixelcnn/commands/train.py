@@ -9,7 +9,7 @@ import atexit
 import json
 import logging
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,8 @@ def record_job_failure(job_dir: str | Path, job: int | str):
         reason = failure_reason(err)
         if not isinstance(err, UserError) and not reason.startswith("out of memory"):  # likely a bug
             log.error("job %s failed", job, exc_info=err)  # Hydra's job logging: stdout and the job's .log
-        write_metrics(Path(job_dir) / "metrics.json", {"status": "failed", "error": reason})
+        with suppress(OSError):  # e.g. the disk that failed the job is full: the error line still tells
+            write_metrics(Path(job_dir) / "metrics.json", {"status": "failed", "error": reason})
         print(f"error: job {job} failed: {reason}", file=sys.stderr, flush=True)
 
 

@@ -1,0 +1,88 @@
+"""Every file a command writes is whole or absent: it is written to a temporary file in the same
+folder and renamed onto its name only once complete (`atomic_write`), so a full disk, a kill or
+an error midway leaves the old file (or none), never half of one. Lightning writes checkpoints
+through `AtomicCheckpointIO` (a `CheckpointIO` plugin) for the same reason: its own
+`TorchCheckpointIO` writes through fsspec, whose local transaction stages the file in the
+system's temp dir and copies it over, which a full disk cuts short."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path` (a hidden `.<name>.<random>.tmp`) for writing; when the
+    block ends without error it is flushed to disk and renamed onto `path` (atomic on POSIX), else
+    removed and `path` is left as it was. Creates the missing parent folders."""
+    path = Path(path)
+    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(handle, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk (or its error raised here) before the name points at it
+        os.chmod(tmp_name, 0o666 & ~UMASK)  # mkstemp makes it 0600; a plain open() honours the umask
+        os.replace(tmp_name, path)
+    except BaseException as err:
+        if tmp_name is not None:
+            with suppress(OSError):
+                os.remove(tmp_name)
+        for directory in new_dirs:  # the folders made for it, if still empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a write names no file
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+
+
+def _umask() -> int:
+    # Read once at import, while nothing else runs: os.umask can only be read by setting it.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_write(path) as file:
+        file.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` into `path`, whole or not at all. Serialized in memory first: torch's own file
+    writer reports a full disk as a RuntimeError without the errno, Python's write as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getbuffer())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:  # as TorchCheckpointIO
+            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
+        torch_save(checkpoint, path)

@@ -1,0 +1,312 @@
+"""Files in and out (`pytest -m faults`): a full disk (a real 2 MB tmpfs) as the run dir, the data
+dir or `out=` is one `error:` line and leaves nothing half-written; sizes in a file (a gzip bomb, a
+huge PNG) and a model too big for the device are refused before the work; every image mode reads
+as the grey levels it shows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import tracemalloc
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fakes import write_dataset
+from pixelcnn.checkpoints import read_checkpoint
+from pixelcnn.commands.evaluate import load_images
+from pixelcnn.config import UserError
+from pixelcnn.data import CorruptDatasetError, read_idx
+from pixelcnn.images import load_image
+from pixelcnn.resources import Footprint, check_training_fits
+from test_cli import data_args
+from test_faults import one_error_line, run
+
+pytestmark = pytest.mark.faults
+
+TINY = ["data.batch_size=16", "data.eval_batch_size=20", "data.val_size=20", "data.download=false",
+        "sample.every_n_epochs=0", "trainer.enable_progress_bar=false", "quality_n=0"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("files")
+    write_dataset(path / "data", n_train=100, n_test=20)
+    write_dataset(path / "eval_data", n_train=5010, n_test=20)  # evaluate.py holds out data.val_size=5000 of them
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_run(work: Path) -> Path:
+    run_dir = work / "small"
+    result = run("train.py", *TINY, "model.filters=8", "model.residual_blocks=1", "trainer.max_epochs=1",
+                 *data_args(work), f"hydra.run.dir={run_dir}", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def disk(tmp_path: Path):
+    """A real 2 MB tmpfs, unmounted after the test whatever its outcome."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                                 capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a command that failed mid-run (Lightning's own status lines may precede it)."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "Logging error" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], result.stderr[-3000:]
+    return lines[-1]
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` up to `leave` free bytes with a file of ours."""
+    stats = os.statvfs(disk)
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - leave))
+    return filler
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Half-written files: temporaries and empty files."""
+    return [str(p) for p in folder.rglob("*") if p.is_file() and (".tmp" in p.name or p.stat().st_size == 0)
+            and p.name != "train.log"]
+
+
+def test_full_run_dir_keeps_the_last_complete_checkpoint_and_resumes(work: Path, disk: Path):
+    """Checkpoints of ~770 kB: epoch 1's best and last fit the 2 MB, epoch 2's best does not."""
+    run_dir = disk / "run"
+    args = [*TINY, "model.filters=80", "model.residual_blocks=2", "trainer.max_epochs=3", *data_args(work)]
+    line = error_line(run("train.py", *args, f"hydra.run.dir={run_dir}", cwd=work))
+    assert "No space left on device" in line and f"ckpt_path={run_dir}" in line
+    assert leftovers(disk) == []
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and checkpoints[0].startswith("best-epoch000") and checkpoints[1] == "last.ckpt"
+    for name in checkpoints:
+        read_checkpoint(run_dir / "checkpoints" / name)  # each one whole
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # space freed
+    resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run_dir / "metrics.json").is_file() and leftovers(disk) == []
+
+
+def test_full_run_dir_before_the_first_checkpoint_leaves_no_run_dir(work: Path, disk: Path):
+    """The seed model's first checkpoint (3.7 MB) does not fit: the run dir it created holds nothing to keep."""
+    args = [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=1", *data_args(work)]
+    line = error_line(run("train.py", *args, f"hydra.run.dir={disk / 'run'}", cwd=work))
+    assert "No space left on device" in line and "ckpt_path" not in line
+    assert list(disk.iterdir()) == []
+
+
+def test_full_data_dir_costs_only_the_cache(work: Path, disk: Path, tmp_path: Path):
+    """The preprocessed cache cannot be written: a warning, no temporary file, and the run goes on."""
+    shutil.copytree(work / "data", disk / "data", ignore=shutil.ignore_patterns("*.pt"))  # IDX files, no cache
+    fill(disk, leave=4096)
+    args = [*TINY, "model.filters=8", "model.residual_blocks=1", "trainer.max_epochs=1",
+            f"data.root={disk / 'data'}", f"data.system_dir={tmp_path / 'none'}"]
+    result = run("train.py", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Not caching" in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (disk / "data").iterdir()) == sorted(p.name for p in (work / "data").iterdir()
+                                                                       if p.suffix != ".pt")
+    assert leftovers(disk) == []
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sample.py", ["n=64", "scale=16"]),
+    ("evaluate.py", ["quality=false", "scale=16"]),
+    ("evaluate.py", ["images={work}/imgs"]),
+])
+def test_full_out_dir_is_one_line_and_leaves_nothing(work: Path, small_run: Path, disk: Path, script: str,
+                                                     args: list[str]):
+    images = work / "imgs"
+    if not images.exists():
+        from PIL import Image
+        images.mkdir()
+        for i in range(3):
+            Image.new("L", (16, 16), 40 * i).save(images / f"{i}.png")
+    fill(disk, leave=1024)
+    args = [a.format(work=work) for a in args]
+    if script == "evaluate.py":
+        args.append(f"data_root={work / 'eval_data'}")
+    line = one_error_line(run(script, f"ckpt={small_run}", f"out={disk / 'out'}", *args, cwd=work))
+    assert "No space left on device" in line and str(disk / "out") in line
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing written, not even the out folder
+
+
+# --- resource bombs are refused before the work ------------------------------------------------------
+def gzip_stream(header: bytes, zeros: int) -> bytes:
+    """A gzip file of `header` and then `zeros` zero bytes, compressed a chunk at a time."""
+    compressor, chunk = zlib.compressobj(9, zlib.DEFLATED, 31), bytes(2**20)
+    parts = [compressor.compress(header)]
+    parts += [compressor.compress(chunk) for _ in range(zeros // len(chunk))]
+    return b"".join(parts) + compressor.flush()
+
+
+def test_gzip_bomb_is_refused_without_inflating_it(tmp_path: Path):
+    """A header promising 10 images, then 256 MB of zeros (a 250 kB file): refused having inflated one byte
+    more than the promise; a header promising more than MAX_IDX_BYTES is refused from the header alone."""
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip_stream(struct.pack(">HBB3I", 0, 8, 3, 10, 28, 28), 256 * 2**20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptDatasetError, match="too long"):
+            read_idx(bomb, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+    huge = tmp_path / "huge.gz"
+    huge.write_bytes(gzip_stream(struct.pack(">HBB3I", 0, 8, 3, 2**20, 2**10, 2**10), 0))
+    with pytest.raises(CorruptDatasetError, match="more than the"):
+        read_idx(huge, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.filters=100000"], "parameters"),  # 182 billion parameters: 2.9 TB before any activation
+    (["model.residual_blocks=1000", "data.batch_size=4990"], "activations"),  # 3.3 TB of activations
+])
+def test_model_too_big_for_the_device_is_refused_before_it_is_built(work: Path, tmp_path: Path, args: list[str],
+                                                                      message: str):
+    data = [f"data.root={work / 'eval_data'}", f"data.system_dir={tmp_path / 'none'}"]
+    line = error_line(run("train.py", *TINY, *data, *args, cwd=tmp_path))
+    assert "needs at least" in line and message in line and "free" in line
+    assert list(tmp_path.iterdir()) == []  # no run dir left
+
+
+def test_an_epoch_that_cannot_end_in_a_day_is_refused():
+    """At peak speed, a lower bound: 1e18 FLOP per step of 128 images cannot run 55,000 images a day."""
+    slow = Footprint(parameters=10, state_bytes=160, activation_bytes=4, step_flops=1e18)
+    with pytest.raises(UserError, match=r"one epoch of this model \(55,000 images\) takes at least \d+ h"):
+        check_training_fits(slow, torch.device("cpu"), 55_000, 128, "model.residual_blocks")
+    check_training_fits(replace(slow, step_flops=6e10), torch.device("cpu"), 55_000, 128, "model.residual_blocks")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width x height grey pixels (no pixel data: only the header may be read)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [8000, 20000])  # over this project's limit; over Pillow's bomb limit too
+def test_huge_image_is_refused_from_its_header(tmp_path: Path, side: int):
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header(side, side))
+    with pytest.raises(UserError, match="pixels"):
+        load_image(path)
+
+
+def test_huge_png_in_evaluate_is_one_line(small_run: Path, tmp_path: Path):
+    (tmp_path / "huge.png").write_bytes(png_header(20000, 20000))
+    line = one_error_line(run("evaluate.py", f"ckpt={small_run}", f"images={tmp_path / 'huge.png'}",
+                              f"out={tmp_path / 'out'}", cwd=tmp_path))
+    assert "huge.png" in line and "pixels" in line and not (tmp_path / "out").exists()
+
+
+# --- every image mode reads as what it shows ---------------------------------------------------------
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2
+
+
+def luma(r: float, g: float, b: float) -> float:
+    return LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
+
+
+def palette_image(mode: str) -> Image.Image:
+    image = Image.new(mode, (2, 1))
+    image.putpalette([0, 0, 0, 10, 20, 200] + [0] * 762)
+    image.putpixel((0, 0), (1, 128) if mode == "PA" else 1)
+    return image
+
+
+# mode -> (image, file format or None when no format stores the mode, expected grey of pixel (0, 0),
+# expected RGB of pixel (0, 0)). Alpha is composited on black: v * alpha / 255.
+MODES = {
+    "1": (lambda: Image.new("1", (2, 1), 1), "png", 255, (255, 255, 255)),
+    "L": (lambda: Image.new("L", (2, 1), 77), "png", 77, (77, 77, 77)),
+    "LA": (lambda: Image.new("LA", (2, 1), (200, 128)), "png", 100, (100, 100, 100)),
+    "La": (lambda: Image.new("La", (2, 1), (100, 128)), None, 100, (100, 100, 100)),  # premultiplied
+    "P": (lambda: palette_image("P"), "png", luma(10, 20, 200), (10, 20, 200)),
+    "PA": (lambda: palette_image("PA"), "tiff", luma(5, 10, 100), (5, 10, 100)),
+    "I;16": (lambda: Image.new("I;16", (2, 1), 3000), "png", 12, (12, 12, 12)),  # near black, not white
+    "I;16B": (lambda: Image.new("I;16B", (2, 1), 65535), "tiff", 255, (255, 255, 255)),
+    "I": (lambda: Image.new("I", (2, 1), 40000), "tiff", 156, (156, 156, 156)),
+    "RGB": (lambda: Image.new("RGB", (2, 1), (200, 100, 50)), "png", luma(200, 100, 50), (200, 100, 50)),
+    "RGBA": (lambda: Image.new("RGBA", (2, 1), (200, 100, 50, 128)), "png", luma(100, 50, 25), (100, 50, 25)),
+    "RGBa": (lambda: Image.new("RGBa", (2, 1), (100, 50, 25, 128)), None, luma(100, 50, 25), (100, 50, 25)),
+    "RGBX": (lambda: Image.new("RGBX", (2, 1), (200, 100, 50, 0)), None, luma(200, 100, 50), (200, 100, 50)),
+    "CMYK": (lambda: Image.new("CMYK", (2, 1), (0, 0, 0, 255)), "tiff", 0, (0, 0, 0)),
+    "YCbCr": (lambda: Image.new("YCbCr", (2, 1), (128, 128, 128)), "tiff", 128, (128, 128, 128)),
+    "LAB": (lambda: Image.new("LAB", (2, 1), (255, 128, 128)), "tiff", 255, (255, 255, 255)),
+    "HSV": (lambda: Image.new("HSV", (2, 1), (0, 0, 128)), None, 128, (128, 128, 128)),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_image_mode_reads_as_what_it_shows(mode: str, tmp_path: Path, monkeypatch):
+    make, fmt, grey, rgb = MODES[mode]
+    image = make()
+    path = tmp_path / f"image.{fmt or 'none'}"
+    if fmt is None:  # no file format stores this mode: Pillow hands it over as opened
+        monkeypatch.setattr(Image, "open", lambda _: image)
+    else:
+        image.save(path)
+        assert Image.open(path).mode == ("I;16" if mode == "I;16B" and fmt == "png" else mode)
+    grey_pixels, rgb_pixels = load_image(path, channels=1), load_image(path, channels=3)
+    assert grey_pixels.shape == (1, 2) and grey_pixels.dtype == np.uint8
+    assert rgb_pixels.shape == (1, 2, 3) and rgb_pixels.dtype == np.uint8
+    assert abs(int(grey_pixels[0, 0]) - grey) <= 1, (grey_pixels, grey)
+    assert np.abs(rgb_pixels[0, 0].astype(int) - rgb).max() <= 1, (rgb_pixels, rgb)
+
+
+def test_transparent_colour_of_a_file_is_composited(tmp_path: Path):
+    image = Image.new("L", (2, 1), 77)
+    image.putpixel((1, 0), 200)
+    image.save(tmp_path / "t.png", transparency=77)  # a tRNS chunk: grey 77 is transparent
+    assert load_image(tmp_path / "t.png").tolist() == [[0, 200]]
+
+
+@pytest.mark.parametrize("mode, value, message", [("F", 0.5, "float pixels"), ("I", 70000, "outside 16 bits")])
+def test_modes_without_a_known_range_are_refused(tmp_path: Path, mode: str, value: float, message: str):
+    Image.new(mode, (2, 1), value).save(tmp_path / "x.tiff")
+    with pytest.raises(UserError, match=message):
+        load_image(tmp_path / "x.tiff")
+
+
+def test_16_bit_png_scores_as_its_8_bit_twin(tmp_path: Path):
+    """evaluate.py images=: a near-black 16-bit PNG is the near-black 8-bit one, not a white image."""
+    values = np.arange(256, dtype=np.uint16).reshape(16, 16) * 10  # 0..2550 of 65535: all below 8-bit 10
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    Image.fromarray(((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)).save(tmp_path / "flat.png")
+    images, names = load_images(tmp_path, image_size=16, levels=4)
+    assert names == ["deep.png", "flat.png"] and torch.equal(images[0], images[1]) and images.max() == 0
+
+
+def test_run_dir_on_a_full_disk_is_refused_before_hydra_writes(work: Path, disk: Path):
+    """Hydra's own record of the run could not be written: refused before it tries, in one line."""
+    fill(disk, leave=0)
+    line = one_error_line(run("train.py", *TINY, *data_args(work), f"hydra.run.dir={disk / 'run'}", cwd=work))
+    assert "kB free" in line and str(disk / "run") in line
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]

@@ -25,21 +25,26 @@ from pixelcnn.sampling import SamplingMethod, eval_mode, sample
 ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
 
 
-def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn.Module:
+def build_network(arch: str, levels: int, num_classes: int, image_channels: int = 1, **arch_kwargs) -> nn.Module:
     """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
     if arch not in ARCHITECTURES:
         raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
     # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
-    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - {"levels", "num_classes"},
+    shared = {"levels", "num_classes", "image_channels"}
+    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - shared,
                   "model", f"model.arch={arch}")
-    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, **arch_kwargs)
+    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
 
 
 class PixelCNNModule(L.LightningModule):
     """Trains any network of `ARCHITECTURES` with cross-entropy over the pixel levels.
 
-    Batches are `(images uint8 (B, 1, H, W) of levels 0..levels-1, labels long (B,))`; the network
-    sees `images / levels`. `levels` is always the number of grey levels, never a tensor.
+    Batches are `(images uint8 (B, C, H, W) of levels 0..levels-1, labels long (B,))`, C =
+    `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. `levels` is always the
+    number of levels per channel, never a tensor. `class_names` (from the data, saved with the
+    checkpoint) name the `num_classes` classes for `sample.py label=<name>`; `data` is the data
+    source it was trained on (`pixelcnn.data.ImageDataModule.source_settings`), for the commands
+    that read its test split again.
     """
 
     def __init__(
@@ -48,6 +53,9 @@ class PixelCNNModule(L.LightningModule):
         levels: int = 4,
         image_size: int = 16,
         num_classes: int = 0,
+        image_channels: int = 1,
+        class_names: list[str] | None = None,
+        data: dict | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         scheduler: dict | None = None,
@@ -62,8 +70,10 @@ class PixelCNNModule(L.LightningModule):
         They are training settings, not part of the model: left out of the hyperparameters."""
         super().__init__()
         self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"])
-        self.net = build_network(arch, levels, num_classes, **arch_kwargs)
-        self.levels = levels
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.net = build_network(arch, levels, num_classes, image_channels, **arch_kwargs)
+        self.levels, self.image_channels = levels, image_channels
         self.image_size = image_size
         self.conditional = num_classes > 0
         self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
@@ -80,18 +90,23 @@ class PixelCNNModule(L.LightningModule):
 
     # --- the objective ---------------------------------------------------------------------------
     def mean_bits_per_dim(self, images: Tensor, labels: Tensor) -> Tensor:
-        """The loss: mean negative log-likelihood of the batch in bits per pixel. (B, 1, H, W) uint8 -> ()"""
+        """The loss: mean negative log-likelihood of the batch in bits per dimension. (B, C, H, W) uint8 -> ()"""
         return self.nll_bits_per_pixel(images, labels).mean()
 
     def nll_bits_per_pixel(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Negative log-likelihood of every pixel in bits. (B, 1, H, W) uint8 level images -> (B, H, W)"""
-        x = images.float() / self.levels  # (B, 1, H, W) model input
-        logits = self.net(x, labels if self.conditional else None)  # (B, L, H, W)
-        return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
+        """Negative log-likelihood of every pixel in bits per dimension (the mean over its C
+        channels, so that the mean over pixels is bits/dim over all C*H*W values).
+        (B, C, H, W) uint8 level images -> (B, H, W)"""
+        x = images.float() / self.levels  # (B, C, H, W) model input
+        logits = self.net(x, labels if self.conditional else None)  # (B, C*L, H, W)
+        if images.shape[1] == 1:  # grey: the logits are already (B, L, H, W)
+            return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
+        logits = logits.unflatten(1, (images.shape[1], self.levels)).transpose(1, 2)  # (B, L, C, H, W)
+        return F.cross_entropy(logits.float(), images.long(), reduction="none").mean(1) / math.log(2)
 
     @torch.no_grad()
     def nll_maps(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-        """`nll_bits_per_pixel` of any number of images, in eval mode. (N, 1, H, W) uint8 -> (N, H, W) on the CPU"""
+        """`nll_bits_per_pixel` of any number of images, in eval mode. (N, C, H, W) uint8 -> (N, H, W) on the CPU"""
         maps = []
         with eval_mode(self):
             for start in range(0, len(images), batch_size):
@@ -100,15 +115,15 @@ class PixelCNNModule(L.LightningModule):
         return torch.cat(maps)
 
     def image_bits_per_dim(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-        """Bits/dim of each image: (N, 1, H, W) uint8 -> (N,) float64. A conditional model without
-        labels gives the marginal over classes (uniform prior), -log2(mean_c 2^(-bits(x | c))) / (H * W)."""
+        """Bits/dim of each image: (N, C, H, W) uint8 -> (N,) float64. A conditional model without
+        labels gives the marginal over classes (uniform prior), -log2(mean_k 2^(-bits(x | k))) / (C * H * W)."""
         if not self.conditional or labels is not None:
             return self.nll_maps(images, labels, batch_size).double().mean((1, 2))
-        classes = self.hparams.num_classes
-        total_bits = torch.stack([self.nll_maps(images, torch.full((len(images),), c), batch_size).double().sum((1, 2))
-                                  for c in range(classes)], dim=1)  # (N, C)
+        classes, channels = self.hparams.num_classes, images.shape[1]
+        total_bits = torch.stack([self.nll_maps(images, torch.full((len(images),), k), batch_size).double().sum((1, 2))
+                                  * channels for k in range(classes)], dim=1)  # (N, K)
         marginal = -(torch.logsumexp(-total_bits * math.log(2), dim=1) - math.log(classes)) / math.log(2)
-        return marginal / images[0, 0].numel()
+        return marginal / images[0].numel()
 
     def compile_loss(self, **compile_kwargs) -> None:
         """Compile the whole loss (input scaling, network, cross-entropy) as one graph; the
@@ -231,7 +246,7 @@ class PixelCNNModule(L.LightningModule):
     # --- generation ------------------------------------------------------------------------------
     def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, labels: Tensor | None = None,
                method: SamplingMethod = "fast") -> Tensor:
-        """Draw n images as (n, H, W) long levels. Conditional models need `labels` (n,)."""
+        """Draw n images as (n, H, W) grey or (n, C, H, W) colour long levels. Conditional models need `labels` (n,)."""
         if self.conditional and labels is None:
             raise ValueError("this model is class-conditional: pass labels (one class index per image)")
         return sample(self.net, n, self.image_size, self.image_size, temperature, seed,

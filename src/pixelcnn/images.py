@@ -1,4 +1,6 @@
-"""Turning level indices into viewable images: level 0 is black, level L-1 is white."""
+"""Image files in, viewable grids out: reading one image file as uint8 grey or RGB
+(`load_image`), and turning level indices into images (level 0 is black, level L-1 is white,
+per channel)."""
 
 from __future__ import annotations
 
@@ -6,16 +8,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from pixelcnn.config import UserError
+
+
+# MERGE NOTE (helper "data"): a minimal reader; helper "files" writes the full one (16-bit, palette,
+# decompression bombs, ...) with this name and signature: keep theirs, and its white alpha background.
+def load_image(path: str | Path, channels: int) -> np.ndarray:
+    """One image file (its first frame) as uint8 (H, W) grey (channels=1) or (H, W, 3) RGB (channels=3);
+    transparent pixels are composited on white."""
+    try:
+        with Image.open(path) as image:
+            image.seek(0)
+            if image.mode == "L" and channels == 1:
+                return np.asarray(image).copy()
+            rgba = image.convert("RGBA")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        kind = Path(path).suffix.lstrip(".").upper() or "image"
+        raise UserError(f"{path} is not a readable {kind} image ({err})") from None
+    rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return np.asarray(rgb if channels == 3 else rgb.convert("L")).copy()
+
 
 def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, padding: int = 1) -> Tensor:
-    """(N, H, W) or (N, 1, H, W) integer level images, of `levels` grey levels -> (3, H', W') float grid in [0, 1].
+    """(N, H, W) or (N, 1, H, W) grey, or (N, 3, H, W) RGB integer level images, of `levels` levels
+    -> (3, H', W') float grid in [0, 1].
 
     `scale` enlarges each pixel to a scale x scale block (nearest) so a 16x16 image is visible.
     """
-    images = images.reshape(images.shape[0], 1, *images.shape[-2:]).float() / (levels - 1)  # (N, 1, H, W)
+    images = images.reshape(images.shape[0], -1, *images.shape[-2:]).float() / (levels - 1)  # (N, C, H, W)
     if scale > 1:
         images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     # pad_value 0.5 (mid grey) keeps the grid lines visible against both black and white pixels.
@@ -38,7 +62,8 @@ def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
 
 def save_grid_and_levels(grid: Tensor, images: Tensor, out_dir: Path, stem: str,
                          label: str | None = None) -> tuple[Path, Path]:
-    """Write the figure `<stem>[_label-<label>].png` and the level images as uint8 `.npy` beside it."""
+    """Write the figure `<stem>[_label-<label>].png` and the level images as uint8 `.npy` beside it
+    ((N, H, W) grey, (N, C, H, W) colour)."""
     if label is not None:
         stem += f"_label-{label}"
     png = save_grid(grid, out_dir / f"{stem}.png")

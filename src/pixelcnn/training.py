@@ -69,12 +69,23 @@ def resolve_speed(speed: DictConfig, accelerator: str) -> SpeedChoices:
 MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
 
 
-def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
-    """The configured LightningModule with the speed choices and the trainer's clipping and
-    accumulation settings applied."""
+def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
+    """What the model takes from the data (saved with it): the class names and the source. A
+    conditional model (model.num_classes > 0) must have as many classes as the data."""
+    if num_classes and num_classes != datamodule.num_classes:
+        found = (f"{datamodule.num_classes} classes ({', '.join(datamodule.class_names[:4])}"
+                 f"{', ...' if datamodule.num_classes > 4 else ''})" if datamodule.num_classes else "no classes")
+        fix = f"model.num_classes={datamodule.num_classes} or 0" if datamodule.num_classes else "model.num_classes=0"
+        raise UserError(f"model.num_classes={num_classes} but the data ({datamodule.source}) has {found}: use {fix}")
+    return {"class_names": list(datamodule.class_names) if num_classes else None, "data": datamodule.source_settings()}
+
+
+def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDataModule) -> L.LightningModule:
+    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the speed
+    choices and the trainer's clipping and accumulation settings applied."""
     knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
     # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
-    module = instantiate(cfg.model, _convert_="all", **knobs)
+    module = instantiate(cfg.model, _convert_="all", **data_hparams(cfg.model.num_classes, datamodule), **knobs)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if speed.compile:
@@ -177,7 +188,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg.speed, cfg.trainer.accelerator)
     check_step_checkpoints(cfg, speed)
-    module = build_module(cfg, speed)
+    module = build_module(cfg, speed, datamodule)
 
     logger = TensorBoardLogger(save_dir=str(output_dir), name="tb", version="", default_hp_metric=False)
     trainer = build_trainer(cfg, speed, logger, build_callbacks(cfg, output_dir, speed), output_dir,
@@ -214,7 +225,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     if not trainer.is_global_zero:  # the other DDP ranks: rank 0 scores samples and writes the results
         return metrics
-    if cfg.quality_n:
+    if cfg.quality_n and (cfg.data.source, cfg.data.channels) != ("fashion_mnist", 1):
+        print("[pixelcnn] sample quality skipped: its classifier is Fashion-MNIST's (grey), not "
+              f"data={cfg.data.source}" + (f" with data.channels={cfg.data.channels}" if cfg.data.channels != 1 else ""),
+              flush=True)
+    elif cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
         logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
     # TensorBoard's HPARAMS tab: this run's hyperparameters with its final metrics (finite ones only).

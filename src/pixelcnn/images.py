@@ -25,12 +25,28 @@ def load_image(path: str | Path, channels: int) -> np.ndarray:
             image.seek(0)
             if image.mode == "L" and channels == 1:
                 return np.asarray(image).copy()
-            rgba = image.convert("RGBA")
+            rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         kind = Path(path).suffix.lstrip(".").upper() or "image"
         raise UserError(f"{path} is not a readable {kind} image ({err})") from None
-    rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return np.asarray(rgb if channels == 3 else rgb.convert("L")).copy()
+    return to_channels(rgba[None], channels)[0]
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, 1|3|4) -> (N, H, W) grey (channels=1) or (N, H, W, 3) RGB: alpha
+    composited on white, grey repeated as RGB, RGB to grey by ITU-R 601-2 luma (PIL's "L")."""
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim == 4 and images.shape[-1] == 4:  # composite on white: rgb * a + 255 * (1 - a)
+        rgb, alpha = images[..., :3].astype(np.uint32), images[..., 3:].astype(np.uint32)
+        images = ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    if images.ndim == 3:
+        return images if channels == 1 else np.repeat(images[..., None], 3, axis=-1)
+    if channels == 3:
+        return images
+    # ITU-R 601-2 luma in PIL's fixed point, so that an RGB array and the same image as a PNG agree.
+    r, g, b = (images[..., k].astype(np.uint32) for k in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
 def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, padding: int = 1) -> Tensor:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pixelcnn.config import UserError
-from pixelcnn.images import load_image
+from pixelcnn.images import load_image, to_channels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 SPLITS = ("train", "val", "test")
@@ -104,7 +104,7 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
                                    or (len(labels) and labels.min() < 0)):
             raise UserError(f"{path}: {prefix}labels is {labels.dtype} {labels.shape}: expected integers >= 0, "
                             f"one per image ({len(images)})")
-        splits[prefix.rstrip("_") or "train"] = (list(convert(images, channels)),
+        splits[prefix.rstrip("_") or "train"] = (list(to_channels(images, channels)),
                                                  labels.tolist() if labels is not None else [0] * len(images))
     labelled = any(f"{prefix}labels" in arrays for prefix in prefixes)
     count = max((max(labels, default=0) for _, labels in splits.values()), default=0) + 1 if labelled else 0
@@ -112,22 +112,6 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     if len(names) < count:
         raise UserError(f"{path}: labels go up to {count - 1} but class_names has {len(names)} names")
     return splits, names
-
-
-def convert(images: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 (N, H, W) or (N, H, W, 1|3|4) -> (N, H, W) grey or (N, H, W, 3) RGB, alpha on white."""
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]
-    if images.ndim == 4 and images.shape[-1] == 4:  # composite on white: rgb * a + 255 * (1 - a)
-        rgb, alpha = images[..., :3].astype(np.uint32), images[..., 3:].astype(np.uint32)
-        images = ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-    if images.ndim == 3:
-        return images if channels == 1 else np.repeat(images[..., None], 3, axis=-1)
-    if channels == 3:
-        return images
-    # ITU-R 601-2 luma in PIL's fixed point, so that an RGB array and the same image as a PNG agree.
-    r, g, b = (images[..., k].astype(np.uint32) for k in range(3))
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
 def read_source(source: str, path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:

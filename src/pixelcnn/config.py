@@ -37,9 +37,7 @@ def user_errors_unwrapped():
     except InstantiationException as err:  # hydra's `instantiate` wraps what a constructor raised
         raise err.__cause__ if isinstance(err.__cause__, UserError) else err
     except MissingMandatoryValue as err:  # a `???` key of the config, e.g. ckpt
-        example = {"ckpt": "outputs/<date>/<time>", "data.path": "<a folder of images (data=folder) or a .npy/.npz file "
-                   "(data=array)>"}.get(err.full_key, "<value>")
-        raise UserError(f"{err.full_key} is required: pass {err.full_key}={example}") from None
+        raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> (e.g. ckpt=outputs/<date>/<time>)") from None
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:
             raise

@@ -2,6 +2,7 @@
 future, no blind spot (gated), exact fast sampling, and the loss counting every channel."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,16 @@ def test_colour_loss_counts_every_channel():
         module.net.to_logits.bias[LEVELS + 1] = 100.0  # channel G: level 1 certain
     images[:, 1] = 1
     assert module.image_bits_per_dim(images).allclose(torch.full((2,), math.log2(LEVELS) * 2 / 3, dtype=torch.float64))
+
+
+def test_too_narrow_for_three_colour_groups_is_one_error():
+    from hydra import compose, initialize_config_dir
+
+    from pixelcnn.config import UserError, validate
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+        validate(compose("train", overrides=["data.channels=3", "model.filters=6"]))  # 3 groups of 2, 1 in the blocks
+        for overrides, message in [(["model.filters=4"], "model.filters=4 is too small for data.channels=3"),
+                                   (["model=gated", "model.channels=2"], "model.channels=2 is too small")]:
+            with pytest.raises(UserError, match=message):
+                validate(compose("train", overrides=["data.channels=3", *overrides]))

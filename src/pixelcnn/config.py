@@ -279,6 +279,11 @@ def combination_error(cfg: DictConfig) -> str | None:
             return f"mode=complete uses the fast (incremental) sampler only: drop method={select('method')}"
         if select("label") == "all":
             return "mode=complete takes label=<one class> (test images of that class) or no label, not label=all"
+    if select("data.channels") == 3:  # the colour masks split each layer's channels into R, G, B groups
+        for key, least in (("model.filters", 6), ("model.channels", 3)):  # seed: half of filters in the blocks
+            if (value := select(key)) is not None and value < least:
+                return (f"{key}={value} is too small for data.channels=3: it must be >= {least} (each layer's "
+                        "channels are split into R, G, B groups)")
     if "quality" in cfg and not one_temperature:  # evaluate.py
         return "evaluate.py takes one temperature (of the quality samples), not a list"
     return None

@@ -82,10 +82,11 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
 def check_resume(checkpoint: dict, model_cfg: DictConfig, path: Path) -> None:
     """A resumed run must build the network it saved: compare the checkpoint's hyperparameters
     with the composed `model` config (which `with_resume_overrides` normally makes equal)."""
-    wanted = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
+    grey = {"image_channels": 1}  # configs and checkpoints from before colour were grey
+    wanted = grey | {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
     # Checkpoints from before the scheduler option trained at a constant lr; class names and the
     # data source come from the data, not the model config (`training.data_hparams`).
-    saved = {"scheduler": {"name": "none"}, "image_channels": 1, **checkpoint["hyper_parameters"]}
+    saved = {"scheduler": {"name": "none"}, **grey, **checkpoint["hyper_parameters"]}
     for key in ("class_names", "data"):
         saved.pop(key, None)
     for key in sorted(set(wanted) | set(saved)):

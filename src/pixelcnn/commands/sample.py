@@ -44,8 +44,9 @@ def parse_labels(label: object, names: list[str], n: int) -> tuple[torch.Tensor 
     lookup = {name.lower(): i for i, name in enumerate(names)} | {name.split("/")[0].lower(): i for i, name in enumerate(names)}
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
         return torch.full((n,), label), 8
-    if str(label).lower() in lookup or str(label).lower().replace("_", " ") in lookup:
-        return torch.full((n,), lookup.get(str(label).lower(), lookup.get(str(label).lower().replace("_", " ")))), 8
+    for typed in (str(label).lower(), str(label).lower().replace("_", " ")):
+        if typed in lookup:
+            return torch.full((n,), lookup[typed]), 8
     raise UserError(f"label={label!r} is invalid: it must be a class index 0..{num_classes - 1}, all, or one of "
                     f"{', '.join(names)}")
 

@@ -189,7 +189,8 @@ def test_colour_grid():
 @pytest.mark.skipif(not ICONS.is_dir(), reason=f"needs the oxygen-icon-theme package ({ICONS}): "
                                                 "apt-get install oxygen-icon-theme (make data does)")
 def test_colour_icons_end_to_end(tmp_path):
-    """train.py on Debian's 16x16 colour icons (a few batches, tiny model), then sample.py and evaluate.py."""
+    """train.py on Debian's 16x16 colour icons (a few batches, tiny model), then sample.py (new images and
+    completions) and evaluate.py."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
 
     def run(script: str, *args: str) -> str:
@@ -208,7 +209,25 @@ def test_colour_icons_end_to_end(tmp_path):
     assert levels.shape == (2, 3, 8, 8) and levels.max() < 4 and "grid:" in out
     png = Image.open(next((tmp_path / "samples").glob("*_label-emotes.png")))
     assert png.mode == "RGB"
+    run("sample.py", "ckpt=run", "mode=complete", "n=2", "completions=1", "rows=4", f"data_root={tmp_path / 'data'}",
+        "out=complete")  # the checkpoint's own test split: the icons
+    assert np.load(next((tmp_path / "complete").glob("completions_*.npy"))).shape == (2, 1, 3, 8, 8)
     out = run("evaluate.py", "ckpt=run", f"data_root={tmp_path / 'data'}", "heatmaps=2", "extremes=2", "out=eval")
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["test_bpd"] == pytest.approx(metrics["test_bpd"], abs=1e-4) and "quality skipped" in out
     assert evaluated["test_images"] == 178  # 10% of the 1,775 icons
+
+
+def test_evaluate_images_uses_the_training_reader(tmp_path):
+    """evaluate.py images=<folder> reads any image files exactly as data=folder does (colour, alpha on white)."""
+    from pixelcnn.commands.evaluate import load_images
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(random_image((10, 10, 4), k), "RGBA").save(folder / f"{k}.png")
+    images, names = load_images(folder, 8, 4, channels=3)
+    dm = module_for(tmp_path, "folder", folder, channels=3, image_size=8, val_size=1, test_size=1)
+    trained = torch.cat([dm.train_set[0], dm.val_set[0], dm.test_set[0]])
+    assert names == ["0.png", "1.png", "2.png"] and images.shape == (3, 3, 8, 8)
+    assert sorted(map(bytes, images.numpy())) == sorted(map(bytes, trained.numpy()))

@@ -22,11 +22,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 setup: $(VENV)/.installed
 
 # Offline machines: the Debian package has the real IDX files. Without root/apt, training falls
-# back to torchvision's download, so this step never fails.
+# back to torchvision's download, so this step never fails. oxygen-icon-theme's 16x16 colour icons
+# are the real colour data of the data=folder test (tests/test_sources.py skips without them).
+ICONS_DIR := /usr/share/icons/oxygen/base/16x16
 data:
 	@if [ ! -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null \
 		|| echo "note: could not install dataset-fashion-mnist; training will try torchvision's download"; \
+	fi
+	@if [ ! -d $(ICONS_DIR) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq oxygen-icon-theme || (apt-get update -qq && apt-get install -y -qq oxygen-icon-theme)) >/dev/null \
+		|| echo "note: could not install oxygen-icon-theme; the colour icon test will be skipped"; \
 	fi
 
 # The SLURM test (tests/test_slurm.py) starts its own one-node cluster from Debian's slurmctld,

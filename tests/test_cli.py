@@ -25,7 +25,7 @@ from pixelcnn.callbacks import SampleGridCallback
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.config import UserError, as_override, validate
 from pixelcnn.sweep import collect_runs, summary_table
-from pixelcnn.training import SpeedChoices, build_callbacks, build_module, resolve_speed
+from pixelcnn.training import SpeedChoices, build_callbacks, build_datamodule, build_module, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -67,6 +67,14 @@ def trained_run(workdir: Path) -> Path:
                  f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def fashion_mnist():
+    """The default data module, read (what `build_module` takes the data's classes and source from)."""
+    datamodule = build_datamodule(compose_train(*TINY))
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -213,11 +221,11 @@ def test_a_resume_uses_a_new_lr_and_keeps_it(workdir: Path, trained_run: Path, t
 def test_init_from_starts_a_new_run_from_the_weights(workdir: Path, trained_run: Path, tmp_path: Path):
     speed = SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False)
     saved = torch.load(resolve_checkpoint(trained_run), map_location="cpu", weights_only=True)["state_dict"]
-    module = build_module(compose_train(*TINY, f"init_from={trained_run}"), speed)
+    module = build_module(compose_train(*TINY, f"init_from={trained_run}"), speed, fashion_mnist())
     assert saved.keys() == module.state_dict().keys()
     assert all(torch.equal(tensor, module.state_dict()[name]) for name, tensor in saved.items())
     with pytest.raises(UserError, match=r"^init_from=.* model.filters=8, this config has 16"):
-        build_module(compose_train(*TINY, "model.filters=16", f"init_from={trained_run}"), speed)
+        build_module(compose_train(*TINY, "model.filters=16", f"init_from={trained_run}"), speed, fashion_mnist())
     with pytest.raises(UserError, match="not both"):
         validate(compose_train(f"init_from={trained_run}", f"ckpt_path={trained_run}"))
     tuned = tmp_path / "tuned"

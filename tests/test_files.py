@@ -242,20 +242,20 @@ def palette_image(mode: str) -> Image.Image:
 
 
 # mode -> (image, file format or None when no format stores the mode, expected grey of pixel (0, 0),
-# expected RGB of pixel (0, 0)). Alpha is composited on black: v * alpha / 255.
+# expected RGB of pixel (0, 0)). Alpha is composited on white: v * a / 255 + 255 - a.
 MODES = {
     "1": (lambda: Image.new("1", (2, 1), 1), "png", 255, (255, 255, 255)),
     "L": (lambda: Image.new("L", (2, 1), 77), "png", 77, (77, 77, 77)),
-    "LA": (lambda: Image.new("LA", (2, 1), (200, 128)), "png", 100, (100, 100, 100)),
-    "La": (lambda: Image.new("La", (2, 1), (100, 128)), None, 100, (100, 100, 100)),  # premultiplied
+    "LA": (lambda: Image.new("LA", (2, 1), (200, 128)), "png", 227, (227, 227, 227)),
+    "La": (lambda: Image.new("La", (2, 1), (100, 128)), None, 227, (227, 227, 227)),  # premultiplied
     "P": (lambda: palette_image("P"), "png", luma(10, 20, 200), (10, 20, 200)),
-    "PA": (lambda: palette_image("PA"), "tiff", luma(5, 10, 100), (5, 10, 100)),
+    "PA": (lambda: palette_image("PA"), "tiff", luma(132, 137, 227), (132, 137, 227)),
     "I;16": (lambda: Image.new("I;16", (2, 1), 3000), "png", 12, (12, 12, 12)),  # near black, not white
     "I;16B": (lambda: Image.new("I;16B", (2, 1), 65535), "tiff", 255, (255, 255, 255)),
     "I": (lambda: Image.new("I", (2, 1), 40000), "tiff", 156, (156, 156, 156)),
     "RGB": (lambda: Image.new("RGB", (2, 1), (200, 100, 50)), "png", luma(200, 100, 50), (200, 100, 50)),
-    "RGBA": (lambda: Image.new("RGBA", (2, 1), (200, 100, 50, 128)), "png", luma(100, 50, 25), (100, 50, 25)),
-    "RGBa": (lambda: Image.new("RGBa", (2, 1), (100, 50, 25, 128)), None, luma(100, 50, 25), (100, 50, 25)),
+    "RGBA": (lambda: Image.new("RGBA", (2, 1), (200, 100, 50, 128)), "png", luma(227, 177, 152), (227, 177, 152)),
+    "RGBa": (lambda: Image.new("RGBa", (2, 1), (100, 50, 25, 128)), None, luma(227, 177, 152), (227, 177, 152)),
     "RGBX": (lambda: Image.new("RGBX", (2, 1), (200, 100, 50, 0)), None, luma(200, 100, 50), (200, 100, 50)),
     "CMYK": (lambda: Image.new("CMYK", (2, 1), (0, 0, 0, 255)), "tiff", 0, (0, 0, 0)),
     "YCbCr": (lambda: Image.new("YCbCr", (2, 1), (128, 128, 128)), "tiff", 128, (128, 128, 128)),
@@ -285,7 +285,7 @@ def test_transparent_colour_of_a_file_is_composited(tmp_path: Path):
     image = Image.new("L", (2, 1), 77)
     image.putpixel((1, 0), 200)
     image.save(tmp_path / "t.png", transparency=77)  # a tRNS chunk: grey 77 is transparent
-    assert load_image(tmp_path / "t.png").tolist() == [[0, 200]]
+    assert load_image(tmp_path / "t.png").tolist() == [[255, 200]]  # on white
 
 
 @pytest.mark.parametrize("mode, value, message", [("F", 0.5, "float pixels"), ("I", 70000, "outside 16 bits")])

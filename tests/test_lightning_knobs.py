@@ -50,7 +50,7 @@ def fit(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[BatchSpy, L.Tr
     speed = resolve_speed(cfg)
     spy = BatchSpy()
     trainer = build_trainer(cfg, speed, False, [spy], tmp_path, {})
-    trainer.fit(build_module(cfg, speed), datamodule=datamodule)
+    trainer.fit(build_module(cfg, speed, datamodule), datamodule=datamodule)
     return spy, trainer
 
 

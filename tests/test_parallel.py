@@ -15,7 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import pixelcnn.resources as resources
-from pixelcnn.data import cache_path, load_fashion_mnist
+from pixelcnn.data import cache_path
+from pixelcnn.data import load_idx_dataset as load_fashion_mnist
 from pixelcnn.resources import cuda_device_args, plan_resources
 from fakes import write_dataset
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - a fixture

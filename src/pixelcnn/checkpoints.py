@@ -88,8 +88,10 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
     from pixelcnn.module import LEGACY_OPTIM_KEYS, saved_optim  # late import: keeps config/CLI errors fast
 
     def network(values: dict) -> dict:
-        return {k: v for k, v in values.items() if not k.startswith("_") and k not in ("dropout", "optim",
-                                                                                         *LEGACY_OPTIM_KEYS)}
+        # Class names and the data source come from the data (`training.data_hparams`), not the model config;
+        # configs and checkpoints from before colour were grey.
+        return {"image_channels": 1, **{k: v for k, v in values.items() if not k.startswith("_") and k not in (
+            "dropout", "optim", "class_names", "data", *LEGACY_OPTIM_KEYS)}}
 
     saved, wanted = network(hparams), network(OmegaConf.to_container(cfg.model, resolve=True))
     for name in sorted(set(saved) | set(wanted)):

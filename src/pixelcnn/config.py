@@ -118,7 +118,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": _int(2, 28),
     "data.batch_size": _int(1),
     "data.eval_batch_size": _int(1),
-    "data.val_size": _int(1, 59_999),
+    "data.val_size": (lambda v: _int(1)[0](v) or _fraction(lo_open=True, hi_open=True)[0](v),
+                      "an integer >= 1 (images) or a fraction in (0, 1)"),
+    "data.test_size": (lambda v: _int(1)[0](v) or _fraction(lo_open=True, hi_open=True)[0](v),
+                       "an integer >= 1 (images) or a fraction in (0, 1)"),
+    "data.source": _one_of("fashion_mnist", "mnist", "folder", "array"),
+    "data.channels": _one_of(1, 3),
     "data.split_seed": _int(0),
     "data.download": _one_of(True, False),
     "data.hflip": _one_of(True, False),
@@ -132,7 +137,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.layers": _int(1),
     "model.kernel_size": _odd_int(3),
     "model.dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
-    "model.num_classes": (lambda v: v in (0, 10), "0 (unconditional) or 10 (Fashion-MNIST classes)"),
+    # > 0: checked against the data's classes once it is read (training.data_hparams)
+    "model.num_classes": _int(0),
     "optim.lr": _positive_float(),
     "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
@@ -226,7 +232,7 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
 
 
 # Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder.
-PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "out", "images", "data_root", "data.root", "data.system_dir", "bench.out")
+PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "out", "images", "data_root", "data.root", "data.system_dir", "data.path", "bench.out")
 
 
 def as_override(key: str, value: object) -> str:
@@ -311,6 +317,11 @@ def combination_error(cfg: DictConfig) -> str | None:
             return f"mode=complete uses the fast (incremental) sampler only: drop method={select('method')}"
         if select("label") == "all":
             return "mode=complete takes label=<one class> (test images of that class) or no label, not label=all"
+    if select("data.channels") == 3:  # the colour masks split each layer's channels into R, G, B groups
+        for key, least in (("model.filters", 6), ("model.channels", 3)):  # seed: half of filters in the blocks
+            if (value := select(key)) is not None and value < least:
+                return (f"{key}={value} is too small for data.channels=3: it must be >= {least} (each layer's "
+                        "channels are split into R, G, B groups)")
     if "quality" in cfg and not one_temperature:  # evaluate.py
         return "evaluate.py takes one temperature (of the quality samples), not a list"
     return None
@@ -334,8 +345,9 @@ def validate(cfg: DictConfig) -> None:
     if message := combination_error(cfg):
         raise UserError(message)
     check_output_keys(cfg)
-    for key in ("levels", "image_size"):  # the model's copies (stored in checkpoints) must match the data
-        model_value, data_value = OmegaConf.select(cfg, f"model.{key}"), OmegaConf.select(cfg, f"data.{key}")
+    # The model's copies (stored in checkpoints) must match the data.
+    for model_key, key in (("levels", "levels"), ("image_size", "image_size"), ("image_channels", "channels")):
+        model_value, data_value = OmegaConf.select(cfg, f"model.{model_key}"), OmegaConf.select(cfg, f"data.{key}")
         if model_value is not None and data_value is not None and model_value != data_value:
-            raise UserError(f"model.{key}={model_value} differs from data.{key}={data_value}: set data.{key} "
-                            f"instead (model.{key} follows it)")
+            raise UserError(f"model.{model_key}={model_value} differs from data.{key}={data_value}: set data.{key} "
+                            f"instead (model.{model_key} follows it)")

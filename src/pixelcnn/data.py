@@ -1,11 +1,13 @@
-"""Fashion-MNIST as quantized grey levels: IDX reading, preprocessing, caching, batching.
+"""Images as quantized levels: IDX reading (Fashion-MNIST, MNIST), preprocessing, caching, batching.
 
 The images are resized (bilinear, half-pixel centres, like TF's `tf.image.resize`) and
-quantized to `levels` grey levels exactly as in the reference notebook (Foster, "Generative
-Deep Learning", 2nd ed., chapter 5). The whole dataset is ~20 MB of uint8, so it is kept in
-memory (on the GPU when training there) and batches are cut with one indexing op each.
+quantized to `levels` levels per channel exactly as in the reference notebook (Foster,
+"Generative Deep Learning", 2nd ed., chapter 5). The whole dataset is ~20 MB of uint8, so it is
+kept in memory (on the GPU when training there) and batches are cut with one indexing op each.
 
-The IDX files are taken from, in this order: the data dir (`data.root`, by default
+`data.source` picks where the images come from: Fashion-MNIST (the default) or MNIST as IDX
+files, or your own images (`pixelcnn.sources`: a folder of image files, a .npy/.npz array). The
+IDX files are taken from, in this order: the data dir (`data.root`, by default
 `default_data_dir()`), the Debian package directory (`apt-get install dataset-fashion-mnist`),
 or torchvision's download into the data dir. The preprocessed tensors are cached in the data dir,
 and so is the sample-quality classifier (`pixelcnn.classifier`).
@@ -25,11 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
 from torch import Tensor
 
+from pixelcnn import sources
 from pixelcnn.config import UserError
 from pixelcnn.files import torch_save
 
@@ -37,6 +41,9 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
+# The IDX datasets: data.source -> (name in messages, torchvision's dataset class and folder under root/).
+IDX_DATASETS = {"fashion_mnist": ("Fashion-MNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
+SOURCES = (*IDX_DATASETS, "folder", "array")
 CUDA_STEPS_PER_BATCH = 8  # data.steps_per_batch=auto with the data on a CUDA device (else 1)
 APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 IMAGES_MAGIC_NDIM, LABELS_MAGIC_NDIM = 3, 1  # IDX magic 0x0803 (images) / 0x0801 (labels)
@@ -74,15 +81,17 @@ def default_data_dir() -> Path:
 
 
 def resize_images(images: Tensor, image_size: int) -> Tensor:
-    """(N, H, W) uint8 -> (N, 1, S, S) float32 in 0..255, bilinear with half-pixel centres."""
-    pixels = images[:, None].float()
+    """(N, H, W) grey or (N, H, W, C) channels-last uint8 -> (N, C, S, S) float32 in 0..255, bilinear
+    with half-pixel centres, each channel on its own."""
+    pixels = images[:, None].float() if images.dim() == 3 else images.permute(0, 3, 1, 2).float()
     if pixels.shape[-1] == image_size and pixels.shape[-2] == image_size:
         return pixels
     return F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False)
 
 
 def quantize(images: Tensor, image_size: int, levels: int) -> Tensor:
-    """(N, H, W) uint8 -> (N, 1, S, S) uint8 grey levels in 0..levels-1 (the notebook's preprocessing)."""
+    """(N, H, W) grey or (N, H, W, C) uint8 -> (N, C, S, S) uint8 levels in 0..levels-1 (the notebook's
+    preprocessing, for every source and channel)."""
     level = torch.floor(resize_images(images, image_size) / (256 / levels))
     return level.clamp_(0, levels - 1).to(torch.uint8)
 
@@ -155,10 +164,13 @@ def find_idx_files(directory: Path) -> dict[str, Path] | None:
     return found
 
 
-def locate_dataset(root: Path, system_dir: Path, download: bool) -> dict[str, Path]:
-    """Paths of the four IDX files: from root, then the Debian dir, then torchvision's download."""
-    root_dirs = (root, root / "FashionMNIST" / "raw")  # the second is where torchvision downloads to
-    for directory in (*root_dirs, system_dir):
+def locate_dataset(root: Path, system_dir: Path | None, download: bool, dataset: str = "fashion_mnist") -> dict[str, Path]:
+    """Paths of the four IDX files of `dataset` (IDX_DATASETS): from root, then the Debian dir
+    (Fashion-MNIST only: MNIST shares its file names), then torchvision's download."""
+    name, folder = IDX_DATASETS[dataset]
+    download_dir = root / folder / "raw"  # where torchvision downloads to
+    root_dirs = (root, download_dir) if dataset == "fashion_mnist" else (download_dir,)
+    for directory in (*root_dirs, *([system_dir] if system_dir is not None else [])):
         if files := find_idx_files(directory):
             return files
     if not download:
@@ -167,41 +179,45 @@ def locate_dataset(root: Path, system_dir: Path, download: bool) -> dict[str, Pa
         try:
             import torchvision  # late: only the download uses it, and importing it takes seconds
 
-            torchvision.datasets.FashionMNIST(str(root), download=True)
-            if files := find_idx_files(root_dirs[1]):
+            getattr(torchvision.datasets, folder)(str(root), download=True)
+            if files := find_idx_files(download_dir):
                 return files
-            download_outcome = f"downloaded into {root_dirs[1]} but the files are not there"
+            download_outcome = f"downloaded into {download_dir} but the files are not there"
         except Exception as err:  # noqa: BLE001 - any failure (offline, disk full, ...) is reported below
             download_outcome = f"download into {root} failed: {type(err).__name__}: {str(err).strip()}"
+    places = " and ".join(str(d.resolve()) for d in root_dirs)
+    system = (f"Debian package dir {system_dir}: not there (install it with `{APT_COMMAND}`)"
+              if system_dir is not None else "no system dir (data.system_dir: null)")
     raise DatasetNotFoundError(
-        "Fashion-MNIST not found. Looked for train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        f"{name} not found. Looked for train-images-idx3-ubyte, train-labels-idx1-ubyte, "
         "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each raw or .gz) in:\n"
-        f"  1. root dir {root.resolve()} and {root_dirs[1].resolve()}: not there\n"
-        f"  2. Debian package dir {system_dir}: not there (install it with `{APT_COMMAND}`)\n"
+        f"  1. root dir {places}: not there\n"
+        f"  2. {system}\n"
         f"  3. {download_outcome}\n"
-        f"Fix: install the package, put the files into a directory and set data.root=/that/dir, "
-        f"or set data.download=true on a machine with internet access."
+        f"Fix: put the files into {download_dir if dataset != 'fashion_mnist' else 'a directory'} and set "
+        f"data.root=<its data dir>, or set data.download=true on a machine with internet access."
     )
 
 
 # ---------------------------------------------------------------------------- cache
 
 
-def cache_path(root: Path, image_size: int, levels: int) -> Path:
-    return root / f"fashion_mnist_{image_size}px_{levels}lv.pt"
+def cache_path(root: Path, image_size: int, levels: int, dataset: str = "fashion_mnist") -> Path:
+    return root / f"{dataset}_{image_size}px_{levels}lv.pt"
 
 
-def load_cache(path: Path, image_size: int, levels: int) -> dict[str, Tensor] | None:
-    """The cached preprocessed data, or None if absent or unusable (then it is rebuilt)."""
+def load_cache(path: Path, image_size: int, levels: int, channels: int = 1,
+               splits: tuple[str, ...] = tuple(SPLIT_FILES)) -> dict[str, Tensor] | None:
+    """The cached preprocessed data (the tensors of `splits`), or None if absent or unusable (then it is rebuilt)."""
     if not path.is_file():
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        for split in SPLIT_FILES:
+        for split in {*splits, *(key.removesuffix("_images") for key in data if key.endswith("_images"))}:
             images, labels = data[f"{split}_images"], data[f"{split}_labels"]
             if not (
                 images.dtype == torch.uint8
-                and images.shape[1:] == (1, image_size, image_size)
+                and images.shape[1:] == (channels, image_size, image_size)
                 and labels.dtype == torch.int64
                 and labels.shape == (len(images),)
                 and (len(images) == 0 or images.max() < levels)
@@ -260,18 +276,20 @@ def cache_lock(path: Path):
                     break
 
 
-def load_fashion_mnist(
-    root: str | os.PathLike, system_dir: str | os.PathLike, download: bool, image_size: int, levels: int
+def load_idx_dataset(
+    root: str | os.PathLike, system_dir: str | os.PathLike | None, download: bool, image_size: int, levels: int,
+    dataset: str = "fashion_mnist",
 ) -> dict[str, Tensor]:
-    """{train,test}_{images,labels}: quantized uint8 (N, 1, S, S) and int64 (N,), from the cache if possible."""
+    """{train,test}_{images,labels} of an IDX dataset (IDX_DATASETS): quantized uint8 (N, 1, S, S) and
+    int64 (N,), from the cache if possible."""
     root = Path(root)
-    cache = cache_path(root, image_size, levels)
+    cache = cache_path(root, image_size, levels, dataset)
     if (data := load_cache(cache, image_size, levels)) is not None:
         return data
     with cache_lock(cache):
         if (data := load_cache(cache, image_size, levels)) is not None:  # another job built it meanwhile
             return data
-        files = locate_dataset(root, Path(system_dir), download)
+        files = locate_dataset(root, Path(system_dir) if system_dir else None, download, dataset)
         data = {}
         for split, (images_name, labels_name) in SPLIT_FILES.items():
             images, labels = read_split(files[images_name], files[labels_name])
@@ -409,15 +427,63 @@ class BatchLoader:
 
 # ---------------------------------------------------------------------------- data module
 
-Split = tuple[Tensor, Tensor]  # (images uint8 (N, 1, S, S), labels int64 (N,))
+Split = tuple[Tensor, Tensor]  # (images uint8 (N, C, S, S), labels int64 (N,))
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
-    """Fashion-MNIST quantized to `levels` grey levels at `image_size` x `image_size`.
+def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels: int) -> Tensor:
+    """Images of any sizes, (H, W) or (H, W, C) uint8 -> (N, C, S, S) uint8 levels by `quantize`,
+    one batch per size (the order is kept)."""
+    out = torch.empty(len(images), channels, image_size, image_size, dtype=torch.uint8)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(k)
+    for indices in by_shape.values():
+        out[indices] = quantize(torch.from_numpy(np.stack([images[k] for k in indices])), image_size, levels)
+    return out
 
-    The 60k training images are split into train / val (`val_size`) by a fixed permutation
-    from `split_seed`; test is the 10k t10k set. Batches are (images uint8 (B, 1, S, S) of
-    levels 0..levels-1, labels int64 (B,)); training batches come as lists of `steps_per_batch`
+
+def load_own_images(root: Path, source: str, path: Path, image_size: int, levels: int, channels: int) -> dict:
+    """A folder or array source (`pixelcnn.sources`) preprocessed: {<split>_images (N, C, S, S) uint8,
+    <split>_labels (N,) int64} for the splits it has, and class_names (a list), from the cache if possible."""
+    cache = root / sources.cache_name(source, path, image_size, levels, channels)
+    if (data := load_cache(cache, image_size, levels, channels, ("train",))) is not None:
+        return data
+    with cache_lock(cache):
+        if (data := load_cache(cache, image_size, levels, channels, ("train",))) is not None:
+            return data
+        splits, names = sources.read_source(source, path, channels)
+        data = {"class_names": names}
+        for split, (images, labels) in splits.items():
+            data[f"{split}_images"] = preprocess(images, image_size, levels, channels)
+            data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+        save_cache(cache, data)
+    return data
+
+
+def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Split, Split]:
+    """(rest, part): `size` images (a count, or a fraction of them) cut from `split` by a fixed
+    permutation from `seed`."""
+    images, labels = split
+    count = size if isinstance(size, int) else max(1, round(size * len(images)))
+    if not 0 <= count < len(images):
+        raise UserError(f"data.{what}={size} is invalid: the training file has {len(images)} images, so it must be "
+                        f"in 0..{len(images) - 1} (or a fraction in (0, 1))")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    part, rest = order[:count], order[count:]
+    return (images[rest], labels[rest]), (images[part], labels[part])
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images of `source` quantized to `levels` levels per channel at `image_size` x `image_size`,
+    with `channels` 1 (grey) or 3 (RGB).
+
+    Sources (`SOURCES`): fashion_mnist, mnist (IDX files, see `locate_dataset`), folder and array
+    (`path`, see `pixelcnn.sources`). The training images are split into train / val
+    (`val_size`: a count or a fraction) by a fixed permutation from `split_seed`, unless the
+    source has a val split; test is the source's test split (Fashion-MNIST: the 10k t10k set),
+    else `test_size` cut from the training images first. `class_names` are the source's classes
+    ([] if unlabelled). Batches are (images uint8 (B, C, S, S) of levels 0..levels-1, labels
+    int64 (B,)); training batches come as lists of `steps_per_batch`
     such batches (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
     (Lightning's meaning, counting batches, not the lists of them that Lightning iterates).
     `overfit_batches` > 0 trains on the first that many batches (or that fraction) of the training
@@ -428,14 +494,18 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
+        source: str = "fashion_mnist",
+        path: str | os.PathLike | None = None,
+        channels: int = 1,
+        test_size: int | float = 0.1,
         root: str | os.PathLike | None = None,
-        system_dir: str | os.PathLike = "/usr/share/datasets/fashion-mnist",
+        system_dir: str | os.PathLike | None = "/usr/share/datasets/fashion-mnist",
         download: bool = True,
         image_size: int = 16,
         levels: int = 4,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
-        val_size: int = 5000,
+        val_size: int | float = 5000,
         split_seed: int = 0,
         on_device: bool | Literal["auto"] = "auto",
         hflip: bool = False,
@@ -447,6 +517,13 @@ class FashionMNISTDataModule(L.LightningDataModule):
         super().__init__()
         if not 2 <= levels <= 256:  # more would wrap around in uint8 (ranges are otherwise config.RULES')
             raise ValueError(f"levels must be in 2..256 to fit uint8, got {levels}")
+        if source not in SOURCES:
+            raise UserError(f"data.source={source!r} is unknown: choose one of {', '.join(SOURCES)}")
+        if (path is None) != (source in IDX_DATASETS):
+            raise UserError(f"data.path is for data=folder / data=array only (data.source={source})" if path
+                            else f"data={source} needs data.path=<{'folder' if source == 'folder' else '.npy or .npz file'}>")
+        self.source, self.channels, self.test_size = source, channels, test_size
+        self.path = Path(path).expanduser().absolute() if path is not None else None
         self.root = Path(root).expanduser() if root else default_data_dir()  # a config's ~ is not expanded by the shell
         self.system_dir, self.download = system_dir, download
         self.image_size, self.levels = image_size, levels
@@ -459,6 +536,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self._train_loader: BatchLoader | None = None
         self._train_generator_state: Tensor | None = None  # from a checkpoint, for the next train loader
         self.data: dict[str, Tensor] | None = None
+        self.class_names: list[str] = []  # known once loaded
         self.train_set: Split | None = None
         self.val_set: Split | None = None
         self.test_set: Split | None = None
@@ -468,23 +546,44 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.load()
 
     def load(self) -> dict[str, Tensor]:
-        if self.data is None:
-            self.data = load_fashion_mnist(self.root, self.system_dir, self.download, self.image_size, self.levels)
+        if self.data is not None:
+            return self.data
+        if self.source in IDX_DATASETS:
+            data = load_idx_dataset(self.root, self.system_dir, self.download, self.image_size, self.levels, self.source)
+            self.class_names = list(CLASS_NAMES) if self.source == "fashion_mnist" else [str(k) for k in range(10)]
+            if self.channels > 1:  # grey as RGB: the same levels in every channel
+                data = {k: v.repeat(1, self.channels, 1, 1) if k.endswith("_images") else v for k, v in data.items()}
+        else:
+            data = load_own_images(self.root, self.source, self.path, self.image_size, self.levels, self.channels)
+            self.class_names = list(data.pop("class_names"))
+        self.data = data
         return self.data
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the source (0: unlabelled), known once loaded."""
+        return len(self.class_names)
+
+    def source_settings(self) -> dict:
+        """What picks this data and its test split, for a checkpoint (`PixelCNNModule`'s `data`), so
+        that sample.py and evaluate.py read the same test images: `setup_datamodule(root, ..., **this)`."""
+        return {"source": self.source, "path": str(self.path) if self.path else None, "channels": self.channels,
+                "val_size": self.val_size, "test_size": self.test_size, "split_seed": self.split_seed}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         data = self.load()
-        images, labels = data["train_images"], data["train_labels"]
-        if not 0 <= self.val_size < len(images):
-            raise UserError(f"data.val_size={self.val_size} is invalid: the training file has {len(images)} images, "
-                            f"so it must be in 0..{len(images) - 1}")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
-        val_index, train_index = order[: self.val_size], order[self.val_size :]
-        self.train_set = images[train_index], labels[train_index]
-        self.val_set = images[val_index], labels[val_index]
-        self.test_set = data["test_images"], data["test_labels"]
+        train = data["train_images"], data["train_labels"]
+        # Cut in this order, each with its own fixed permutation: Fashion-MNIST has a test split, so
+        # its val split is cut exactly as it always was.
+        test = (data["test_images"], data["test_labels"]) if "test_images" in data else None
+        if test is None:
+            train, test = split_off(train, self.test_size, self.split_seed + 1, "test_size")
+        val = (data["val_images"], data["val_labels"]) if "val_images" in data else None
+        if val is None:
+            train, val = split_off(train, self.val_size, self.split_seed, "val_size")
+        self.train_set, self.val_set, self.test_set = train, val, test
 
     def target_device(self) -> torch.device:
         """Where batches should live: the trainer's device if moving there is enabled, else the CPU."""
@@ -545,9 +644,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self.loader("test_set", self.eval_batch_size, train=False)
 
 
-def setup_datamodule(root: str | os.PathLike | None, image_size: int, levels: int, **kwargs) -> FashionMNISTDataModule:
+FashionMNISTDataModule = ImageDataModule  # the name before other sources came (data=fashion_mnist is the default)
+
+
+def setup_datamodule(root: str | os.PathLike | None, image_size: int, levels: int, **kwargs) -> ImageDataModule:
     """The data module, set up: same files, cache and splits as training (other arguments as
-    `FashionMNISTDataModule`'s, e.g. `val_size`, `system_dir`)."""
-    datamodule = FashionMNISTDataModule(root=root, image_size=image_size, levels=levels, **kwargs)
+    `ImageDataModule`'s, e.g. `val_size`, `system_dir`, or a checkpoint's `source_settings`)."""
+    datamodule = ImageDataModule(root=root, image_size=image_size, levels=levels, **kwargs)
     datamodule.setup()
     return datamodule

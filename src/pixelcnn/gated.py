@@ -15,6 +15,11 @@ tanh(a) * sigmoid(b), and the horizontal stack is residual with a 1x1 convolutio
 branch. Class conditioning adds a learned per-class bias to a and b (the paper's V^T h with
 a one-hot h).
 
+Colour (`image_channels` = 3, the paper's section 2.1): only the horizontal stack sees the current
+pixel, so only it is masked over colour groups (`pixelcnn.model.colour_mask`): its kernel's last
+column (the current pixel) and its 1x1 convs. The two halves of a gated conv's output (value and
+gate) carry the same groups, so the gate keeps them apart. The vertical stack sees rows above only.
+
 References:
 - van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves, Kavukcuoglu 2016, "Conditional
   Image Generation with PixelCNN Decoders" (gated units, the two stacks, conditioning).
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.model import ClassBias, conv1x1_at, spatial
+from pixelcnn.model import ClassBias, MaskedConv2d, channel_groups, channel_mask, conv1x1_at, spatial
 
 
 def gate(x: Tensor) -> Tensor:
@@ -74,17 +79,26 @@ class HorizontalStackConv(nn.Conv2d):
     """A 1 x (k//2+1) kernel over the pixels left of and at the current one (last kernel column).
 
     The input is zero-padded on the left only. With `mask_center` the last kernel column is
-    masked (in `forward`), so the output at (i, j) sees only pixels left of j in row i.
+    masked (in `forward`), so the output at (i, j) sees only pixels left of j in row i. With
+    `colours` > 1 that column is masked over colour groups instead (`channel_mask`, type A with
+    `mask_center`, else B); the output's groups repeat in each half (value, gate) of `halves`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
-                 mask_center: bool = False):
+                 mask_center: bool = False, colours: int = 1, halves: int = 1):
         super().__init__(in_channels, out_channels, (1, kernel_size // 2 + 1), dilation=(1, dilation))
         self.pad_left = (kernel_size // 2) * dilation
-        mask = torch.ones(1, kernel_size // 2 + 1)
-        if mask_center:
-            mask[:, -1] = 0
-        self.register_buffer("mask", mask[None, None], persistent=False)
+        if colours > 1:
+            out_groups = channel_groups(out_channels // halves, colours).repeat(halves)
+            mask = torch.ones(out_channels, in_channels, 1, kernel_size // 2 + 1)
+            mask[:, :, 0, -1] = channel_mask(out_groups, channel_groups(in_channels, colours),
+                                             "A" if mask_center else "B")
+        else:
+            mask = torch.ones(1, kernel_size // 2 + 1)
+            if mask_center:
+                mask[:, -1] = 0
+            mask = mask[None, None]
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
         return F.conv2d(F.pad(x, (self.pad_left, 0)), self.weight * self.mask, self.bias, dilation=self.dilation)
@@ -106,12 +120,12 @@ class GatedMaskedConv(nn.Module):
     """
 
     def __init__(self, channels: int, kernel_size: int, dilation: int = 1, dropout: float = 0.0,
-                 num_classes: int = 0):
+                 num_classes: int = 0, colours: int = 1):
         super().__init__()
         self.vertical = VerticalStackConv(channels, 2 * channels, kernel_size, dilation)
-        self.horizontal = HorizontalStackConv(channels, 2 * channels, kernel_size, dilation)
+        self.horizontal = HorizontalStackConv(channels, 2 * channels, kernel_size, dilation, colours=colours, halves=2)
         self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)  # `horizontal` has the bias
-        self.horizontal_out = nn.Conv2d(channels, channels, 1)
+        self.horizontal_out = MaskedConv2d(channels, channels, 1, "B", colours)  # grey: a plain 1x1 conv
         self.dropout = nn.Dropout(dropout)
         self.cond_vertical = ClassBias(num_classes, 2 * channels)
         self.cond_horizontal = ClassBias(num_classes, 2 * channels)
@@ -140,9 +154,9 @@ class GatedMaskedConv(nn.Module):
 class GatedPixelCNN(nn.Module):
     """Input convs (hiding the current pixel) -> `layers` gated layers -> ReLU, 1x1, ReLU, 1x1 to logits.
 
-    Input: pixel levels scaled to [0, 1) as `level / levels`, shape (B, 1, H, W).
-    Output: logits over the `levels` grey levels of every pixel, shape (B, levels, H, W).
-    `dilations` is cycled over the layers, e.g. (1, 2, 1, 4). With the defaults it has
+    Input: pixel levels scaled to [0, 1) as `level / levels`, shape (B, C, H, W), C = `image_channels`.
+    Output: logits over the `levels` levels of every pixel and channel, shape (B, C * levels, H, W)
+    (channel c's logits are [c * levels, (c + 1) * levels)). `dilations` is cycled over the layers, e.g. (1, 2, 1, 4). With the defaults it has
     2,779,012 parameters.
     """
 
@@ -156,6 +170,7 @@ class GatedPixelCNN(nn.Module):
         dilations: Sequence[int] = (1,),
         dropout: float = 0.0,
         num_classes: int = 0,
+        image_channels: int = 1,
     ):
         super().__init__()
         dilations = tuple(dilations)  # Hydra passes a ListConfig
@@ -164,21 +179,24 @@ class GatedPixelCNN(nn.Module):
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
         if input_kernel < 3 or input_kernel % 2 != 1:  # 1 would hide everything from the input convs
             raise ValueError(f"input_kernel must be odd and >= 3, got {input_kernel}")
-        self.levels = levels
+        if channels < image_channels:
+            raise ValueError(f"channels must be >= {image_channels} for {image_channels} colour groups, got {channels}")
+        self.levels, self.image_channels = levels, image_channels
         self.num_classes = num_classes
-        self.input_vertical = VerticalStackConv(1, channels, input_kernel, mask_center=True)
-        self.input_horizontal = HorizontalStackConv(1, channels, input_kernel, mask_center=True)
+        colours = image_channels
+        self.input_vertical = VerticalStackConv(colours, channels, input_kernel, mask_center=True)
+        self.input_horizontal = HorizontalStackConv(colours, channels, input_kernel, mask_center=True, colours=colours)
         self.cond_input_vertical = ClassBias(num_classes, channels)
         self.cond_input_horizontal = ClassBias(num_classes, channels)
         self.gated_layers = nn.ModuleList(
-            GatedMaskedConv(channels, kernel_size, dilations[n % len(dilations)], dropout, num_classes)
+            GatedMaskedConv(channels, kernel_size, dilations[n % len(dilations)], dropout, num_classes, colours)
             for n in range(layers)
         )
-        self.head = nn.Conv2d(channels, channels, 1)
+        self.head = MaskedConv2d(channels, channels, 1, "B", colours)  # grey: plain 1x1 convs
         self.cond_head = ClassBias(num_classes, channels)
-        self.to_logits = nn.Conv2d(channels, levels, 1)
+        self.to_logits = MaskedConv2d(channels, colours * levels, 1, "B", colours)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:  # (B, 1, H, W) -> (B, L, H, W)
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:  # (B, C, H, W) -> (B, C*L, H, W)
         v = self.input_vertical(x) + spatial(self.cond_input_vertical(labels))  # (B, C, H, W): rows above
         h = self.input_horizontal(x) + spatial(self.cond_input_horizontal(labels))  # (B, C, H, W): pixels left
         for layer in self.gated_layers:
@@ -201,8 +219,9 @@ class IncrementalGatedPixelCNN:
     mode). All buffers are allocated up front and every step has fixed shapes.
 
     Protocol shared with every model of the project (see `pixelcnn.sampling`):
-      logits(i, j) -> (B, levels)   all pixels before (i, j) must have been set
-      set_pixel(i, j, values)       (B,) integer levels of pixel (i, j)
+      logits(i, j, c) -> (B, levels)   channel c of pixel (i, j); all pixels before (i, j) and
+                                       channels < c of (i, j) must have been set
+      set_pixel(i, j, values, c)       (B,) integer levels of channel c of pixel (i, j)
     As for `IncrementalPixelCNN`, `logits` must be called at every pixel in raster order
     (it is what fills the caches).
     """
@@ -213,7 +232,7 @@ class IncrementalGatedPixelCNN:
         param = net.to_logits.weight
         kw = dict(device=param.device, dtype=param.dtype)
         p = net.input_vertical.pad_side  # == pad_top == input_horizontal.pad_left
-        self.image = torch.zeros(batch_size, 1, height + p, width + 2 * p, **kw)  # padded model input
+        self.image = torch.zeros(batch_size, net.image_channels, height + p, width + 2 * p, **kw)  # padded model input
         self.vertical_inputs = [
             torch.zeros(batch_size, layer.vertical.in_channels, height + layer.vertical.pad_top,
                         width + 2 * layer.vertical.pad_side, **kw)
@@ -237,9 +256,9 @@ class IncrementalGatedPixelCNN:
             link.copy_(row_link[:, :, 0])
 
     @torch.no_grad()
-    def logits(self, i: int, j: int) -> Tensor:  # -> (B, L)
+    def logits(self, i: int, j: int, channel: int = 0) -> Tensor:  # -> (B, L)
         net, labels = self.net, self.labels
-        if j == 0:  # row i of the vertical stack needs only rows < i, all set by now
+        if j == 0 and channel == 0:  # row i of the vertical stack needs only rows < i, all set by now
             self._vertical_row(i)
         p = net.input_horizontal.pad_left
         h = net.input_horizontal.at_pixel(self.image[:, :, i + p], j) + net.cond_input_horizontal(labels)  # (B, C)
@@ -247,8 +266,8 @@ class IncrementalGatedPixelCNN:
             row[:, :, j + layer.horizontal.pad_left] = h
             h = layer.horizontal_at(row, j, link[:, :, j], labels)  # (B, C)
         h = F.relu(conv1x1_at(net.head, F.relu(h)) + net.cond_head(labels))  # (B, C)
-        return conv1x1_at(net.to_logits, h)
+        return conv1x1_at(net.to_logits, h)[:, channel * net.levels : (channel + 1) * net.levels]  # (B, C*L) -> (B, L)
 
-    def set_pixel(self, i: int, j: int, values: Tensor) -> None:
+    def set_pixel(self, i: int, j: int, values: Tensor, channel: int = 0) -> None:
         p = self.net.input_vertical.pad_side
-        self.image[:, 0, i + p, j + p] = values.to(self.image.dtype) / self.net.levels
+        self.image[:, channel, i + p, j + p] = values.to(self.image.dtype) / self.net.levels

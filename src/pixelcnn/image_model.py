@@ -23,32 +23,41 @@ from pixelcnn.sampling import SamplingMethod, eval_mode, sample
 ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
 
 
-def build_network(arch: str, levels: int, num_classes: int, **arch_kwargs) -> nn.Module:
+def build_network(arch: str, levels: int, num_classes: int, image_channels: int = 1, **arch_kwargs) -> nn.Module:
     """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
     if arch not in ARCHITECTURES:
         raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
     # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
-    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - {"levels", "num_classes"},
+    shared = {"levels", "num_classes", "image_channels"}
+    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - shared,
                   "model", f"model.arch={arch}")
-    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, **arch_kwargs)
+    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
 
 
 class ImageModel(nn.Module):
-    """The network `arch` for `image_size` x `image_size` images of `levels` grey levels, with
-    `num_classes` classes to condition on (0: unconditional). Its only weights are `net`'s."""
+    """The network `arch` for `image_size` x `image_size` images of `image_channels` channels (1 grey,
+    3 RGB) with `levels` levels each, and `num_classes` classes to condition on (0: unconditional),
+    named by `class_names` (from the data, for `sample.py label=<name>`). `data` is the data source
+    it was trained on (`pixelcnn.data.ImageDataModule.source_settings`), for the commands that read
+    its test split again. Its only weights are `net`'s."""
 
     def __init__(self, arch: str = "pixelcnn", levels: int = 4, image_size: int = 16, num_classes: int = 0,
+                 image_channels: int = 1, class_names: list[str] | None = None, data: dict | None = None,
                  **arch_kwargs):
         super().__init__()
-        self.net = build_network(arch, levels, num_classes, **arch_kwargs)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.net = build_network(arch, levels, num_classes, image_channels, **arch_kwargs)
         self.levels, self.image_size, self.num_classes = levels, image_size, num_classes
+        self.image_channels, self.class_names, self.data = image_channels, class_names, data
         self.conditional = num_classes > 0
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> ImageModel:
         """The model of a checkpoint's hyperparameters, those of the training (optimizer, schedule) left out."""
         network = ARCHITECTURES.get(hparams.get("arch"))  # an unknown arch: build_network says so
-        kept = {"arch", "levels", "image_size", "num_classes", *(inspect.signature(network).parameters if network else ())}
+        kept = {"arch", "levels", "image_size", "num_classes", "image_channels", "class_names", "data",
+                *(inspect.signature(network).parameters if network else ())}
         return cls(**{key: value for key, value in hparams.items() if key in kept})
 
     @property
@@ -57,18 +66,23 @@ class ImageModel(nn.Module):
 
     # --- likelihood ------------------------------------------------------------------------------
     def mean_bits_per_dim(self, images: Tensor, labels: Tensor) -> Tensor:
-        """The loss: mean negative log-likelihood of the batch in bits per pixel. (B, 1, H, W) uint8 -> ()"""
+        """The loss: mean negative log-likelihood of the batch in bits per dimension. (B, C, H, W) uint8 -> ()"""
         return self.nll_bits_per_pixel(images, labels).mean()
 
     def nll_bits_per_pixel(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Negative log-likelihood of every pixel in bits. (B, 1, H, W) uint8 level images -> (B, H, W)"""
-        x = images.float() / self.levels  # (B, 1, H, W) model input
-        logits = self.net(x, labels if self.conditional else None)  # (B, L, H, W)
-        return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
+        """Negative log-likelihood of every pixel in bits per dimension (the mean over its C
+        channels, so that the mean over pixels is bits/dim over all C*H*W values).
+        (B, C, H, W) uint8 level images -> (B, H, W)"""
+        x = images.float() / self.levels  # (B, C, H, W) model input
+        logits = self.net(x, labels if self.conditional else None)  # (B, C*L, H, W)
+        if images.shape[1] == 1:  # grey: the logits are already (B, L, H, W)
+            return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
+        logits = logits.unflatten(1, (images.shape[1], self.levels)).transpose(1, 2)  # (B, L, C, H, W)
+        return F.cross_entropy(logits.float(), images.long(), reduction="none").mean(1) / math.log(2)
 
     @torch.no_grad()
     def nll_maps(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-        """`nll_bits_per_pixel` of any number of images, in eval mode. (N, 1, H, W) uint8 -> (N, H, W) on the CPU"""
+        """`nll_bits_per_pixel` of any number of images, in eval mode. (N, C, H, W) uint8 -> (N, H, W) on the CPU"""
         maps = []
         with eval_mode(self):
             for start in range(0, len(images), batch_size):
@@ -77,20 +91,20 @@ class ImageModel(nn.Module):
         return torch.cat(maps)
 
     def image_bits_per_dim(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:
-        """Bits/dim of each image: (N, 1, H, W) uint8 -> (N,) float64. A conditional model without
-        labels gives the marginal over classes (uniform prior), -log2(mean_c 2^(-bits(x | c))) / (H * W)."""
+        """Bits/dim of each image: (N, C, H, W) uint8 -> (N,) float64. A conditional model without
+        labels gives the marginal over classes (uniform prior), -log2(mean_k 2^(-bits(x | k))) / (C * H * W)."""
         if not self.conditional or labels is not None:
             return self.nll_maps(images, labels, batch_size).double().mean((1, 2))
-        classes = self.num_classes
-        total_bits = torch.stack([self.nll_maps(images, torch.full((len(images),), c), batch_size).double().sum((1, 2))
-                                  for c in range(classes)], dim=1)  # (N, C)
+        classes, channels = self.num_classes, images.shape[1]
+        total_bits = torch.stack([self.nll_maps(images, torch.full((len(images),), k), batch_size).double().sum((1, 2))
+                                  * channels for k in range(classes)], dim=1)  # (N, K)
         marginal = -(torch.logsumexp(-total_bits * math.log(2), dim=1) - math.log(classes)) / math.log(2)
-        return marginal / images[0, 0].numel()
+        return marginal / images[0].numel()
 
     # --- generation ------------------------------------------------------------------------------
     def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, labels: Tensor | None = None,
                method: SamplingMethod = "fast") -> Tensor:
-        """Draw n images as (n, H, W) long levels. Conditional models need `labels` (n,)."""
+        """Draw n images as (n, H, W) grey or (n, C, H, W) colour long levels. Conditional models need `labels` (n,)."""
         if self.conditional and labels is None:
             raise ValueError("this model is class-conditional: pass labels (one class index per image)")
         return sample(self.net, n, self.image_size, self.image_size, temperature, seed,

@@ -1,5 +1,5 @@
-"""Images in and out: level indices as viewable grids (level 0 is black, level L-1 is white), and
-any image file read as the 0..255 grey or RGB values it shows (`load_image`)."""
+"""Images in and out: any image file read as the 0..255 grey or RGB values it shows (`load_image`),
+and level indices as viewable grids (level 0 is black, level L-1 is white, per channel)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
     - RGB, CMYK, YCbCr, LAB, HSV, ...: converted to RGB by Pillow; grey from RGB is ITU-R 601-2
       luma (L = 0.299 R + 0.587 G + 0.114 B, Pillow's "L").
     - With alpha (LA, RGBA, PA, La, RGBa, or a transparent colour in the file): composited on a
-      BLACK background (v * alpha / 255), black being the background of Fashion-MNIST: a
-      transparent pixel is empty space, as there.
+      WHITE background (`to_channels`, as for arrays: v * a / 255 + 255 * (1 - a / 255)), the
+      background icons and drawings are made for.
 
     A file that is not an image, is damaged, has more than MAX_IMAGE_PIXELS pixels (checked in the
     header, before decoding) or a mode without a defined range is a UserError naming it.
@@ -71,32 +71,52 @@ def _grey_or_rgb(image: Image.Image, path: str | Path) -> Image.Image:
             raise UserError(f"{path} has 32-bit pixels {values.min()}..{values.max()}, outside 16 bits (0..65535): "
                             "save it with 8- or 16-bit pixels")
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # round(v / 257)
-    if mode in ("La", "RGBa"):  # premultiplied alpha: the colour is already composited on black
-        return Image.fromarray(np.asarray(image)[..., :-1].squeeze(-1) if mode == "La" else np.asarray(image)[..., :3])
+    if mode in ("La", "RGBa"):  # premultiplied alpha (v * a / 255): on white, add 255 - a
+        values = np.asarray(image).astype(np.int64)  # (H, W, 2 or 4)
+        on_white = (values[..., :-1] + 255 - values[..., -1:]).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(on_white.squeeze(-1) if mode == "La" else on_white)
     if mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA")).astype(np.uint32)  # (H, W, 4); palette and tRNS applied
-        return Image.fromarray(((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8))  # on black
+        rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4); palette and tRNS applied
+        return Image.fromarray(to_channels(rgba[None], 3)[0])  # on white
     return image.convert("L" if mode in ("1", "L") else "RGB")
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, 1|3|4) -> (N, H, W) grey (channels=1) or (N, H, W, 3) RGB: alpha
+    composited on white, grey repeated as RGB, RGB to grey by ITU-R 601-2 luma (PIL's "L")."""
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim == 4 and images.shape[-1] == 4:  # composite on white: rgb * a + 255 * (1 - a)
+        rgb, alpha = images[..., :3].astype(np.uint32), images[..., 3:].astype(np.uint32)
+        images = ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    if images.ndim == 3:
+        return images if channels == 1 else np.repeat(images[..., None], 3, axis=-1)
+    if channels == 3:
+        return images
+    # ITU-R 601-2 luma in PIL's fixed point, so that an RGB array and the same image as a PNG agree.
+    r, g, b = (images[..., k].astype(np.uint32) for k in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
 def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, padding: int = 1) -> Tensor:
-    """(N, H, W) or (N, 1, H, W) integer level images, of `levels` grey levels -> (3, H', W') float grid in [0, 1].
+    """(N, H, W) or (N, 1, H, W) grey, or (N, 3, H, W) RGB integer level images, of `levels` levels
+    -> (3, H', W') float grid in [0, 1].
 
     `scale` enlarges each pixel to a scale x scale block (nearest) so a 16x16 image is visible.
     """
-    images = images.reshape(images.shape[0], 1, *images.shape[-2:]).float() / (levels - 1)  # (N, 1, H, W)
+    images = images.reshape(images.shape[0], -1, *images.shape[-2:]).float() / (levels - 1)  # (N, C, H, W)
     if scale > 1:
         images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     # torchvision's make_grid, written out (the same pixels): importing torchvision takes longer
     # than sampling (it loads its models and ops). Mid grey (0.5) lines show against black and white.
-    count, _, height, width = images.shape
+    count, channels, height, width = images.shape
     if count == 1:  # one image: no frame (as make_grid)
         return images[0].cpu().expand(3, -1, -1)
     pad, columns = padding * max(scale // 2, 1), min(nrow, count)
     rows = -(-count // columns)
-    tiles = F.pad(images[:, 0].cpu(), (pad, 0, pad, 0), value=0.5)  # (N, H+pad, W+pad): each with its gap above and left
+    tiles = F.pad(images.cpu(), (pad, 0, pad, 0), value=0.5)  # (N, C, H+pad, W+pad): each with its gap above and left
     tiles = torch.cat([tiles, tiles.new_full((rows * columns - count, *tiles.shape[1:]), 0.5)])  # empty cells
-    grid = tiles.view(rows, columns, height + pad, width + pad).permute(0, 2, 1, 3).reshape(rows * (height + pad), -1)
+    grid = tiles.view(rows, columns, channels, height + pad, width + pad).permute(2, 0, 3, 1, 4)
+    grid = grid.reshape(channels, rows * (height + pad), columns * (width + pad))
     return F.pad(grid, (0, pad, 0, pad), value=0.5).expand(3, -1, -1)  # (3, H', W'), as make_grid gives
 
 
@@ -117,7 +137,8 @@ def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
 
 def save_grid_and_levels(grid: Tensor, images: Tensor, out_dir: Path, stem: str,
                          label: str | None = None) -> tuple[Path, Path]:
-    """Write the figure `<stem>[_label-<label>].png` and the level images as uint8 `.npy` beside it."""
+    """Write the figure `<stem>[_label-<label>].png` and the level images as uint8 `.npy` beside it
+    ((N, H, W) grey, (N, C, H, W) colour)."""
     if label is not None:
         stem += f"_label-{label}"
     png = save_grid(grid, out_dir / f"{stem}.png")

@@ -31,8 +31,12 @@ def saved_optim(hparams: dict) -> dict:
 class PixelCNNModule(ImageModel, L.LightningModule):
     """Trains any network of `image_model.ARCHITECTURES` with cross-entropy over the pixel levels.
 
-    Batches are `(images uint8 (B, 1, H, W) of levels 0..levels-1, labels long (B,))`; the network
-    sees `images / levels`. `levels` is always the number of grey levels, never a tensor.
+    Batches are `(images uint8 (B, C, H, W) of levels 0..levels-1, labels long (B,))`, C =
+    `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. `levels` is always the
+    number of levels per channel, never a tensor. `class_names` (from the data, saved with the
+    checkpoint) name the `num_classes` classes for `sample.py label=<name>`; `data` is the data
+    source it was trained on (`pixelcnn.data.ImageDataModule.source_settings`), for the commands
+    that read its test split again.
     """
 
     device = L.LightningModule.device  # Lightning's (it tracks the module's moves), not ImageModel's
@@ -43,6 +47,9 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         levels: int = 4,
         image_size: int = 16,
         num_classes: int = 0,
+        image_channels: int = 1,
+        class_names: list[str] | None = None,
+        data: dict | None = None,
         optim: dict | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
@@ -53,7 +60,7 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         The last three are the Trainer arguments of the same names, with Lightning's meaning; the
         Trainer refuses them under manual optimization, so the module applies them (`training_step`).
         They are training settings, not part of the model: left out of the hyperparameters."""
-        super().__init__(arch, levels, image_size, num_classes, **arch_kwargs)
+        super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, **arch_kwargs)
         self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"])
         self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
         # Mean bits/dim over the whole split, per image: the sum and the count are each summed over

@@ -128,9 +128,9 @@ class Footprint:
         return self.state_bytes + self.activation_bytes
 
 
-def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditional: bool,
+def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditional: bool, channels: int = 1,
                        activation_bytes: int = 4) -> Footprint:
-    """The footprint of `net` (built on the meta device) trained on (batch_size, 1, S, S) images.
+    """The footprint of `net` (built on the meta device) trained on (batch_size, channels, S, S) images.
     `activation_bytes`: 2 under 16-bit mixed precision, else 4. A lower bound of the real need:
     temporary buffers, the data and the framework itself come on top."""
     values, flops = 0, 0.0
@@ -149,7 +149,7 @@ def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditi
     try:
         with torch.device("meta"), torch.no_grad():
             labels = torch.zeros(batch_size, dtype=torch.long) if conditional else None
-            net(torch.zeros(batch_size, 1, image_size, image_size), labels)
+            net(torch.zeros(batch_size, channels, image_size, image_size), labels)
     finally:
         for hook in hooks:
             hook.remove()

@@ -9,8 +9,11 @@ images:
   once in a CUDA graph and replayed, which removes the per-step launch overhead.
 `complete_fast` is the fast sampler with the top rows of each image given (image completion).
 
+Colour models (`model.image_channels` = C > 1) draw the channels of each pixel in turn (R, G, B),
+each from its own softmax; images are (B, C, H, W) then, and (B, H, W) in grey as before.
+
 The draw: `softmax(logits / temperature)` then a multinomial draw by inverse CDF with a
-uniform number per pixel drawn up front. Pre-drawn uniforms make runs reproducible from one
+uniform number per pixel and channel drawn up front. Pre-drawn uniforms make runs reproducible from one
 seed, let both samplers consume identical randomness, and keep the loop free of host syncs.
 """
 
@@ -45,53 +48,61 @@ def draw_levels(logits: Tensor, temperature: float, uniforms: Tensor) -> Tensor:
     return level.clamp_(max=logits.shape[-1] - 1)  # guards u > cdf[-1] from rounding
 
 
-def draw_uniforms(n: int, height: int, width: int, seed: int | None, device: torch.device) -> Tensor:
-    """One uniform number per pixel, (n, H*W), from a CPU generator so a seed gives the same
-    images on every device."""
+def draw_uniforms(n: int, height: int, width: int, seed: int | None, device: torch.device, channels: int = 1) -> Tensor:
+    """One uniform number per pixel and channel, (n, H*W*C) in raster then channel order, from a
+    CPU generator so a seed gives the same images on every device."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return torch.rand(n, height * width, generator=generator).to(device)
+    return torch.rand(n, height * width * channels, generator=generator).to(device)
+
+
+def as_images(out: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H, W) for grey, unchanged for colour: the samplers' result."""
+    return out[:, 0] if out.shape[1] == 1 else out
 
 
 @torch.no_grad()
 def sample_naive(model: nn.Module, uniforms: Tensor, height: int, width: int, temperature: float,
                  labels: Tensor | None = None) -> Tensor:
-    """Reference sampler: one full forward pass per pixel. -> (B, H, W) long levels"""
-    n, levels = uniforms.shape[0], model.levels
-    image = torch.zeros(n, 1, height, width, device=uniforms.device)  # (B, 1, H, W) model input
-    out = torch.zeros(n, height, width, dtype=torch.long, device=uniforms.device)
+    """Reference sampler: one full forward pass per pixel and channel. -> (B, H, W) or (B, C, H, W) long levels"""
+    n, levels, channels = uniforms.shape[0], model.levels, model.image_channels
+    image = torch.zeros(n, channels, height, width, device=uniforms.device)  # (B, C, H, W) model input
+    out = torch.zeros(n, channels, height, width, dtype=torch.long, device=uniforms.device)
     for i in range(height):
         for j in range(width):
-            logits = model(image, labels)[:, :, i, j]  # (B, L)
-            out[:, i, j] = draw_levels(logits, temperature, uniforms[:, i * width + j])
-            image[:, 0, i, j] = out[:, i, j].float() / levels
-    return out
+            for c in range(channels):
+                logits = model(image, labels)[:, c * levels : (c + 1) * levels, i, j]  # (B, L)
+                out[:, c, i, j] = draw_levels(logits, temperature, uniforms[:, (i * width + j) * channels + c])
+                image[:, c, i, j] = out[:, c, i, j].float() / levels
+    return as_images(out)
 
 
 @torch.no_grad()
 def _fast_loop(model: nn.Module, uniforms: Tensor, out: Tensor, temperature: float, labels: Tensor | None,
                kept_rows: int = 0) -> None:
-    """Fill `out` (B, H, W) in raster order; rows [0, kept_rows) keep their values (completion)."""
-    n, height, width = out.shape
+    """Fill `out` (B, C, H, W) in raster order, channels in turn; rows [0, kept_rows) keep their values (completion)."""
+    n, channels, height, width = out.shape
     state = model.start_incremental(n, height, width, labels)
     for i in range(height):
         for j in range(width):
-            logits = state.logits(i, j)  # (B, L); kept pixels too: the protocol fills its caches in raster order
-            if i >= kept_rows:
-                out[:, i, j] = draw_levels(logits, temperature, uniforms[:, i * width + j])
-            state.set_pixel(i, j, out[:, i, j])
+            for c in range(channels):
+                logits = state.logits(i, j, c)  # (B, L); kept pixels too: the protocol fills its caches in raster order
+                if i >= kept_rows:
+                    out[:, c, i, j] = draw_levels(logits, temperature, uniforms[:, (i * width + j) * channels + c])
+                state.set_pixel(i, j, out[:, c, i, j], c)
 
 
 @torch.no_grad()
 def complete_fast(model: nn.Module, known: Tensor, rows: int, uniforms: Tensor, temperature: float = 1.0,
                   labels: Tensor | None = None) -> Tensor:
-    """Image completion: keep rows [0, rows) of `known` (B, H, W) and draw the others. -> (B, H, W) long
+    """Image completion: keep rows [0, rows) of `known` (B, H, W) grey or (B, C, H, W) and draw the
+    others. -> the same shape, long
 
     In raster order every pixel is conditioned on all pixels above it, so this is exact sampling
-    from p(bottom | top) with `sample_fast`'s draw rule; `uniforms` (B, H*W) as from
+    from p(bottom | top) with `sample_fast`'s draw rule; `uniforms` (B, H*W*C) as from
     `draw_uniforms` (the entries of kept pixels are unused)."""
-    out = known.long().clone()  # (B, H, W)
+    out = known.long().reshape(len(known), model.image_channels, *known.shape[-2:]).clone()  # (B, C, H, W)
     _fast_loop(model, uniforms, out, temperature, labels, kept_rows=rows)
-    return out
+    return as_images(out)
 
 
 class _CapturedSampler:
@@ -99,9 +110,9 @@ class _CapturedSampler:
 
     def __init__(self, model: nn.Module, n: int, height: int, width: int, temperature: float, conditional: bool,
                  device: torch.device):
-        self.uniforms = torch.zeros(n, height * width, device=device)
+        self.uniforms = torch.zeros(n, height * width * model.image_channels, device=device)
         self.labels = torch.zeros(n, dtype=torch.long, device=device) if conditional else None
-        self.out = torch.zeros(n, height, width, dtype=torch.long, device=device)
+        self.out = torch.zeros(n, model.image_channels, height, width, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the graph, as CUDA graph capture requires
@@ -116,17 +127,17 @@ class _CapturedSampler:
         if labels is not None:
             self.labels.copy_(labels)
         self.graph.replay()
-        return self.out.clone()
+        return as_images(self.out.clone())
 
 
 @torch.no_grad()
 def sample_fast(model: nn.Module, uniforms: Tensor, height: int, width: int, temperature: float,
                 labels: Tensor | None = None, cuda_graph: bool = True) -> Tensor:
-    """Exact sampler with per-layer activation caching. -> (B, H, W) long levels"""
-    out = torch.zeros(uniforms.shape[0], height, width, dtype=torch.long, device=uniforms.device)
+    """Exact sampler with per-layer activation caching. -> (B, H, W) or (B, C, H, W) long levels"""
+    out = torch.zeros(uniforms.shape[0], model.image_channels, height, width, dtype=torch.long, device=uniforms.device)
     if not (cuda_graph and uniforms.is_cuda):
         _fast_loop(model, uniforms, out, temperature, labels)
-        return out
+        return as_images(out)
     # Graphs are cached on the model and read the weights in place, so training updates are seen.
     # Moving the model (Lightning sends it to the CPU and back) gives it new storage: then the
     # graphs would read freed memory, so they are dropped and captured again.
@@ -144,14 +155,14 @@ def sample_fast(model: nn.Module, uniforms: Tensor, height: int, width: int, tem
 @torch.no_grad()
 def sample(model: nn.Module, n: int, height: int, width: int, temperature: float = 1.0, seed: int | None = None,
            labels: Tensor | None = None, method: SamplingMethod = "fast") -> Tensor:
-    """Draw n images as (n, H, W) long levels in [0, model.levels). The model is put in eval mode
-    for the draw and restored after."""
+    """Draw n images as (n, H, W) grey or (n, C, H, W) colour long levels in [0, model.levels). The
+    model is put in eval mode for the draw and restored after."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if method not in ("fast", "naive"):
         raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
     device = next(model.parameters()).device
-    uniforms = draw_uniforms(n, height, width, seed, device)  # (n, H*W): all drawn first, so chunks change nothing
+    uniforms = draw_uniforms(n, height, width, seed, device, model.image_channels)  # (n, H*W*C): all drawn first, so chunks change nothing
     labels = labels.to(device) if labels is not None else None
     draw = sample_fast if method == "fast" else sample_naive
     with eval_mode(model):  # in chunks: the activations of a large n need not fit in memory at once

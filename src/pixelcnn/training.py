@@ -117,12 +117,25 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
                        overfit_batches=cfg.trainer.get("overfit_batches") or 0)
 
 
-def build_module(cfg: DictConfig, speed: SpeedChoices) -> L.LightningModule:
-    """The configured LightningModule with the optim group, the speed choices and the trainer's
-    clipping and accumulation settings applied; with the weights of `init_from` if given."""
+def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
+    """What the model takes from the data (saved with it): the class names and the source. A
+    conditional model (model.num_classes > 0) must have as many classes as the data."""
+    if num_classes and num_classes != datamodule.num_classes:
+        found = (f"{datamodule.num_classes} classes ({', '.join(datamodule.class_names[:4])}"
+                 f"{', ...' if datamodule.num_classes > 4 else ''})" if datamodule.num_classes else "no classes")
+        fix = f"model.num_classes={datamodule.num_classes} or 0" if datamodule.num_classes else "model.num_classes=0"
+        raise UserError(f"model.num_classes={num_classes} but the data ({datamodule.source}) has {found}: use {fix}")
+    return {"class_names": list(datamodule.class_names) if num_classes else None, "data": datamodule.source_settings()}
+
+
+def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDataModule) -> L.LightningModule:
+    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group,
+    the speed choices and the trainer's clipping and accumulation settings applied; with the
+    weights of `init_from` if given."""
     knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
     # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
-    module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **knobs)
+    module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule),
+                         **knobs)
     if cfg.init_from:  # fine-tuning: these weights, a fresh optimizer (the run starts at step 0)
         path = resolve_checkpoint(cfg.init_from, prefer="best", key="init_from")
         checkpoint = read_checkpoint(path, key="init_from")
@@ -261,7 +274,7 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, trainer: L.Trainer, d
         net = instantiate(cfg.model, _convert_="all").net
     images = len(datamodule.train_set[0]) // trainer.world_size  # one device's share
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
-    footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0,
+    footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
                                    activation_bytes=4 if speed.precision == "32-true" else 2)
     batches = math.ceil(images / batch_size)
     limit = cfg.trainer.limit_train_batches
@@ -304,7 +317,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, speed, loggers, build_callbacks(cfg, output_dir, speed), output_dir,
                             cuda_device_args(resources) if speed.cuda else {})
     check_model_fits(cfg, speed, trainer, datamodule)  # before the model takes any memory
-    module = build_module(cfg, speed)
+    module = build_module(cfg, speed, datamodule)
     n_params = sum(p.numel() for p in module.parameters())
     if not secondary_rank():  # each DDP process runs this; the ranks are not set up yet
         logs = ", ".join(f"{type(logger).__name__} {getattr(logger, 'log_dir', None) or logger.save_dir or ''}"
@@ -346,7 +359,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     if not trainer.is_global_zero:  # the other DDP ranks: rank 0 scores samples and writes the results
         return metrics
-    if cfg.quality_n:
+    if cfg.quality_n and (cfg.data.source, cfg.data.channels) != ("fashion_mnist", 1):
+        print("[pixelcnn] sample quality skipped: its classifier is Fashion-MNIST's (grey), not "
+              f"data={cfg.data.source}" + (f" with data.channels={cfg.data.channels}" if cfg.data.channels != 1 else ""),
+              flush=True)
+    elif cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
         for logger in trainer.loggers:
             logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)

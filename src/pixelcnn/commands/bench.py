@@ -80,7 +80,7 @@ def reset_peak(device: torch.device) -> None:
 def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, speed: SpeedChoices, batches: int | None,
              epochs: int, warmup: int) -> _Timer:
     """One `Trainer.fit` with the run's real module, data and speed settings, minus I/O."""
-    module = build_module(cfg, speed)
+    module = build_module(cfg, speed, datamodule)
     timer = _Timer(warmup)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=speed.precision, max_epochs=epochs,
                         limit_train_batches=batches, limit_val_batches=None if batches is None else 0,
@@ -170,7 +170,7 @@ def run(cfg: DictConfig) -> dict:
     net = instantiate(cfg.model, _convert_="all").net.to(device).eval()
     size = cfg.data.image_size
     for n in bench.sample_sizes:
-        uniforms = draw_uniforms(n, size, size, seed=0, device=device)
+        uniforms = draw_uniforms(n, size, size, seed=0, device=device, channels=net.image_channels)
         labels = torch.arange(n, device=device) % cfg.model.num_classes if cfg.model.num_classes else None
         entry: dict = {}
         reset_peak(device)

@@ -5,7 +5,8 @@ figure (where the model is surprised), grids of the most and least likely test i
 sample quality (Fréchet distance, class accuracy: `pixelcnn.classifier`), all into `out`
 (default `<run dir>/eval`) with a `metrics.json`.
 
-With `images=<file.npy | file.png | folder of PNGs>`: outlier scores, the bits/dim of each
+Sample quality needs Fashion-MNIST's classifier: for other data (`data=folder`, colour, ...) it is
+skipped with a note. With `images=<file.npy | an image file | a folder of image files>`: outlier scores, the bits/dim of each
 given image, as a table and a CSV. A conditional model scores them by the marginal
 likelihood p(x) = mean_c p(x | c) (uniform class prior), as their class is unknown.
 """
@@ -28,6 +29,7 @@ from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.files import atomic_write, write_text
 from pixelcnn.images import levels_to_grid, load_image, save_grid
 from pixelcnn.run_dirs import run_dir_of
+from pixelcnn.sources import IMAGE_SUFFIXES
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
 
@@ -35,47 +37,48 @@ TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surp
 # ---------------------------------------------------------------------------- reading user images
 
 
-def load_npy(path: Path, image_size: int, levels: int) -> Tensor:
-    """A .npy of integer levels (N, S, S) or (N, 1, S, S) in [0, levels). -> (N, 1, S, S) uint8"""
+def load_npy(path: Path, image_size: int, levels: int, channels: int = 1) -> Tensor:
+    """A .npy of integer levels (N, S, S) or (N, C, S, S) in [0, levels). -> (N, C, S, S) uint8"""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise UserError(f"images={path} is not a readable .npy file ({err})") from None
-    if array.ndim == 4 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 3 or array.shape[1:] != (image_size, image_size) or len(array) == 0:
-        raise UserError(f"images={path} has shape {array.shape}: expected (N, {image_size}, {image_size}) or "
-                        f"(N, 1, {image_size}, {image_size}) levels, N >= 1, for this {image_size}px model")
+    if array.ndim == 3 and channels == 1:
+        array = array[:, None]
+    if array.ndim != 4 or array.shape[1:] != (channels, image_size, image_size) or len(array) == 0:
+        raise UserError(f"images={path} has shape {array.shape}: expected "
+                        + (f"(N, {image_size}, {image_size}) or " if channels == 1 else "")
+                        + f"(N, {channels}, {image_size}, {image_size}) levels, N >= 1, for this {image_size}px model")
     if not np.issubdtype(array.dtype, np.integer):
         raise UserError(f"images={path} holds {array.dtype} values: expected integer levels 0..{levels - 1} "
                         "(for 0..255 pictures, pass PNG files)")
     if array.min() < 0 or array.max() >= levels:
         raise UserError(f"images={path} holds values {array.min()}..{array.max()}: expected levels 0..{levels - 1} "
                         f"(this model has {levels} grey levels; for 0..255 pictures, pass PNG files)")
-    return torch.from_numpy(array.astype(np.uint8))[:, None]
+    return torch.from_numpy(array.astype(np.uint8))
 
 
-def load_png(path: Path, image_size: int, levels: int) -> Tensor:
-    """An image file (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`) as grey 0..255,
-    preprocessed as in training. -> (1, 1, S, S) uint8"""
-    grey = torch.from_numpy(load_image(path, channels=1))[None]  # (1, H, W) uint8
+def load_picture(path: Path, image_size: int, levels: int, channels: int = 1) -> Tensor:
+    """An image file (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`), read and
+    preprocessed as in training. -> (1, C, S, S) uint8"""
     from pixelcnn.data import quantize  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
 
-    return quantize(grey, image_size, levels)
+    return quantize(torch.from_numpy(load_image(path, channels))[None], image_size, levels)
 
 
-def load_images(path: str | Path, image_size: int, levels: int) -> tuple[Tensor, list[str]]:
-    """(level images (N, 1, S, S) uint8, a name per image) from a .npy, a .png or a folder of PNGs."""
+def load_images(path: str | Path, image_size: int, levels: int, channels: int = 1) -> tuple[Tensor, list[str]]:
+    """(level images (N, C, S, S) uint8, a name per image) from a .npy, an image file or a folder of them."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"images={path} does not exist: pass a .npy of levels, a .png, or a folder of PNGs")
+        raise UserError(f"images={path} does not exist: pass a .npy of levels, an image file, or a folder of them")
     if path.suffix.lower() == ".npy" and path.is_file():
-        images = load_npy(path, image_size, levels)
+        images = load_npy(path, image_size, levels, channels)
         return images, [f"{path.name}[{i}]" for i in range(len(images))]
-    pngs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png") if path.is_dir() else [path]
-    if not pngs or pngs[0].suffix.lower() != ".png":
-        raise UserError(f"images={path} is not a .npy file, a .png file, or a folder with PNG files")
-    return torch.cat([load_png(p, image_size, levels) for p in pngs]), [p.name for p in pngs]
+    pictures = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not pictures or pictures[0].suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"images={path} is not a .npy file, an image file, or a folder with image files "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return torch.cat([load_picture(p, image_size, levels, channels) for p in pictures]), [p.name for p in pictures]
 
 
 # ---------------------------------------------------------------------------- figures
@@ -88,8 +91,9 @@ def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Pat
     count = len(images)
     figure = Figure(figsize=(1.5 * count + 1.2, 3.4))
     axes = figure.subplots(2, count, squeeze=False)
-    for k in range(count):
-        axes[0, k].imshow(images[k, 0], cmap="gray", vmin=0, vmax=levels - 1)
+    for k in range(count):  # grey (1, H, W) as a grey map, RGB (3, H, W) as colours
+        shown = images[k, 0] if images.shape[1] == 1 else (images[k].permute(1, 2, 0).float() / (levels - 1))
+        axes[0, k].imshow(shown, cmap="gray", vmin=0, vmax=levels - 1)
         axes[0, k].set_title(f"{maps[k].mean():.2f} bits/dim", fontsize=8)
         heat = axes[1, k].imshow(maps[k], cmap="magma", vmin=0, vmax=maps.max().item())
     for ax in axes.flat:
@@ -108,7 +112,8 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     """Test bits/dim, heatmaps, extremes and (quality=true, quality_n > 0) sample quality; writes metrics.json."""
     from pixelcnn.data import setup_datamodule
 
-    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels)
+    data = module.data or {}  # the source it was trained on (older checkpoints: Fashion-MNIST)
+    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels, **data)
     images, labels = datamodule.test_set
     started = time.perf_counter()
     maps = module.nll_maps(images, labels if module.conditional else None, cfg.batch_size)  # (N, H, W)
@@ -134,7 +139,11 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
           f"  most likely:  {files['most_likely']}\n  least likely: {files['least_likely']}")
     if "heatmaps" in files:
         print(f"  heatmaps:     {files['heatmaps']}")
-    if cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
+    fashion_mnist = (data.get("source", "fashion_mnist"), data.get("channels", 1)) == ("fashion_mnist", 1)
+    if cfg.quality and cfg.quality_n > 0 and not fashion_mnist:
+        print(f"  sample quality skipped: its classifier is Fashion-MNIST's (grey), not data={data['source']} "
+              f"with data.channels={data['channels']}")
+    elif cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
         from pixelcnn.classifier import load_or_train_classifier, quality_metrics
 
         classifier = load_or_train_classifier(datamodule, module.device)
@@ -152,7 +161,7 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
 
 def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
     """Bits/dim of each image in `cfg.images`: printed table and `scores_<name>.csv`."""
-    images, names = load_images(cfg.images, module.image_size, module.levels)
+    images, names = load_images(cfg.images, module.image_size, module.levels, module.image_channels)
     scores = module.image_bits_per_dim(images, None, cfg.batch_size)  # (N,)
     csv_path = out_dir / f"scores_{Path(cfg.images).stem}.csv"
     with atomic_write(csv_path, "w") as file:

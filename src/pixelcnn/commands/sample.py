@@ -20,34 +20,42 @@ MAX_GRID_PIXELS = 2**28  # a PNG grid beyond this (~270 megapixels) is more than
 MAX_COMPLETED = 16  # test images per completion figure: one figure row each, so n is capped to keep it readable
 
 
-def parse_labels(label: object, num_classes: int, n: int) -> tuple[torch.Tensor | None, int]:
+def class_names(module) -> list[str]:
+    """The checkpoint's class names (saved from its data); older conditional checkpoints were Fashion-MNIST's."""
+    if module.class_names or not module.num_classes:
+        return list(module.class_names or [])
+    from pixelcnn.data import CLASS_NAMES  # late: pixelcnn.data imports Lightning (for its data module)
+
+    return list(CLASS_NAMES)
+
+
+def parse_labels(label: object, names: list[str], n: int) -> tuple[torch.Tensor | None, int]:
     """`label` (None, a class name, an index or 'all') -> (labels (N,) or None, images per grid row)."""
+    num_classes = len(names)
     if num_classes == 0:
         if label is not None:
-            raise UserError(f"label={label!r} needs a class-conditional checkpoint (model.num_classes=10); "
+            raise UserError(f"label={label!r} needs a class-conditional checkpoint (model.num_classes > 0); "
                             "this one is unconditional: drop label=")
         return None, 8
-    from pixelcnn.data import CLASS_NAMES  # late, as below: pixelcnn.data imports Lightning (for its data module)
-
     if label is None:
         raise UserError(f"this checkpoint is class-conditional: pass label=<name or 0..{num_classes - 1}> or label=all "
-                        f"(names: {', '.join(CLASS_NAMES)})")
+                        f"(names: {', '.join(names)})")
     if label == "all":
         return torch.arange(num_classes).repeat_interleave(n), n
-    names = {name: i for i, name in enumerate(CLASS_NAMES)} | {name.split("/")[0]: i for i, name in enumerate(CLASS_NAMES)}
+    # A name as typed: any case, _ for a space, and the part before a / ("t-shirt" for "t-shirt/top").
+    lookup = {name.lower(): i for i, name in enumerate(names)} | {name.split("/")[0].lower(): i for i, name in enumerate(names)}
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
         return torch.full((n,), label), 8
-    if isinstance(label, str) and label.lower().replace("_", " ") in names:
-        return torch.full((n,), names[label.lower().replace("_", " ")]), 8
+    for typed in (str(label).lower(), str(label).lower().replace("_", " ")):
+        if typed in lookup:
+            return torch.full((n,), lookup[typed]), 8
     raise UserError(f"label={label!r} is invalid: it must be a class index 0..{num_classes - 1}, all, or one of "
-                    f"{', '.join(CLASS_NAMES)}")
+                    f"{', '.join(names)}")
 
 
-def class_tag(index: int) -> str:
+def class_tag(names: list[str], index: int) -> str:
     """File-name tag of a class: the same however the class was typed (5, Sandal, sandal)."""
-    from pixelcnn.data import CLASS_NAMES
-
-    return CLASS_NAMES[index].split("/")[0].replace(" ", "-")  # "t-shirt/top" -> t-shirt, "ankle boot" -> ankle-boot
+    return names[index].split("/")[0].replace(" ", "-")  # "t-shirt/top" -> t-shirt, "ankle boot" -> ankle-boot
 
 
 def main(cfg: DictConfig) -> list[Path]:
@@ -60,20 +68,21 @@ def main(cfg: DictConfig) -> list[Path]:
         return complete(module, cfg, out_dir)
 
     temperatures = list(cfg.temperature) if isinstance(cfg.temperature, ListConfig) else [cfg.temperature]
-    labels, nrow = parse_labels(cfg.label, module.num_classes, cfg.n)
+    names = class_names(module)
+    labels, nrow = parse_labels(cfg.label, names, cfg.n)
     n = len(labels) if labels is not None else cfg.n
     side = module.image_size * cfg.scale + 2  # one image in the grid, with its padding
     if (pixels := n * len(temperatures) * side * side) > MAX_GRID_PIXELS:
         raise UserError(f"n={cfg.n} with scale={cfg.scale} makes a {pixels / 1e6:.0f}-megapixel grid, more than "
                         f"{MAX_GRID_PIXELS / 1e6:.0f}: lower n or scale")
     started = time.perf_counter()
-    samples = [module.sample(n, t, cfg.seed, labels, cfg.method).cpu() for t in temperatures]  # each (N, H, W)
+    samples = [module.sample(n, t, cfg.seed, labels, cfg.method).cpu() for t in temperatures]  # each (N, [C,] H, W)
     seconds = time.perf_counter() - started
 
     stem = f"samples_n{n}_T{'-'.join(f'{t:g}' for t in temperatures)}_seed{cfg.seed}"
     grids = [levels_to_grid(s, module.levels, nrow=nrow, scale=cfg.scale) for s in samples]
-    images = torch.stack(samples) if len(samples) > 1 else samples[0]  # (T, N, H, W) or (N, H, W)
-    tag = "all" if cfg.label == "all" else class_tag(int(labels[0])) if labels is not None else None
+    images = torch.stack(samples) if len(samples) > 1 else samples[0]  # (T, N, [C,] H, W) or (N, [C,] H, W)
+    tag = "all" if cfg.label == "all" else class_tag(names, int(labels[0])) if labels is not None else None
     png, npy = save_grid_and_levels(side_by_side(grids), images, out_dir, stem, tag)
     print(f"{n * len(temperatures)} samples ({cfg.method}, {seconds:.2f} s on {device.type}) from {ckpt}\n"
           f"  grid:   {png}\n  levels: {npy}  shape {tuple(images.shape)}, values 0..{module.levels - 1}")
@@ -82,13 +91,14 @@ def main(cfg: DictConfig) -> list[Path]:
 
 def pick_test_images(test_set: tuple[torch.Tensor, torch.Tensor], n: int,
                      label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n test images, or the first n of class `label`. -> (N, H, W) long, (N,)"""
+    """The first n test images, or the first n of class `label`. -> (N, H, W) grey or (N, C, H, W) long, (N,)"""
     images, labels = test_set[0].cpu(), test_set[1].cpu()
     if label is not None:
         images, labels = images[labels == label], labels[labels == label]
         if len(images) == 0:
             raise UserError(f"label={label}: the test split has no image of that class")
-    return images[:n, 0].long(), labels[:n]
+    images = images[:n, 0] if images.shape[1] == 1 else images[:n]
+    return images.long(), labels[:n]
 
 
 def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
@@ -104,30 +114,32 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     if rows > height:
         raise UserError(f"rows={rows} is invalid: it must be an integer in [0, {height}] "
                         f"(rows kept of this {height}px model's images)")
-    label = int(parse_labels(cfg.label, NUM_CLASSES, 1)[0][0]) if cfg.label is not None else None
-    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels)
+    data = module.data or {}  # the source it was trained on (older checkpoints: Fashion-MNIST)
+    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels, **data)
+    names = class_names(module) or datamodule.class_names  # an unconditional model: the data's classes
+    label = int(parse_labels(cfg.label, names, 1)[0][0]) if cfg.label is not None else None
     if cfg.n > MAX_COMPLETED:
         print(f"mode=complete shows at most {MAX_COMPLETED} test images (one figure row each): using {MAX_COMPLETED}")
     originals, labels = pick_test_images(datamodule.test_set, min(cfg.n, MAX_COMPLETED), label)  # (N, H, W)
     n = len(originals)
 
     device = module.device
-    known = originals.repeat_interleave(completions, dim=0).to(device)  # (N*C, H, W): image k's copies together
-    uniforms = draw_uniforms(len(known), height, width, cfg.seed, device)
+    known = originals.repeat_interleave(completions, dim=0).to(device)  # (N*K, [C,] H, W): image k's copies together
+    uniforms = draw_uniforms(len(known), height, width, cfg.seed, device, module.image_channels)
     cond = labels.repeat_interleave(completions).to(device) if module.conditional else None
     started = time.perf_counter()
     with eval_mode(module):
         completed = complete_fast(module.net, known, rows, uniforms, cfg.temperature, cond).cpu()
     seconds = time.perf_counter() - started
-    completed = completed.view(n, completions, height, width)
+    completed = completed.view(n, completions, *originals.shape[1:])  # (N, K, [C,] H, W)
 
     kept = originals.float()
-    kept[:, rows:] = (module.levels - 1) / 2  # hidden rows mid-grey: levels_to_grid divides by levels - 1
-    pairs = torch.stack([originals.float(), kept], dim=1).flatten(0, 1)  # (N*2, H, W): original, kept per row
+    kept[..., rows:, :] = (module.levels - 1) / 2  # hidden rows mid-grey: levels_to_grid divides by levels - 1
+    pairs = torch.stack([originals.float(), kept], dim=1).flatten(0, 1)  # (N*2, [C,] H, W): original, kept per row
     grid = side_by_side([levels_to_grid(pairs, module.levels, nrow=2, scale=cfg.scale),
                          levels_to_grid(completed.flatten(0, 1), module.levels, nrow=completions, scale=cfg.scale)])
     stem = f"completions_rows{rows}_n{n}_c{completions}_T{cfg.temperature:g}_seed{cfg.seed}"
-    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, class_tag(label) if label is not None else None)
+    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, class_tag(names, label) if label is not None else None)
     print(f"{n} test images x {completions} completions below row {rows} ({seconds:.2f} s on {device.type})\n"
           f"  figure: {png}  (per row: original | kept rows | completions)\n"
           f"  levels: {npy}  shape {tuple(completed.shape)}, values 0..{module.levels - 1}")

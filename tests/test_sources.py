@@ -1,0 +1,233 @@
+"""Your own images: image folders, arrays and MNIST go through Fashion-MNIST's preprocessing, are
+cached by content, carry their classes to the model, and real colour icons train end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fakes import IDX_NAMES, write_dataset, write_idx
+from pixelcnn.config import UserError
+from pixelcnn.data import DatasetNotFoundError, ImageDataModule, quantize, setup_datamodule
+from pixelcnn.images import levels_to_grid
+from pixelcnn.module import PixelCNNModule
+from pixelcnn.training import data_hparams
+
+ROOT = Path(__file__).resolve().parents[1]
+ICONS = Path("/usr/share/icons/oxygen/base/16x16")
+
+
+def module_for(tmp_path: Path, source: str, path: Path, **kwargs) -> ImageDataModule:
+    kwargs = {"val_size": 2, "test_size": 2, **kwargs}
+    dm = ImageDataModule(source=source, path=path, root=tmp_path / "data", **kwargs)
+    dm.setup()
+    return dm
+
+
+def random_image(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_folder_classes_modes_sizes_and_alpha(tmp_path):
+    """Sub-folders are classes (sorted), every mode becomes RGB, sizes may differ, alpha goes on white."""
+    folder = tmp_path / "pictures"
+    written = {}  # name -> the RGB array it should read as
+    for k, (cls, mode, size) in enumerate([("cat", "RGB", (12, 12)), ("cat", "L", (20, 16)), ("ant", "RGBA", (12, 12)),
+                                           ("ant", "P", (12, 12)), ("bee", "RGB", (7, 9)), ("bee", "RGB", (12, 12))]):
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        rgb = random_image((size[1], size[0], 3), k)
+        if mode == "L":
+            rgb = np.repeat(rgb[..., :1], 3, axis=-1)
+        image = Image.fromarray(rgb if mode != "L" else rgb[..., 0])
+        if mode == "RGBA":  # half transparent: composited on white
+            alpha = np.full(rgb.shape[:2], 128, dtype=np.uint8)
+            image = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+            rgb = ((rgb.astype(np.uint32) * 128 + 255 * 127 + 127) // 255).astype(np.uint8)
+        if mode == "P":
+            image = image.quantize(16)
+            rgb = np.asarray(image.convert("RGB"))
+        name = f"{cls}/{k}.{'png' if k % 2 or mode in ('RGBA', 'P') else 'bmp'}"
+        image.save(folder / name)
+        written[name] = rgb
+    (folder / "notes.txt").write_text("not an image")
+    dm = module_for(tmp_path, "folder", folder, channels=3, image_size=8, levels=4, val_size=1, test_size=1)
+    assert dm.class_names == ["ant", "bee", "cat"] and dm.num_classes == 3
+    images = torch.cat([dm.train_set[0], dm.val_set[0], dm.test_set[0]])
+    labels = torch.cat([dm.train_set[1], dm.val_set[1], dm.test_set[1]])
+    assert images.shape == (6, 3, 8, 8) and images.dtype == torch.uint8
+    for name, rgb in written.items():
+        expected = quantize(torch.from_numpy(rgb)[None], 8, 4)  # (1, 3, 8, 8): the one preprocessing path
+        match = (images == expected).flatten(1).all(1)
+        assert match.sum() == 1, name
+        assert labels[match].item() == dm.class_names.index(name.split("/")[0])
+
+
+def test_folder_split_folders_and_grey(tmp_path):
+    folder = tmp_path / "digits"
+    for split, count in (("train", 5), ("test", 3)):
+        for k in range(count):
+            (folder / split / str(k % 2)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(random_image((10, 10, 3), k + 10 * count)).save(folder / split / str(k % 2) / f"{k}.png")
+    dm = module_for(tmp_path, "folder", folder, image_size=10, levels=256, val_size=1)
+    assert (len(dm.train_set[0]), len(dm.val_set[0]), len(dm.test_set[0])) == (4, 1, 3)  # test/ is the test split
+    assert dm.train_set[0].shape[1] == 1 and dm.class_names == ["0", "1"]
+    grey = np.asarray(Image.open(folder / "test" / "0" / "0.png").convert("L"))  # PIL's luma = ours
+    assert torch.equal(dm.test_set[0][0, 0], torch.from_numpy(grey))
+
+
+def test_edited_folder_is_read_again(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for k in range(6):
+        Image.fromarray(random_image((8, 8), k)).save(folder / f"{k}.png")
+    first = module_for(tmp_path, "folder", folder, image_size=8)
+    assert first.num_classes == 0 and len(first.train_set[0]) == 2  # unlabelled; 6 - 2 val - 2 test
+    caches = list((tmp_path / "data").glob("folder-flat-*_8px_4lv_1ch.pt"))
+    assert len(caches) == 1
+    assert torch.equal(module_for(tmp_path, "folder", folder, image_size=8).train_set[0], first.train_set[0])
+    Image.fromarray(random_image((8, 8), 99)).save(folder / "6.png")  # edited: a new cache, 7 images
+    again = module_for(tmp_path, "folder", folder, image_size=8)
+    assert len(again.train_set[0]) == 3 and len(list((tmp_path / "data").glob("folder-flat-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("empty", "holds no image files"), ("truncated", "is not a readable PNG image"),
+    ("loose", "is not in a class folder"),
+])
+def test_bad_folders_are_one_error(tmp_path, problem, message):
+    folder = tmp_path / "bad"
+    (folder / "a").mkdir(parents=True)
+    if problem != "empty":
+        Image.fromarray(random_image((8, 8), 0)).save(folder / "a" / "0.png")
+    if problem == "truncated":
+        (folder / "a" / "1.png").write_bytes((folder / "a" / "0.png").read_bytes()[:30])
+    if problem == "loose":
+        Image.fromarray(random_image((8, 8), 1)).save(folder / "1.png")
+    with pytest.raises(UserError, match=message):
+        module_for(tmp_path, "folder", folder)
+    assert not list((tmp_path / "data").glob("*.pt"))  # nothing cached
+
+
+def test_array_sources(tmp_path):
+    images = random_image((10, 12, 12, 4), 0)  # RGBA
+    np.savez(tmp_path / "a.npz", images=images, labels=np.arange(10) % 3, class_names=np.array(["x", "y", "z"]))
+    dm = module_for(tmp_path, "array", tmp_path / "a.npz", channels=3, image_size=12, levels=256)
+    assert dm.class_names == ["x", "y", "z"]
+    everything = torch.cat([dm.train_set[0], dm.val_set[0], dm.test_set[0]])
+    on_white = (images[..., :3].astype(np.uint32) * images[..., 3:] + 255 * (255 - images[..., 3:].astype(np.uint32)) + 127) // 255
+    assert sorted(map(bytes, everything.permute(0, 2, 3, 1).numpy())) == sorted(map(bytes, on_white.astype(np.uint8)))
+
+    np.save(tmp_path / "grey.npy", random_image((9, 6, 6), 1))  # no labels, grey, as RGB
+    dm = module_for(tmp_path, "array", tmp_path / "grey.npy", channels=3, image_size=6, levels=4)
+    assert dm.num_classes == 0 and dm.train_set[0].shape == (5, 3, 6, 6)
+    assert torch.equal(dm.train_set[0][:, 0], dm.train_set[0][:, 2])
+
+    np.save(tmp_path / "floats.npy", np.zeros((4, 6, 6), dtype=np.float32))
+    with pytest.raises(UserError, match="expected uint8"):
+        module_for(tmp_path, "array", tmp_path / "floats.npy")
+    np.savez(tmp_path / "pickled.npz", images=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(UserError, match="not a readable NumPy file"):
+        module_for(tmp_path, "array", tmp_path / "pickled.npz")
+
+
+def test_mnist_offline_from_the_data_dir(tmp_path):
+    data = tmp_path / "data"
+    written = write_dataset(data / "MNIST" / "raw", n_train=40, n_test=10)
+    write_dataset(data, n_train=30, n_test=10)  # Fashion-MNIST's files in the root are not MNIST's
+    dm = setup_datamodule(data, 16, 2, source="mnist", download=False, system_dir=None, val_size=5)
+    assert torch.equal(dm.test_set[0], quantize(written["t10k-images-idx3-ubyte"], 16, 2))  # binarized: 2 levels
+    assert dm.class_names == [str(k) for k in range(10)] and (data / "mnist_16px_2lv.pt").is_file()
+    with pytest.raises(DatasetNotFoundError, match="^MNIST not found"):
+        setup_datamodule(tmp_path / "empty", 16, 2, source="mnist", download=False, system_dir=None)
+
+
+def test_fashion_mnist_as_png_folders_is_the_same_data(tmp_path):
+    """Fashion-MNIST written as PNG class folders reads back bit-identical, with the same bits/dim."""
+    written = write_dataset(tmp_path / "idx", n_train=60, n_test=20)
+    folder = tmp_path / "png"
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = written[f"{prefix}-images-idx3-ubyte"], written[f"{prefix}-labels-idx1-ubyte"]
+        for k, (image, label) in enumerate(zip(images, labels)):
+            (folder / split / str(int(label))).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.numpy()).save(folder / split / str(int(label)) / f"{k:05d}.png")
+    fashion = setup_datamodule(tmp_path / "idx", 16, 4, system_dir=None, download=False, val_size=10)
+    own = setup_datamodule(tmp_path / "cache", 16, 4, source="folder", path=folder, val_size=10)
+    for split in ("train", "test"):  # the folder is in (class, index) order
+        order = torch.from_numpy(np.lexsort((np.arange(len(fashion.data[f"{split}_labels"])),
+                                             fashion.data[f"{split}_labels"].numpy())))
+        assert torch.equal(own.data[f"{split}_images"], fashion.data[f"{split}_images"][order])
+        assert torch.equal(own.data[f"{split}_labels"], fashion.data[f"{split}_labels"][order])
+    module = PixelCNNModule(levels=4, image_size=16, filters=8, residual_blocks=1)
+    bpd = [module.image_bits_per_dim(*dm.test_set).mean().item() for dm in (fashion, own)]
+    assert bpd[0] == pytest.approx(bpd[1], abs=1e-9)
+
+
+def test_num_classes_must_be_the_datas(tmp_path):
+    np.savez(tmp_path / "a.npz", images=random_image((8, 6, 6), 0), labels=np.arange(8) % 4)
+    dm = module_for(tmp_path, "array", tmp_path / "a.npz", image_size=6)
+    assert data_hparams(4, dm)["class_names"] == ["0", "1", "2", "3"]
+    assert data_hparams(0, dm)["class_names"] is None
+    with pytest.raises(UserError, match=r"model.num_classes=10 but the data \(array\) has 4 classes .*use model.num_classes=4 or 0"):
+        data_hparams(10, dm)
+
+
+def test_colour_grid():
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.long)
+    images[0, 0] = 3  # red
+    grid = levels_to_grid(images, 4, nrow=2, padding=0)
+    assert grid.shape == (3, 4, 8) and grid[:, 0, 0].tolist() == [1.0, 0.0, 0.0] and grid[:, 0, 4].tolist() == [0.0] * 3
+
+
+@pytest.mark.skipif(not ICONS.is_dir(), reason=f"needs the oxygen-icon-theme package ({ICONS}): "
+                                                "apt-get install oxygen-icon-theme (make data does)")
+def test_colour_icons_end_to_end(tmp_path):
+    """train.py on Debian's 16x16 colour icons (a few batches, tiny model), then sample.py (new images and
+    completions) and evaluate.py."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+    def run(script: str, *args: str) -> str:
+        done = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    run("train.py", "data=folder", f"data.path={ICONS}", "data.channels=3", "data.image_size=8", "model.num_classes=11",
+        f"data.root={tmp_path / 'data'}", "model.filters=8", "model.residual_blocks=1", "trainer.limit_train_batches=3",
+        "trainer.max_epochs=1", "sample.n=2", "trainer.enable_progress_bar=false", "hydra.run.dir=run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 < metrics["test_bpd"] < 8 and "frechet_distance" not in metrics  # Fashion-MNIST's classifier: skipped
+    out = run("sample.py", "ckpt=run", "n=2", "label=emotes", "out=samples")
+    levels = np.load(next((tmp_path / "samples").glob("*_label-emotes.npy")))
+    assert levels.shape == (2, 3, 8, 8) and levels.max() < 4 and "grid:" in out
+    png = Image.open(next((tmp_path / "samples").glob("*_label-emotes.png")))
+    assert png.mode == "RGB"
+    run("sample.py", "ckpt=run", "mode=complete", "n=2", "completions=1", "rows=4", f"data_root={tmp_path / 'data'}",
+        "out=complete")  # the checkpoint's own test split: the icons
+    assert np.load(next((tmp_path / "complete").glob("completions_*.npy"))).shape == (2, 1, 3, 8, 8)
+    out = run("evaluate.py", "ckpt=run", f"data_root={tmp_path / 'data'}", "heatmaps=2", "extremes=2", "out=eval")
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["test_bpd"] == pytest.approx(metrics["test_bpd"], abs=1e-4) and "quality skipped" in out
+    assert evaluated["test_images"] == 178  # 10% of the 1,775 icons
+
+
+def test_evaluate_images_uses_the_training_reader(tmp_path):
+    """evaluate.py images=<folder> reads any image files exactly as data=folder does (colour, alpha on white)."""
+    from pixelcnn.commands.evaluate import load_images
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(random_image((10, 10, 4), k), "RGBA").save(folder / f"{k}.png")
+    images, names = load_images(folder, 8, 4, channels=3)
+    dm = module_for(tmp_path, "folder", folder, channels=3, image_size=8, val_size=1, test_size=1)
+    trained = torch.cat([dm.train_set[0], dm.val_set[0], dm.test_set[0]])
+    assert names == ["0.png", "1.png", "2.png"] and images.shape == (3, 3, 8, 8)
+    assert sorted(map(bytes, images.numpy())) == sorted(map(bytes, trained.numpy()))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fakes import IDX_NAMES, write_dataset, write_idx
+from fakes import write_dataset
 from pixelcnn.config import UserError
 from pixelcnn.data import DatasetNotFoundError, ImageDataModule, quantize, setup_datamodule
 from pixelcnn.images import levels_to_grid

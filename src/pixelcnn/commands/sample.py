@@ -107,7 +107,7 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     completions) and the completions as .npy (N, completions, H, W) uint8 levels. Conditional
     models use the images' true labels. Only what depends on the model is checked here (the
     rest by `config.validate`)."""
-    from pixelcnn.data import NUM_CLASSES, setup_datamodule
+    from pixelcnn.data import setup_datamodule
 
     height = width = module.image_size
     rows, completions = cfg.rows, cfg.completions

@@ -50,7 +50,7 @@ def user_errors_unwrapped():
                 raise
         where = err.filename or "the output folder"
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(f"cannot write {where}: {err.strerror} (nothing half-written was left); free some "
+            raise WriteError(f"cannot write {where}: {err.strerror}; free some "
                              "space there or pass another folder for the outputs") from None
         raise WriteError(f"cannot write {where}: {err.strerror}; pass a writable folder for the outputs") from None
 

@@ -267,11 +267,10 @@ def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
                         f"optimizer steps per batch on CUDA, so it must be a multiple of {steps}")
 
 
-def check_model_fits(cfg: DictConfig, speed: SpeedChoices, trainer: L.Trainer, datamodule) -> None:
+def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: torch.nn.Module, trainer: L.Trainer,
+                     datamodule) -> None:
     """Refuse a model too large for the trainer's device, or too slow for an epoch to end
-    (`resources.check_training_fits`), from a copy built on the meta device (no memory)."""
-    with torch.device("meta"):
-        net = instantiate(cfg.model, _convert_="all").net
+    (`resources.check_training_fits`), from `net` built on the meta device (no memory)."""
     images = len(datamodule.train_set[0]) // trainer.world_size  # one device's share
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
     footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
@@ -312,11 +311,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     check_step_checkpoints(cfg, speed)
+    with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
+        meta_net = instantiate(cfg.model, _convert_="all").net
 
     loggers = build_loggers(cfg, output_dir)
     trainer = build_trainer(cfg, speed, loggers, build_callbacks(cfg, output_dir, speed), output_dir,
                             cuda_device_args(resources) if speed.cuda else {})
-    check_model_fits(cfg, speed, trainer, datamodule)  # before the model takes any memory
+    check_model_fits(cfg, speed, meta_net, trainer, datamodule)  # before the model takes any memory
     module = build_module(cfg, speed, datamodule)
     n_params = sum(p.numel() for p in module.parameters())
     if not secondary_rank():  # each DDP process runs this; the ranks are not set up yet

@@ -170,7 +170,7 @@ def test_sigterm_saves_at_the_next_step_and_resumes_bit_for_bit(work: Path, refe
 
 def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
     """A sweep stopped by SIGTERM exits 143 and lists the stopped job as failed, not done."""
-    result = run("train.py", "-m", *TINY, "trainer.max_epochs=1", *data_args(work), "model.lr=1e-3",
+    result = run("train.py", "-m", *TINY, "trainer.max_epochs=1", *data_args(work), "optim.lr=1e-3",
                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, env=kill_env(2, "SIGTERM"))
     assert result.returncode == 143, result.stderr[-2000:]
     [job] = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]

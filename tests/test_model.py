@@ -124,7 +124,7 @@ def test_each_micro_batch_gets_its_own_optimizer_step():
     images, labels = torch.randint(0, 4, (48, 1, 6, 6), dtype=torch.uint8), torch.zeros(48, dtype=torch.long)
     loader = BatchLoader(images, labels, batch_size=8, shuffle=True, seed=0, steps_per_batch=3)
     assert len(loader) == 2
-    module = PixelCNNModule(filters=4, residual_blocks=0, image_size=6, lr=1e-3)
+    module = PixelCNNModule(filters=4, residual_blocks=0, image_size=6, optim={"lr": 1e-3})
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=loader)
@@ -168,6 +168,6 @@ def test_conditional_model_starts_as_the_unconditional_one():
 def test_optimizer_gets_lr_and_weight_decay():
     from pixelcnn.module import PixelCNNModule
 
-    optimizer = PixelCNNModule(filters=4, residual_blocks=0, lr=3e-4, weight_decay=0.05).configure_optimizers()
+    optimizer = PixelCNNModule(filters=4, residual_blocks=0, optim={"lr": 3e-4, "weight_decay": 0.05}).configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
     assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (3e-4, 0.05)

@@ -10,15 +10,19 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pixelcnn.config import UserError
+from pixelcnn.files import torch_save
 from pixelcnn.images import levels_to_grid, save_grid
 
 
@@ -313,3 +317,12 @@ class StepCheckpoint(Checkpoint):
         # Lightning's own exception for this stop (it ends `fit` as an interruption); the train
         # command turns it into exit status STOPPED_EXIT_CODE.
         raise SIGTERMException
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see `pixelcnn.files`)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:  # as TorchCheckpointIO
+            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
+        torch_save(checkpoint, path)

@@ -85,7 +85,8 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
     builds: what gives its weights their meaning (architecture, sizes, levels, image size, classes).
     Dropout and the optim group may change; a resume continues the saved lr schedule's state, so
     it keeps the kind of schedule."""
-    from pixelcnn.module import LEGACY_OPTIM_KEYS, saved_optim  # late import: keeps config/CLI errors fast
+    from pixelcnn.image_model import LEGACY_OPTIM_KEYS
+    from pixelcnn.module import saved_optim  # late import: keeps config/CLI errors fast
 
     def network(values: dict) -> dict:
         # Class names and the data source come from the data (`training.data_hparams`), not the model config;

@@ -1,9 +1,10 @@
 """Every file a command writes is whole or absent: it is written to a temporary file in the same
 folder and renamed onto its name only once complete (`atomic_write`), so a full disk, a kill or
 an error midway leaves the old file (or none), never half of one. Lightning writes checkpoints
-through `AtomicCheckpointIO` (a `CheckpointIO` plugin) for the same reason: its own
+through `callbacks.AtomicCheckpointIO` (a `CheckpointIO` plugin) for the same reason: its own
 `TorchCheckpointIO` writes through fsspec, whose local transaction stages the file in the
-system's temp dir and copies it over, which a full disk cuts short."""
+system's temp dir and copies it over, which a full disk cuts short. This module imports no
+Lightning: sample.py and evaluate.py write through it and start fast."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 @contextmanager
@@ -77,12 +76,3 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return write_bytes(path, buffer.getbuffer())
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None:  # as TorchCheckpointIO
-            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
-        torch_save(checkpoint, path)

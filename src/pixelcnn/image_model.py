@@ -21,6 +21,7 @@ from pixelcnn.model import PixelCNN
 from pixelcnn.sampling import SamplingMethod, eval_mode, sample
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
+LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler")  # hyperparameters before the optim group: now in `optim`
 
 
 def build_network(arch: str, levels: int, num_classes: int, image_channels: int = 1, **arch_kwargs) -> nn.Module:
@@ -54,11 +55,9 @@ class ImageModel(nn.Module):
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> ImageModel:
-        """The model of a checkpoint's hyperparameters, those of the training (optimizer, schedule) left out."""
-        network = ARCHITECTURES.get(hparams.get("arch"))  # an unknown arch: build_network says so
-        kept = {"arch", "levels", "image_size", "num_classes", "image_channels", "class_names", "data",
-                *(inspect.signature(network).parameters if network else ())}
-        return cls(**{key: value for key, value in hparams.items() if key in kept})
+        """The model of a checkpoint's hyperparameters, those of the training (optimizer, schedule)
+        left out; any other key is the network's, and one it does not take is refused (`build_network`)."""
+        return cls(**{key: value for key, value in hparams.items() if key not in ("optim", *LEGACY_OPTIM_KEYS)})
 
     @property
     def device(self) -> torch.device:

@@ -15,10 +15,9 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from pixelcnn.image_model import ImageModel
+from pixelcnn.image_model import LEGACY_OPTIM_KEYS, ImageModel
 
 DEFAULT_OPTIM = {"lr": 1e-4, "weight_decay": 0.0, "scheduler": {"name": "none"}}  # conf/optim/adamw.yaml's
-LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler")  # hyperparameters before the optim group: now in `optim`
 
 
 def saved_optim(hparams: dict) -> dict:

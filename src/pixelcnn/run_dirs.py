@@ -150,7 +150,7 @@ def run_dir_of(ckpt_path: str | Path) -> str | None:
 
 
 def holds_checkpoints(run_dir: str | Path) -> bool:
-    """Whether `run_dir` has a checkpoint to resume from (each one is whole: `files.AtomicCheckpointIO`)."""
+    """Whether `run_dir` has a checkpoint to resume from (each one is whole: `callbacks.AtomicCheckpointIO`)."""
     return any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
 
 

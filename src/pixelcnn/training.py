@@ -30,12 +30,11 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import (STOPPED_EXIT_CODE, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
+from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
                                 StepCheckpoint, StopOnNonFiniteLoss)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_same_network, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
-from pixelcnn.files import AtomicCheckpointIO
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
 from pixelcnn.sweep import write_metrics
 

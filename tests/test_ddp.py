@@ -93,7 +93,8 @@ def test_two_processes_share_each_epoch_and_test_like_one(tmp_path: Path):
     probe.mkdir()
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "PIXELCNN_PROBE_DIR": str(probe)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_probe.py"), *TINY, *DDP, f"data.root={data}",
+        # fp32: the bits/dim are compared with an fp32 evaluation below (auto is bf16 on CPUs with native bf16).
+        [sys.executable, str(ROOT / "tests" / "ddp_probe.py"), *TINY, *DDP, "trainer.precision=32-true", f"data.root={data}",
          f"data.system_dir={tmp_path / 'none'}", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

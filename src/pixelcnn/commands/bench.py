@@ -96,7 +96,7 @@ def plain_loop_rate(cfg: DictConfig, datamodule: L.LightningDataModule, device: 
     """img/s of a plain PyTorch loop over the same model and batches, in fp32 and not compiled: no
     Lightning, no autocast. `warmup` steps, then `steps` timed ones."""
     plain = SpeedChoices(cuda=device.type == "cuda", compile=False, precision="32-true", channels_last=False)
-    module = build_module(cfg, plain).to(device)  # its loss is plain PyTorch: scale, network, cross-entropy
+    module = build_module(cfg, plain, datamodule).to(device)  # its loss is plain PyTorch: scale, network, cross-entropy
     # The optimizer the module uses (AdamW, fused on CUDA, foreach elsewhere); the lr does not change the speed.
     optimizer = torch.optim.AdamW(module.parameters(), **({"fused": True} if plain.cuda else {"foreach": True}))
     images, labels = (t.to(device) for t in datamodule.train_set)

@@ -13,6 +13,12 @@ _AT_STEP = int(os.environ.get("PIXELCNN_KILL_AT_STEP", "0"))
 if _AT_STEP:
     import pixelcnn.module
 
+    if os.environ.get("PIXELCNN_KILL_SIGNAL") == "SIGINT":
+        # Ctrl-C as in a terminal: Python turns SIGINT into KeyboardInterrupt only if it was not ignored
+        # when it started, and a command run in the background of a non-interactive shell (as a CI job
+        # may be) inherits SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def _kill_at_step(self, outputs, batch, batch_idx):
         if self.trainer.global_step >= _AT_STEP:
             os.kill(os.getpid(), getattr(signal, os.environ.get("PIXELCNN_KILL_SIGNAL", "SIGKILL")))

@@ -2,9 +2,9 @@
 
 Everything a run produces goes into `cfg.output_dir`: the chosen loggers' files (conf/logger/:
 TensorBoard's `tb/` by default, `csv/`, MLflow's `mlflow.db` + `mlartifacts/`), checkpoints
-(`checkpoints/best-*.ckpt` by val bits/dim `last.ckpt`, and `step.ckpt` every checkpoint_every_n_steps and on SIGTERM, after which
-the run exits 143), `metrics.json`, and (written by
-Hydra) the resolved config in `.hydra/`.
+(`checkpoints/best-*.ckpt` by val bits/dim, `last.ckpt`, and `step.ckpt` every
+checkpoint_every_n_steps and on SIGTERM, after which the run exits 143), `metrics.json`, and
+(written by Hydra) the resolved config in `.hydra/`.
 """
 
 from __future__ import annotations
@@ -65,17 +65,25 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def epoch_batches(cfg: DictConfig, train_images: int, batch_size: int) -> int:
+    """Batches of `batch_size` in one training epoch of `train_images`, after overfit_batches or
+    limit_train_batches (Lightning's meaning: a fraction, or a number of batches)."""
+    batches = math.ceil(train_images / batch_size)
+    trainer = cfg.trainer
+    if overfit := trainer.get("overfit_batches"):
+        return int(batches * overfit) if isinstance(overfit, float) else min(batches, overfit)
+    if (limit := trainer.limit_train_batches) is not None:
+        return int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+    return batches
+
+
 def planned_steps(cfg: DictConfig, train_images: int) -> float:
     """Optimizer steps the run will take at most (math.inf without a limit): batches of
     data.batch_size per epoch after limit_train_batches, times max_epochs, at most max_steps."""
     trainer = cfg.trainer
     if trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
         return 1 if trainer.fast_dev_run is True else trainer.fast_dev_run
-    batches = math.ceil(train_images / cfg.data.batch_size)
-    if overfit := trainer.get("overfit_batches"):
-        batches = int(batches * overfit) if isinstance(overfit, float) else min(batches, overfit)
-    elif (limit := trainer.limit_train_batches) is not None:
-        batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+    batches = epoch_batches(cfg, train_images, cfg.data.batch_size)
     steps = math.inf if trainer.max_epochs == -1 else batches * trainer.max_epochs
     return min(steps, trainer.max_steps) if trainer.max_steps >= 0 else steps
 
@@ -207,7 +215,6 @@ def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float
         logger.save()
 
 
-
 def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], callbacks: list[L.Callback],
                   output_dir: Path, device_args: dict) -> L.Trainer:
     """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
@@ -274,10 +281,7 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: torch.nn.Module,
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
     footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
                                    activation_bytes=4 if speed.precision == "32-true" else 2)
-    batches = math.ceil(images / batch_size)
-    limit = cfg.trainer.limit_train_batches
-    if limit is not None:  # Lightning's meaning: a fraction, or a number of batches
-        batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+    batches = epoch_batches(cfg, images, batch_size)
     if cfg.trainer.max_steps > 0:
         batches = min(batches, cfg.trainer.max_steps)
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")

@@ -16,9 +16,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import Checkpoint, EMAWeightAveraging, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pixelcnn.config import UserError
@@ -54,6 +55,8 @@ class SampleGridCallback(L.Callback):
         self.n, self.temperature, self.seed, self.method, self.scale = n, temperature, seed, method, scale
 
     def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
+        module = next((c.average for c in trainer.callbacks if isinstance(c, WeightAverage) and c.average), module)
         labels, nrow = None, 8
         if module.conditional:  # one row per class, as `sample.py label=all` draws them
             nrow = max(self.n // module.hparams.num_classes, 1)
@@ -72,6 +75,27 @@ class SampleGridCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.due(trainer.current_epoch + 1, trainer.max_epochs, trainer.should_stop):
             self.log_grid(trainer, module)
+
+
+class WeightAverage(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each
+    Lightning batch. It validates in place of the weights, and checkpoints hold it as their
+    state_dict (the raw weights go under current_model_state, for a resume), so sample.py and
+    evaluate.py use it."""
+
+    def __init__(self, decay: float, device: str):
+        super().__init__(device=device, decay=decay)
+
+    @property
+    def average(self) -> L.LightningModule | None:
+        """The averaged module (a copy of the trained one), once fit has begun."""
+        return self._average_model.module if self._average_model is not None else None  # no public accessor
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning calls this for trainer.test(ckpt_path=...) too, where the parent would put the raw
+        # weights back in place of the average that the checkpoint's state_dict holds.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, module, checkpoint)
 
 
 class NonFiniteLossError(UserError):

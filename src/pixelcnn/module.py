@@ -50,12 +50,16 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         class_names: list[str] | None = None,
         data: dict | None = None,
         optim: dict | None = None,
+        ema_decay: float = 0.0,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
         accumulate_grad_batches: int = 1,
         **arch_kwargs,
     ):
         """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
+        `ema_decay` > 0: the training keeps an exponential moving average of the weights
+        (`training.build_callbacks`), which validation, test, the checkpoints and so sampling use;
+        it is saved so that a checkpoint says which weights it holds.
         The last three are the Trainer arguments of the same names, with Lightning's meaning; the
         Trainer refuses them under manual optimization, so the module applies them (`training_step`).
         They are training settings, not part of the model: left out of the hyperparameters."""

@@ -30,8 +30,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
-                                StepCheckpoint, StopOnNonFiniteLoss)
+from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate,
+                                SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, check_same_network, read_checkpoint, resolve_checkpoint
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
@@ -170,6 +170,11 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
         StopOnNonFiniteLoss(),
     ]
+    if cfg.model.ema_decay:
+        # Updated once per Lightning batch, which holds K optimizer steps: decay**K keeps the average's
+        # time constant in optimizer steps.
+        steps = steps_per_lightning_batch(cfg, speed)
+        callbacks.append(WeightAverage(cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))

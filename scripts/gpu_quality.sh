@@ -3,13 +3,17 @@
 # together as a 2-job parallel sweep, then their test bits/dim, Fréchet distance, class accuracy, val
 # curve (scripts/val_curve.py), weight average vs raw weights (scripts/ema_vs_raw.py) and sample grids.
 #   bash scripts/gpu_quality.sh [MAX_TIME]    # DD:HH:MM:SS for each job; default: the configs' 8 minutes
+# On the lent machine (the `device` tool), after `bash ../shared/device-prep.sh hydra-joblib-launcher` here:
+#   run(command="bash scripts/gpu_quality.sh 00:00:08:00", carry=[".device"], timeout_s=600)
 # Writes $OUT/summary.txt, $OUT/val_curve.png, $OUT/samples_*.png and $OUT/quality.tgz (logs, metrics, tb).
 source "$(dirname "$0")/gpu_env.sh"
 MAX_TIME=${1:-}
 SWEEP=$WORK/quality
 note "quality: 2-job sweep, max_time ${MAX_TIME:-from the configs}"
-args=(-m hydra/launcher=parallel hydra.launcher.n_jobs=2 experiment=best,best_conditional "hydra.sweep.dir=$SWEEP"
-      "${DATA[@]}" "${SMOKE[@]}")
+# The weight average is the lever tried here: the checkpoints then hold it and the raw weights, which
+# scripts/ema_vs_raw.py scores side by side (keep model.ema_decay in conf/experiment/best.yaml only if it helps).
+args=(-m hydra/launcher=parallel hydra.launcher.n_jobs=2 experiment=best,best_conditional model.ema_decay=0.999
+      "hydra.sweep.dir=$SWEEP" "${DATA[@]}" "${SMOKE[@]}")
 [ -n "$MAX_TIME" ] && args+=("trainer.max_time=$MAX_TIME")
 [ "${GPU_SMOKE:-0}" = 1 ] && args+=(++model.channels=8 ++model.layers=2 quality_n=50 trainer.max_epochs=2)  # ++: keys of the swept experiments only
 start=$(date +%s)

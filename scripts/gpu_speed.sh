@@ -5,6 +5,8 @@
 #  3. a 4-job sweep of 3 epochs (seed=0..3), serial, then hydra/launcher=parallel with n_jobs=4;
 #  4. a check that experiment=best trains here (a few batches), which also fills the compile cache.
 #   DEADLINE=$(( $(date +%s) + 420 )) bash scripts/gpu_speed.sh   # parts that cannot end by then are skipped
+# On the lent machine (the `device` tool), after `bash ../shared/device-prep.sh hydra-joblib-launcher` here:
+#   run(command="DEADLINE=$(( $(date +%s) + 420 )) bash scripts/gpu_speed.sh", carry=[".device"], timeout_s=480)
 # Writes $OUT/summary.txt and $OUT/speed.tgz (bench JSON, logs, metrics). Part 3 skips the end-of-run sample
 # quality (quality_n=0) so that both sweeps time the training; the data and compile caches are warm for both.
 source "$(dirname "$0")/gpu_env.sh"

@@ -71,3 +71,13 @@ def test_a_resume_continues_the_average_exactly(tmp_path: Path):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def test_a_resume_without_the_average_continues_the_raw_weights(tmp_path: Path):
+    fit(tiny(ema_decay=0.5), *loaders(), callbacks=[WeightAverage(0.5, "cpu"), SaveAtEpochEnd(tmp_path / "e1.ckpt")],
+        max_epochs=1)
+    raw = torch.load(tmp_path / "e1.ckpt", weights_only=True)["current_model_state"]
+    module = tiny()  # model.ema_decay=0 now: no average
+    fit(module, *loaders(), max_epochs=1, ckpt_path=tmp_path / "e1.ckpt")  # restores, nothing left to train
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, raw[name]), name

@@ -181,6 +181,10 @@ class PixelCNNModule(ImageModel, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resumed_optim = saved_optim(checkpoint.get("hyper_parameters", {}))
+        # A run with a weight average saved it as the state_dict and its raw weights beside: a resume
+        # without one (model.ema_decay=0) continues the raw weights. (With one, WeightAverage loads both.)
+        if "current_model_state" in checkpoint and not self.hparams.get("ema_decay") and self.trainer.state.fn == "fit":
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
 
     def on_train_start(self) -> None:
         # Here, not in configure_optimizers: setting the train loader up that early (Lightning's

@@ -141,8 +141,10 @@ class RunTimeEstimate(L.Callback):
     refines it once a whole epoch with validation has run. With torch.compile the first epoch
     carries the compilation, so the refinement then waits for the second epoch."""
 
-    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0):
+    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0,
+                 preset: str | None = None):
         self.warmup_batches, self.measure_batches, self.timed_epoch = warmup_batches, measure_batches, timed_epoch
+        self.preset = preset  # the experiment preset the run was started with, if any
         self._t0 = self._epoch_t0 = 0.0
         self._printed = self._hinted = False
 
@@ -179,7 +181,7 @@ class RunTimeEstimate(L.Callback):
         if timer is not None and (left := timer.time_remaining()) is not None:
             limits.append(timer.time_elapsed() + left)
         run_s = min(limits, default=None)
-        if not self._hinted and (hint := cpu_preset_hint(run_s, torch.cuda.is_available())):
+        if not self._hinted and (hint := cpu_preset_hint(run_s, torch.cuda.is_available(), self.preset)):
             print(hint, flush=True)
             self._hinted = True
 
@@ -195,10 +197,11 @@ class RunTimeEstimate(L.Callback):
             torch.cuda.synchronize(module.device)
 
 
-def cpu_preset_hint(run_s: float | None, has_gpu: bool) -> str | None:
+def cpu_preset_hint(run_s: float | None, has_gpu: bool, preset: str | None = None) -> str | None:
     """The line for a run estimated at over 30 min on a machine without a GPU: the seed defaults are a
-    GPU job (150 epochs: ~6 h on 2 CPU cores), the CPU preset takes a few minutes."""
-    if has_gpu or run_s is None or run_s <= 30 * 60:
+    GPU job (150 epochs: ~6 h on 2 CPU cores), the CPU preset takes a few minutes. Not for a run of
+    an experiment preset: it was chosen (and on a busy machine even the CPU preset can look long)."""
+    if has_gpu or preset is not None or run_s is None or run_s <= 30 * 60:
         return None
     return ("[pixelcnn] no GPU here: for a first run in ~3 min on a CPU, stop this one (Ctrl-C) and use the CPU "
             "preset: python train.py experiment=quick")

@@ -167,7 +167,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         RandomStates(),
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
-        RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
+        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=chosen_option("experiment")),
         StopOnNonFiniteLoss(),
     ]
     if cfg.model.ema_decay:
@@ -186,6 +186,11 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
     return callbacks
+
+
+def chosen_option(group: str) -> str | None:
+    """The option of a config group this run was composed with (None outside a Hydra app)."""
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:

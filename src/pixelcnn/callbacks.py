@@ -335,7 +335,8 @@ class StepCheckpoint(Checkpoint):
             run_dir = self.path.parent.parent
             if requeue:
                 print(f"[pixelcnn] stopped by {name} (SLURM requeue) at optimizer step {trainer.global_step}: saved "
-                      f"{self.path}; SLURM runs the job again, which continues from it in {run_dir}", flush=True)
+                      f"{self.path}; the requeued job continues from it (if not requeued, resume with: python "
+                      f"train.py ckpt_path={run_dir})", flush=True)
             else:
                 print(f"[pixelcnn] stopped by {name} at optimizer step {trainer.global_step}: saved {self.path}; "
                       f"resume with: python train.py ckpt_path={run_dir}", flush=True)

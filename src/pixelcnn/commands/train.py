@@ -244,7 +244,8 @@ class RunDirGuard(Callback):
         rank_zero = config.hydra.output_subdir is not None
         ckpt_path = str(config.ckpt_path) if config.get("ckpt_path") else None  # str: ckpt_path=3 is a path
         run_dir = Path(str(config.hydra.run.dir))
-        if not ckpt_path and requeued_job() and (run_dir / ".hydra").is_dir():
+        requeued = not ckpt_path and requeued_job() and (run_dir / ".hydra").is_dir()
+        if requeued:
             # SLURM started this job again with its command line (hydra.run.dir=<a name that does not change,
             # e.g. ${oc.env:SLURM_JOB_ID}>): it continues its run, as ckpt_path=<that dir> would.
             ckpt_path = str(run_dir)
@@ -270,6 +271,9 @@ class RunDirGuard(Callback):
                 claim_if_new(run_dir / config.hydra.output_subdir)
             if ckpt_path:
                 self.resume(config, ckpt_path, Path(resume_dir) if resume_dir else None, resuming)
+            if requeued:
+                with read_write(config):  # its init_from= (the first start's weights) is in the checkpoint now
+                    config.init_from = None
         if rank_zero and not secondary_rank():  # DDP ranks started by srun / torchrun run this too: rank 0 holds the dir
             with exit_on_user_error():  # no cleanup: the dir is the other run's
                 hold_run_dir(run_dir, f"{'ckpt_path' if resuming else 'hydra.run.dir'}={run_dir}")

@@ -273,13 +273,11 @@ class StepCheckpoint(Checkpoint):
     this handler replaces it (Lightning puts the handlers of before `fit` back when `fit` ends), and
     the run exits with STOPPED_EXIT_CODE (`training.stopped_by_sigterm`).
 
-    SLURM requeue signals (`slurm_requeue_signals`): the handlers Lightning's SLURMEnvironment and
-    submitit (hydra/launcher=slurm) install save or requeue at once, i.e. in the middle of a step, and
-    submitit's saves nothing of the model. Here they are deferred: the signal only marks the stop; at
-    the next step boundary step.ckpt is saved, then the signal's own handler runs there (Lightning's
-    saves its hpc_ckpt_N.ckpt, now also at that boundary, and calls `scontrol requeue`; submitit's
-    resubmits the job's call and requeues it, then exits). SLURM runs the job again in the same run
-    dir, which continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the ranks decide
+    SLURM requeue signals (`slurm_requeue_signals`): Lightning's and submitit's handlers act at once,
+    mid-step (and submitit's saves no model), so they are deferred: step.ckpt is saved at the next
+    step boundary, then the signal's own handler runs there (Lightning's saves hpc_ckpt_N.ckpt, at
+    that boundary too, and calls `scontrol requeue`; submitit's requeues the job and exits). The job
+    SLURM runs again continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the ranks decide
     together (one reduction per batch) so that all save the same step and stop together."""
 
     def __init__(self, dirpath: str | Path, filename: str, every_n_steps: int | None = None):
@@ -332,14 +330,10 @@ class StepCheckpoint(Checkpoint):
         requeue = self._requeue_handlers.get(self.signal)
         if trainer.is_global_zero:
             name = signal.Signals(self.signal).name if self.signal else "another process's signal"
-            run_dir = self.path.parent.parent
-            if requeue:
-                print(f"[pixelcnn] stopped by {name} (SLURM requeue) at optimizer step {trainer.global_step}: saved "
-                      f"{self.path}; the requeued job continues from it (if not requeued, resume with: python "
-                      f"train.py ckpt_path={run_dir})", flush=True)
-            else:
-                print(f"[pixelcnn] stopped by {name} at optimizer step {trainer.global_step}: saved {self.path}; "
-                      f"resume with: python train.py ckpt_path={run_dir}", flush=True)
+            resume = f"python train.py ckpt_path={self.path.parent.parent}"
+            then = f"the requeued job continues from it (if not requeued: {resume})" if requeue else f"resume with: {resume}"
+            print(f"[pixelcnn] stopped by {name}{' (SLURM requeue)' * bool(requeue)} at optimizer step "
+                  f"{trainer.global_step}: saved {self.path}; {then}", flush=True)
         if requeue:
             requeue(self.signal, None)  # requeues the job (submitit's also exits here, non-zero)
         # Lightning's own exception for this stop (it ends `fit` as an interruption); the train

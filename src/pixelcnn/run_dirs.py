@@ -122,11 +122,11 @@ class RunDirInUse(UserError):
 
 
 def hold_run_dir(path: Path, name: str) -> int:
-    """Lock the run dir `path` (`name`: how to call it in a refusal, e.g. `ckpt_path=<path>`) until
-    `release_run_dir` or the process ends, or refuse it in one line if another process holds it.
-    An flock (not filelock.FileLock, which truncates the file: a resume refused or with nothing left
-    to do must change nothing) on `path/RUN_LOCK`, which the OS releases when its holder ends in any
-    way, SIGKILL included: a killed run never leaves its dir locked. Returns the lock's descriptor."""
+    """Lock the run dir `path` (`name`: how a refusal calls it, e.g. `ckpt_path=<path>`) until the
+    returned descriptor is closed or the process ends, or refuse it in one line if another process
+    holds it. An flock (not filelock.FileLock, which truncates the file: a resume refused or with
+    nothing left to do must change nothing) on `path/RUN_LOCK`, which the OS releases when its holder
+    ends in any way, SIGKILL included: a killed run never leaves its dir locked."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -143,12 +143,6 @@ def hold_run_dir(path: Path, name: str) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
-
-
-def release_run_dir(fd: int) -> None:
-    """Unlock a run dir that `hold_run_dir` locked: a sweep job's, when the job ends and its process
-    (a serial sweep's, a joblib worker) goes on to other jobs."""
-    os.close(fd)  # closing the only descriptor of the open file releases its flock
 
 
 def requeued_job() -> bool:

@@ -28,7 +28,7 @@ from pixelcnn.commands.cli import exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
 from pixelcnn.resources import secondary_rank
 from pixelcnn.run_dirs import (RunDirInUse, check_run_dir, claim_if_new, fresh_dir, hold_run_dir, holds_checkpoints,
-                                register_resolvers, release_run_dir, requeued_job, run_dir_of)
+                                register_resolvers, requeued_job, run_dir_of)
 from pixelcnn.sweep import start_study_sweep, write_metrics, write_summary
 from pixelcnn.sweep_check import sweep_errors
 
@@ -76,8 +76,8 @@ def sweep_job_dir(cfg: DictConfig):
                 cfg.ckpt_path, cfg.init_from = str(path), None
         yield
     finally:
-        if lock is not None:
-            release_run_dir(lock)
+        if lock is not None:  # the process (a serial sweep's, a joblib worker) goes on to other jobs
+            os.close(lock)  # releases the flock
 
 
 def failure_reason(err: BaseException) -> str:
@@ -236,9 +236,10 @@ class RunDirGuard(Callback):
     """Before Hydra writes into the run dir: checks it (`run_dirs.check_run_dir`); for a resume,
     the run's config (`restore_saved_config`), its latest checkpoint (which must hold this config's
     network), or exit 0 if the run has finished; then locks the run dir (`run_dirs.hold_run_dir`: a second run
-    in it is refused). A job that SLURM requeued resumes its run dir (`run_dirs.requeued_job`). Hydra turns
-    a callback's exception into a warning, so a refusal exits here. DDP ranks > 0 (Lightning re-runs the command with hydra.output_subdir=null)
-    get the same config and checkpoint, unchecked; bench.py (no record) is not checked."""
+    in it is refused). A job that SLURM requeued resumes its run dir (`run_dirs.requeued_job`). Hydra
+    turns a callback's exception into a warning, so a refusal exits here. DDP ranks > 0 (Lightning re-runs
+    the command with hydra.output_subdir=null) get the same config and checkpoint, unchecked; bench.py
+    (no record) is not checked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         rank_zero = config.hydra.output_subdir is not None

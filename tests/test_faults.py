@@ -168,17 +168,6 @@ def test_sigterm_saves_at_the_next_step_and_resumes_bit_for_bit(work: Path, refe
     assert_same_training(reference, run_dir)
 
 
-def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
-    """A sweep stopped by SIGTERM exits 143 and lists the stopped job as failed, not done."""
-    result = run("train.py", "-m", *TINY, "trainer.max_epochs=1", *data_args(work), "optim.lr=1e-3",
-                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, env=kill_env(2, "SIGTERM"))
-    assert result.returncode == 143, result.stderr[-2000:]
-    [job] = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert f"ckpt_path={job}" in result.stdout and not (job / "metrics.json").exists()
-    summary = (tmp_path / "sweep" / "summary.md").read_text()
-    assert "0 ok, 1 failed" in summary, summary
-
-
 def slurm_job_env(bin_dir: Path, restart_count: int | None = None) -> dict[str, str]:
     """What srun gives a one-task job (so that Lightning's SLURMEnvironment takes it, with its requeue
     signal SIGUSR1), with a `scontrol` on PATH that only records its arguments in bin_dir/scontrol.log."""
@@ -213,14 +202,15 @@ def test_slurm_requeue_signal_saves_at_the_next_step_and_the_requeued_job_contin
     assert_same_training(reference, run_dir)
 
 
-def test_a_sweep_job_holds_its_dir(work: Path, tmp_path: Path):
-    """While a sweep job trains (here stopped with SIGSTOP after step 2), a resume of its job dir is
-    refused in one line and writes nothing, as for a single run's dir."""
+def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
+    """A sweep job holds its dir as a single run does: while it trains (here stopped with SIGSTOP after
+    step 2), a resume of its job dir is refused in one line and writes nothing. Then SIGTERM stops the
+    sweep: it exits 143 and lists the stopped job as failed, not done."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **kill_env(2, "SIGSTOP")}
     holder = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *TINY, "trainer.max_epochs=1",
                                *data_args(work), "optim.lr=1e-3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once it has stopped itself
         assert os.WIFSTOPPED(status), status
@@ -229,9 +219,16 @@ def test_a_sweep_job_holds_its_dir(work: Path, tmp_path: Path):
         line = one_error_line(run("train.py", f"ckpt_path={job}", cwd=work))
         assert "is in use" in line and f"pid {holder.pid}" in line, line
         assert {p: p.stat().st_mtime_ns for p in job.rglob("*")} == before
+        holder.send_signal(signal.SIGTERM)  # handled once it runs again
+        holder.send_signal(signal.SIGCONT)
+        stdout, stderr = holder.communicate(timeout=300)
     finally:
         holder.kill()
         holder.wait()
+    assert holder.returncode == 143, stderr[-2000:]
+    assert f"ckpt_path={job}" in stdout and not (job / "metrics.json").exists()
+    summary = (sweep / "summary.md").read_text()
+    assert "0 ok, 1 failed" in summary, summary
 
 
 def test_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(work: Path, reference: Path, tmp_path: Path):

@@ -26,7 +26,8 @@ from fakes import write_dataset
 from pixelcnn.callbacks import RunDirCheckpoint
 from pixelcnn.config import PATH_KEYS, UserError, validate
 from pixelcnn.data import BatchLoader
-from pixelcnn.run_dirs import fresh_dir
+from pixelcnn.commands.train import record_job_failure, sweep_job_dir
+from pixelcnn.run_dirs import fresh_dir, hold_run_dir
 from pixelcnn.training import SpeedChoices, check_step_checkpoints
 from test_cli import data_args
 
@@ -229,6 +230,21 @@ def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
     assert f"ckpt_path={job}" in stdout and not (job / "metrics.json").exists()
     summary = (sweep / "summary.md").read_text()
     assert "0 ok, 1 failed" in summary, summary
+
+
+def test_a_sweep_job_whose_dir_is_held_fails_without_writing_there(tmp_path: Path, capsys):
+    """A sweep job that finds its dir held by another process (a resume of it, when SLURM requeues the
+    job meanwhile) does not train and fails in one line, without writing its failure into that dir."""
+    job_dir = tmp_path / "0_optim.lr=0.001"
+    holder = hold_run_dir(job_dir, "the other run")
+    try:
+        with record_job_failure(job_dir, 0), sweep_job_dir(OmegaConf.create({"output_dir": str(job_dir)})):
+            raise AssertionError("the job trained")
+    finally:
+        os.close(holder)
+    assert [p.name for p in job_dir.iterdir()] == [".lock"]
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: job 0 failed: the job dir {job_dir} is in use"), line
 
 
 def test_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(work: Path, reference: Path, tmp_path: Path):

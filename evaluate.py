@@ -8,7 +8,7 @@ from pathlib import Path
 
 # Start-up: the imports below (torch's above all) make ~200,000 objects that live until exit. No
 # garbage collection walks them: none runs while importing, and then they are frozen (skipped by
-# every later collection, the one at exit too). ~0.5 s of CPU less per start on a 2-core CPU
+# every later collection, the one at exit too). ~0.6 s of CPU less per start on a 2-core CPU
 # (docs/performance.md).
 gc.disable()
 

@@ -84,15 +84,19 @@ HEAVY = ("lightning", "pytorch_lightning", "torchmetrics", "torchvision", "matpl
 
 
 def test_sample_and_evaluate_do_not_import_the_training_stack(tmp_path: Path):
-    """sample.py and evaluate.py images=<.npy> run whole in one process; then none of HEAVY is loaded."""
+    """sample.py and evaluate.py images=<.npy> run whole in one process; then none of HEAVY is loaded,
+    and the objects of their imports are frozen out of garbage collection, which runs again after them."""
     save_tiny_checkpoint(tmp_path / "tiny.ckpt")
     np.save(tmp_path / "images.npy", np.zeros((2, 8, 8), dtype=np.uint8))
     commands = [("sample.py", "n=4"), ("evaluate.py", f"images={tmp_path / 'images.npy'}")]
     for script, argument in commands:
         code = (f"import runpy, sys; sys.argv = [{script!r}, 'ckpt={tmp_path / 'tiny.ckpt'}', {argument!r}, "
                 f"'out={tmp_path / script}']; runpy.run_path({str(ROOT / script)!r}, run_name='__main__'); "
+                f"import gc; print(gc.isenabled(), gc.get_freeze_count()); "
                 f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.splitlines()[-1] == "[]", f"{script} imported {result.stdout.splitlines()[-1]}"
+        enabled, frozen = result.stdout.splitlines()[-2].split()
+        assert enabled == "True" and int(frozen) > 100_000, f"{script}: gc enabled {enabled}, {frozen} objects frozen"
         assert any((tmp_path / script).iterdir())  # it did its work

@@ -108,10 +108,19 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
                         f"these weights, start a new run with init_from={path}")
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> ImageModel:
-    """The model of a checkpoint (file or run dir), in eval mode: its network, likelihood and
-    sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
-    path = resolve_checkpoint(path)
+def read_same_network(path: str | Path, cfg: DictConfig, key: str, prefer: str) -> tuple[Path, dict]:
+    """The checkpoint file `key`=`path` names (a .ckpt, or a run dir's `prefer` one: `resolve_checkpoint`)
+    and its dict, which must hold the network `cfg` builds (`check_same_network`): the checkpoint a
+    resume (ckpt_path) continues, or whose weights a new run starts from (init_from)."""
+    path = resolve_checkpoint(path, prefer, key)
+    checkpoint = read_checkpoint(path, key)
+    check_same_network(checkpoint["hyper_parameters"], cfg, path, key)
+    return path, checkpoint
+
+
+def load_module(path: Path, map_location: str | torch.device = "cpu") -> ImageModel:
+    """The model of a checkpoint file (`resolve_checkpoint` finds a run dir's), in eval mode: its network,
+    likelihood and sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
     checkpoint = read_checkpoint(path)
     try:
         module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out

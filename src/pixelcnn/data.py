@@ -474,8 +474,8 @@ def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Sp
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images of `source` quantized to `levels` levels per channel at `image_size` x `image_size`,
-    with `channels` 1 (grey) or 3 (RGB).
+    """Images of `source` quantized to `levels` levels per channel (2..256, stored as uint8: the
+    config's data.levels rule) at `image_size` x `image_size`, with `channels` 1 (grey) or 3 (RGB).
 
     Sources (`SOURCES`): fashion_mnist, mnist (IDX files, see `locate_dataset`), folder and array
     (`path`, see `pixelcnn.sources`). The training images are split into train / val
@@ -515,8 +515,6 @@ class ImageDataModule(L.LightningDataModule):
         overfit_batches: int | float = 0,
     ):
         super().__init__()
-        if not 2 <= levels <= 256:  # more would wrap around in uint8 (ranges are otherwise config.RULES')
-            raise ValueError(f"levels must be in 2..256 to fit uint8, got {levels}")
         if source not in SOURCES:
             raise UserError(f"data.source={source!r} is unknown: choose one of {', '.join(SOURCES)}")
         if (path is None) != (source in IDX_DATASETS):

@@ -32,9 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
                                 StepCheckpoint, StopOnNonFiniteLoss)
-from pixelcnn.checkpoints import STEP_CHECKPOINT, check_same_network, read_checkpoint, resolve_checkpoint
+from pixelcnn.checkpoints import STEP_CHECKPOINT, read_same_network
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
 from pixelcnn.data import CUDA_STEPS_PER_BATCH
+from pixelcnn.module import run_steps
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
 from pixelcnn.sweep import write_metrics
 
@@ -78,14 +79,11 @@ def epoch_batches(cfg: DictConfig, train_images: int, batch_size: int) -> int:
 
 
 def planned_steps(cfg: DictConfig, train_images: int) -> float:
-    """Optimizer steps the run will take at most (math.inf without a limit): batches of
-    data.batch_size per epoch after limit_train_batches, times max_epochs, at most max_steps."""
-    trainer = cfg.trainer
-    if trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
-        return 1 if trainer.fast_dev_run is True else trainer.fast_dev_run
-    batches = epoch_batches(cfg, train_images, cfg.data.batch_size)
-    steps = math.inf if trainer.max_epochs == -1 else batches * trainer.max_epochs
-    return min(steps, trainer.max_steps) if trainer.max_steps >= 0 else steps
+    """Optimizer steps the configured run will take at most, before its trainer exists (`module.run_steps`
+    of `epoch_batches`; the module counts its schedule's steps again from the trainer's own counts)."""
+    if fast_dev_run := cfg.trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
+        return int(fast_dev_run)
+    return run_steps(epoch_batches(cfg, train_images, cfg.data.batch_size), cfg.trainer.max_epochs, cfg.trainer.max_steps)
 
 
 def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoices:
@@ -144,9 +142,7 @@ def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDa
     module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule),
                          **knobs)
     if cfg.init_from:  # fine-tuning: these weights, a fresh optimizer (the run starts at step 0)
-        path = resolve_checkpoint(cfg.init_from, prefer="best", key="init_from")
-        checkpoint = read_checkpoint(path, key="init_from")
-        check_same_network(checkpoint["hyper_parameters"], cfg, path, key="init_from")
+        path, checkpoint = read_same_network(cfg.init_from, cfg, "init_from", prefer="best")
         module.load_state_dict(checkpoint["state_dict"])
         if not secondary_rank():
             print(f"[pixelcnn] init_from: the weights of {path} (step {checkpoint.get('global_step', '?')}), "
@@ -222,17 +218,11 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     # Lightning counts its own batches, each of `steps` batches of data.batch_size here (optimizer steps), so
     # the counts that mean batches are translated: limit_train_batches and overfit_batches' training part
     # are cut by the data module (FashionMNISTDataModule), an int val_check_interval is divided by `steps`.
-    steps = steps_per_lightning_batch(cfg, speed)
     knobs = {"limit_train_batches": None, "overfit_batches": 0, **MODULE_TRAINER_KEYS}
     if overfit := cfg.trainer.get("overfit_batches"):  # Lightning's other half of it: validate on the first N batches
         knobs["limit_val_batches"] = overfit
-    interval = cfg.trainer.get("val_check_interval")
-    if isinstance(interval, int) and not isinstance(interval, bool):
-        if interval % steps:
-            raise UserError(f"trainer.val_check_interval={interval} is invalid here: it counts batches of "
-                            f"data.batch_size, taken {steps} per Lightning batch (data.steps_per_batch), so it must "
-                            f"be a multiple of {steps}")
-        knobs["val_check_interval"] = interval // steps
+    if isinstance(cfg.trainer.get("val_check_interval"), int):  # a number of batches (a float: a fraction of the epoch)
+        knobs["val_check_interval"] = lightning_batches(cfg, speed.cuda, "trainer.val_check_interval")
     try:
         # Checkpoints are written whole or not at all (`AtomicCheckpointIO`).
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=loggers or False,
@@ -255,22 +245,30 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     return trainer
 
 
-def steps_per_lightning_batch(cfg: DictConfig, speed: SpeedChoices) -> int:
+def steps_per_lightning_batch(cfg: DictConfig, cuda: bool) -> int:
     """Optimizer steps (batches of data.batch_size) per Lightning batch: data.steps_per_batch, whose
     auto is CUDA_STEPS_PER_BATCH when the data sits on the GPU (as FashionMNISTDataModule puts it), else 1."""
     if cfg.data.steps_per_batch != "auto":
         return cfg.data.steps_per_batch
-    return CUDA_STEPS_PER_BATCH if speed.cuda and cfg.data.on_device in ("auto", True) else 1
+    return CUDA_STEPS_PER_BATCH if cuda and cfg.data.on_device in ("auto", True) else 1
 
 
-def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
-    """checkpoint_every_n_steps must be a multiple of the optimizer steps per Lightning batch, as
-    checkpoints are written between batches. `validate` checks an explicit data.steps_per_batch;
-    auto is known here."""
-    every, steps = cfg.checkpoint_every_n_steps, steps_per_lightning_batch(cfg, speed)
-    if every and cfg.data.steps_per_batch == "auto" and every % steps:
-        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes {steps} "
-                        f"optimizer steps per batch on CUDA, so it must be a multiple of {steps}")
+def lightning_batches(cfg: DictConfig, cuda: bool, key: str) -> int:
+    """The count at `key` (batches of data.batch_size) in Lightning batches, each of `steps_per_lightning_batch`
+    of them: a count that is not a multiple of those would never meet a batch's end, so it is refused."""
+    count, steps = OmegaConf.select(cfg, key), steps_per_lightning_batch(cfg, cuda)
+    if count % steps:
+        where = " on CUDA" if cfg.data.steps_per_batch == "auto" else ""
+        raise UserError(f"{key}={count} is invalid here: it counts batches of data.batch_size, taken {steps} per "
+                        f"Lightning batch (data.steps_per_batch={cfg.data.steps_per_batch}{where}), so it must be a "
+                        f"multiple of {steps}")
+    return count // steps
+
+
+def check_step_checkpoints(cfg: DictConfig, cuda: bool) -> None:
+    """checkpoint_every_n_steps must fall between Lightning batches, where checkpoints are written."""
+    if cfg.checkpoint_every_n_steps:
+        lightning_batches(cfg, cuda, "checkpoint_every_n_steps")
 
 
 def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: torch.nn.Module, trainer: L.Trainer,
@@ -299,7 +297,7 @@ def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
-    validate(cfg)
+    validate(cfg, "train")
     # Threads (and GPU) of a job that shares the machine with others: before any torch work.
     resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
@@ -313,7 +311,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
-    check_step_checkpoints(cfg, speed)
+    check_step_checkpoints(cfg, speed.cuda)
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
         meta_net = instantiate(cfg.model, _convert_="all").net
 

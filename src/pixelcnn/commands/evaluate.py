@@ -23,12 +23,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.commands.cli import pick_device
-from pixelcnn.config import UserError, check_out_dir, validate
+from pixelcnn.commands.cli import load_checkpoint_model
+from pixelcnn.config import UserError, validate
 from pixelcnn.files import atomic_write, write_text
 from pixelcnn.images import levels_to_grid, load_image, save_grid
-from pixelcnn.run_dirs import run_dir_of
 from pixelcnn.sources import IMAGE_SUFFIXES
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
@@ -182,11 +180,8 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
 
 def main(cfg: DictConfig) -> dict:
     """The test-split evaluation, or with `images=` the outlier scores."""
-    validate(cfg)
-    device = pick_device(cfg.device)
-    ckpt = resolve_checkpoint(cfg.ckpt)
-    module = load_module(ckpt, device)
-    out_dir = check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / "eval")
+    validate(cfg, "evaluate")
+    ckpt, module, out_dir = load_checkpoint_model(cfg, "eval")
     if cfg.images is not None:
         return score_images(module, cfg, out_dir)
     return evaluate_test_split(module, cfg, out_dir, ckpt)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError
-from pixelcnn.image_model import ImageModel
+from pixelcnn.image_model import LEGACY_OPTIM_KEYS, ImageModel
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
@@ -85,7 +85,6 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
     builds: what gives its weights their meaning (architecture, sizes, levels, image size, classes).
     Dropout and the optim group may change; a resume continues the saved lr schedule's state, so
     it keeps the kind of schedule."""
-    from pixelcnn.image_model import LEGACY_OPTIM_KEYS
     from pixelcnn.module import saved_optim  # late import: keeps config/CLI errors fast
 
     def network(values: dict) -> dict:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, Split, cache_lock, save_cache, setup_datamodule
+from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, Split, cached, save_cache, setup_datamodule
 
 EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
 
@@ -135,17 +135,16 @@ def load_or_train_classifier(datamodule: FashionMNISTDataModule,
     """The classifier cached in the data module's root for its image size and level count,
     trained on its training split first if there is none (or it is unreadable). Eval mode, on
     `device`, with a `test_accuracy` attribute. Jobs that start together train it once: the
-    others wait for it (`cache_lock`)."""
+    others wait for it (`data.cached`)."""
     image_size, levels = datamodule.image_size, datamodule.levels
     path = classifier_path(datamodule.root, image_size, levels)
-    if (classifier := load_cached_classifier(path, image_size, levels, device)) is not None:
-        return classifier
-    with cache_lock(path):
-        if (classifier := load_cached_classifier(path, image_size, levels, device)) is not None:
-            return classifier  # another job trained it while this one waited
+
+    def train() -> FashionClassifier:
         print(f"[classifier] no cached classifier at {path}: training one (under a minute on a CPU for the full "
               "dataset)", flush=True)
         return fit_and_cache(datamodule, device)
+
+    return cached(path, lambda: load_cached_classifier(path, image_size, levels, device), train)
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -201,7 +201,7 @@ RULES: dict[str, Rules] = {
               "bench.naive_max_n": _int(0), "bench.naive_repeats": _int(1)},
     "sample": {**DRAWING, "temperature": _temperatures(), "n": _int(1, MAX_IMAGES), "mode": _one_of("sample", "complete"),
                "rows": _int(0), "completions": _int(1, 64)},
-    "evaluate": {**DRAWING, **QUALITY_N, "temperature": (valid_temperature, "a number > 0"),
+    "evaluate": {**DRAWING, **QUALITY_N, "temperature": (valid_temperature, "one temperature > 0 (of the quality samples)"),
                  "quality": _one_of(True, False), "batch_size": _int(1), "heatmaps": _int(0), "extremes": _int(1)},
     "classifier": {**DATA, **SEED, **DEVICE, "epochs": _int(1), "batch_size": _int(1), "lr": _positive_float()},
 }

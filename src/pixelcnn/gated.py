@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.model import (INPUT_KERNEL_MIN, ClassBias, MaskedConv2d, channel_groups, channel_mask, conv1x1_at, odd_kernel,
-                            spatial)
+from pixelcnn.model import (INPUT_KERNEL_MIN, ClassBias, MaskedConv2d, channel_groups, channel_mask, conv1x1_at,
+                            odd_kernel, spatial)
 
 
 def gate(x: Tensor) -> Tensor:

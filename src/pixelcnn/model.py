@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 INPUT_KERNEL_MIN = 3  # an input conv's least kernel: a type-A 1x1 would see nothing (it masks the centre)
 
 

@@ -34,7 +34,7 @@ from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomSta
                                 StepCheckpoint, StopOnNonFiniteLoss)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_same_network
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
-from pixelcnn.data import CUDA_STEPS_PER_BATCH
+from pixelcnn.data import steps_per_batch
 from pixelcnn.module import run_steps
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
 from pixelcnn.sweep import write_metrics
@@ -246,11 +246,9 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
 
 
 def steps_per_lightning_batch(cfg: DictConfig, cuda: bool) -> int:
-    """Optimizer steps (batches of data.batch_size) per Lightning batch: data.steps_per_batch, whose
-    auto is CUDA_STEPS_PER_BATCH when the data sits on the GPU (as FashionMNISTDataModule puts it), else 1."""
-    if cfg.data.steps_per_batch != "auto":
-        return cfg.data.steps_per_batch
-    return CUDA_STEPS_PER_BATCH if cuda and cfg.data.on_device in ("auto", True) else 1
+    """Optimizer steps (batches of data.batch_size) per Lightning batch, as the data module will take
+    them (`data.steps_per_batch`), where it puts the data on a CUDA device: training there, on_device auto or true."""
+    return steps_per_batch(cfg.data.steps_per_batch, cuda and cfg.data.on_device in ("auto", True))
 
 
 def lightning_batches(cfg: DictConfig, cuda: bool, key: str) -> int:

@@ -12,13 +12,12 @@ from typing import NoReturn
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
-
 from omegaconf import DictConfig
 
 from pixelcnn.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.config import UserError, WriteError, as_override, check_out_dir, user_errors_unwrapped
 from pixelcnn.image_model import ImageModel
-from pixelcnn.run_dirs import holds_checkpoints, remove_own_dir, removable_on_error, run_dir_of
+from pixelcnn.run_dirs import holds_checkpoints, removable_on_error, remove_own_dir, run_dir_of
 
 # A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
 # traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).

@@ -56,16 +56,9 @@ def load_npy(path: Path, image_size: int, levels: int, channels: int = 1) -> Ten
     return torch.from_numpy(array.astype(np.uint8))
 
 
-def load_picture(path: Path, image_size: int, levels: int, channels: int = 1) -> Tensor:
-    """An image file (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`), read and
-    preprocessed as in training. -> (1, C, S, S) uint8"""
-    from pixelcnn.data import quantize  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
-
-    return quantize(torch.from_numpy(load_image(path, channels))[None], image_size, levels)
-
-
 def load_images(path: str | Path, image_size: int, levels: int, channels: int = 1) -> tuple[Tensor, list[str]]:
-    """(level images (N, C, S, S) uint8, a name per image) from a .npy, an image file or a folder of them."""
+    """(level images (N, C, S, S) uint8, a name per image) from a .npy of levels, or an image file or a
+    folder of them (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`), preprocessed as in training."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"images={path} does not exist: pass a .npy of levels, an image file, or a folder of them")
@@ -76,7 +69,9 @@ def load_images(path: str | Path, image_size: int, levels: int, channels: int = 
     if not pictures or pictures[0].suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"images={path} is not a .npy file, an image file, or a folder with image files "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return torch.cat([load_picture(p, image_size, levels, channels) for p in pictures]), [p.name for p in pictures]
+    from pixelcnn.data import preprocess  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
+
+    return preprocess([load_image(p, channels) for p in pictures], image_size, levels, channels), [p.name for p in pictures]
 
 
 # ---------------------------------------------------------------------------- figures

@@ -108,9 +108,8 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
 
 
 def read_same_network(path: str | Path, cfg: DictConfig, key: str, prefer: str) -> tuple[Path, dict]:
-    """The checkpoint file `key`=`path` names (a .ckpt, or a run dir's `prefer` one: `resolve_checkpoint`)
-    and its dict, which must hold the network `cfg` builds (`check_same_network`): the checkpoint a
-    resume (ckpt_path) continues, or whose weights a new run starts from (init_from)."""
+    """The file and dict of the checkpoint a resume (`key`=ckpt_path) continues or a new run starts from
+    (init_from): `resolve_checkpoint`, `read_checkpoint`, and it must hold `cfg`'s network (`check_same_network`)."""
     path = resolve_checkpoint(path, prefer, key)
     checkpoint = read_checkpoint(path, key)
     check_same_network(checkpoint["hyper_parameters"], cfg, path, key)

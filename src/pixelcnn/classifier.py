@@ -171,6 +171,14 @@ def random_subset(split: Split, n: int, seed: int) -> Split:
     return split[0][index.to(split[0].device)].cpu(), split[1][index.to(split[1].device)].cpu()
 
 
+def unscorable(datamodule: FashionMNISTDataModule) -> str | None:
+    """Why the sample quality of a model of this data is not scored, or None: the classifier is Fashion-MNIST's (grey)."""
+    if (datamodule.source, datamodule.channels) == ("fashion_mnist", 1):
+        return None
+    colour = f" with data.channels={datamodule.channels}" if datamodule.channels != 1 else ""
+    return f"sample quality skipped: its classifier is Fashion-MNIST's (grey), not data={datamodule.source}{colour}"
+
+
 def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000, temperature: float = 1.0,
                     seed: int = 0, classifier: FashionClassifier | None = None,
                     method: str = "fast") -> dict[str, float]:

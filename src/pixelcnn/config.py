@@ -112,17 +112,14 @@ MAX_IMAGES = 10_000  # images drawn for one grid: more would not fit a PNG (nor,
 Rules = dict[str, tuple[Callable[[Any], bool], str]]  # key -> (check, what is allowed); absent keys are skipped
 
 # Each command's rules (`RULES`, by its config's name) are made of these groups, each written once; a value the
-# library also takes is checked with its owner's own test (the sampler's temperature and methods, the
-# networks' kernels).
+# library takes too is checked with its owner's test (the sampler's temperature and methods, the networks' kernels).
 DATA: Rules = {  # the data group: training's, and the classifier's (a few of its keys, others addable)
     "data.levels": _int(2, 256),  # stored as uint8
     "data.image_size": _int(2, 28),
     "data.batch_size": _int(1),
     "data.eval_batch_size": _int(1),
-    "data.val_size": (lambda v: _int(1)[0](v) or _fraction(lo_open=True, hi_open=True)[0](v),
-                      "an integer >= 1 (images) or a fraction in (0, 1)"),
-    "data.test_size": (lambda v: _int(1)[0](v) or _fraction(lo_open=True, hi_open=True)[0](v),
-                       "an integer >= 1 (images) or a fraction in (0, 1)"),
+    **dict.fromkeys(("data.val_size", "data.test_size"), (lambda v: _int(1)[0](v) or _fraction(True, True)[0](v),
+                                                          "an integer >= 1 (images) or a fraction in (0, 1)")),
     "data.source": _one_of("fashion_mnist", "mnist", "folder", "array"),
     "data.channels": _one_of(1, 3),
     "data.split_seed": _int(0),

@@ -241,11 +241,10 @@ def save_cache(path: Path, data: dict) -> dict:
 
 
 def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> T:
-    """What `load` reads from the cache file `path` (None: absent or unusable), else what `build`
-    makes (and saves there). Jobs that start together build it once: `build` runs under an
-    exclusive lock on `path` (a lock file beside it, removed after; the OS releases it if its holder
-    dies), and the jobs that waited for the lock then read what it built. An unwritable folder gets
-    no lock (nothing can be cached there anyway, see `save_cache`)."""
+    """What `load` reads from the cache file `path` (None: absent or unusable), else what `build` makes
+    (and saves there). Jobs that start together build it once: under an exclusive lock on `path` (a
+    lock file beside it, removed after; the OS releases it if its holder dies), the others wait, then
+    read it. An unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
     if (found := load()) is not None:
         return found
     lock_file, new_dirs = path.with_name(f".{path.name}.lock"), missing_dirs(path.parent)
@@ -263,8 +262,7 @@ def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> 
     failed = True
     try:
         found = load()  # another job built it while this one waited
-        found = build() if found is None else found
-        failed = False
+        found, failed = build() if found is None else found, False
         return found
     finally:
         # The lock file goes while still held: a job that was waiting on it then finds the cache
@@ -476,8 +474,8 @@ def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Sp
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images of `source` quantized to `levels` levels per channel (2..256, stored as uint8: the
-    config's data.levels rule) at `image_size` x `image_size`, with `channels` 1 (grey) or 3 (RGB).
+    """Images of `source` quantized to `levels` levels per channel (2..256: uint8) at `image_size` x
+    `image_size`, with `channels` 1 (grey) or 3 (RGB).
 
     Sources (`SOURCES`): fashion_mnist, mnist (IDX files, see `locate_dataset`), folder and array
     (`path`, see `pixelcnn.sources`). The training images are split into train / val

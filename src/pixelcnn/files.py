@@ -52,12 +52,10 @@ def missing_dirs(folder: Path) -> list[Path]:
 
 
 def remove_if_empty(dirs: list[Path]) -> None:
-    """Remove `dirs` (`missing_dirs` made them for something that failed) while they are empty."""
+    """Remove those of `dirs` (deepest first: `missing_dirs` made them for something that failed) that are empty."""
     for directory in dirs:
-        try:
+        with suppress(OSError):
             directory.rmdir()
-        except OSError:
-            break
 
 
 def _umask() -> int:

@@ -226,9 +226,8 @@ class PixelCNNModule(ImageModel, L.LightningModule):
 
 
 def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int, accumulate: int = 1) -> float:
-    """Optimizer steps a run takes at most (math.inf without a limit): `epoch_batches` batches of
-    data.batch_size per epoch, one step per `accumulate` of them (an epoch's last group short),
-    times max_epochs (-1 or None: no limit), at most max_steps (-1: no limit)."""
+    """Optimizer steps a run takes at most (math.inf without a limit): `epoch_batches` batches of data.batch_size
+    an epoch, one step per `accumulate` (a short last group too), times max_epochs (-1 or None: none), <= max_steps."""
     steps = math.inf if max_epochs is None or max_epochs < 0 else math.ceil(epoch_batches / accumulate) * max_epochs
     return steps if max_steps < 0 else min(steps, max_steps)
 

@@ -33,6 +33,8 @@ METHODS = get_args(SamplingMethod)
 def valid_temperature(temperature: object) -> bool:
     """The softmax temperature is a number > 0 (0 would divide by zero); the commands' config rules use this too."""
     return isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+
+
 SAMPLE_CHUNK = 1024  # images drawn at once by `sample` (bounds the cached activations; the result is the same)
 
 

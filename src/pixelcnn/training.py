@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
                                 StepCheckpoint, StopOnNonFiniteLoss)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_same_network
+from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
 from pixelcnn.data import steps_per_batch
 from pixelcnn.module import run_steps
@@ -359,10 +360,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     if not trainer.is_global_zero:  # the other DDP ranks: rank 0 scores samples and writes the results
         return metrics
-    if cfg.quality_n and (cfg.data.source, cfg.data.channels) != ("fashion_mnist", 1):
-        print("[pixelcnn] sample quality skipped: its classifier is Fashion-MNIST's (grey), not "
-              f"data={cfg.data.source}" + (f" with data.channels={cfg.data.channels}" if cfg.data.channels != 1 else ""),
-              flush=True)
+    if cfg.quality_n and (skipped := unscorable(datamodule)):
+        print(f"[pixelcnn] {skipped}", flush=True)
     elif cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
         for logger in trainer.loggers:
@@ -400,8 +399,6 @@ QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")
 
 def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices) -> dict[str, float]:
     """Sample quality of the best checkpoint (which `trainer.test` has just loaded)."""
-    from pixelcnn.classifier import quality_metrics
-
     module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
     quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=cfg.sample.temperature,
                               seed=cfg.sample.seed)

@@ -85,13 +85,19 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_checkpoint_model(cfg: DictConfig, outputs: str) -> tuple[Path, ImageModel, Path]:
-    """sample.py's and evaluate.py's start: the checkpoint file of `ckpt` (a run dir: its best), its
-    model on `device`, and the output folder: `out`, else <run dir>/`outputs` (or next to the
-    checkpoint), checked writable before any work."""
+    """The checkpoint file of `ckpt` (a run dir: its best), its model on `device`, and the output folder:
+    `out`, else <run dir>/`outputs` (or next to the checkpoint), checked writable before any work."""
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, device)
     return ckpt, module, check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / outputs)
+
+
+def checkpoint_data(module: ImageModel, data_root: str | None):
+    """The data `module` was trained on (older checkpoints: Fashion-MNIST), set up: training's test split."""
+    from pixelcnn.data import setup_datamodule  # late: Lightning, only for the modes that read data
+
+    return setup_datamodule(data_root, module.image_size, module.levels, **(module.data or {}))
 
 
 class NoVendorTips(logging.Filter):

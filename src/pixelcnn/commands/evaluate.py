@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pixelcnn.commands.cli import load_checkpoint_model
+from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
 from pixelcnn.config import UserError, validate
 from pixelcnn.files import atomic_write, write_text
 from pixelcnn.images import levels_to_grid, load_image, save_grid
@@ -103,10 +103,7 @@ def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Pat
 
 def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> dict:
     """Test bits/dim, heatmaps, extremes and (quality=true, quality_n > 0) sample quality; writes metrics.json."""
-    from pixelcnn.data import setup_datamodule
-
-    data = module.data or {}  # the source it was trained on (older checkpoints: Fashion-MNIST)
-    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels, **data)
+    datamodule = checkpoint_data(module, cfg.data_root)
     images, labels = datamodule.test_set
     started = time.perf_counter()
     maps = module.nll_maps(images, labels if module.conditional else None, cfg.batch_size)  # (N, H, W)
@@ -132,12 +129,11 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
           f"  most likely:  {files['most_likely']}\n  least likely: {files['least_likely']}")
     if "heatmaps" in files:
         print(f"  heatmaps:     {files['heatmaps']}")
-    fashion_mnist = (data.get("source", "fashion_mnist"), data.get("channels", 1)) == ("fashion_mnist", 1)
-    if cfg.quality and cfg.quality_n > 0 and not fashion_mnist:
-        print(f"  sample quality skipped: its classifier is Fashion-MNIST's (grey), not data={data['source']} "
-              f"with data.channels={data['channels']}")
+    from pixelcnn.classifier import load_or_train_classifier, quality_metrics, unscorable
+
+    if cfg.quality and cfg.quality_n > 0 and (skipped := unscorable(datamodule)):
+        print(f"  {skipped}")
     elif cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
-        from pixelcnn.classifier import load_or_train_classifier, quality_metrics
 
         classifier = load_or_train_classifier(datamodule, module.device)
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)

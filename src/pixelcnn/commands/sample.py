@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from pixelcnn.commands.cli import load_checkpoint_model
+from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
 from pixelcnn.config import UserError, validate
 from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
 from pixelcnn.sampling import complete_fast, draw_uniforms, eval_mode
@@ -102,15 +102,12 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     completions) and the completions as .npy (N, completions, H, W) uint8 levels. Conditional
     models use the images' true labels. Only what depends on the model is checked here (the
     rest by `config.validate`)."""
-    from pixelcnn.data import setup_datamodule
-
     height = width = module.image_size
     rows, completions = cfg.rows, cfg.completions
     if rows > height:
         raise UserError(f"rows={rows} is invalid: it must be an integer in [0, {height}] "
                         f"(rows kept of this {height}px model's images)")
-    data = module.data or {}  # the source it was trained on (older checkpoints: Fashion-MNIST)
-    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels, **data)
+    datamodule = checkpoint_data(module, cfg.data_root)
     names = class_names(module) or datamodule.class_names  # an unconditional model: the data's classes
     label = int(parse_labels(cfg.label, names, 1)[0][0]) if cfg.label is not None else None
     if cfg.n > MAX_COMPLETED:

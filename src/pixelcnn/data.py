@@ -297,6 +297,12 @@ def load_idx_dataset(
 # ---------------------------------------------------------------------------- batching
 
 
+def limited(batches: int, limit: int | float | None) -> int:
+    """`batches` cut by a limit as Lightning's limit_train_batches means it: a float is a fraction
+    (rounded down), an int a number of batches, None none."""
+    return batches if limit is None else int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+
+
 class BatchLoader:
     """Batches of in-memory (images, labels) tensors, each cut with one indexing op.
 
@@ -353,14 +359,9 @@ class BatchLoader:
 
     @property
     def num_batches(self) -> int:
-        """Batches of `batch_size` per epoch, after `limit_batches` (in training: micro-batches, one
-        optimizer step each); `len()` counts the items, lists of `steps_per_batch` of them."""
-        batches = math.ceil(self.shortest_share() / self.batch_size)  # this rank's
-        if self.limit_batches is None:
-            return batches
-        if isinstance(self.limit_batches, float):  # a fraction, rounded down
-            return int(batches * self.limit_batches)
-        return min(batches, self.limit_batches)
+        """Batches of `batch_size` per epoch (this rank's), after `limit_batches` (in training: micro-batches,
+        one optimizer step each); `len()` counts the items, lists of `steps_per_batch` of them."""
+        return limited(math.ceil(self.shortest_share() / self.batch_size), self.limit_batches)
 
     def __len__(self) -> int:
         return math.ceil(self.num_batches / (self.steps_per_batch or 1))

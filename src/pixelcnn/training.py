@@ -35,7 +35,7 @@ from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomSta
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_same_network
 from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
-from pixelcnn.data import steps_per_batch
+from pixelcnn.data import limited, steps_per_batch
 from pixelcnn.module import run_steps
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
 from pixelcnn.sweep import write_metrics
@@ -70,13 +70,8 @@ def cpu_has_native_bf16() -> bool:
 def epoch_batches(cfg: DictConfig, train_images: int, batch_size: int) -> int:
     """Batches of `batch_size` in one training epoch of `train_images`, after overfit_batches or
     limit_train_batches (Lightning's meaning: a fraction, or a number of batches)."""
-    batches = math.ceil(train_images / batch_size)
-    trainer = cfg.trainer
-    if overfit := trainer.get("overfit_batches"):
-        return int(batches * overfit) if isinstance(overfit, float) else min(batches, overfit)
-    if (limit := trainer.limit_train_batches) is not None:
-        return int(batches * limit) if isinstance(limit, float) else min(batches, limit)
-    return batches
+    return limited(math.ceil(train_images / batch_size),
+                   cfg.trainer.get("overfit_batches") or cfg.trainer.limit_train_batches)
 
 
 def planned_steps(cfg: DictConfig, train_images: int) -> float:

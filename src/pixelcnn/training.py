@@ -273,9 +273,7 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: torch.nn.Module,
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
     footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
                                    activation_bytes=4 if speed.precision == "32-true" else 2)
-    batches = epoch_batches(cfg, images, batch_size)
-    if cfg.trainer.max_steps > 0:
-        batches = min(batches, cfg.trainer.max_steps)
+    batches = run_steps(epoch_batches(cfg, images, batch_size), 1, cfg.trainer.max_steps)  # one epoch's, <= max_steps
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
                             if key in cfg.model)
     check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)

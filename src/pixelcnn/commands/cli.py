@@ -95,7 +95,7 @@ def load_checkpoint_model(cfg: DictConfig, outputs: str) -> tuple[Path, ImageMod
 
 def checkpoint_data(module: ImageModel, data_root: str | None):
     """The data `module` was trained on (older checkpoints: Fashion-MNIST), set up: training's test split."""
-    from pixelcnn.data import setup_datamodule  # late: Lightning, only for the modes that read data
+    from pixelcnn.data import setup_datamodule  # late: Lightning, for the modes that read data only
 
     return setup_datamodule(data_root, module.image_size, module.levels, **(module.data or {}))
 

@@ -26,7 +26,8 @@ from fakes import write_dataset
 from pixelcnn.callbacks import RunDirCheckpoint
 from pixelcnn.config import PATH_KEYS, UserError, validate
 from pixelcnn.data import BatchLoader
-from pixelcnn.run_dirs import fresh_dir
+from pixelcnn.commands.train import record_job_failure, sweep_job_dir
+from pixelcnn.run_dirs import fresh_dir, hold_run_dir
 from pixelcnn.training import check_step_checkpoints
 from test_cli import data_args
 
@@ -168,15 +169,82 @@ def test_sigterm_saves_at_the_next_step_and_resumes_bit_for_bit(work: Path, refe
     assert_same_training(reference, run_dir)
 
 
+def slurm_job_env(bin_dir: Path, restart_count: int | None = None) -> dict[str, str]:
+    """What srun gives a one-task job (so that Lightning's SLURMEnvironment takes it, with its requeue
+    signal SIGUSR1), with a `scontrol` on PATH that only records its arguments in bin_dir/scontrol.log."""
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {bin_dir / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    env = {"PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]]), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    return {**env, "SLURM_RESTART_COUNT": str(restart_count)} if restart_count is not None else env
+
+
+def test_slurm_requeue_signal_saves_at_the_next_step_and_the_requeued_job_continues_bit_for_bit(
+        work: Path, reference: Path, tmp_path: Path):
+    """Under SLURM (srun), Lightning's requeue signal mid-epoch: the run saves step.ckpt at the next
+    step boundary (and Lightning's hpc checkpoint, there too), says so in one line, has Lightning call
+    `scontrol requeue` and exits non-zero. SLURM then runs the same command line again, as the same job
+    (SLURM_RESTART_COUNT=1): it continues in its run dir from that checkpoint, bit for bit."""
+    run_dir, bin_dir = tmp_path / "run", tmp_path / "bin"
+    args = [*TINY, "trainer.max_epochs=4", *data_args(work), f"hydra.run.dir={run_dir}"]
+    stopped = run("train.py", *args, cwd=work, env={**slurm_job_env(bin_dir), **kill_env(13, "SIGUSR1")})
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    [line] = [x for x in stopped.stdout.splitlines() if "SIGUSR1" in x]
+    assert "(SLURM requeue) at optimizer step 14" in line and str(run_dir) in line, line
+    assert (bin_dir / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    for path in (run_dir / "checkpoints" / "step.ckpt", run_dir / "hpc_ckpt_1.ckpt"):  # at the same step boundary
+        assert torch.load(path, weights_only=True, mmap=True)["global_step"] == 14, path
+    requeued = run("train.py", *args, cwd=work, env=slurm_job_env(bin_dir, restart_count=1))
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"SLURM requeued this job (SLURM_RESTART_COUNT=1): continuing its run in {run_dir}" in requeued.stdout
+    assert_same_training(reference, run_dir)
+
+
 def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
-    """A sweep stopped by SIGTERM exits 143 and lists the stopped job as failed, not done."""
-    result = run("train.py", "-m", *TINY, "trainer.max_epochs=1", *data_args(work), "optim.lr=1e-3",
-                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, env=kill_env(2, "SIGTERM"))
-    assert result.returncode == 143, result.stderr[-2000:]
-    [job] = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert f"ckpt_path={job}" in result.stdout and not (job / "metrics.json").exists()
-    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    """A sweep job holds its dir as a single run does: while it trains (here stopped with SIGSTOP after
+    step 2), a resume of its job dir is refused in one line and writes nothing. Then SIGTERM stops the
+    sweep: it exits 143 and lists the stopped job as failed, not done."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **kill_env(2, "SIGSTOP")}
+    holder = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *TINY, "trainer.max_epochs=1",
+                               *data_args(work), "optim.lr=1e-3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once it has stopped itself
+        assert os.WIFSTOPPED(status), status
+        [job] = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        before = {p: p.stat().st_mtime_ns for p in job.rglob("*")}
+        line = one_error_line(run("train.py", f"ckpt_path={job}", cwd=work))
+        assert "is in use" in line and f"pid {holder.pid}" in line, line
+        assert {p: p.stat().st_mtime_ns for p in job.rglob("*")} == before
+        holder.send_signal(signal.SIGTERM)  # handled once it runs again
+        holder.send_signal(signal.SIGCONT)
+        stdout, stderr = holder.communicate(timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == 143, stderr[-2000:]
+    assert f"ckpt_path={job}" in stdout and not (job / "metrics.json").exists()
+    summary = (sweep / "summary.md").read_text()
     assert "0 ok, 1 failed" in summary, summary
+
+
+def test_a_sweep_job_whose_dir_is_held_fails_without_writing_there(tmp_path: Path, capsys):
+    """A sweep job that finds its dir held by another process (a resume of it, when SLURM requeues the
+    job meanwhile) does not train and fails in one line, without writing its failure into that dir."""
+    job_dir = tmp_path / "0_optim.lr=0.001"
+    holder = hold_run_dir(job_dir, "the other run")
+    try:
+        with record_job_failure(job_dir, 0), sweep_job_dir(OmegaConf.create({"output_dir": str(job_dir)})):
+            raise AssertionError("the job trained")
+    finally:
+        os.close(holder)
+    assert [p.name for p in job_dir.iterdir()] == [".lock"]
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: job 0 failed: the job dir {job_dir} is in use"), line
 
 
 def test_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(work: Path, reference: Path, tmp_path: Path):

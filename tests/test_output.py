@@ -40,3 +40,4 @@ def test_a_long_run_without_a_gpu_names_the_cpu_preset():
     assert cpu_preset_hint(6.1 * 3600, has_gpu=True) is None
     assert cpu_preset_hint(29 * 60, has_gpu=False) is None  # short enough as it is
     assert cpu_preset_hint(None, has_gpu=False) is None  # no epoch limit: no estimate to judge
+    assert cpu_preset_hint(6.1 * 3600, has_gpu=False, preset="quick") is None  # a preset was chosen: no advice

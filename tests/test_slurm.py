@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, workdir  # noqa: F401 - a fixture
+from test_faults import KILL_SHIM, assert_same_training
 
 PROGRAMS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel", "srun")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # daemons live in sbin
@@ -103,7 +104,8 @@ class Cluster:
 
 
 def slurm_conf(folder: Path, node: str) -> str:
-    """One node (this machine, as `slurmd -C` describes it), one partition, no accounting, no cgroups."""
+    """One node (this machine, as `slurmd -C` describes it), one partition, no accounting, no cgroups;
+    a requeued job may start again after 6 s, not 2 min (cred_expire + 1), and is scheduled within 1 s."""
     return f"""\
 ClusterName=pixelcnn-test
 SlurmctldHost={node.split()[0].split('=')[1]}(127.0.0.1)
@@ -113,7 +115,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={folder / 'munge' / 'munge.socket'}
+AuthInfo=socket={folder / 'munge' / 'munge.socket'},cred_expire=5
 StateSaveLocation={folder / 'state'}
 SlurmdSpoolDir={folder / 'spool'}
 SlurmctldPidFile={folder / 'slurmctld.pid'}
@@ -129,6 +131,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
+SchedulerParameters=sched_interval=1
 {node} NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -185,3 +188,30 @@ def test_a_sweep_runs_on_slurm_through_the_launcher(slurm_cluster: Cluster, work
     for job in jobs:  # each ran as a SLURM task with the one CPU it asked for
         assert re.search(r"job \d: 1 CPU threads .*SLURM_CPUS_PER_TASK=1", (job / "train.log").read_text())
     assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # submitit's per-job logs, where the README says
+
+
+def test_a_requeued_sweep_job_continues_in_its_job_dir_bit_for_bit(slurm_cluster: Cluster, workdir: Path):
+    """hydra/launcher=slurm: submitit's requeue signal (SIGUSR2, which its sbatch script has SLURM send
+    before the time limit, --signal; requeued once: max_num_timeout=1) in the middle of job 0's second epoch. The job saves step.ckpt at
+    the next step boundary, submitit requeues it (scontrol requeue) and ends it; SLURM runs it again as
+    the same job, in the same job dir, and it continues from that checkpoint: its final weights are
+    those of job 1, the same configuration uninterrupted, bit for bit."""
+    sweep = workdir / "multirun-requeue"
+    args = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+            "hydra.launcher.timeout_min=5", "hydra.launcher.max_num_timeout=1", *TINY, *NO_QUALITY,
+            *data_args(workdir), "seed=0,0",
+            f"hydra.sweep.dir={sweep}"]
+    # The kill shim (tests/kill_shim): SIGUSR2 once step 4 of 6 is done, in array task 0 only, not once requeued.
+    env = {**slurm_cluster.env, "HYDRA_FULL_ERROR": "1", "PIXELCNN_KILL_AT_STEP": "4", "PIXELCNN_KILL_SIGNAL": "SIGUSR2",
+           "PIXELCNN_KILL_TASK": "0", "PYTHONPATH": os.pathsep.join([str(KILL_SHIM), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=workdir, capture_output=True,
+                            text=True, timeout=240, env=env)
+    logs = {p.name: p.read_text(errors="replace") for p in sorted(sweep.glob(".submitit/*/*_log.*"))}
+    assert result.returncode == 0, result.stderr[-3000:] + "\n".join(logs.values()) + slurm_cluster.logs()
+    [stopped, requeued] = [p for p in sweep.iterdir() if p.is_dir() and p.name.startswith(("0_", "1_"))]
+    [job_out] = [text for name, text in logs.items() if name.endswith("_0_0_log.out")]  # task 0, both runs of it
+    assert "stopped by SIGUSR2 (SLURM requeue) at optimizer step 5" in job_out, job_out[-3000:]
+    step_ckpt = stopped / "checkpoints" / "step.ckpt"
+    assert f"SLURM requeued this job (SLURM_RESTART_COUNT=1): continuing it from {step_ckpt}" in job_out, job_out[-3000:]
+    assert f"Restored all states from the checkpoint at {step_ckpt}" in job_out, job_out[-3000:]  # Lightning's line
+    assert_same_training(requeued, stopped)

@@ -5,6 +5,7 @@ SIGTERM resumes from."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -15,10 +16,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import Checkpoint, EMAWeightAveraging, ModelCheckpoint, Timer
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pixelcnn.config import UserError
@@ -54,6 +57,8 @@ class SampleGridCallback(L.Callback):
         self.n, self.temperature, self.seed, self.method, self.scale = n, temperature, seed, method, scale
 
     def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
+        module = next((c.average for c in trainer.callbacks if isinstance(c, WeightAverage) and c.average), module)
         labels, nrow = None, 8
         if module.conditional:  # one row per class, as `sample.py label=all` draws them
             nrow = max(self.n // module.hparams.num_classes, 1)
@@ -72,6 +77,27 @@ class SampleGridCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.due(trainer.current_epoch + 1, trainer.max_epochs, trainer.should_stop):
             self.log_grid(trainer, module)
+
+
+class WeightAverage(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each
+    Lightning batch. It validates in place of the weights, and checkpoints hold it as their
+    state_dict (the raw weights go under current_model_state, for a resume), so sample.py and
+    evaluate.py use it."""
+
+    def __init__(self, decay: float, device: str):
+        super().__init__(device=device, decay=decay)
+
+    @property
+    def average(self) -> L.LightningModule | None:
+        """The averaged module (a copy of the trained one), once fit has begun."""
+        return self._average_model.module if self._average_model is not None else None  # no public accessor
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning calls this for trainer.test(ckpt_path=...) too, where the parent would put the raw
+        # weights back in place of the average that the checkpoint's state_dict holds.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, module, checkpoint)
 
 
 class NonFiniteLossError(UserError):
@@ -117,8 +143,10 @@ class RunTimeEstimate(L.Callback):
     refines it once a whole epoch with validation has run. With torch.compile the first epoch
     carries the compilation, so the refinement then waits for the second epoch."""
 
-    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0):
+    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0,
+                 preset: str | None = None):
         self.warmup_batches, self.measure_batches, self.timed_epoch = warmup_batches, measure_batches, timed_epoch
+        self.preset = preset  # the experiment preset the run was started with, if any
         self._t0 = self._epoch_t0 = 0.0
         self._printed = self._hinted = False
 
@@ -155,7 +183,7 @@ class RunTimeEstimate(L.Callback):
         if timer is not None and (left := timer.time_remaining()) is not None:
             limits.append(timer.time_elapsed() + left)
         run_s = min(limits, default=None)
-        if not self._hinted and (hint := cpu_preset_hint(run_s, torch.cuda.is_available())):
+        if not self._hinted and (hint := cpu_preset_hint(run_s, torch.cuda.is_available(), self.preset)):
             print(hint, flush=True)
             self._hinted = True
 
@@ -171,10 +199,11 @@ class RunTimeEstimate(L.Callback):
             torch.cuda.synchronize(module.device)
 
 
-def cpu_preset_hint(run_s: float | None, has_gpu: bool) -> str | None:
+def cpu_preset_hint(run_s: float | None, has_gpu: bool, preset: str | None = None) -> str | None:
     """The line for a run estimated at over 30 min on a machine without a GPU: the seed defaults are a
-    GPU job (150 epochs: ~6 h on 2 CPU cores), the CPU preset takes a few minutes."""
-    if has_gpu or run_s is None or run_s <= 30 * 60:
+    GPU job (150 epochs: ~6 h on 2 CPU cores), the CPU preset takes a few minutes. Not for a run of
+    an experiment preset: it was chosen (and on a busy machine even the CPU preset can look long)."""
+    if has_gpu or preset is not None or run_s is None or run_s <= 30 * 60:
         return None
     return ("[pixelcnn] no GPU here: for a first run in ~3 min on a CPU, stop this one (Ctrl-C) and use the CPU "
             "preset: python train.py experiment=quick")
@@ -256,8 +285,8 @@ STOPPED_EXIT_CODE = 143  # a run stopped by SIGTERM after saving: 128 + 15, what
 class StepCheckpoint(Checkpoint):
     """`<dirpath>/<filename>.ckpt`, replaced each time: the run's resume point between two optimizer
     steps. Written every `every_n_steps` steps (0: never), and when the run is asked to stop
-    (SIGTERM, as schedulers send before they kill a job): then at the next step boundary, after
-    which the run ends with a line saying how to resume it and SystemExit(STOPPED_EXIT_CODE).
+    (SIGTERM, as schedulers send before they kill a job, or a SLURM job's requeue signal): then at
+    the next step boundary, after which the run ends with a line saying how it resumes.
 
     Never at an epoch's last batch: Lightning resumes a checkpoint saved there (before the epoch's
     validation) by skipping that validation and counting the next epoch as already started, so that
@@ -268,27 +297,41 @@ class StepCheckpoint(Checkpoint):
     SIGTERM: Lightning's own handler (its `_SignalConnector`) only sets `trainer.received_sigterm`;
     its loops then stop at the next batch without a checkpoint, or in the middle of a validation,
     and exit with status 0 (`SIGTERMException` is a SystemExit without a code). So while training
-    this handler replaces it (Lightning puts the handlers of before `fit` back when `fit` ends);
-    SIGINT and the SLURM requeue signal stay Lightning's. Under DDP the ranks decide together
-    (one reduction per batch) so that all save the same step and stop together."""
+    this handler replaces it (Lightning puts the handlers of before `fit` back when `fit` ends), and
+    the run exits with STOPPED_EXIT_CODE (`training.stopped_by_sigterm`).
+
+    SLURM requeue signals (`slurm_requeue_signals`): Lightning's and submitit's handlers act at once,
+    mid-step (and submitit's saves no model), so they are deferred: step.ckpt is saved at the next
+    step boundary, then the signal's own handler runs there (Lightning's saves hpc_ckpt_N.ckpt, at
+    that boundary too, and calls `scontrol requeue`; submitit's requeues the job and exits). The job
+    SLURM runs again continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the ranks decide
+    together (one reduction per batch) so that all save the same step and stop together."""
 
     def __init__(self, dirpath: str | Path, filename: str, every_n_steps: int | None = None):
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.every_n_steps = every_n_steps or 0
-        self.stop_requested = False  # set by the SIGTERM handler
+        self.signal: int | None = None  # the stop signal received (SIGTERM or a requeue signal)
         self.stopped = False  # this callback saved and stopped the run
         self._due_at_epoch_end = False
+        self._requeue_handlers: dict[int, Any] = {}  # requeue signal -> the handler deferred to a step boundary
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.stop_requested = trainer.received_sigterm  # one that came since `fit` began (Lightning's handler)
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            signal.signal(signal.SIGTERM, self._request_stop)
+        if trainer.received_sigterm:  # one that came since `fit` began (Lightning's handler)
+            self.signal = signal.SIGTERM
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            return
+        for signum in slurm_requeue_signals(trainer):
+            if callable(handler := signal.getsignal(signum)):
+                self._requeue_handlers[signum] = handler
+                signal.signal(signum, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
 
     def _request_stop(self, signum: int, frame) -> None:
-        self.stop_requested = True
+        if self.signal not in self._requeue_handlers:  # the SIGTERM that SLURM sends a requeued job keeps the requeue
+            self.signal = signum
 
     def _stop_now(self, trainer: L.Trainer) -> bool:
-        return trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)  # any rank's SIGTERM
+        return trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False)  # any rank's signal
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         stop = self._stop_now(trainer)
@@ -301,7 +344,7 @@ class StepCheckpoint(Checkpoint):
         self._save(trainer, stop)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        stop = self._stop_now(trainer)  # also a SIGTERM during the epoch's last batch or its validation
+        stop = self._stop_now(trainer)  # also a signal during the epoch's last batch or its validation
         if (self._due_at_epoch_end or stop) and not trainer.fast_dev_run:
             self._due_at_epoch_end = False
             self._save(trainer, stop)
@@ -311,12 +354,35 @@ class StepCheckpoint(Checkpoint):
         if not stop:
             return
         self.stopped = True
+        requeue = self._requeue_handlers.get(self.signal)
         if trainer.is_global_zero:
-            print(f"[pixelcnn] stopped by SIGTERM at optimizer step {trainer.global_step}: saved {self.path}; resume "
-                  f"with: python train.py ckpt_path={self.path.parent.parent}", flush=True)
+            name = signal.Signals(self.signal).name if self.signal else "another process's signal"
+            resume = f"python train.py ckpt_path={self.path.parent.parent}"
+            then = f"the requeued job continues from it (if not requeued: {resume})" if requeue else f"resume with: {resume}"
+            print(f"[pixelcnn] stopped by {name}{' (SLURM requeue)' * bool(requeue)} at optimizer step "
+                  f"{trainer.global_step}: saved {self.path}; {then}", flush=True)
+        if requeue:
+            requeue(self.signal, None)  # requeues the job (submitit's also exits here, non-zero)
         # Lightning's own exception for this stop (it ends `fit` as an interruption); the train
         # command turns it into exit status STOPPED_EXIT_CODE.
         raise SIGTERMException
+
+
+def slurm_requeue_signals(trainer: L.Trainer) -> list[int]:
+    """The signals that ask this SLURM job to save and requeue: that of Lightning's SLURMEnvironment
+    (SIGUSR1 unless configured otherwise; set when Lightning detects a job started by srun), and that
+    of submitit when this is a job of hydra/launcher=slurm (SIGUSR2, or SUBMITIT_PREEMPT_SIGNAL),
+    which its sbatch script asks SLURM to send before the time limit (--signal)."""
+    signals = []
+    # Where Lightning's own _SignalConnector reads the environment from.
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+        signals.append(environment.requeue_signal)
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        from submitit import JobEnvironment
+
+        signals.append(getattr(signal, "SIG" + JobEnvironment.USR_SIG))
+    return signals
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

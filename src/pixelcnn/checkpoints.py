@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError
-from pixelcnn.image_model import LEGACY_OPTIM_KEYS, ImageModel
+from pixelcnn.image_model import TRAINING_KEYS, ImageModel
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
@@ -83,7 +83,7 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
 def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> None:
     """The checkpoint (`key`=`path`: ckpt_path or init_from) must hold the network that `cfg.model`
     builds: what gives its weights their meaning (architecture, sizes, levels, image size, classes).
-    Dropout and the optim group may change; a resume continues the saved lr schedule's state, so
+    Dropout, the weight average's decay and the optim group may change; a resume continues the saved lr schedule's state, so
     it keeps the kind of schedule."""
     from pixelcnn.module import saved_optim  # late import: keeps config/CLI errors fast
 
@@ -91,7 +91,7 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
         # Class names and the data source come from the data (`training.data_hparams`), not the model config;
         # configs and checkpoints from before colour were grey.
         return {"image_channels": 1, **{k: v for k, v in values.items() if not k.startswith("_") and k not in (
-            "dropout", "optim", "class_names", "data", *LEGACY_OPTIM_KEYS)}}
+            "dropout", "class_names", "data", *TRAINING_KEYS)}}
 
     saved, wanted = network(hparams), network(OmegaConf.to_container(cfg.model, resolve=True))
     for name in sorted(set(saved) | set(wanted)):

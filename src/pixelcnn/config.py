@@ -141,6 +141,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "model.layers": _int(1),
     "model.kernel_size": (odd_kernel, "an odd integer >= 1"),
     "model.dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.ema_decay": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1) (0: no weight average)"),
     # > 0: checked against the data's classes once it is read (training.data_hparams)
     "model.num_classes": _int(0),
     "optim.lr": _positive_float(),

@@ -22,6 +22,9 @@ from pixelcnn.sampling import SamplingMethod, eval_mode, sample
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
 LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler")  # hyperparameters before the optim group: now in `optim`
+# Hyperparameters of the training, not of the network: the optim group, and the decay of the weight
+# average whose weights a checkpoint holds (`model.ema_decay`).
+TRAINING_KEYS = ("optim", "ema_decay", *LEGACY_OPTIM_KEYS)
 
 
 def build_network(arch: str, levels: int, num_classes: int, image_channels: int = 1, **arch_kwargs) -> nn.Module:
@@ -57,7 +60,7 @@ class ImageModel(nn.Module):
     def from_hparams(cls, hparams: dict) -> ImageModel:
         """The model of a checkpoint's hyperparameters, those of the training (optimizer, schedule)
         left out; any other key is the network's, and one it does not take is refused (`build_network`)."""
-        return cls(**{key: value for key, value in hparams.items() if key not in ("optim", *LEGACY_OPTIM_KEYS)})
+        return cls(**{key: value for key, value in hparams.items() if key not in TRAINING_KEYS})
 
     @property
     def device(self) -> torch.device:

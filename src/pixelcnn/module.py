@@ -50,12 +50,16 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         class_names: list[str] | None = None,
         data: dict | None = None,
         optim: dict | None = None,
+        ema_decay: float = 0.0,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
         accumulate_grad_batches: int = 1,
         **arch_kwargs,
     ):
         """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
+        `ema_decay` > 0: the training keeps an exponential moving average of the weights
+        (`training.build_callbacks`), which validation, test, the checkpoints and so sampling use;
+        it is saved so that a checkpoint says which weights it holds.
         The last three are the Trainer arguments of the same names, with Lightning's meaning; the
         Trainer refuses them under manual optimization, so the module applies them (`training_step`).
         They are training settings, not part of the model: left out of the hyperparameters."""
@@ -177,6 +181,10 @@ class PixelCNNModule(ImageModel, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resumed_optim = saved_optim(checkpoint.get("hyper_parameters", {}))
+        # A run with a weight average saved it as the state_dict and its raw weights beside: a resume
+        # without one (model.ema_decay=0) continues the raw weights. (With one, WeightAverage loads both.)
+        if "current_model_state" in checkpoint and not self.hparams.get("ema_decay") and self.trainer.state.fn == "fit":
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
 
     def on_train_start(self) -> None:
         # Here, not in configure_optimizers: setting the train loader up that early (Lightning's

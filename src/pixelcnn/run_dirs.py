@@ -10,8 +10,9 @@ reserved here, or one that did not exist when the run started, is known to be th
 `check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
 cannot be written (`pixelcnn.commands.train.RunDirGuard` calls it before Hydra writes into the dir).
 `SweptDirNames` names a sweep's job dirs after the swept overrides only.
-`hold_run_dir` then locks the dir for the run, so that a second run (a resume started twice) is
-refused instead of writing into it at the same time.
+`hold_run_dir` then locks the dir for the run (or a sweep's job), so that a second run (a resume
+started twice, a resume of a job dir while its job runs) is refused instead of writing into it at
+the same time. `requeued_job` tells a job that SLURM started again, which continues in its dir.
 """
 
 from __future__ import annotations
@@ -105,31 +106,41 @@ def claim_if_new(path: Path) -> None:
 
 
 RUN_LOCK = ".lock"  # in a run dir: locked by the process training in it, and holding its pid
-_HELD_LOCKS: list[int] = []  # open file descriptors of the locks this process holds, until it exits
 
 
-def hold_run_dir(path: Path, key: str) -> None:
-    """Lock the run dir `path` until this process exits, or refuse it in one line if another
-    process holds it. An flock (not filelock.FileLock, which truncates the file: a resume refused
-    or with nothing left to do must change nothing) on `path/RUN_LOCK`, which the OS releases when
-    its holder ends in any way, SIGKILL included: a killed run never leaves its dir locked."""
+class RunDirInUse(UserError):
+    """The run dir is locked by another process: nothing may be written into it, not even a failure record."""
+
+
+def hold_run_dir(path: Path, name: str) -> int:
+    """Lock the run dir `path` (`name`: how a refusal calls it, e.g. `ckpt_path=<path>`) until the
+    returned descriptor is closed or the process ends, or refuse it in one line if another process
+    holds it. An flock (not filelock.FileLock, which truncates the file: a resume refused or with
+    nothing left to do must change nothing) on `path/RUN_LOCK`, which the OS releases when its holder
+    ends in any way, SIGKILL included: a killed run never leaves its dir locked."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise UserError(f"{key}={path} cannot be locked for this run ({err.strerror}): pass a writable "
-                        "folder") from None
+        raise UserError(f"{name} cannot be locked for this run ({err.strerror}): pass a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # held by another process
         holder = os.read(fd, 20).decode(errors="replace").strip()
         os.close(fd)
         pid = f" (pid {holder})" if holder.isdigit() else ""
-        raise UserError(f"{key}={path} is in use: another train.py{pid} is training in it; wait until it ends or "
+        raise RunDirInUse(f"{name} is in use: another train.py{pid} is training in it; wait until it ends or "
                         "stop it (two runs in one run dir would mix their checkpoints and logs)") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    _HELD_LOCKS.append(fd)
+    return fd
+
+
+def requeued_job() -> bool:
+    """Whether SLURM started this process again as the same job (SLURM_RESTART_COUNT >= 1: after
+    `scontrol requeue`, from Lightning's or submitit's requeue handler, or a preemption or node failure
+    of a job with --requeue): it is to continue in the dir of its first start, from its checkpoint."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
 
 
 def run_dir_of(ckpt_path: str | Path) -> str | None:

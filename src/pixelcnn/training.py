@@ -30,8 +30,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
-                                StepCheckpoint, StopOnNonFiniteLoss)
+from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate,
+                                SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_same_network
 from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
@@ -159,9 +159,14 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         RandomStates(),
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
-        RunTimeEstimate(timed_epoch=1 if speed.compile else 0),
+        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=chosen_option("experiment")),
         StopOnNonFiniteLoss(),
     ]
+    if cfg.model.ema_decay:
+        # Updated once per Lightning batch, which holds K optimizer steps: decay**K keeps the average's
+        # time constant in optimizer steps.
+        steps = steps_per_lightning_batch(cfg, speed.cuda)
+        callbacks.append(WeightAverage(cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
@@ -173,6 +178,11 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
     return callbacks
+
+
+def chosen_option(group: str) -> str | None:
+    """The option of a config group this run was composed with (None outside a Hydra app)."""
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:

@@ -3,12 +3,16 @@ process sends itself a real signal (PIXELCNN_KILL_SIGNAL, default SIGKILL) at th
 Lightning batch whose optimizer step count reaches that number. The checkpoint callbacks of that
 batch have run by then (Lightning calls callbacks before the module's hook), as in a kill that
 lands between two steps. Loaded through PYTHONPATH as `sitecustomize`, so the command under test
-is the unmodified train.py."""
+is the unmodified train.py. Under SLURM: only in the array task PIXELCNN_KILL_TASK (when set), and
+not in a job SLURM has requeued (SLURM_RESTART_COUNT set): that one is the run that continues."""
 
 import os
 import signal
 
 _AT_STEP = int(os.environ.get("PIXELCNN_KILL_AT_STEP", "0"))
+if os.environ.get("SLURM_RESTART_COUNT") or os.environ.get("PIXELCNN_KILL_TASK", "") not in (
+        "", os.environ.get("SLURM_ARRAY_TASK_ID")):
+    _AT_STEP = 0
 
 if _AT_STEP:
     import pixelcnn.module

@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -26,7 +27,8 @@ from pixelcnn.checkpoints import read_same_network
 from pixelcnn.commands.cli import exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
 from pixelcnn.resources import secondary_rank
-from pixelcnn.run_dirs import check_run_dir, claim_if_new, fresh_dir, hold_run_dir, register_resolvers, run_dir_of
+from pixelcnn.run_dirs import (RunDirInUse, check_run_dir, claim_if_new, fresh_dir, hold_run_dir, holds_checkpoints,
+                                register_resolvers, requeued_job, run_dir_of)
 from pixelcnn.sweep import start_study_sweep, write_metrics, write_summary
 from pixelcnn.sweep_check import sweep_errors
 
@@ -43,7 +45,7 @@ def main(cfg: DictConfig) -> float | None:
     logging.getLogger("lightning").handlers.clear()
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # a failing job is recorded; the other jobs still run
-        with record_job_failure(cfg.output_dir, HydraConfig.get().job.num):
+        with record_job_failure(cfg.output_dir, HydraConfig.get().job.num), sweep_job_dir(cfg):
             return train(cfg)["val_bpd"]
         # Not NaN: with optuna 2.10 the Optuna sweeper crashes on a NaN value; a non-float marks the trial failed.
         return None
@@ -52,6 +54,29 @@ def main(cfg: DictConfig) -> float | None:
     record = str(HydraConfig.get().output_subdir)
     with exit_on_user_error(cleanup_dir=Path(cfg.output_dir) / record if "/resume-" in record else cfg.output_dir):
         return train(cfg)["val_bpd"]
+
+
+@contextmanager
+def sweep_job_dir(cfg: DictConfig):
+    """A sweep job holds its dir's lock while it runs (`run_dirs.hold_run_dir`: a resume of that dir is
+    refused meanwhile, and a second process on the same job dir too), whatever the launcher; Hydra's
+    on_job_start cannot refuse a job (it turns a callback's exception into a warning). A job that SLURM
+    requeued (preempted, or past its time limit with hydra.launcher.max_num_timeout > 0) runs again in
+    the same job dir: it continues from that dir's latest checkpoint, as `ckpt_path=<job dir>` would."""
+    job_dir = Path(cfg.output_dir)
+    lock = None if secondary_rank() else hold_run_dir(job_dir, f"the job dir {job_dir}")
+    try:
+        if requeued_job() and holds_checkpoints(job_dir):
+            path, _ = read_same_network(job_dir, cfg, "ckpt_path", prefer="last")
+            if not secondary_rank():
+                print(f"[pixelcnn] SLURM requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): "
+                      f"continuing it from {path}", flush=True)
+            with read_write(cfg):  # a resume, not a fine-tuning any more: the weights come from the checkpoint
+                cfg.ckpt_path, cfg.init_from = str(path), None
+        yield
+    finally:
+        if lock is not None:  # the process (a serial sweep's, a joblib worker) goes on to other jobs
+            os.close(lock)  # releases the flock
 
 
 def failure_reason(err: BaseException) -> str:
@@ -81,8 +106,10 @@ def record_job_failure(job_dir: str | Path, job: int | str):
         reason = failure_reason(err)
         if not isinstance(err, UserError) and not reason.startswith("out of memory"):  # likely a bug
             log.error("job %s failed", job, exc_info=err)  # Hydra's job logging: stdout and the job's .log
+        # Not in a dir another process holds (it is that run's); the summary lists a job without one as failed.
         with suppress(OSError):  # e.g. the disk that failed the job is full: the error line still tells
-            write_metrics(Path(job_dir) / "metrics.json", {"status": "failed", "error": reason})
+            if not isinstance(err, RunDirInUse):
+                write_metrics(Path(job_dir) / "metrics.json", {"status": "failed", "error": reason})
         print(f"error: job {job} failed: {reason}", file=sys.stderr, flush=True)
 
 
@@ -208,16 +235,27 @@ class RunDirGuard(Callback):
     """Before Hydra writes into the run dir: checks it (`run_dirs.check_run_dir`); for a resume,
     the run's config (`restore_saved_config`), its latest checkpoint (which must hold this config's
     network), or exit 0 if the run has finished; then locks the run dir (`run_dirs.hold_run_dir`: a second run
-    in it is refused). Hydra turns a callback's exception into a warning,
-    so a refusal exits here. DDP ranks > 0 (Lightning re-runs the command with hydra.output_subdir=null)
-    get the same config and checkpoint, unchecked; bench.py (no record) is not checked."""
+    in it is refused). A job that SLURM requeued resumes its run dir (`run_dirs.requeued_job`). Hydra
+    turns a callback's exception into a warning, so a refusal exits here. DDP ranks > 0 (Lightning re-runs
+    the command with hydra.output_subdir=null) get the same config and checkpoint, unchecked; bench.py
+    (no record) is not checked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         rank_zero = config.hydra.output_subdir is not None
         ckpt_path = str(config.ckpt_path) if config.get("ckpt_path") else None  # str: ckpt_path=3 is a path
+        run_dir = Path(str(config.hydra.run.dir))
+        requeued = not ckpt_path and requeued_job() and (run_dir / ".hydra").is_dir()
+        if requeued:
+            # SLURM started this job again with its command line (hydra.run.dir=<a name that does not change,
+            # e.g. ${oc.env:SLURM_JOB_ID}>): it continues its run, as ckpt_path=<that dir> would.
+            ckpt_path = str(run_dir)
+            with read_write(config):
+                config.ckpt_path = ckpt_path
+            if rank_zero and not secondary_rank():
+                print(f"[pixelcnn] SLURM requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): "
+                      f"continuing its run in {run_dir}", flush=True)
         if not rank_zero and not ckpt_path:
             return
-        run_dir = Path(str(config.hydra.run.dir))
         resume_dir = run_dir_of(ckpt_path) if ckpt_path else None
         resuming = resume_dir is not None and run_dir.resolve() == Path(resume_dir).resolve()
         if rank_zero and not resuming and str(OmegaConf.to_container(config.hydra.run)["dir"]).startswith("${resume_run_dir:"):
@@ -233,9 +271,12 @@ class RunDirGuard(Callback):
                 claim_if_new(run_dir / config.hydra.output_subdir)
             if ckpt_path:
                 self.resume(config, ckpt_path, Path(resume_dir) if resume_dir else None, resuming)
+            if requeued:
+                with read_write(config):  # its init_from= (the first start's weights) is in the checkpoint now
+                    config.init_from = None
         if rank_zero and not secondary_rank():  # DDP ranks started by srun / torchrun run this too: rank 0 holds the dir
             with exit_on_user_error():  # no cleanup: the dir is the other run's
-                hold_run_dir(run_dir, "ckpt_path" if resuming else "hydra.run.dir")
+                hold_run_dir(run_dir, f"{'ckpt_path' if resuming else 'hydra.run.dir'}={run_dir}")
 
     @staticmethod
     def resume(config: DictConfig, ckpt_path: str, resume_dir: Path | None, in_place: bool) -> None:

@@ -227,7 +227,7 @@ def test_init_from_starts_a_new_run_from_the_weights(workdir: Path, trained_run:
     with pytest.raises(UserError, match=r"^init_from=.* model.filters=8, this config has 16"):
         build_module(compose_train(*TINY, "model.filters=16", f"init_from={trained_run}"), speed, fashion_mnist())
     with pytest.raises(UserError, match="not both"):
-        validate(compose_train(f"init_from={trained_run}", f"ckpt_path={trained_run}"))
+        validate(compose_train(f"init_from={trained_run}", f"ckpt_path={trained_run}"), "train")
     tuned = tmp_path / "tuned"
     result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), f"init_from={trained_run}", "trainer.max_epochs=1",
                  "optim.lr=0.002", f"hydra.run.dir={tuned}", cwd=workdir)
@@ -393,7 +393,7 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
 def test_bad_values_are_named_by_validate(override: str, key: str):
     """The same UserError path as above (exit 2, one line), checked in-process for each rule."""
     with pytest.raises(UserError, match=rf"^{key}="):
-        validate(compose_train(*override.split()))
+        validate(compose_train(*override.split()), "train")
 
 
 def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):

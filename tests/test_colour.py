@@ -126,8 +126,8 @@ def test_too_narrow_for_three_colour_groups_is_one_error():
     from pixelcnn.config import UserError, validate
 
     with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
-        validate(compose("train", overrides=["data.channels=3", "model.filters=6"]))  # 3 groups of 2, 1 in the blocks
+        validate(compose("train", overrides=["data.channels=3", "model.filters=6"]), "train")  # 3 groups of 2, 1 in the blocks
         for overrides, message in [(["model.filters=4"], "model.filters=4 is too small for data.channels=3"),
                                    (["model=gated", "model.channels=2"], "model.channels=2 is too small")]:
             with pytest.raises(UserError, match=message):
-                validate(compose("train", overrides=["data.channels=3", *overrides]))
+                validate(compose("train", overrides=["data.channels=3", *overrides]), "train")

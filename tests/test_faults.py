@@ -28,7 +28,7 @@ from pixelcnn.config import PATH_KEYS, UserError, validate
 from pixelcnn.data import BatchLoader
 from pixelcnn.commands.train import record_job_failure, sweep_job_dir
 from pixelcnn.run_dirs import fresh_dir, hold_run_dir
-from pixelcnn.training import SpeedChoices, check_step_checkpoints
+from pixelcnn.training import check_step_checkpoints
 from test_cli import data_args
 
 pytestmark = pytest.mark.faults
@@ -585,7 +585,7 @@ def test_every_float_key_rejects_non_finite_values(config: str, value: str):
         for key in keys:
             overrides = [f"{key}={value}"] + (["ckpt=x"] if name in ("sample", "evaluate") else [])
             with pytest.raises(UserError, match=rf"^{key}=.* it must be a finite number"):
-                validate(compose(name, overrides=overrides))
+                validate(compose(name, overrides=overrides), name)
 
 
 @pytest.mark.parametrize("config", ["train", "entry/sample", "entry/evaluate", "entry/classifier", "bench"])
@@ -598,10 +598,10 @@ def test_every_path_key_takes_a_number_as_a_path(config: str):
         assert keys
         for key in keys:
             cfg = compose(name, overrides=[*required, f"{key}=2024"])
-            validate(cfg)
+            validate(cfg, name)
             assert OmegaConf.select(cfg, key) == "2024", key
             with pytest.raises(UserError, match=rf"^{key}=true is invalid: it must be a path"):
-                validate(compose(name, overrides=[*required, f"{key}=true"]))
+                validate(compose(name, overrides=[*required, f"{key}=true"]), name)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -612,7 +612,7 @@ def test_every_path_key_takes_a_number_as_a_path(config: str):
 def test_sample_sizes_are_bounded(overrides: list[str], message: str):
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf" / "entry")):
         with pytest.raises(UserError, match=message.replace("[", r"\[")):
-            validate(compose("sample", overrides=["ckpt=x", *overrides]))
+            validate(compose("sample", overrides=["ckpt=x", *overrides]), "sample")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -649,8 +649,9 @@ def test_step_checkpoints_must_fall_between_batches():
     would never (or seldom) meet a batch end, so it is refused, explicit or auto (8 on CUDA)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         with pytest.raises(UserError, match=r"^checkpoint_every_n_steps=6 is invalid"):
-            validate(compose("train", overrides=["checkpoint_every_n_steps=6", "data.steps_per_batch=4"]))
+            check_step_checkpoints(compose("train", overrides=["checkpoint_every_n_steps=6", "data.steps_per_batch=4"]),
+                                   cuda=False)
         auto = compose("train", overrides=["checkpoint_every_n_steps=4"])
-    check_step_checkpoints(auto, SpeedChoices(cuda=False, compile=False, precision="32-true", channels_last=False))
+    check_step_checkpoints(auto, cuda=False)
     with pytest.raises(UserError, match="multiple of 8"):
-        check_step_checkpoints(auto, SpeedChoices(cuda=True, compile=False, precision="32-true", channels_last=False))
+        check_step_checkpoints(auto, cuda=True)

@@ -45,7 +45,7 @@ def data_dir(tmp_path_factory) -> Path:
 def fit(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[BatchSpy, L.Trainer]:
     cfg = compose_train(*TINY, *data_args(data_dir), "trainer.accelerator=cpu", "data.eval_batch_size=5",
                         "trainer.limit_train_batches=null", *overrides)
-    validate(cfg)
+    validate(cfg, "train")
     datamodule = build_datamodule(cfg)
     speed = resolve_speed(cfg)
     spy = BatchSpy()

@@ -59,6 +59,16 @@ def test_model_constructor_errors_are_found_before_any_trains(workdir: Path, ove
     assert line.startswith(message)
 
 
+def test_step_checkpoints_that_miss_the_batch_ends_are_found_before_any_trains(workdir: Path):
+    """The period of step.ckpt against data.steps_per_batch (`training.check_step_checkpoints`), in the sweep's check."""
+    sweep = workdir / "multirun-bad-steps"
+    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "checkpoint_every_n_steps=3",
+                 "data.steps_per_batch=1,2", f"hydra.sweep.dir={sweep}", cwd=workdir)
+    assert result.returncode == 2 and not sweep.exists()
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: job 1 (data.steps_per_batch=2): checkpoint_every_n_steps=3 is invalid")
+
+
 def test_a_sweep_does_not_resume_a_run(workdir: Path):
     """A resume continues one run in its own dir; several runs from its weights are init_from's."""
     sweep = workdir / "multirun-resume"

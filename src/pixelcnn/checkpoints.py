@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.config import UserError
-from pixelcnn.image_model import ImageModel
+from pixelcnn.image_model import TRAINING_KEYS, ImageModel
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
@@ -85,7 +85,6 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
     builds: what gives its weights their meaning (architecture, sizes, levels, image size, classes).
     Dropout, the weight average's decay and the optim group may change; a resume continues the saved lr schedule's state, so
     it keeps the kind of schedule."""
-    from pixelcnn.image_model import TRAINING_KEYS
     from pixelcnn.module import saved_optim  # late import: keeps config/CLI errors fast
 
     def network(values: dict) -> dict:
@@ -108,10 +107,18 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
                         f"these weights, start a new run with init_from={path}")
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> ImageModel:
-    """The model of a checkpoint (file or run dir), in eval mode: its network, likelihood and
-    sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
-    path = resolve_checkpoint(path)
+def read_same_network(path: str | Path, cfg: DictConfig, key: str, prefer: str) -> tuple[Path, dict]:
+    """The file and dict of the checkpoint a resume (`key`=ckpt_path) continues or a new run starts from
+    (init_from): `resolve_checkpoint`, `read_checkpoint`, and it must hold `cfg`'s network (`check_same_network`)."""
+    path = resolve_checkpoint(path, prefer, key)
+    checkpoint = read_checkpoint(path, key)
+    check_same_network(checkpoint["hyper_parameters"], cfg, path, key)
+    return path, checkpoint
+
+
+def load_module(path: Path, map_location: str | torch.device = "cpu") -> ImageModel:
+    """The model of a checkpoint file (`resolve_checkpoint` finds a run dir's), in eval mode: its network,
+    likelihood and sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
     checkpoint = read_checkpoint(path)
     try:
         module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out

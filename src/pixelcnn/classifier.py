@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, Split, cache_lock, save_cache, setup_datamodule
+from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, Split, cached, save_cache, setup_datamodule
 
 EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
 
@@ -135,17 +135,16 @@ def load_or_train_classifier(datamodule: FashionMNISTDataModule,
     """The classifier cached in the data module's root for its image size and level count,
     trained on its training split first if there is none (or it is unreadable). Eval mode, on
     `device`, with a `test_accuracy` attribute. Jobs that start together train it once: the
-    others wait for it (`cache_lock`)."""
+    others wait for it (`data.cached`)."""
     image_size, levels = datamodule.image_size, datamodule.levels
     path = classifier_path(datamodule.root, image_size, levels)
-    if (classifier := load_cached_classifier(path, image_size, levels, device)) is not None:
-        return classifier
-    with cache_lock(path):
-        if (classifier := load_cached_classifier(path, image_size, levels, device)) is not None:
-            return classifier  # another job trained it while this one waited
+
+    def train() -> FashionClassifier:
         print(f"[classifier] no cached classifier at {path}: training one (under a minute on a CPU for the full "
               "dataset)", flush=True)
         return fit_and_cache(datamodule, device)
+
+    return cached(path, lambda: load_cached_classifier(path, image_size, levels, device), train)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -170,6 +169,14 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
 def random_subset(split: Split, n: int, seed: int) -> Split:
     index = torch.randperm(len(split[0]), generator=torch.Generator().manual_seed(seed))[:n]
     return split[0][index.to(split[0].device)].cpu(), split[1][index.to(split[1].device)].cpu()
+
+
+def unscorable(datamodule: FashionMNISTDataModule) -> str | None:
+    """Why the sample quality of a model of this data is not scored, or None: the classifier is Fashion-MNIST's (grey)."""
+    if (datamodule.source, datamodule.channels) == ("fashion_mnist", 1):
+        return None
+    colour = f" with data.channels={datamodule.channels}" if datamodule.channels != 1 else ""
+    return f"sample quality skipped: its classifier is Fashion-MNIST's (grey), not data={datamodule.source}{colour}"
 
 
 def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000, temperature: float = 1.0,

@@ -1,8 +1,8 @@
 """Checks of user-supplied config values, so a bad value fails at once with one clear line.
 
 Hydra already rejects unknown keys (the config is in struct mode); this module checks every
-value's range and type (`RULES`, `validate`), in one place. `UserError` is such a mistake, and
-`user_errors_unwrapped` finds the ones that other libraries wrap.
+value's range and type, each command its own keys (`RULES`, `validate`), in one place.
+`UserError` is such a mistake, and `user_errors_unwrapped` finds the ones that other libraries wrap.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from typing import Any, get_args
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 from omegaconf.errors import MissingMandatoryValue
+
+from pixelcnn.model import INPUT_KERNEL_MIN, odd_kernel
+from pixelcnn.sampling import METHODS, valid_temperature
 
 
 class UserError(Exception):
@@ -70,13 +73,8 @@ def _positive_float() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), "a number > 0"
 
 
-def _odd_int(lo: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and v % 2 == 1), f"an odd integer >= {lo}"
-
-
 def _temperatures() -> tuple[Callable[[Any], bool], str]:
-    positive, _ = _positive_float()
-    ok = lambda v: all(positive(t) for t in v) and len(v) > 0 if isinstance(v, (list, ListConfig)) else positive(v)  # noqa: E731
+    ok = lambda v: all(map(valid_temperature, v)) and len(v) > 0 if isinstance(v, (list, ListConfig)) else valid_temperature(v)  # noqa: E731
     return ok, "a number > 0 (or a list of them)"
 
 
@@ -105,23 +103,23 @@ def _precision() -> tuple[Callable[[Any], bool], str]:
     return ok, "auto or a Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true (or 32, 16, bf16, 64)"
 
 
-def _dilations() -> tuple[Callable[[Any], bool], str]:
+def _int_list(example: str) -> tuple[Callable[[Any], bool], str]:
     ok = lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_int(1)[0](d) for d in v)  # noqa: E731
-    return ok, "a non-empty list of integers >= 1, e.g. [1, 2, 1, 4]"
+    return ok, f"a non-empty list of integers >= 1, e.g. {example}"
 
 
 MAX_IMAGES = 10_000  # images drawn for one grid: more would not fit a PNG (nor, at once, memory)
+Rules = dict[str, tuple[Callable[[Any], bool], str]]  # key -> (check, what is allowed); absent keys are skipped
 
-# key -> (check, what is allowed). Keys absent from a config (e.g. `filters` for model=gated) are skipped.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.levels": _int(2, 256),
+# Each command's rules (`RULES`, by its config's name) are made of these groups, each written once; a value the
+# library takes too is checked with its owner's test (the sampler's temperature and methods, the networks' kernels).
+DATA: Rules = {  # the data group: training's, and the classifier's (a few of its keys, others addable)
+    "data.levels": _int(2, 256),  # stored as uint8
     "data.image_size": _int(2, 28),
     "data.batch_size": _int(1),
     "data.eval_batch_size": _int(1),
-    "data.val_size": (lambda v: _int(1)[0](v) or _fraction(lo_open=True, hi_open=True)[0](v),
-                      "an integer >= 1 (images) or a fraction in (0, 1)"),
-    "data.test_size": (lambda v: _int(1)[0](v) or _fraction(lo_open=True, hi_open=True)[0](v),
-                       "an integer >= 1 (images) or a fraction in (0, 1)"),
+    **dict.fromkeys(("data.val_size", "data.test_size"), (lambda v: _int(1)[0](v) or _fraction(True, True)[0](v),
+                                                          "an integer >= 1 (images) or a fraction in (0, 1)")),
     "data.source": _one_of("fashion_mnist", "mnist", "folder", "array"),
     "data.channels": _one_of(1, 3),
     "data.split_seed": _int(0),
@@ -129,19 +127,31 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.hflip": _one_of(True, False),
     "data.on_device": _one_of("auto", True, False),
     "data.steps_per_batch": (lambda v: v == "auto" or _int(1)[0](v), "auto or an integer >= 1"),
+}
+SEED: Rules = {"seed": _int(0)}
+QUALITY_N: Rules = {"quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2")}
+DEVICE: Rules = {"device": _one_of("auto", "cpu", "cuda")}  # sample.py, evaluate.py, train_classifier.py
+TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
+    **DATA, **SEED, **QUALITY_N,
     "model.filters": _int(2),
     "model.residual_blocks": _int(0),
-    "model.input_kernel": _odd_int(3),  # a 1x1 input conv would hide every pixel (type A masks the centre)
-    "model.dilations": _dilations(),
+    "model.input_kernel": (lambda v: odd_kernel(v, INPUT_KERNEL_MIN), f"an odd integer >= {INPUT_KERNEL_MIN}"),
+    "model.dilations": _int_list("[1, 2, 1, 4]"),
     "model.channels": _int(1),
     "model.layers": _int(1),
-    "model.kernel_size": _odd_int(3),
+    "model.kernel_size": (odd_kernel, "an odd integer >= 1"),
     "model.dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
     "model.ema_decay": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1) (0: no weight average)"),
     # > 0: checked against the data's classes once it is read (training.data_hparams)
     "model.num_classes": _int(0),
     "optim.lr": _positive_float(),
     "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+    "optim.scheduler.name": _one_of("none", "cosine", "plateau"),
+    "optim.scheduler.warmup_steps": _int(0),
+    "optim.scheduler.final_lr_ratio": _fraction(),
+    "optim.scheduler.factor": _fraction(lo_open=True, hi_open=True),
+    "optim.scheduler.patience": _int(0),
+    "optim.scheduler.min_lr_ratio": _fraction(),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
     "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None),
                          'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
@@ -156,7 +166,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.check_val_every_n_epoch": _int(1),
     "trainer.limit_val_batches": _limit_batches(),
     "trainer.limit_test_batches": _limit_batches(),
-    "checkpoint_every_n_steps": (lambda v: v is None or _int(1)[0](v), "null or an integer >= 1"),
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
     "trainer.limit_train_batches": _limit_batches(),  # batches of data.batch_size: optimizer steps
@@ -169,49 +178,30 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                                                           and v >= 0), "null or a number >= 0 (0: no clipping)"),
     "trainer.gradient_clip_algorithm": _one_of(None, "norm", "value"),
     "trainer.accumulate_grad_batches": _int(1),
-    "optim.scheduler.name": _one_of("none", "cosine", "plateau"),
-    "optim.scheduler.warmup_steps": _int(0),
-    "optim.scheduler.final_lr_ratio": _fraction(),
-    "optim.scheduler.factor": _fraction(lo_open=True, hi_open=True),
-    "optim.scheduler.patience": _int(0),
-    "optim.scheduler.min_lr_ratio": _fraction(),
     "speed.compile": _one_of("auto", True, False),
     "speed.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "speed.channels_last": _one_of("auto", True, False),
     "speed.matmul_precision": _one_of("highest", "high", "medium"),
-    "seed": _int(0),
     "sample.seed": _int(0),
-    "progress_bar_refresh": _int(1),
-    "sample.temperature": _positive_float(),  # one grid temperature; lists are for sample.py
+    "sample.temperature": (valid_temperature, "a number > 0"),  # one grid temperature; lists are for sample.py
     "sample.n": _int(1, MAX_IMAGES),
     "sample.every_n_epochs": _int(0),
-    "sample.method": _one_of("fast", "naive"),
-    "temperature": _temperatures(),
-    "n": _int(1, MAX_IMAGES),
-    "method": _one_of("fast", "naive"),
+    "sample.method": _one_of(*METHODS),
+    "checkpoint_every_n_steps": (lambda v: v is None or _int(1)[0](v), "null or an integer >= 1"),
+    "progress_bar_refresh": _int(1),
     "early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
-    "quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2"),
-    # keys of the evaluate / classifier / sample commands
-    "device": _one_of("auto", "cpu", "cuda"),
-    "mode": _one_of("sample", "complete"),
-    "quality": _one_of(True, False),
-    "epochs": _int(1),
-    "batch_size": _int(1),
-    "lr": _positive_float(),
-    "heatmaps": _int(0),
-    "extremes": _int(1),
-    "completions": _int(1, 64),
-    "rows": _int(0),
-    "scale": _int(1, 64),
-    # keys of bench.py
-    "bench.repeats": _int(1),
-    "bench.warmup_batches": _int(0),
-    "bench.train_batches": _int(1),
-    "bench.epoch": _one_of("auto", "measure", "estimate"),
-    "bench.sample_sizes": (lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_int(1)[0](n) for n in v),
-                           "a non-empty list of integers >= 1, e.g. [64, 1024]"),
-    "bench.naive_max_n": _int(0),
-    "bench.naive_repeats": _int(1),
+}
+DRAWING: Rules = {**SEED, **DEVICE, "method": _one_of(*METHODS), "scale": _int(1, 64)}  # sample.py, evaluate.py
+RULES: dict[str, Rules] = {
+    "train": TRAINING,
+    "bench": {**TRAINING, "bench.repeats": _int(1), "bench.warmup_batches": _int(0), "bench.train_batches": _int(1),
+              "bench.epoch": _one_of("auto", "measure", "estimate"), "bench.sample_sizes": _int_list("[64, 1024]"),
+              "bench.naive_max_n": _int(0), "bench.naive_repeats": _int(1)},
+    "sample": {**DRAWING, "temperature": _temperatures(), "n": _int(1, MAX_IMAGES), "mode": _one_of("sample", "complete"),
+               "rows": _int(0), "completions": _int(1, 64)},
+    "evaluate": {**DRAWING, **QUALITY_N, "temperature": (valid_temperature, "one temperature > 0 (of the quality samples)"),
+                 "quality": _one_of(True, False), "batch_size": _int(1), "heatmaps": _int(0), "extremes": _int(1)},
+    "classifier": {**DATA, **SEED, **DEVICE, "epochs": _int(1), "batch_size": _int(1), "lr": _positive_float()},
 }
 
 
@@ -257,27 +247,6 @@ def paths_as_strings(cfg: DictConfig) -> None:
                 OmegaConf.update(cfg, key, str(value))
 
 
-# Keys naming where a command writes (a folder, or a file whose folder must be writable); null: a default
-# that the command checks itself once it is known (e.g. <run dir>/samples).
-OUTPUT_FOLDERS = ("out",)
-OUTPUT_FILES = ("bench.out",)
-
-
-def check_output_keys(cfg: DictConfig) -> None:
-    """Every output path key of `cfg` can be written: checked before any work."""
-    for key in (*OUTPUT_FOLDERS, *OUTPUT_FILES):
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None or value == "":
-            continue
-        path = Path(str(value))
-        if key in OUTPUT_FILES:
-            if path.is_dir():
-                raise UserError(f"{key}={path} is a folder: pass a file name")
-            check_out_dir(path.parent, key)
-        else:
-            check_out_dir(path, key)
-
-
 def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, owner: str) -> None:
     """Raise a UserError naming the first of `given` that `accepted` lacks (keys `prefix`.name)."""
     accepted = sorted(accepted)
@@ -299,56 +268,52 @@ def non_finite_key(node: Any, prefix: str = "") -> tuple[str, float] | None:
     return None
 
 
-def combination_error(cfg: DictConfig) -> str | None:
-    """What is wrong with values that are each valid but do not go together, or None."""
+def combination_error(cfg: DictConfig, command: str) -> str | None:
+    """What is wrong with values of `command`'s config that are each valid but do not go together, or None."""
     select = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
-    one_temperature = not isinstance(select("temperature"), ListConfig)
-    if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
-        return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
-    if select("ckpt_path") and select("init_from"):
-        return ("pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), "
-                "not both")
-    every, steps = select("checkpoint_every_n_steps"), select("data.steps_per_batch")
-    if isinstance(every, int) and isinstance(steps, int) and every % steps:  # steps are taken `steps` at a time
-        return f"checkpoint_every_n_steps={every} is invalid: it must be a multiple of data.steps_per_batch={steps}"
-    if select("mode") == "complete":  # sample.py's image completion
-        if not one_temperature:
+    if command == "sample" and select("mode") == "complete":  # image completion
+        if isinstance(select("temperature"), ListConfig):
             return "mode=complete takes one temperature, not a list"
         if select("method") != "fast":
             return f"mode=complete uses the fast (incremental) sampler only: drop method={select('method')}"
         if select("label") == "all":
             return "mode=complete takes label=<one class> (test images of that class) or no label, not label=all"
+    if command not in ("train", "bench"):
+        return None
+    if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
+        return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
+    if select("ckpt_path") and select("init_from"):
+        return ("pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), "
+                "not both")
     if select("data.channels") == 3:  # the colour masks split each layer's channels into R, G, B groups
         for key, least in (("model.filters", 6), ("model.channels", 3)):  # seed: half of filters in the blocks
             if (value := select(key)) is not None and value < least:
                 return (f"{key}={value} is too small for data.channels=3: it must be >= {least} (each layer's "
                         "channels are split into R, G, B groups)")
-    if "quality" in cfg and not one_temperature:  # evaluate.py
-        return "evaluate.py takes one temperature (of the quality samples), not a list"
+    # The model's copies (stored in checkpoints) must match the data.
+    for model_key, key in (("levels", "levels"), ("image_size", "image_size"), ("image_channels", "channels")):
+        model_value, data_value = select(f"model.{model_key}"), select(f"data.{key}")
+        if model_value is not None and data_value is not None and model_value != data_value:
+            return (f"model.{model_key}={model_value} differs from data.{key}={data_value}: set data.{key} "
+                    f"instead (model.{model_key} follows it)")
     return None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise UserError naming the first key whose value is out of range. Every float key must
-    be finite (inf and nan pass `> 0` style checks but mean nothing as a setting)."""
+def validate(cfg: DictConfig, command: str) -> None:
+    """Raise UserError naming the first key of `command`'s config (a key of `RULES`: train, bench,
+    sample, evaluate, classifier) whose value is out of range. Every float key must be finite (inf
+    and nan pass `> 0` style checks but mean nothing as a setting)."""
     # Unresolved: interpolations point at keys that are checked themselves (and ${hydra:...} needs a run).
     container = OmegaConf.to_container(cfg, resolve=False)
     if found := non_finite_key({k: v for k, v in container.items() if k != "hydra"}):
         raise UserError(f"{found[0]}={found[1]} is invalid: it must be a finite number")
     paths_as_strings(cfg)
-    for key, (ok, allowed) in RULES.items():
+    for key, (ok, allowed) in RULES[command].items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if isinstance(value, str) and value == "__absent__":
             continue
         if not ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
             raise UserError(f"{key}={shown!r} is invalid: it must be {allowed}")
-    if message := combination_error(cfg):
+    if message := combination_error(cfg, command):
         raise UserError(message)
-    check_output_keys(cfg)
-    # The model's copies (stored in checkpoints) must match the data.
-    for model_key, key in (("levels", "levels"), ("image_size", "image_size"), ("image_channels", "channels")):
-        model_value, data_value = OmegaConf.select(cfg, f"model.{model_key}"), OmegaConf.select(cfg, f"data.{key}")
-        if model_value is not None and data_value is not None and model_value != data_value:
-            raise UserError(f"model.{model_key}={model_value} differs from data.{key}={data_value}: set data.{key} "
-                            f"instead (model.{model_key} follows it)")

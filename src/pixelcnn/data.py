@@ -22,9 +22,9 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import lightning as L
 import numpy as np
@@ -35,9 +35,10 @@ from torch import Tensor
 
 from pixelcnn import sources
 from pixelcnn.config import UserError
-from pixelcnn.files import torch_save
+from pixelcnn.files import missing_dirs, remove_if_empty, torch_save
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -229,23 +230,24 @@ def load_cache(path: Path, image_size: int, levels: int, channels: int = 1,
         return None
 
 
-def save_cache(path: Path, data: dict[str, Tensor]) -> None:
-    """Write whole or not at all (`files.torch_save`); a folder that cannot take it (read-only,
-    full) only costs the cache: a warning, and the next run builds it again."""
+def save_cache(path: Path, data: dict) -> dict:
+    """Write `data` whole or not at all (`files.torch_save`) and return it; a folder that cannot
+    take it (read-only, full) only costs the cache: a warning, and the next run builds it again."""
     try:
         torch_save(data, path)
     except OSError as err:
         log.warning("Not caching at %s (%s)", path, err.strerror or err)
+    return data
 
 
-@contextmanager
-def cache_lock(path: Path):
-    """Hold an exclusive lock on `path` (a lock file beside it, removed after) while the caller
-    checks for the cache file and builds it if it is still missing, so that jobs starting together
-    build it once and the others wait and then read it. The OS releases the lock if its holder
-    dies. An unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
-    lock_file = path.with_name(f".{path.name}.lock")
-    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> T:
+    """What `load` reads from the cache file `path` (None: absent or unusable), else what `build` makes
+    (and saves there). Jobs that start together build it once: under an exclusive lock on `path` (a
+    lock file beside it, removed after; the OS releases it if its holder dies), the others wait, then
+    read it. An unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
+    if (found := load()) is not None:
+        return found
+    lock_file, new_dirs = path.with_name(f".{path.name}.lock"), missing_dirs(path.parent)
     lock = FileLock(lock_file)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,24 +258,20 @@ def cache_lock(path: Path):
             lock.acquire()
     except OSError as err:
         log.warning("Building %s without a lock (%s)", path, err)
-        yield
-        return
+        return build()
     failed = True
     try:
-        yield
-        failed = False
+        found = load()  # another job built it while this one waited
+        found, failed = build() if found is None else found, False
+        return found
     finally:
         # The lock file goes while still held: a job that was waiting on it then finds the cache
         # (or, if it could not be written, builds its own, as every job must then).
         with suppress(OSError):
             lock_file.unlink()
         lock.release()
-        if failed and new_dirs:  # e.g. no dataset anywhere: leave no empty folder behind
-            for directory in new_dirs:
-                try:
-                    directory.rmdir()  # only while empty
-                except OSError:
-                    break
+        if failed:  # e.g. no dataset anywhere: leave no empty folder behind
+            remove_if_empty(new_dirs)
 
 
 def load_idx_dataset(
@@ -284,21 +282,25 @@ def load_idx_dataset(
     int64 (N,), from the cache if possible."""
     root = Path(root)
     cache = cache_path(root, image_size, levels, dataset)
-    if (data := load_cache(cache, image_size, levels)) is not None:
-        return data
-    with cache_lock(cache):
-        if (data := load_cache(cache, image_size, levels)) is not None:  # another job built it meanwhile
-            return data
+
+    def build() -> dict[str, Tensor]:
         files = locate_dataset(root, Path(system_dir) if system_dir else None, download, dataset)
         data = {}
         for split, (images_name, labels_name) in SPLIT_FILES.items():
             images, labels = read_split(files[images_name], files[labels_name])
             data[f"{split}_images"], data[f"{split}_labels"] = quantize(images, image_size, levels), labels
-        save_cache(cache, data)
-    return data
+        return save_cache(cache, data)
+
+    return cached(cache, lambda: load_cache(cache, image_size, levels), build)
 
 
 # ---------------------------------------------------------------------------- batching
+
+
+def limited(batches: int, limit: int | float | None) -> int:
+    """`batches` cut by a limit as Lightning's limit_train_batches means it: a float is a fraction
+    (rounded down), an int a number of batches, None none."""
+    return batches if limit is None else int(batches * limit) if isinstance(limit, float) else min(batches, limit)
 
 
 class BatchLoader:
@@ -357,14 +359,9 @@ class BatchLoader:
 
     @property
     def num_batches(self) -> int:
-        """Batches of `batch_size` per epoch, after `limit_batches` (in training: micro-batches, one
-        optimizer step each); `len()` counts the items, lists of `steps_per_batch` of them."""
-        batches = math.ceil(self.shortest_share() / self.batch_size)  # this rank's
-        if self.limit_batches is None:
-            return batches
-        if isinstance(self.limit_batches, float):  # a fraction, rounded down
-            return int(batches * self.limit_batches)
-        return min(batches, self.limit_batches)
+        """Batches of `batch_size` per epoch (this rank's), after `limit_batches` (in training: micro-batches,
+        one optimizer step each); `len()` counts the items, lists of `steps_per_batch` of them."""
+        return limited(math.ceil(self.shortest_share() / self.batch_size), self.limit_batches)
 
     def __len__(self) -> int:
         return math.ceil(self.num_batches / (self.steps_per_batch or 1))
@@ -425,6 +422,12 @@ class BatchLoader:
                 yield list(zip(images.split(self.batch_size), labels.split(self.batch_size)))
 
 
+def steps_per_batch(setting: int | Literal["auto"], data_on_cuda: bool) -> int:
+    """Optimizer steps per training item (data.steps_per_batch): auto amortizes the training loop's
+    per-item overhead where steps are fast, CUDA_STEPS_PER_BATCH with the data on a CUDA device, else 1."""
+    return setting if setting != "auto" else CUDA_STEPS_PER_BATCH if data_on_cuda else 1
+
+
 # ---------------------------------------------------------------------------- data module
 
 Split = tuple[Tensor, Tensor]  # (images uint8 (N, C, S, S), labels int64 (N,))
@@ -446,18 +449,16 @@ def load_own_images(root: Path, source: str, path: Path, image_size: int, levels
     """A folder or array source (`pixelcnn.sources`) preprocessed: {<split>_images (N, C, S, S) uint8,
     <split>_labels (N,) int64} for the splits it has, and class_names (a list), from the cache if possible."""
     cache = root / sources.cache_name(source, path, image_size, levels, channels)
-    if (data := load_cache(cache, image_size, levels, channels, ("train",))) is not None:
-        return data
-    with cache_lock(cache):
-        if (data := load_cache(cache, image_size, levels, channels, ("train",))) is not None:
-            return data
+
+    def build() -> dict:
         splits, names = sources.read_source(source, path, channels)
         data = {"class_names": names}
         for split, (images, labels) in splits.items():
             data[f"{split}_images"] = preprocess(images, image_size, levels, channels)
             data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
-        save_cache(cache, data)
-    return data
+        return save_cache(cache, data)
+
+    return cached(cache, lambda: load_cache(cache, image_size, levels, channels, ("train",)), build)
 
 
 def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Split, Split]:
@@ -474,8 +475,8 @@ def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Sp
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images of `source` quantized to `levels` levels per channel at `image_size` x `image_size`,
-    with `channels` 1 (grey) or 3 (RGB).
+    """Images of `source` quantized to `levels` levels per channel (2..256: uint8) at `image_size` x
+    `image_size`, with `channels` 1 (grey) or 3 (RGB).
 
     Sources (`SOURCES`): fashion_mnist, mnist (IDX files, see `locate_dataset`), folder and array
     (`path`, see `pixelcnn.sources`). The training images are split into train / val
@@ -515,8 +516,6 @@ class ImageDataModule(L.LightningDataModule):
         overfit_batches: int | float = 0,
     ):
         super().__init__()
-        if not 2 <= levels <= 256:  # more would wrap around in uint8 (ranges are otherwise config.RULES')
-            raise ValueError(f"levels must be in 2..256 to fit uint8, got {levels}")
         if source not in SOURCES:
             raise UserError(f"data.source={source!r} is unknown: choose one of {', '.join(SOURCES)}")
         if (path is None) != (source in IDX_DATASETS):
@@ -600,9 +599,7 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before asking for a dataloader")
         split = self.on_target_device(getattr(self, name))
         setattr(self, name, split)  # keep the moved copy so the copy happens once
-        steps = None
-        if train:  # auto: amortize the training loop's per-batch overhead where steps are fast (CUDA)
-            steps = (CUDA_STEPS_PER_BATCH if split[0].is_cuda else 1) if self.steps_per_batch == "auto" else self.steps_per_batch
+        steps = steps_per_batch(self.steps_per_batch, split[0].is_cuda) if train else None
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if world_size > len(split[0]):
             raise UserError(f"the {name.removesuffix('_set')} split has {len(split[0])} images, fewer than the "

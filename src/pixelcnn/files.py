@@ -25,7 +25,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     block ends without error it is flushed to disk and renamed onto `path` (atomic on POSIX), else
     removed and `path` is left as it was. Creates the missing parent folders."""
     path = Path(path)
-    new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+    new_dirs = missing_dirs(path.parent)
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,14 +40,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if tmp_name is not None:
             with suppress(OSError):
                 os.remove(tmp_name)
-        for directory in new_dirs:  # the folders made for it, if still empty
-            try:
-                directory.rmdir()
-            except OSError:
-                break
+        remove_if_empty(new_dirs)  # the folders made for it
         if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a write names no file
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
+
+
+def missing_dirs(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, deepest first: what creating it would make."""
+    return [d for d in (folder, *folder.parents) if not d.exists()]
+
+
+def remove_if_empty(dirs: list[Path]) -> None:
+    """Remove those of `dirs` (deepest first: `missing_dirs` made them for something that failed) that are empty."""
+    for directory in dirs:
+        with suppress(OSError):
+            directory.rmdir()
 
 
 def _umask() -> int:

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.model import ClassBias, MaskedConv2d, channel_groups, channel_mask, conv1x1_at, spatial
+from pixelcnn.model import (INPUT_KERNEL_MIN, ClassBias, MaskedConv2d, channel_groups, channel_mask, conv1x1_at,
+                            odd_kernel, spatial)
 
 
 def gate(x: Tensor) -> Tensor:
@@ -174,11 +175,10 @@ class GatedPixelCNN(nn.Module):
     ):
         super().__init__()
         dilations = tuple(dilations)  # Hydra passes a ListConfig
-        # Only what the masks need; value ranges are checked once, in config.RULES.
-        if kernel_size < 1 or kernel_size % 2 != 1:
+        if not odd_kernel(kernel_size):
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-        if input_kernel < 3 or input_kernel % 2 != 1:  # 1 would hide everything from the input convs
-            raise ValueError(f"input_kernel must be odd and >= 3, got {input_kernel}")
+        if not odd_kernel(input_kernel, INPUT_KERNEL_MIN):
+            raise ValueError(f"input_kernel must be odd and >= {INPUT_KERNEL_MIN}, got {input_kernel}")
         if channels < image_channels:
             raise ValueError(f"channels must be >= {image_channels} for {image_channels} colour groups, got {channels}")
         self.levels, self.image_channels = levels, image_channels

@@ -39,8 +39,6 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
     A file that is not an image, is damaged, has more than MAX_IMAGE_PIXELS pixels (checked in the
     header, before decoding) or a mode without a defined range is a UserError naming it.
     """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     try:
         with Image.open(path) as image:
             width, height = image.size  # from the header: nothing decoded yet

@@ -30,6 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+INPUT_KERNEL_MIN = 3  # an input conv's least kernel: a type-A 1x1 would see nothing (it masks the centre)
+
+
+def odd_kernel(size: object, least: int = 1) -> bool:
+    """Whether a masked conv can have this kernel size: odd, so that the kernel has a centre (the
+    pixel being predicted), and >= `least`. The networks check their arguments with it, and so
+    do the config rules (`pixelcnn.config`), once, before any work."""
+    return isinstance(size, int) and not isinstance(size, bool) and size >= least and size % 2 == 1
+
 
 def causal_mask(kernel_size: int, mask_type: Literal["A", "B"]) -> Tensor:
     """(k, k) mask: 1 where the kernel may look. Rows below the centre and pixels right of
@@ -74,7 +83,7 @@ class MaskedConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask_type: Literal["A", "B"],
                  colours: int = 1):
-        if kernel_size % 2 != 1:
+        if not odd_kernel(kernel_size):
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.mask_type, self.colours = mask_type, colours
@@ -191,6 +200,8 @@ class PixelCNN(nn.Module):
         image_channels: int = 1,
     ):
         super().__init__()
+        if not odd_kernel(input_kernel, INPUT_KERNEL_MIN):
+            raise ValueError(f"input_kernel must be odd and >= {INPUT_KERNEL_MIN}, got {input_kernel}")
         if image_channels > 1 and filters // 2 < image_channels:
             raise ValueError(f"filters must be >= {2 * image_channels} for {image_channels} colour groups, got {filters}")
         self.levels, self.image_channels = levels, image_channels

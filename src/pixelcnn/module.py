@@ -218,22 +218,26 @@ class PixelCNNModule(ImageModel, L.LightningModule):
                   f"{optimizer.param_groups[0]['lr']:.4g}", flush=True)
 
     def planned_optimizer_steps(self) -> int:
-        """Optimizer steps of the whole fit: per epoch, batches of `data.batch_size` (after
-        limit_train_batches) / accumulate_grad_batches, rounded up, times max_epochs; at most
-        max_steps. (Lightning's `estimated_stepping_batches` counts Lightning batches, each of
-        which holds several steps here.) Needs the train loader: from on_train_start on."""
+        """Optimizer steps of the whole fit (`run_steps`), from the trainer's own counts. (Lightning's
+        `estimated_stepping_batches` counts Lightning batches, each of which holds several steps here.)
+        Needs the train loader: from on_train_start on."""
         trainer = self.trainer
-        total = math.inf if trainer.max_steps < 0 else trainer.max_steps
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
-            loader = trainer.train_dataloader
-            # Batches of data.batch_size: a BatchLoader counts them; Lightning counts its items (lists of
-            # steps_per_batch of them), which its own limit_train_batches (bench.py) may cut further.
-            batches = min(getattr(loader, "num_batches", math.inf),
-                          trainer.num_training_batches * (getattr(loader, "steps_per_batch", None) or 1))
-            total = min(total, math.ceil(batches / self.accumulate_grad_batches) * max(trainer.max_epochs, 1))
+        loader = trainer.train_dataloader
+        # Batches of data.batch_size: a BatchLoader counts them; Lightning counts its items (lists of
+        # steps_per_batch of them), which its own limit_train_batches (bench.py) may cut further.
+        batches = min(getattr(loader, "num_batches", math.inf),
+                      trainer.num_training_batches * (getattr(loader, "steps_per_batch", None) or 1))
+        total = run_steps(batches, trainer.max_epochs, trainer.max_steps, self.accumulate_grad_batches)
         if total == math.inf:
             raise ValueError("a cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
         return int(total)
+
+
+def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int, accumulate: int = 1) -> float:
+    """Optimizer steps a run takes at most (math.inf without a limit): `epoch_batches` batches of data.batch_size
+    an epoch, one step per `accumulate` (a short last group too), times max_epochs (-1 or None: none), <= max_steps."""
+    steps = math.inf if max_epochs is None or max_epochs < 0 else math.ceil(epoch_batches / accumulate) * max_epochs
+    return steps if max_steps < 0 else min(steps, max_steps)
 
 
 class WarmupCosine:

@@ -30,6 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from pixelcnn.config import UserError, as_override, check_out_dir
+from pixelcnn.files import missing_dirs, remove_if_empty
 
 # Directories this process created for its run (absolute paths), and the missing parents created with them.
 _CREATED: set[Path] = set()
@@ -48,7 +49,7 @@ def fresh_dir(base: str) -> str:
     config, so all jobs of a sweep get the same dir)."""
     base_path = Path(base)
     try:
-        _note_missing_parents(base_path)
+        _CREATED_PARENTS.extend(missing_dirs(base_path.resolve().parent))
         base_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
         return base  # unwritable parent: RunDirGuard reports it in one line
@@ -65,22 +66,12 @@ def fresh_dir(base: str) -> str:
     return base
 
 
-def _note_missing_parents(path: Path) -> None:
-    for parent in path.resolve().parents:
-        if parent.exists():
-            break
-        _CREATED_PARENTS.append(parent)
-
-
 def remove_own_dir(path: str | Path) -> None:
     """Remove `path` (which `removable_on_error` allowed) and the parents created for it that are
     now empty, e.g. outputs/<date>/ of a first run that failed."""
     shutil.rmtree(path, ignore_errors=True)
-    for parent in sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True):
-        try:
-            parent.rmdir()  # only if empty: another run may have put its dir there meanwhile
-        except OSError:
-            pass
+    # Only the empty ones: another run may have put its dir there meanwhile.
+    remove_if_empty(sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True))
 
 
 def created_by_this_run(path: str | Path) -> bool:
@@ -110,7 +101,7 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
 def claim_if_new(path: Path) -> None:
     """A dir that does not exist yet will be created by this run: mark it as its own."""
     if not path.exists():
-        _note_missing_parents(path)
+        _CREATED_PARENTS.extend(missing_dirs(path.resolve().parent))
         _CREATED.add(path.resolve())
 
 

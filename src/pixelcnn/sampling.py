@@ -21,12 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 SamplingMethod = Literal["fast", "naive"]
+METHODS = get_args(SamplingMethod)
+
+
+def valid_temperature(temperature: object) -> bool:
+    """The softmax temperature is a number > 0 (0 would divide by zero); the commands' config rules use this too."""
+    return isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+
+
 SAMPLE_CHUNK = 1024  # images drawn at once by `sample` (bounds the cached activations; the result is the same)
 
 
@@ -157,9 +165,9 @@ def sample(model: nn.Module, n: int, height: int, width: int, temperature: float
            labels: Tensor | None = None, method: SamplingMethod = "fast") -> Tensor:
     """Draw n images as (n, H, W) grey or (n, C, H, W) colour long levels in [0, model.levels). The
     model is put in eval mode for the draw and restored after."""
-    if temperature <= 0:
+    if not valid_temperature(temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if method not in ("fast", "naive"):
+    if method not in METHODS:
         raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
     device = next(model.parameters()).device
     uniforms = draw_uniforms(n, height, width, seed, device, model.image_channels)  # (n, H*W*C): all drawn first, so chunks change nothing

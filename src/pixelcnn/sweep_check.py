@@ -26,21 +26,21 @@ LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
 
 def check_job(cfg: DictConfig, here: bool) -> None:
     """Raise the UserError a job with this config would raise as it starts, without loading
-    data: the value checks, the accelerator (if the job runs `here`, on this machine), and the
-    model's own checks (built on the meta device, so no memory is used). A data-dependent error
-    (e.g. data.val_size) shows when the job runs."""
+    data: the value checks, the accelerator (if the job runs `here`, on this machine), the step
+    checkpoints' period (for the device if `here`), and the model's own checks (built on the meta
+    device, so no memory is used). A data-dependent error (e.g. data.val_size) shows when the job runs."""
     import torch
     from hydra.utils import instantiate
 
-    from pixelcnn.training import resolve_speed
+    from pixelcnn.training import check_step_checkpoints, resolve_speed
 
-    validate(cfg)
+    validate(cfg, "train")
     if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
         raise UserError("ckpt_path continues one run, in its own dir: resume it without -m, or start a new run "
                         "from its weights in each job with init_from=<run>")
     with user_errors_unwrapped():
-        if here:
-            resolve_speed(cfg)
+        # Elsewhere (SLURM) the device is unknown: an explicit data.steps_per_batch is checked, auto as on a CPU (1).
+        check_step_checkpoints(cfg, cuda=here and resolve_speed(cfg).cuda)
         with torch.device("meta"):
             instantiate(cfg.model, _convert_="all")
 
@@ -59,13 +59,12 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     return None
 
 
-def basic_sweep_jobs(master: DictConfig, arguments: list[str]) -> list[list[str]]:
+def basic_sweep_jobs(arguments: list[str]) -> list[list[str]]:
     """The jobs' overrides, as Hydra's BasicSweeper expands them (its own code)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
-    params = [f"{k}={v}" for k, v in (OmegaConf.select(master, "hydra.sweeper.params") or {}).items()]
-    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(params + arguments), max_batch_size=None)
+    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
     return jobs
 
 
@@ -78,10 +77,9 @@ def _endpoints(override: Override) -> list[str]:
     return values if override.is_choice_sweep() else list(dict.fromkeys([values[0], values[-1]]))
 
 
-def search_space_checks(master: DictConfig, arguments: list[str]) -> list[tuple[str, list[str]]]:
+def search_space_checks(arguments: list[str]) -> list[tuple[str, list[str]]]:
     """(label, overrides) for each value of the Optuna search space worth checking."""
-    params = [f"{k}={v}" for k, v in (OmegaConf.select(master, "hydra.sweeper.params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(params + arguments)
+    parsed = OverridesParser.create().parse_overrides(arguments)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     space = {o.get_key_element(): (o, _endpoints(o)) for o in parsed if o.is_sweep_override()}
     # One parameter at a time, the others at their config values: a bad end is named by its own key.
@@ -93,15 +91,17 @@ def sweep_errors(config: DictConfig) -> list[str]:
     """One `error: <job>: <why>` line for each job (Optuna: each search-space value) of the sweep
     `config` describes that would fail as it starts; empty if all pass or the sweeper is another."""
     sweeper = OmegaConf.select(config, "hydra.sweeper._target_")
-    arguments = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
+    # The sweeper's own params (e.g. hparams_search's), then the command line's overrides.
+    arguments = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+    arguments += [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
     if sweeper == BASIC_SWEEPER:
-        jobs = basic_sweep_jobs(config, arguments)
+        jobs = basic_sweep_jobs(arguments)
         varied = {o.split("=", 1)[0] for job in jobs for o in job
                   if sum(o in other for other in jobs) < len(jobs)}  # the overrides that differ between jobs
         checks = [(f"job {n} ({' '.join(o for o in job if o.split('=', 1)[0] in varied) or ' '.join(job)})", job)
                   for n, job in enumerate(jobs)]
     elif sweeper == OPTUNA_SWEEPER:
-        checks = search_space_checks(config, arguments)
+        checks = search_space_checks(arguments)
     else:  # another sweeper: its jobs are checked as they start
         return []
     errors, seen = [], set()

@@ -32,9 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate,
                                 SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
-from pixelcnn.checkpoints import STEP_CHECKPOINT, check_same_network, read_checkpoint, resolve_checkpoint
+from pixelcnn.checkpoints import STEP_CHECKPOINT, read_same_network
+from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
-from pixelcnn.data import CUDA_STEPS_PER_BATCH
+from pixelcnn.data import limited, steps_per_batch
+from pixelcnn.module import run_steps
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
 from pixelcnn.sweep import write_metrics
 
@@ -68,24 +70,16 @@ def cpu_has_native_bf16() -> bool:
 def epoch_batches(cfg: DictConfig, train_images: int, batch_size: int) -> int:
     """Batches of `batch_size` in one training epoch of `train_images`, after overfit_batches or
     limit_train_batches (Lightning's meaning: a fraction, or a number of batches)."""
-    batches = math.ceil(train_images / batch_size)
-    trainer = cfg.trainer
-    if overfit := trainer.get("overfit_batches"):
-        return int(batches * overfit) if isinstance(overfit, float) else min(batches, overfit)
-    if (limit := trainer.limit_train_batches) is not None:
-        return int(batches * limit) if isinstance(limit, float) else min(batches, limit)
-    return batches
+    return limited(math.ceil(train_images / batch_size),
+                   cfg.trainer.get("overfit_batches") or cfg.trainer.limit_train_batches)
 
 
 def planned_steps(cfg: DictConfig, train_images: int) -> float:
-    """Optimizer steps the run will take at most (math.inf without a limit): batches of
-    data.batch_size per epoch after limit_train_batches, times max_epochs, at most max_steps."""
-    trainer = cfg.trainer
-    if trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
-        return 1 if trainer.fast_dev_run is True else trainer.fast_dev_run
-    batches = epoch_batches(cfg, train_images, cfg.data.batch_size)
-    steps = math.inf if trainer.max_epochs == -1 else batches * trainer.max_epochs
-    return min(steps, trainer.max_steps) if trainer.max_steps >= 0 else steps
+    """Optimizer steps the configured run will take at most, before its trainer exists (`module.run_steps`
+    of `epoch_batches`; the module counts its schedule's steps again from the trainer's own counts)."""
+    if fast_dev_run := cfg.trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
+        return int(fast_dev_run)
+    return run_steps(epoch_batches(cfg, train_images, cfg.data.batch_size), cfg.trainer.max_epochs, cfg.trainer.max_steps)
 
 
 def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoices:
@@ -144,9 +138,7 @@ def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDa
     module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule),
                          **knobs)
     if cfg.init_from:  # fine-tuning: these weights, a fresh optimizer (the run starts at step 0)
-        path = resolve_checkpoint(cfg.init_from, prefer="best", key="init_from")
-        checkpoint = read_checkpoint(path, key="init_from")
-        check_same_network(checkpoint["hyper_parameters"], cfg, path, key="init_from")
+        path, checkpoint = read_same_network(cfg.init_from, cfg, "init_from", prefer="best")
         module.load_state_dict(checkpoint["state_dict"])
         if not secondary_rank():
             print(f"[pixelcnn] init_from: the weights of {path} (step {checkpoint.get('global_step', '?')}), "
@@ -173,7 +165,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     if cfg.model.ema_decay:
         # Updated once per Lightning batch, which holds K optimizer steps: decay**K keeps the average's
         # time constant in optimizer steps.
-        steps = steps_per_lightning_batch(cfg, speed)
+        steps = steps_per_lightning_batch(cfg, speed.cuda)
         callbacks.append(WeightAverage(cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
@@ -232,17 +224,11 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     # Lightning counts its own batches, each of `steps` batches of data.batch_size here (optimizer steps), so
     # the counts that mean batches are translated: limit_train_batches and overfit_batches' training part
     # are cut by the data module (FashionMNISTDataModule), an int val_check_interval is divided by `steps`.
-    steps = steps_per_lightning_batch(cfg, speed)
     knobs = {"limit_train_batches": None, "overfit_batches": 0, **MODULE_TRAINER_KEYS}
     if overfit := cfg.trainer.get("overfit_batches"):  # Lightning's other half of it: validate on the first N batches
         knobs["limit_val_batches"] = overfit
-    interval = cfg.trainer.get("val_check_interval")
-    if isinstance(interval, int) and not isinstance(interval, bool):
-        if interval % steps:
-            raise UserError(f"trainer.val_check_interval={interval} is invalid here: it counts batches of "
-                            f"data.batch_size, taken {steps} per Lightning batch (data.steps_per_batch), so it must "
-                            f"be a multiple of {steps}")
-        knobs["val_check_interval"] = interval // steps
+    if isinstance(cfg.trainer.get("val_check_interval"), int):  # a number of batches (a float: a fraction of the epoch)
+        knobs["val_check_interval"] = lightning_batches(cfg, speed.cuda, "trainer.val_check_interval")
     try:
         # Checkpoints are written whole or not at all (`AtomicCheckpointIO`).
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=loggers or False,
@@ -265,22 +251,28 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     return trainer
 
 
-def steps_per_lightning_batch(cfg: DictConfig, speed: SpeedChoices) -> int:
-    """Optimizer steps (batches of data.batch_size) per Lightning batch: data.steps_per_batch, whose
-    auto is CUDA_STEPS_PER_BATCH when the data sits on the GPU (as FashionMNISTDataModule puts it), else 1."""
-    if cfg.data.steps_per_batch != "auto":
-        return cfg.data.steps_per_batch
-    return CUDA_STEPS_PER_BATCH if speed.cuda and cfg.data.on_device in ("auto", True) else 1
+def steps_per_lightning_batch(cfg: DictConfig, cuda: bool) -> int:
+    """Optimizer steps (batches of data.batch_size) per Lightning batch, as the data module will take
+    them (`data.steps_per_batch`), where it puts the data on a CUDA device: training there, on_device auto or true."""
+    return steps_per_batch(cfg.data.steps_per_batch, cuda and cfg.data.on_device in ("auto", True))
 
 
-def check_step_checkpoints(cfg: DictConfig, speed: SpeedChoices) -> None:
-    """checkpoint_every_n_steps must be a multiple of the optimizer steps per Lightning batch, as
-    checkpoints are written between batches. `validate` checks an explicit data.steps_per_batch;
-    auto is known here."""
-    every, steps = cfg.checkpoint_every_n_steps, steps_per_lightning_batch(cfg, speed)
-    if every and cfg.data.steps_per_batch == "auto" and every % steps:
-        raise UserError(f"checkpoint_every_n_steps={every} is invalid here: data.steps_per_batch=auto takes {steps} "
-                        f"optimizer steps per batch on CUDA, so it must be a multiple of {steps}")
+def lightning_batches(cfg: DictConfig, cuda: bool, key: str) -> int:
+    """The count at `key` (batches of data.batch_size) in Lightning batches, each of `steps_per_lightning_batch`
+    of them: a count that is not a multiple of those would never meet a batch's end, so it is refused."""
+    count, steps = OmegaConf.select(cfg, key), steps_per_lightning_batch(cfg, cuda)
+    if count % steps:
+        where = " on CUDA" if cfg.data.steps_per_batch == "auto" else ""
+        raise UserError(f"{key}={count} is invalid here: it counts batches of data.batch_size, taken {steps} per "
+                        f"Lightning batch (data.steps_per_batch={cfg.data.steps_per_batch}{where}), so it must be a "
+                        f"multiple of {steps}")
+    return count // steps
+
+
+def check_step_checkpoints(cfg: DictConfig, cuda: bool) -> None:
+    """checkpoint_every_n_steps must fall between Lightning batches, where checkpoints are written."""
+    if cfg.checkpoint_every_n_steps:
+        lightning_batches(cfg, cuda, "checkpoint_every_n_steps")
 
 
 def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: torch.nn.Module, trainer: L.Trainer,
@@ -291,9 +283,7 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: torch.nn.Module,
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
     footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
                                    activation_bytes=4 if speed.precision == "32-true" else 2)
-    batches = epoch_batches(cfg, images, batch_size)
-    if cfg.trainer.max_steps > 0:
-        batches = min(batches, cfg.trainer.max_steps)
+    batches = run_steps(epoch_batches(cfg, images, batch_size), 1, cfg.trainer.max_steps)  # one epoch's, <= max_steps
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
                             if key in cfg.model)
     check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)
@@ -309,7 +299,7 @@ def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
-    validate(cfg)
+    validate(cfg, "train")
     # Threads (and GPU) of a job that shares the machine with others: before any torch work.
     resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
@@ -323,7 +313,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
-    check_step_checkpoints(cfg, speed)
+    check_step_checkpoints(cfg, speed.cuda)
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
         meta_net = instantiate(cfg.model, _convert_="all").net
 
@@ -373,10 +363,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     if not trainer.is_global_zero:  # the other DDP ranks: rank 0 scores samples and writes the results
         return metrics
-    if cfg.quality_n and (cfg.data.source, cfg.data.channels) != ("fashion_mnist", 1):
-        print("[pixelcnn] sample quality skipped: its classifier is Fashion-MNIST's (grey), not "
-              f"data={cfg.data.source}" + (f" with data.channels={cfg.data.channels}" if cfg.data.channels != 1 else ""),
-              flush=True)
+    if cfg.quality_n and (skipped := unscorable(datamodule)):
+        print(f"[pixelcnn] {skipped}", flush=True)
     elif cfg.quality_n:
         metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
         for logger in trainer.loggers:
@@ -414,8 +402,6 @@ QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")
 
 def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices) -> dict[str, float]:
     """Sample quality of the best checkpoint (which `trainer.test` has just loaded)."""
-    from pixelcnn.classifier import quality_metrics
-
     module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
     quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=cfg.sample.temperature,
                               seed=cfg.sample.seed)

@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.config import check_out_dir, validate
+from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.files import write_text
 from pixelcnn.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
@@ -125,8 +125,10 @@ def time_sampler(fn, device: torch.device, repeats: int) -> float:
 
 
 def run(cfg: DictConfig) -> dict:
-    validate(cfg)
-    check_out_dir(Path(cfg.bench.out).parent, key="bench.out")  # fail now, not after minutes of measuring
+    validate(cfg, "bench")
+    if Path(cfg.bench.out).is_dir():  # fail now, not after minutes of measuring
+        raise UserError(f"bench.out={cfg.bench.out} is a folder: pass a file name")
+    check_out_dir(Path(cfg.bench.out).parent, key="bench.out")
     L.seed_everything(cfg.seed, verbose=False)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
     bench = cfg.bench
@@ -150,7 +152,7 @@ def run(cfg: DictConfig) -> dict:
         peak = max(peak, peak_memory_mb(device))
     result["speed"] = vars(speed)
     result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates, "peak_memory_mb": peak}
-    steps = steps_per_lightning_batch(cfg, speed)  # the same optimizer steps as the Lightning loop
+    steps = steps_per_lightning_batch(cfg, speed.cuda)  # the same optimizer steps as the Lightning loop
     plain = [plain_loop_rate(cfg, datamodule, device, bench.train_batches * steps, bench.warmup_batches * steps)
              for _ in range(bench.repeats)]
     result["train"] |= {"plain_fp32_img_per_s": statistics.median(plain), "plain_fp32_img_per_s_runs": plain,

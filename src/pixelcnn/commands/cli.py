@@ -1,5 +1,5 @@
 """What every command-line entry point shares: a user mistake is one line on stderr and exit
-status 2, and leaves no half-written output behind; `device=` means the same everywhere."""
+status 2, and leaves no half-written output behind; `device=` and `ckpt=` mean the same everywhere."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from typing import NoReturn
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+from omegaconf import DictConfig
 
-from pixelcnn.config import UserError, WriteError, as_override, user_errors_unwrapped
-from pixelcnn.run_dirs import holds_checkpoints, remove_own_dir, removable_on_error
+from pixelcnn.checkpoints import load_module, resolve_checkpoint
+from pixelcnn.config import UserError, WriteError, as_override, check_out_dir, user_errors_unwrapped
+from pixelcnn.image_model import ImageModel
+from pixelcnn.run_dirs import holds_checkpoints, removable_on_error, remove_own_dir, run_dir_of
 
 # A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
 # traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).
@@ -79,6 +82,22 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
     return torch.device(name)
+
+
+def load_checkpoint_model(cfg: DictConfig, outputs: str) -> tuple[Path, ImageModel, Path]:
+    """The checkpoint file of `ckpt` (a run dir: its best), its model on `device`, and the output folder:
+    `out`, else <run dir>/`outputs` (or next to the checkpoint), checked writable before any work."""
+    device = pick_device(cfg.device)
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    module = load_module(ckpt, device)
+    return ckpt, module, check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / outputs)
+
+
+def checkpoint_data(module: ImageModel, data_root: str | None):
+    """The data `module` was trained on (older checkpoints: Fashion-MNIST), set up: training's test split."""
+    from pixelcnn.data import setup_datamodule  # late: Lightning, for the modes that read data only
+
+    return setup_datamodule(data_root, module.image_size, module.levels, **(module.data or {}))
 
 
 class NoVendorTips(logging.Filter):

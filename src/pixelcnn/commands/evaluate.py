@@ -23,12 +23,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.commands.cli import pick_device
-from pixelcnn.config import UserError, check_out_dir, validate
+from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
+from pixelcnn.config import UserError, validate
 from pixelcnn.files import atomic_write, write_text
 from pixelcnn.images import levels_to_grid, load_image, save_grid
-from pixelcnn.run_dirs import run_dir_of
 from pixelcnn.sources import IMAGE_SUFFIXES
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
@@ -58,16 +56,9 @@ def load_npy(path: Path, image_size: int, levels: int, channels: int = 1) -> Ten
     return torch.from_numpy(array.astype(np.uint8))
 
 
-def load_picture(path: Path, image_size: int, levels: int, channels: int = 1) -> Tensor:
-    """An image file (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`), read and
-    preprocessed as in training. -> (1, C, S, S) uint8"""
-    from pixelcnn.data import quantize  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
-
-    return quantize(torch.from_numpy(load_image(path, channels))[None], image_size, levels)
-
-
 def load_images(path: str | Path, image_size: int, levels: int, channels: int = 1) -> tuple[Tensor, list[str]]:
-    """(level images (N, C, S, S) uint8, a name per image) from a .npy, an image file or a folder of them."""
+    """(level images (N, C, S, S) uint8, a name per image) from a .npy of levels, or an image file or a
+    folder of them (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`), preprocessed as in training."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"images={path} does not exist: pass a .npy of levels, an image file, or a folder of them")
@@ -78,7 +69,9 @@ def load_images(path: str | Path, image_size: int, levels: int, channels: int = 
     if not pictures or pictures[0].suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"images={path} is not a .npy file, an image file, or a folder with image files "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return torch.cat([load_picture(p, image_size, levels, channels) for p in pictures]), [p.name for p in pictures]
+    from pixelcnn.data import preprocess  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
+
+    return preprocess([load_image(p, channels) for p in pictures], image_size, levels, channels), [p.name for p in pictures]
 
 
 # ---------------------------------------------------------------------------- figures
@@ -110,10 +103,7 @@ def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Pat
 
 def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> dict:
     """Test bits/dim, heatmaps, extremes and (quality=true, quality_n > 0) sample quality; writes metrics.json."""
-    from pixelcnn.data import setup_datamodule
-
-    data = module.data or {}  # the source it was trained on (older checkpoints: Fashion-MNIST)
-    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels, **data)
+    datamodule = checkpoint_data(module, cfg.data_root)
     images, labels = datamodule.test_set
     started = time.perf_counter()
     maps = module.nll_maps(images, labels if module.conditional else None, cfg.batch_size)  # (N, H, W)
@@ -139,12 +129,11 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
           f"  most likely:  {files['most_likely']}\n  least likely: {files['least_likely']}")
     if "heatmaps" in files:
         print(f"  heatmaps:     {files['heatmaps']}")
-    fashion_mnist = (data.get("source", "fashion_mnist"), data.get("channels", 1)) == ("fashion_mnist", 1)
-    if cfg.quality and cfg.quality_n > 0 and not fashion_mnist:
-        print(f"  sample quality skipped: its classifier is Fashion-MNIST's (grey), not data={data['source']} "
-              f"with data.channels={data['channels']}")
+    from pixelcnn.classifier import load_or_train_classifier, quality_metrics, unscorable
+
+    if cfg.quality and cfg.quality_n > 0 and (skipped := unscorable(datamodule)):
+        print(f"  {skipped}")
     elif cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
-        from pixelcnn.classifier import load_or_train_classifier, quality_metrics
 
         classifier = load_or_train_classifier(datamodule, module.device)
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
@@ -182,11 +171,8 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
 
 def main(cfg: DictConfig) -> dict:
     """The test-split evaluation, or with `images=` the outlier scores."""
-    validate(cfg)
-    device = pick_device(cfg.device)
-    ckpt = resolve_checkpoint(cfg.ckpt)
-    module = load_module(ckpt, device)
-    out_dir = check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / "eval")
+    validate(cfg, "evaluate")
+    ckpt, module, out_dir = load_checkpoint_model(cfg, "eval")
     if cfg.images is not None:
         return score_images(module, cfg, out_dir)
     return evaluate_test_split(module, cfg, out_dir, ckpt)

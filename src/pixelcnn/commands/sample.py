@@ -9,11 +9,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.commands.cli import pick_device
-from pixelcnn.config import UserError, check_out_dir, validate
+from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
+from pixelcnn.config import UserError, validate
 from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
-from pixelcnn.run_dirs import run_dir_of
 from pixelcnn.sampling import complete_fast, draw_uniforms, eval_mode
 
 MAX_GRID_PIXELS = 2**28  # a PNG grid beyond this (~270 megapixels) is more than memory and viewers take
@@ -59,11 +57,8 @@ def class_tag(names: list[str], index: int) -> str:
 
 
 def main(cfg: DictConfig) -> list[Path]:
-    validate(cfg)
-    device = pick_device(cfg.device)
-    ckpt = resolve_checkpoint(cfg.ckpt)
-    module = load_module(ckpt, device)
-    out_dir = check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / "samples")
+    validate(cfg, "sample")
+    ckpt, module, out_dir = load_checkpoint_model(cfg, "samples")
     if cfg.mode == "complete":
         return complete(module, cfg, out_dir)
 
@@ -84,7 +79,7 @@ def main(cfg: DictConfig) -> list[Path]:
     images = torch.stack(samples) if len(samples) > 1 else samples[0]  # (T, N, [C,] H, W) or (N, [C,] H, W)
     tag = "all" if cfg.label == "all" else class_tag(names, int(labels[0])) if labels is not None else None
     png, npy = save_grid_and_levels(side_by_side(grids), images, out_dir, stem, tag)
-    print(f"{n * len(temperatures)} samples ({cfg.method}, {seconds:.2f} s on {device.type}) from {ckpt}\n"
+    print(f"{n * len(temperatures)} samples ({cfg.method}, {seconds:.2f} s on {module.device.type}) from {ckpt}\n"
           f"  grid:   {png}\n  levels: {npy}  shape {tuple(images.shape)}, values 0..{module.levels - 1}")
     return [png, npy]
 
@@ -107,15 +102,12 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     completions) and the completions as .npy (N, completions, H, W) uint8 levels. Conditional
     models use the images' true labels. Only what depends on the model is checked here (the
     rest by `config.validate`)."""
-    from pixelcnn.data import setup_datamodule
-
     height = width = module.image_size
     rows, completions = cfg.rows, cfg.completions
     if rows > height:
         raise UserError(f"rows={rows} is invalid: it must be an integer in [0, {height}] "
                         f"(rows kept of this {height}px model's images)")
-    data = module.data or {}  # the source it was trained on (older checkpoints: Fashion-MNIST)
-    datamodule = setup_datamodule(cfg.data_root, module.image_size, module.levels, **data)
+    datamodule = checkpoint_data(module, cfg.data_root)
     names = class_names(module) or datamodule.class_names  # an unconditional model: the data's classes
     label = int(parse_labels(cfg.label, names, 1)[0][0]) if cfg.label is not None else None
     if cfg.n > MAX_COMPLETED:

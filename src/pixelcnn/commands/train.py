@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from pixelcnn.checkpoints import check_same_network, read_checkpoint, resolve_checkpoint
+from pixelcnn.checkpoints import read_same_network
 from pixelcnn.commands.cli import exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
 from pixelcnn.resources import secondary_rank
@@ -67,8 +67,7 @@ def sweep_job_dir(cfg: DictConfig):
     lock = None if secondary_rank() else hold_run_dir(job_dir, f"the job dir {job_dir}")
     try:
         if requeued_job() and holds_checkpoints(job_dir):
-            path = resolve_checkpoint(job_dir, prefer="last", key="ckpt_path")
-            check_same_network(read_checkpoint(path, key="ckpt_path")["hyper_parameters"], cfg, path, key="ckpt_path")
+            path, _ = read_same_network(job_dir, cfg, "ckpt_path", prefer="last")
             if not secondary_rank():
                 print(f"[pixelcnn] SLURM requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): "
                       f"continuing it from {path}", flush=True)
@@ -286,7 +285,7 @@ class RunDirGuard(Callback):
         if resume_dir is not None and (resume_dir / ".hydra" / "config.yaml").is_file():
             restore_saved_config(config, resume_dir, announce=rank_zero)
         try:
-            path = resolve_checkpoint(ckpt_path, prefer="last", key="ckpt_path")
+            path, checkpoint = read_same_network(ckpt_path, config, "ckpt_path", prefer="last")
         except UserError:  # a run dir killed before its first checkpoint (it has its record) starts again in it
             if not (in_place and Path(ckpt_path).is_dir() and (resume_dir / ".hydra").is_dir()
                     and not (resume_dir / "metrics.json").exists() and not any(resume_dir.rglob("*.ckpt"))):
@@ -295,12 +294,9 @@ class RunDirGuard(Callback):
                 print(f"[pixelcnn] {resume_dir} has no checkpoint (it stopped before its first one): training it "
                       "from the start, with its saved config", flush=True)
             path = None
-        if path is not None:
-            checkpoint = read_checkpoint(path, key="ckpt_path")
-            check_same_network(checkpoint["hyper_parameters"], config, path, key="ckpt_path")
-            if in_place and rank_zero and (reason := finished_run(resume_dir, checkpoint, config.trainer)):
-                print(f"[pixelcnn] {resume_dir} has already finished ({reason}); nothing was changed", flush=True)
-                sys.exit(0)
+        if path is not None and in_place and rank_zero and (reason := finished_run(resume_dir, checkpoint, config.trainer)):
+            print(f"[pixelcnn] {resume_dir} has already finished ({reason}); nothing was changed", flush=True)
+            sys.exit(0)
         with read_write(config):
             config.ckpt_path = str(path) if path is not None else None
 

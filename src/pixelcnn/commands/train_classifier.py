@@ -16,7 +16,7 @@ from pixelcnn.data import FashionMNISTDataModule, setup_datamodule
 def main(cfg: DictConfig) -> FashionClassifier:
     """Train on the training split of the data module `cfg.data` describes, print test accuracy
     and the Fréchet floor (1000 train vs 1000 test images), and overwrite the cache."""
-    validate(cfg)  # epochs, batch_size, lr, data.*
+    validate(cfg, "classifier")
     device = pick_device(cfg.device)
     data_args = OmegaConf.to_container(cfg.data, resolve=True)
     check_options(data_args, inspect.signature(FashionMNISTDataModule).parameters, "data", "the data module")

@@ -52,8 +52,10 @@ train: setup data
 quick: setup data
 	$(PY) train.py experiment=quick $(ARGS)
 
+# In parallel, one worker per CPU core (pytest-xdist): most tests wait on a python subprocess's start-up.
+# loadgroup keeps the tests marked xdist_group together (the SLURM tests share one cluster).
 test: setup $(VENV)/.installed-test data
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadgroup $(ARGS)
 
 bench: setup data
 	$(PY) bench.py $(ARGS)

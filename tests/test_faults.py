@@ -634,7 +634,7 @@ def test_checkpoint_whose_hyperparameters_do_not_fit_its_weights(reference: Path
 
 @pytest.mark.parametrize("args, choices", [
     (["model=nonexistent"], "gated, pixelcnn"),
-    (["experiment=nonexistent"], "best, quick, quick_gated"),
+    (["experiment=nonexistent"], "best, best_conditional, quick, quick_gated"),
     (["-m", "model=pixelcnn,nonexistent"], "gated, pixelcnn"),
 ])
 def test_unknown_config_option_is_one_line(tmp_path: Path, args: list[str], choices: str):

@@ -27,6 +27,8 @@ import pytest
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, workdir  # noqa: F401 - a fixture
 from test_faults import KILL_SHIM, assert_same_training
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs them all: they share the module's cluster
+
 PROGRAMS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel", "srun")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # daemons live in sbin
 

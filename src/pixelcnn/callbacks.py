@@ -58,7 +58,8 @@ class SampleGridCallback(L.Callback):
 
     def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
-        module = next((c.average for c in trainer.callbacks if isinstance(c, WeightAverage) and c.average), module)
+        module = next((c.average for c in trainer.callbacks
+                       if isinstance(c, WeightAverage) and c.average is not None), module)
         labels, nrow = None, 8
         if module.conditional:  # one row per class, as `sample.py label=all` draws them
             nrow = max(self.n // module.hparams.num_classes, 1)

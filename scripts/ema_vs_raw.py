@@ -1,6 +1,6 @@
 """Test bits/dim of a run's weight average (`model.ema_decay`) against its raw weights, at the same step.
 
-    python scripts/ema_vs_raw.py RUN_DIR_OR_CKPT [...] [--prefer best|last]
+    python scripts/ema_vs_raw.py RUN_DIR_OR_CKPT [...] [--prefer best|last] [--data-root DIR]
 
 A checkpoint of a run with `model.ema_decay > 0` holds the average as its `state_dict` (what
 sample.py and evaluate.py use) and the raw weights under `current_model_state`: the two scored on
@@ -27,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run dirs or .ckpt files of runs trained with model.ema_decay > 0")
     parser.add_argument("--prefer", default="best", choices=("best", "last"), help="which checkpoint of a run dir")
+    parser.add_argument("--data-root", help="the data dir, as evaluate.py's data_root (default: $PIXELCNN_DATA_DIR, "
+                                            "else ~/.cache/pixelcnn)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for run in args.runs:
@@ -35,7 +37,7 @@ def main() -> None:
         if "current_model_state" not in checkpoint:
             raise SystemExit(f"error: {path} holds no raw weights (current_model_state): not trained with model.ema_decay > 0")
         model = ImageModel.from_hparams(checkpoint["hyper_parameters"]).to(device).eval()
-        datamodule = setup_datamodule(None, model.image_size, model.levels, **(model.data or {}))
+        datamodule = setup_datamodule(args.data_root, model.image_size, model.levels, **(model.data or {}))
         images, labels = datamodule.test_set
         scores = {}
         for name, key in (("average", "state_dict"), ("raw", "current_model_state")):

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import lightning as L
 import torch
+from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - a fixture
 from test_training_knobs import data, fit, tiny
 
 from pixelcnn.callbacks import WeightAverage
@@ -81,3 +84,24 @@ def test_a_resume_without_the_average_continues_the_raw_weights(tmp_path: Path):
     fit(module, *loaders(), max_epochs=1, ckpt_path=tmp_path / "e1.ckpt")  # restores, nothing left to train
     for name, value in module.state_dict().items():
         assert torch.equal(value, raw[name]), name
+
+
+def test_train_py_reports_the_average_and_the_scripts_read_the_run(workdir: Path, tmp_path: Path):
+    """model.ema_decay from the command line: the run's test bits/dim is its weight average's
+    (scripts/ema_vs_raw.py scores both kinds of weights of its checkpoint), and scripts/val_curve.py
+    draws its validations from the TensorBoard scalars."""
+    run_dir = tmp_path / "run"
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), "model.ema_decay=0.5", "trainer.precision=32-true",
+                 f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scored = run("scripts/ema_vs_raw.py", str(run_dir), "--data-root", str(workdir / "data"), cwd=workdir)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    average, raw = (float(scored.stdout.split(f"{kind} ")[1].split(",")[0]) for kind in ("average", "raw"))
+    assert abs(average - metrics["test_bpd"]) < 1e-4 and average != raw
+    curve = run("scripts/val_curve.py", str(run_dir), "--out", str(tmp_path / "curve.png"), cwd=workdir)
+    assert curve.returncode == 0, curve.stderr[-2000:]
+    points = [line.split() for line in curve.stdout.splitlines() if line[:1].isdigit()]
+    assert [int(epoch) for epoch, _ in points] == list(range(1, metrics["epochs"] + 1))  # one per epoch
+    assert min(float(value) for _, value in points) == float(f"{metrics['val_bpd']:.5f}")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,6 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.logger import _flatten_dict, _sanitize_params
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -410,20 +411,11 @@ def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices)
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
-    """The hyperparameters worth comparing (TensorBoard's HPARAMS tab, MLflow's params), flattened to scalars."""
+    """The hyperparameters worth comparing (TensorBoard's HPARAMS tab, MLflow's params), flattened to scalars
+    as Lightning's loggers flatten and sanitize them, with "." between levels and no Hydra `_key_`."""
     keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
             "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
-    flat: dict[str, object] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if not k.startswith("_"):
-                    walk(f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", v)
-        else:
-            flat[prefix.rstrip(".")] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", keep)
-    return flat
+    flat = _sanitize_params(_flatten_dict(keep, delimiter="."))
+    return {key: value for key, value in flat.items() if not any(part.startswith("_") for part in key.split("."))}

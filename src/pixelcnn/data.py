@@ -451,7 +451,7 @@ def load_own_images(root: Path, source: str, path: Path, image_size: int, levels
     cache = root / sources.cache_name(source, path, image_size, levels, channels)
 
     def build() -> dict:
-        splits, names = sources.read_source(source, path, channels)
+        splits, names = (sources.read_folder if source == "folder" else sources.read_array)(path, channels)
         data = {"class_names": names}
         for split, (images, labels) in splits.items():
             data[f"{split}_images"] = preprocess(images, image_size, levels, channels)
@@ -584,20 +584,14 @@ class ImageDataModule(L.LightningDataModule):
             train, val = split_off(train, self.val_size, self.split_seed, "val_size")
         self.train_set, self.val_set, self.test_set = train, val, test
 
-    def target_device(self) -> torch.device:
-        """Where batches should live: the trainer's device if moving there is enabled, else the CPU."""
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        wanted = device.type == "cuda" if self.on_device == "auto" else self.on_device
-        return device if wanted else torch.device("cpu")
-
-    def on_target_device(self, split: Split) -> Split:
-        device = self.target_device()
-        return split[0].to(device), split[1].to(device)  # a no-op once moved
-
     def loader(self, name: Literal["train_set", "val_set", "test_set"], batch_size: int, train: bool) -> BatchLoader:
         if getattr(self, name) is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        split = self.on_target_device(getattr(self, name))
+        # Batches live on the trainer's device if moving there is enabled (on_device), else on the CPU.
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if not (device.type == "cuda" if self.on_device == "auto" else self.on_device):
+            device = torch.device("cpu")
+        split = getattr(self, name)[0].to(device), getattr(self, name)[1].to(device)  # a no-op once moved
         setattr(self, name, split)  # keep the moved copy so the copy happens once
         steps = steps_per_batch(self.steps_per_batch, split[0].is_cuda) if train else None
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)

@@ -116,9 +116,7 @@ def fit_and_cache(datamodule: FashionMNISTDataModule, device: str | torch.device
 
 def load_cached_classifier(path: Path, image_size: int, levels: int,
                            device: str | torch.device = "cpu") -> FashionClassifier | None:
-    """The classifier saved at `path`, in eval mode on `device`; None if there is none or it is unusable."""
-    if not path.is_file():
-        return None
+    """The classifier saved at `path` (`cached` checks it is there), in eval mode on `device`; None if unusable."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         classifier = FashionClassifier(image_size, levels)

@@ -209,9 +209,7 @@ def cache_path(root: Path, image_size: int, levels: int, dataset: str = "fashion
 
 def load_cache(path: Path, image_size: int, levels: int, channels: int = 1,
                splits: tuple[str, ...] = tuple(SPLIT_FILES)) -> dict[str, Tensor] | None:
-    """The cached preprocessed data (the tensors of `splits`), or None if absent or unusable (then it is rebuilt)."""
-    if not path.is_file():
-        return None
+    """The cached preprocessed data (the tensors of `splits`), or None if unusable (then it is rebuilt)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         for split in {*splits, *(key.removesuffix("_images") for key in data if key.endswith("_images"))}:
@@ -241,11 +239,11 @@ def save_cache(path: Path, data: dict) -> dict:
 
 
 def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> T:
-    """What `load` reads from the cache file `path` (None: absent or unusable), else what `build` makes
-    (and saves there). Jobs that start together build it once: under an exclusive lock on `path` (a
+    """What `load` reads from the cache file `path` if it is there (None: unusable), else what `build`
+    makes (and saves there). Jobs that start together build it once: under an exclusive lock on `path` (a
     lock file beside it, removed after; the OS releases it if its holder dies), the others wait, then
     read it. An unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
-    if (found := load()) is not None:
+    if path.is_file() and (found := load()) is not None:
         return found
     lock_file, new_dirs = path.with_name(f".{path.name}.lock"), missing_dirs(path.parent)
     lock = FileLock(lock_file)
@@ -261,7 +259,7 @@ def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> 
         return build()
     failed = True
     try:
-        found = load()  # another job built it while this one waited
+        found = load() if path.is_file() else None  # another job built it while this one waited
         found, failed = build() if found is None else found, False
         return found
     finally:

@@ -152,6 +152,8 @@ def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDa
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> list[L.Callback]:
+    # The experiment preset this run was composed with (None outside a Hydra app).
+    preset = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
     callbacks: list[L.Callback] = [
         RunDirCheckpoint(  # first: `trainer.checkpoint_callback` is this one
             dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
@@ -160,7 +162,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         RandomStates(),
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
-        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=chosen_option("experiment")),
+        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=preset),
         StopOnNonFiniteLoss(),
     ]
     if cfg.model.ema_decay:
@@ -179,11 +181,6 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
     return callbacks
-
-
-def chosen_option(group: str) -> str | None:
-    """The option of a config group this run was composed with (None outside a Hydra app)."""
-    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:

@@ -633,9 +633,6 @@ class ImageDataModule(L.LightningDataModule):
         return self.loader("test_set", self.eval_batch_size, train=False)
 
 
-FashionMNISTDataModule = ImageDataModule  # the name before other sources came (data=fashion_mnist is the default)
-
-
 def setup_datamodule(root: str | os.PathLike | None, image_size: int, levels: int, **kwargs) -> ImageDataModule:
     """The data module, set up: same files, cache and splits as training (other arguments as
     `ImageDataModule`'s, e.g. `val_size`, `system_dir`, or a checkpoint's `source_settings`)."""

@@ -221,7 +221,7 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     or DDP where its processes cannot be started, are a UserError (one line)."""
     # Lightning counts its own batches, each of `steps` batches of data.batch_size here (optimizer steps), so
     # the counts that mean batches are translated: limit_train_batches and overfit_batches' training part
-    # are cut by the data module (FashionMNISTDataModule), an int val_check_interval is divided by `steps`.
+    # are cut by the data module (ImageDataModule), an int val_check_interval is divided by `steps`.
     knobs = {"limit_train_batches": None, "overfit_batches": 0, **MODULE_TRAINER_KEYS}
     if overfit := cfg.trainer.get("overfit_batches"):  # Lightning's other half of it: validate on the first N batches
         knobs["limit_val_batches"] = overfit

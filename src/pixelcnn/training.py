@@ -363,8 +363,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     if cfg.quality_n and (skipped := unscorable(datamodule)):
         print(f"[pixelcnn] {skipped}", flush=True)
-    elif cfg.quality_n:
-        metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
+    elif cfg.quality_n:  # of the best checkpoint, which `trainer.test` has just loaded
+        module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
+        quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=cfg.sample.temperature,
+                                  seed=cfg.sample.seed)
+        print("[pixelcnn] sample quality: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()), flush=True)
+        metrics.update(quality)
         for logger in trainer.loggers:
             logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
     # This run's hyperparameters with its final metrics (finite ones only), e.g. TensorBoard's HPARAMS tab.
@@ -396,15 +400,6 @@ def stopped_by_sigterm(trainer: L.Trainer, output_dir: Path) -> SystemExit:
 
 
 QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")
-
-
-def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices) -> dict[str, float]:
-    """Sample quality of the best checkpoint (which `trainer.test` has just loaded)."""
-    module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
-    quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=cfg.sample.temperature,
-                              seed=cfg.sample.seed)
-    print("[pixelcnn] sample quality: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()), flush=True)
-    return quality
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:

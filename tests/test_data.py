@@ -16,7 +16,7 @@ from pixelcnn.data import (
     BatchLoader,
     CorruptDatasetError,
     DatasetNotFoundError,
-    FashionMNISTDataModule,
+    ImageDataModule,
     default_data_dir,
     quantize,
     read_idx,
@@ -26,9 +26,9 @@ from pixelcnn.data import (
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def make_module(root: Path, **kwargs) -> FashionMNISTDataModule:
+def make_module(root: Path, **kwargs) -> ImageDataModule:
     kwargs = {"system_dir": root / "no-system-dir", "download": False, "val_size": 30, **kwargs}
-    return FashionMNISTDataModule(root=root, **kwargs)
+    return ImageDataModule(root=root, **kwargs)
 
 
 def source_indices(images: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -51,8 +51,8 @@ def test_data_dir_is_one_place_whatever_the_launch_dir(tmp_path, monkeypatch):
     assert default_data_dir() == tmp_path / "xdg" / "pixelcnn"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_data_dir() == tmp_path / "home" / ".cache" / "pixelcnn"
-    assert FashionMNISTDataModule().root == default_data_dir()  # data.root: null
-    assert FashionMNISTDataModule(root="~/mine").root == tmp_path / "home" / "mine"
+    assert ImageDataModule().root == default_data_dir()  # data.root: null
+    assert ImageDataModule(root="~/mine").root == tmp_path / "home" / "mine"
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -418,7 +418,7 @@ def test_on_device_moves_data_to_cuda_once(tmp_path, on_device):
     reason=f"Fashion-MNIST not installed in {SYSTEM_DIR} (apt-get install dataset-fashion-mnist)",
 )
 def test_real_fashion_mnist(tmp_path):
-    dm = FashionMNISTDataModule(root=tmp_path, system_dir=SYSTEM_DIR, download=False)
+    dm = ImageDataModule(root=tmp_path, system_dir=SYSTEM_DIR, download=False)
     dm.setup()
     assert [len(s[0]) for s in (dm.train_set, dm.val_set, dm.test_set)] == [55000, 5000, 10000]
     test_images, test_labels = dm.test_set

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.data import NUM_CLASSES, FashionMNISTDataModule, Split, cached, save_cache, setup_datamodule
+from pixelcnn.data import NUM_CLASSES, ImageDataModule, Split, cached, save_cache, setup_datamodule
 
 EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
 
@@ -96,7 +96,7 @@ def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:
     return Path(root) / f"classifier_{image_size}px_{levels}lv.pt"
 
 
-def fit_and_cache(datamodule: FashionMNISTDataModule, device: str | torch.device = "cpu", epochs: int = EPOCHS,
+def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu", epochs: int = EPOCHS,
                   **train_kwargs) -> FashionClassifier:
     """Train on the data module's training split, report its test accuracy, and save the weights
     into the cache file in `datamodule.root` (for its image size and level count)."""
@@ -116,9 +116,7 @@ def fit_and_cache(datamodule: FashionMNISTDataModule, device: str | torch.device
 
 def load_cached_classifier(path: Path, image_size: int, levels: int,
                            device: str | torch.device = "cpu") -> FashionClassifier | None:
-    """The classifier saved at `path`, in eval mode on `device`; None if there is none or it is unusable."""
-    if not path.is_file():
-        return None
+    """The classifier saved at `path` (`cached` checks it is there), in eval mode on `device`; None if unusable."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         classifier = FashionClassifier(image_size, levels)
@@ -130,7 +128,7 @@ def load_cached_classifier(path: Path, image_size: int, levels: int,
         return None
 
 
-def load_or_train_classifier(datamodule: FashionMNISTDataModule,
+def load_or_train_classifier(datamodule: ImageDataModule,
                              device: str | torch.device = "cpu") -> FashionClassifier:
     """The classifier cached in the data module's root for its image size and level count,
     trained on its training split first if there is none (or it is unreadable). Eval mode, on
@@ -171,7 +169,7 @@ def random_subset(split: Split, n: int, seed: int) -> Split:
     return split[0][index.to(split[0].device)].cpu(), split[1][index.to(split[1].device)].cpu()
 
 
-def unscorable(datamodule: FashionMNISTDataModule) -> str | None:
+def unscorable(datamodule: ImageDataModule) -> str | None:
     """Why the sample quality of a model of this data is not scored, or None: the classifier is Fashion-MNIST's (grey)."""
     if (datamodule.source, datamodule.channels) == ("fashion_mnist", 1):
         return None
@@ -179,7 +177,7 @@ def unscorable(datamodule: FashionMNISTDataModule) -> str | None:
     return f"sample quality skipped: its classifier is Fashion-MNIST's (grey), not data={datamodule.source}{colour}"
 
 
-def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000, temperature: float = 1.0,
+def quality_metrics(module, data: ImageDataModule | Split, n: int = 1000, temperature: float = 1.0,
                     seed: int = 0, classifier: FashionClassifier | None = None,
                     method: str = "fast") -> dict[str, float]:
     """Sample quality of an `ImageModel` (a `PixelCNNModule` too), on any device:
@@ -192,12 +190,12 @@ def quality_metrics(module, data: FashionMNISTDataModule | Split, n: int = 1000,
     - `quality_n` (an int): the n used. n is capped at the test images available (and with a
       data module at its training images too), so it can be smaller than asked for.
 
-    `data` is a `FashionMNISTDataModule` (set up here if it is not yet; its tensors may be on
+    `data` is a `ImageDataModule` (set up here if it is not yet; its tensors may be on
     any device) or a bare test split (images, labels). The classifier defaults to the one cached
     in the data module's root, trained on its training split if absent; with a bare split, to
     the one in the default data dir (`data.default_data_dir`).
     """
-    datamodule = data if isinstance(data, FashionMNISTDataModule) else None
+    datamodule = data if isinstance(data, ImageDataModule) else None
     if datamodule is not None:
         datamodule.setup()  # a no-op when already set up
         if (datamodule.image_size, datamodule.levels) != (module.image_size, module.levels):

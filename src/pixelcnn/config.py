@@ -51,11 +51,9 @@ def user_errors_unwrapped():
         while not isinstance(err, OSError) or err.errno not in WRITE_ERRNOS:  # Lightning/TensorBoard may wrap it
             if (err := err.__cause__ or (None if err.__suppress_context__ else err.__context__)) is None:
                 raise
-        where = err.filename or "the output folder"
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(f"cannot write {where}: {err.strerror}; free some "
-                             "space there or pass another folder for the outputs") from None
-        raise WriteError(f"cannot write {where}: {err.strerror}; pass a writable folder for the outputs") from None
+        fix = ("free some space there or pass another folder" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "pass a writable folder")
+        raise WriteError(f"cannot write {err.filename or 'the output folder'}: {err.strerror}; {fix} for the outputs") from None
 
 
 def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], bool], str]:

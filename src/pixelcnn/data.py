@@ -209,9 +209,7 @@ def cache_path(root: Path, image_size: int, levels: int, dataset: str = "fashion
 
 def load_cache(path: Path, image_size: int, levels: int, channels: int = 1,
                splits: tuple[str, ...] = tuple(SPLIT_FILES)) -> dict[str, Tensor] | None:
-    """The cached preprocessed data (the tensors of `splits`), or None if absent or unusable (then it is rebuilt)."""
-    if not path.is_file():
-        return None
+    """The cached preprocessed data (the tensors of `splits`), or None if unusable (then it is rebuilt)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         for split in {*splits, *(key.removesuffix("_images") for key in data if key.endswith("_images"))}:
@@ -241,11 +239,11 @@ def save_cache(path: Path, data: dict) -> dict:
 
 
 def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> T:
-    """What `load` reads from the cache file `path` (None: absent or unusable), else what `build` makes
-    (and saves there). Jobs that start together build it once: under an exclusive lock on `path` (a
+    """What `load` reads from the cache file `path` if it is there (None: unusable), else what `build`
+    makes (and saves there). Jobs that start together build it once: under an exclusive lock on `path` (a
     lock file beside it, removed after; the OS releases it if its holder dies), the others wait, then
     read it. An unwritable folder gets no lock (nothing can be cached there anyway, see `save_cache`)."""
-    if (found := load()) is not None:
+    if path.is_file() and (found := load()) is not None:
         return found
     lock_file, new_dirs = path.with_name(f".{path.name}.lock"), missing_dirs(path.parent)
     lock = FileLock(lock_file)
@@ -261,7 +259,7 @@ def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> 
         return build()
     failed = True
     try:
-        found = load()  # another job built it while this one waited
+        found = load() if path.is_file() else None  # another job built it while this one waited
         found, failed = build() if found is None else found, False
         return found
     finally:
@@ -451,7 +449,7 @@ def load_own_images(root: Path, source: str, path: Path, image_size: int, levels
     cache = root / sources.cache_name(source, path, image_size, levels, channels)
 
     def build() -> dict:
-        splits, names = sources.read_source(source, path, channels)
+        splits, names = (sources.read_folder if source == "folder" else sources.read_array)(path, channels)
         data = {"class_names": names}
         for split, (images, labels) in splits.items():
             data[f"{split}_images"] = preprocess(images, image_size, levels, channels)
@@ -584,20 +582,14 @@ class ImageDataModule(L.LightningDataModule):
             train, val = split_off(train, self.val_size, self.split_seed, "val_size")
         self.train_set, self.val_set, self.test_set = train, val, test
 
-    def target_device(self) -> torch.device:
-        """Where batches should live: the trainer's device if moving there is enabled, else the CPU."""
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        wanted = device.type == "cuda" if self.on_device == "auto" else self.on_device
-        return device if wanted else torch.device("cpu")
-
-    def on_target_device(self, split: Split) -> Split:
-        device = self.target_device()
-        return split[0].to(device), split[1].to(device)  # a no-op once moved
-
     def loader(self, name: Literal["train_set", "val_set", "test_set"], batch_size: int, train: bool) -> BatchLoader:
         if getattr(self, name) is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        split = self.on_target_device(getattr(self, name))
+        # Batches live on the trainer's device if moving there is enabled (on_device), else on the CPU.
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if not (device.type == "cuda" if self.on_device == "auto" else self.on_device):
+            device = torch.device("cpu")
+        split = getattr(self, name)[0].to(device), getattr(self, name)[1].to(device)  # a no-op once moved
         setattr(self, name, split)  # keep the moved copy so the copy happens once
         steps = steps_per_batch(self.steps_per_batch, split[0].is_cuda) if train else None
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
@@ -639,9 +631,6 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> BatchLoader:
         return self.loader("test_set", self.eval_batch_size, train=False)
-
-
-FashionMNISTDataModule = ImageDataModule  # the name before other sources came (data=fashion_mnist is the default)
 
 
 def setup_datamodule(root: str | os.PathLike | None, image_size: int, levels: int, **kwargs) -> ImageDataModule:

@@ -59,11 +59,9 @@ def concurrent_jobs() -> tuple[int, int]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return 0, 1
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return 0, 1
     job_num = int(hydra_cfg.job.get("num", 0) or 0)
     if hydra_cfg.launcher.get("_target_") != JOBLIB_LAUNCHER:
         return job_num, 1

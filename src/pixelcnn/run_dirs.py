@@ -5,7 +5,7 @@ that cannot collide, and the rule that only a run's own folder is removed.
 suffix when another run (another process, the same second) took the name first, so two runs
 never share a folder. Hydra's `${now:...}` names alone collide within a second. A directory
 reserved here, or one that did not exist when the run started, is known to be this run's own:
-`created_by_this_run` says so, and only such a directory may be removed after an input error.
+only such a directory may be removed after an input error (`removable_on_error`).
 
 `check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
 cannot be written (`pixelcnn.commands.train.RunDirGuard` calls it before Hydra writes into the dir).
@@ -72,12 +72,6 @@ def remove_own_dir(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     # Only the empty ones: another run may have put its dir there meanwhile.
     remove_if_empty(sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True))
-
-
-def created_by_this_run(path: str | Path) -> bool:
-    """Whether `path` is a directory this process created for its run (so removing it deletes
-    nothing anyone else wrote)."""
-    return Path(path).resolve() in _CREATED
 
 
 def check_run_dir(path: Path, key: str, resuming: bool) -> None:
@@ -157,10 +151,11 @@ def holds_checkpoints(run_dir: str | Path) -> bool:
 
 
 def removable_on_error(output_dir: str | Path) -> bool:
-    """Whether a job that failed on bad input may remove its output dir: a run's own dir, or a
-    sweep job's dir (RunDirGuard let the sweep start only in a new or empty sweep dir)."""
+    """Whether a job that failed on bad input may remove its output dir: a dir this process created
+    for its run (removing it deletes nothing anyone else wrote), or a sweep job's dir (RunDirGuard let
+    the sweep start only in a new or empty sweep dir)."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    return created_by_this_run(output_dir) or multirun
+    return Path(output_dir).resolve() in _CREATED or multirun
 
 
 def resume_run_dir(ckpt_path: str | None, default: str) -> str:

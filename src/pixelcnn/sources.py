@@ -114,11 +114,6 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     return splits, names
 
 
-def read_source(source: str, path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
-    """A folder or array source's splits (images, labels) and its class names (empty: unlabelled)."""
-    return read_folder(path, channels) if source == "folder" else read_array(path, channels)
-
-
 def cache_name(source: str, path: Path, image_size: int, levels: int, channels: int) -> str:
     """The cache file of a source and setting, named by its content (`content_key`)."""
     return f"{source}-{path.name or 'root'}-{content_key(path)}_{image_size}px_{levels}lv_{channels}ch.pt"

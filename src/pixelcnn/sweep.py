@@ -234,20 +234,18 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
             return parse_value(params.get(key, "(all jobs)"))
 
         points = [(value(r["params"]), r["val_bpd"]) for r in ok if key in r["params"] or key == "configuration"]
-        if all(isinstance(x, (int, float)) for x, _ in points):
-            xs = [x for x, _ in points]
-            if min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
-
-            def position(x: int | float | str) -> int | float | str:
-                return x
-        else:  # categories, in the order the sweep listed them
-            categories = list(dict.fromkeys(str(x) for x, _ in points))
+        xs = [x for x, _ in points]
+        # Text values are categories, in the order the sweep listed them.
+        categories = [] if all(isinstance(x, (int, float)) for x in xs) else list(dict.fromkeys(map(str, xs)))
+        if categories:
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        elif min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
 
-            def position(x: int | float | str) -> int | float | str:
-                return categories.index(str(x))
+        def position(x: int | float | str) -> int | float | str:
+            return categories.index(str(x)) if categories else x
+
         ax.plot([position(x) for x, _ in points], [y for _, y in points], "o", alpha=0.4 if groups else 1.0,
                 label="one seed" if groups else None)
         for i, group in enumerate(g for g in groups if g["val_bpd"][0] is not None):

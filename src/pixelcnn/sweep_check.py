@@ -59,15 +59,6 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     return None
 
 
-def basic_sweep_jobs(arguments: list[str]) -> list[list[str]]:
-    """The jobs' overrides, as Hydra's BasicSweeper expands them (its own code)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
-    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
-    return jobs
-
-
 def _endpoints(override: Override) -> list[str]:
     """The values of a sweep override to check: every choice, or both ends of a range/interval."""
     if override.is_interval_sweep():
@@ -95,7 +86,11 @@ def sweep_errors(config: DictConfig) -> list[str]:
     arguments = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
     arguments += [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
     if sweeper == BASIC_SWEEPER:
-        jobs = basic_sweep_jobs(arguments)
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        # The jobs' overrides, as Hydra's BasicSweeper expands them (its own code).
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
+        [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
         varied = {o.split("=", 1)[0] for job in jobs for o in job
                   if sum(o in other for other in jobs) < len(jobs)}  # the overrides that differ between jobs
         checks = [(f"job {n} ({' '.join(o for o in job if o.split('=', 1)[0] in varied) or ' '.join(job)})", job)

@@ -25,6 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.logger import _flatten_dict, _sanitize_params
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -151,6 +152,8 @@ def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDa
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> list[L.Callback]:
+    # The experiment preset this run was composed with (None outside a Hydra app).
+    preset = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
     callbacks: list[L.Callback] = [
         RunDirCheckpoint(  # first: `trainer.checkpoint_callback` is this one
             dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
@@ -159,7 +162,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         RandomStates(),
         SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
                            cfg.sample.method),
-        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=chosen_option("experiment")),
+        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=preset),
         StopOnNonFiniteLoss(),
     ]
     if cfg.model.ema_decay:
@@ -178,11 +181,6 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
     # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
     callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
     return callbacks
-
-
-def chosen_option(group: str) -> str | None:
-    """The option of a config group this run was composed with (None outside a Hydra app)."""
-    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
@@ -223,7 +221,7 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     or DDP where its processes cannot be started, are a UserError (one line)."""
     # Lightning counts its own batches, each of `steps` batches of data.batch_size here (optimizer steps), so
     # the counts that mean batches are translated: limit_train_batches and overfit_batches' training part
-    # are cut by the data module (FashionMNISTDataModule), an int val_check_interval is divided by `steps`.
+    # are cut by the data module (ImageDataModule), an int val_check_interval is divided by `steps`.
     knobs = {"limit_train_batches": None, "overfit_batches": 0, **MODULE_TRAINER_KEYS}
     if overfit := cfg.trainer.get("overfit_batches"):  # Lightning's other half of it: validate on the first N batches
         knobs["limit_val_batches"] = overfit
@@ -365,8 +363,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     if cfg.quality_n and (skipped := unscorable(datamodule)):
         print(f"[pixelcnn] {skipped}", flush=True)
-    elif cfg.quality_n:
-        metrics.update(end_of_run_quality(cfg, module, datamodule, speed))
+    elif cfg.quality_n:  # of the best checkpoint, which `trainer.test` has just loaded
+        module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
+        quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=cfg.sample.temperature,
+                                  seed=cfg.sample.seed)
+        print("[pixelcnn] sample quality: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()), flush=True)
+        metrics.update(quality)
         for logger in trainer.loggers:
             logger.log_metrics({f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}, trainer.global_step)
     # This run's hyperparameters with its final metrics (finite ones only), e.g. TensorBoard's HPARAMS tab.
@@ -400,30 +402,12 @@ def stopped_by_sigterm(trainer: L.Trainer, output_dir: Path) -> SystemExit:
 QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")
 
 
-def end_of_run_quality(cfg: DictConfig, module, datamodule, speed: SpeedChoices) -> dict[str, float]:
-    """Sample quality of the best checkpoint (which `trainer.test` has just loaded)."""
-    module = module.to("cuda" if speed.cuda else "cpu")  # Lightning leaves it on the CPU after test
-    quality = quality_metrics(module, datamodule, n=cfg.quality_n, temperature=cfg.sample.temperature,
-                              seed=cfg.sample.seed)
-    print("[pixelcnn] sample quality: " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items()), flush=True)
-    return quality
-
-
 def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
-    """The hyperparameters worth comparing (TensorBoard's HPARAMS tab, MLflow's params), flattened to scalars."""
+    """The hyperparameters worth comparing (TensorBoard's HPARAMS tab, MLflow's params), flattened to scalars
+    as Lightning's loggers flatten and sanitize them, with "." between levels and no Hydra `_key_`."""
     keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
             "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
-    flat: dict[str, object] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if not k.startswith("_"):
-                    walk(f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}", v)
-        else:
-            flat[prefix.rstrip(".")] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", keep)
-    return flat
+    flat = _sanitize_params(_flatten_dict(keep, delimiter="."))
+    return {key: value for key, value in flat.items() if not any(part.startswith("_") for part in key.split("."))}

@@ -59,12 +59,6 @@ class _Timer(L.Callback):
         self.epoch_seconds.append(now(module.device) - self._epoch_start)
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -140,7 +134,8 @@ def run(cfg: DictConfig) -> dict:
     # decides for the whole configured run, however few batches are timed here.
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     device = torch.device("cuda" if speed.cuda else "cpu")
-    result: dict = {"device": device_name(), "torch": torch.__version__, "model": cfg.model.arch,
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu, "torch": torch.__version__, "model": cfg.model.arch,
                     "batch_size": batch_size, "speed": {}, "train": {}, "sampling": {}}
 
     # 1. training throughput: several short fits, median img/s after the warm-up batches.

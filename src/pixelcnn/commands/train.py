@@ -148,7 +148,10 @@ def restore_saved_config(config: DictConfig, run_dir: Path, announce: bool) -> N
     composed again with those choices; saved values are copied onto keys it has that were not
     overridden now: plain values only, no `_key_` (`_target_`), no interpolation (resolvers create
     folders, read the environment). `validate` then checks every value, as for any run."""
-    record = latest_record(run_dir)
+    # The run's newest config record: that of its last resume (.hydra/resume-<time>/, so a changed optim.lr
+    # or max_epochs carries on), else the one it started with (.hydra/).
+    records = sorted((run_dir / ".hydra").glob("resume-*/config.yaml"))
+    record = records[-1].parent if records else run_dir / ".hydra"
     saved = read_saved_yaml(record / "config.yaml")
     choices = read_saved_yaml(record / "hydra.yaml")
     for key in ("hydra", "runtime", "choices"):  # hydra.runtime.choices, where each level is a dict
@@ -204,13 +207,6 @@ def restore_saved_config(config: DictConfig, run_dir: Path, announce: bool) -> N
         if ignored:
             print(f"[pixelcnn] ignored in {record}: {', '.join(ignored)} (not plain values of this "
                   "project's config keys)", flush=True)
-
-
-def latest_record(run_dir: Path) -> Path:
-    """The run's newest config record: that of its last resume (.hydra/resume-<time>/, so a changed
-    optim.lr or max_epochs carries on), else the one it started with (.hydra/)."""
-    records = sorted((run_dir / ".hydra").glob("resume-*/config.yaml"))
-    return records[-1].parent if records else run_dir / ".hydra"
 
 
 def read_saved_yaml(path: Path) -> dict:

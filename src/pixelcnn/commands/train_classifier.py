@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.classifier import FashionClassifier, classify, fit_and_cache, frechet_distance, random_subset
 from pixelcnn.commands.cli import pick_device
 from pixelcnn.config import check_options, validate
-from pixelcnn.data import FashionMNISTDataModule, setup_datamodule
+from pixelcnn.data import ImageDataModule, setup_datamodule
 
 
 def main(cfg: DictConfig) -> FashionClassifier:
@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> FashionClassifier:
     validate(cfg, "classifier")
     device = pick_device(cfg.device)
     data_args = OmegaConf.to_container(cfg.data, resolve=True)
-    check_options(data_args, inspect.signature(FashionMNISTDataModule).parameters, "data", "the data module")
+    check_options(data_args, inspect.signature(ImageDataModule).parameters, "data", "the data module")
     datamodule = setup_datamodule(**data_args)
     classifier = fit_and_cache(datamodule, device, cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     n = min(1000, len(datamodule.train_set[0]), len(datamodule.test_set[0]))

@@ -169,6 +169,28 @@ def test_sigterm_saves_at_the_next_step_and_resumes_bit_for_bit(work: Path, refe
     assert_same_training(reference, run_dir)
 
 
+def test_a_weight_average_resumes_bit_for_bit_after_sigterm_then_sigkill(work: Path, tmp_path: Path):
+    """model.ema_decay: SIGTERM mid-epoch (step.ckpt at the next step), then SIGKILL of the resumed run
+    after a later step.ckpt, then a resume to the end: the average, the raw weights and the average's own
+    state equal an uninterrupted run's, bit for bit."""
+    args = [*TINY, *EPOCHS, "model.ema_decay=0.9", *data_args(work)]
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    straight = run("train.py", *args, f"hydra.run.dir={reference}", cwd=work)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = run("train.py", *args, f"hydra.run.dir={run_dir}", cwd=work, env=kill_env(13, "SIGTERM"))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    killed = run("train.py", f"ckpt_path={run_dir}", cwd=work, env=kill_env(17))  # after step.ckpt at 16
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training(reference, run_dir)  # the average (state_dict) and the optimizer
+    first, second = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (reference, run_dir))
+    for key in ("current_model_state", "averaging_state"):
+        assert first[key].keys() == second[key].keys()
+        for name, tensor in first[key].items():
+            assert torch.equal(tensor, second[key][name]), (key, name)
+
+
 def slurm_job_env(bin_dir: Path, restart_count: int | None = None) -> dict[str, str]:
     """What srun gives a one-task job (so that Lightning's SLURMEnvironment takes it, with its requeue
     signal SIGUSR1), with a `scontrol` on PATH that only records its arguments in bin_dir/scontrol.log."""

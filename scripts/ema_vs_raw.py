@@ -18,7 +18,7 @@ from pixelcnn.data import setup_datamodule
 from pixelcnn.image_model import ImageModel
 
 
-def test_bits_per_dim(model: ImageModel, images: torch.Tensor, labels: torch.Tensor) -> float:
+def split_bits_per_dim(model: ImageModel, images: torch.Tensor, labels: torch.Tensor) -> float:
     maps = model.nll_maps(images, labels if model.conditional else None)  # (N, H, W)
     return maps.double().mean().item()
 
@@ -42,7 +42,7 @@ def main() -> None:
         scores = {}
         for name, key in (("average", "state_dict"), ("raw", "current_model_state")):
             model.load_state_dict(checkpoint[key])
-            scores[name] = test_bits_per_dim(model, images.to(device), labels.to(device))
+            scores[name] = split_bits_per_dim(model, images.to(device), labels.to(device))
         decay = checkpoint["hyper_parameters"].get("ema_decay")
         print(f"{path} (step {checkpoint.get('global_step')}, ema_decay {decay}): test bits/dim average "
               f"{scores['average']:.4f}, raw {scores['raw']:.4f}, average - raw {scores['average'] - scores['raw']:+.4f}")

@@ -94,7 +94,9 @@ def test_overrides_reach_the_objects():
     assert gated.hparams.arch == "gated" and len(gated.net.gated_layers) == 2
     quick = compose_train("experiment=quick")
     assert (quick.model.filters, quick.model.residual_blocks, quick.optim.lr) == (32, 2, 1e-3)
-    quick_gated = instantiate(compose_train("experiment=quick_gated").model)
+    quick_gated = compose_train("experiment=quick_gated").model
+    assert quick_gated.num_classes == "auto"  # the data's class count, once it is read (training.resolve_num_classes)
+    quick_gated = instantiate(quick_gated, num_classes=10)
     assert quick_gated.hparams.arch == "gated" and quick_gated.conditional and len(quick_gated.net.gated_layers) == 4
 
 

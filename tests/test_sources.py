@@ -179,6 +179,35 @@ def test_num_classes_must_be_the_datas(tmp_path):
         data_hparams(10, dm)
 
 
+def test_num_classes_auto_is_the_datas(tmp_path):
+    """model.num_classes=auto trains on the data's class count (saved in the checkpoint), resumes from its own
+    saved config, and is one error line on unlabelled data."""
+    np.savez(tmp_path / "a.npz", images=random_image((40, 6, 6), 0), labels=np.arange(40) % 4)
+    np.save(tmp_path / "unlabelled.npy", random_image((40, 6, 6), 1))
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    new_run = ["data=array", "data.image_size=6", "data.val_size=8", "data.test_size=8", "data.batch_size=8",
+               f"data.root={tmp_path / 'data'}", "model.filters=8", "model.residual_blocks=1", "quality_n=0",
+               "trainer.enable_progress_bar=false", "model.num_classes=auto", "trainer.max_epochs=1"]
+    done = train(*new_run, f"data.path={tmp_path / 'a.npz'}", "hydra.run.dir=run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    hparams = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["num_classes"] == 4 and hparams["class_names"] == ["0", "1", "2", "3"]
+    done = train("ckpt_path=run", "trainer.max_epochs=2")  # its saved config says auto
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+
+    done = train(*new_run, f"data.path={tmp_path / 'unlabelled.npy'}", "hydra.run.dir=run2")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: model.num_classes=auto but the data (array) has no classes: use model.num_classes=0 (unconditional), "
+        "or give the images classes (one sub-folder each, docs/data.md)"], done.stderr
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
 def test_colour_grid():
     images = torch.zeros(2, 3, 4, 4, dtype=torch.long)
     images[0, 0] = 3  # red
@@ -199,7 +228,7 @@ def test_colour_icons_end_to_end(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    run("train.py", "data=folder", f"data.path={ICONS}", "data.channels=3", "data.image_size=8", "model.num_classes=11",
+    run("train.py", "data=folder", f"data.path={ICONS}", "data.channels=3", "data.image_size=8", "model.num_classes=auto",
         f"data.root={tmp_path / 'data'}", "model.filters=8", "model.residual_blocks=1", "trainer.limit_train_batches=3",
         "trainer.max_epochs=1", "sample.n=2", "trainer.enable_progress_bar=false", "hydra.run.dir=run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

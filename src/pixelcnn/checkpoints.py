@@ -94,6 +94,8 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
             "dropout", "class_names", "data", *TRAINING_KEYS)}}
 
     saved, wanted = network(hparams), network(OmegaConf.to_container(cfg.model, resolve=True))
+    if wanted.get("num_classes") == "auto" and saved.get("num_classes"):  # the data's count: checked once it is read
+        wanted["num_classes"] = saved["num_classes"]
     for name in sorted(set(saved) | set(wanted)):
         if saved.get(name, "<unset>") != wanted.get(name, "<unset>"):
             shown = f"data.{name}" if name in ("levels", "image_size") else f"model.{name}"  # the model's follow data's

@@ -140,8 +140,9 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "model.kernel_size": (odd_kernel, "an odd integer >= 1"),
     "model.dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
     "model.ema_decay": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1) (0: no weight average)"),
-    # > 0: checked against the data's classes once it is read (training.data_hparams)
-    "model.num_classes": _int(0),
+    # auto: the data's class count; > 0: checked against the data's classes once it is read (training.data_hparams)
+    "model.num_classes": (lambda v: v == "auto" or _int(0)[0](v), "an integer >= 0 (0: unconditional) or auto "
+                          "(one class per class of the data)"),
     "optim.lr": _positive_float(),
     "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
     "optim.scheduler.name": _one_of("none", "cosine", "plateau"),

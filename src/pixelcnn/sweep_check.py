@@ -41,8 +41,8 @@ def check_job(cfg: DictConfig, here: bool) -> None:
     with user_errors_unwrapped():
         # Elsewhere (SLURM) the device is unknown: an explicit data.steps_per_batch is checked, auto as on a CPU (1).
         check_step_checkpoints(cfg, cuda=here and resolve_speed(cfg).cuda)
-        with torch.device("meta"):
-            instantiate(cfg.model, _convert_="all")
+        with torch.device("meta"):  # the class count (auto: the data's, unknown here) is not in the model's checks
+            instantiate(cfg.model, _convert_="all", num_classes=0)
 
 
 def job_error(master: DictConfig, overrides: list[str]) -> str | None:

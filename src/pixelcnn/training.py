@@ -119,6 +119,16 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
                        overfit_batches=cfg.trainer.get("overfit_batches") or 0)
 
 
+def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """model.num_classes=auto becomes the loaded data's class count, so that everything after (the model,
+    its footprint, the logged hparams) sees a number; the saved Hydra config keeps `auto`."""
+    if cfg.model.num_classes == "auto":
+        if not datamodule.num_classes:
+            raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use "
+                            "model.num_classes=0 (unconditional), or give the images classes (one sub-folder each, docs/data.md)")
+        cfg.model.num_classes = datamodule.num_classes
+
+
 def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
     """What the model takes from the data (saved with it): the class names and the source. A
     conditional model (model.num_classes > 0) must have as many classes as the data."""
@@ -310,6 +320,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
+    resolve_num_classes(cfg, datamodule)
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     check_step_checkpoints(cfg, speed.cuda)
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory

@@ -20,7 +20,8 @@ from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.files import write_text
 from pixelcnn.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
-from pixelcnn.training import SpeedChoices, build_module, planned_steps, resolve_speed, steps_per_lightning_batch
+from pixelcnn.training import (SpeedChoices, build_module, planned_steps, resolve_num_classes, resolve_speed,
+                               steps_per_lightning_batch)
 
 register_resolvers()  # conf/bench.yaml composes the training config, which uses them
 
@@ -129,6 +130,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
+    resolve_num_classes(cfg, datamodule)
     batch_size = cfg.data.batch_size
     # Decided up front (Lightning moves the module back to the CPU when `fit` ends), as train.py
     # decides for the whole configured run, however few batches are timed here.

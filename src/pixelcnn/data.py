@@ -428,7 +428,8 @@ def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels:
 def load_own_images(root: Path, source: str, path: Path, image_size: int, levels: int, channels: int) -> dict:
     """A folder or array source (`pixelcnn.sources`) preprocessed: {<split>_images (N, C, S, S) uint8,
     <split>_labels (N,) int64} for the splits it has, and class_names (a list), from the cache if possible."""
-    cache = root / sources.cache_name(source, path, image_size, levels, channels)
+    cache = root / (f"{source}-{path.name or 'root'}-{sources.content_key(path)}"  # named by its content
+                    f"_{image_size}px_{levels}lv_{channels}ch.pt")
 
     def build() -> dict:
         splits, names = (sources.read_folder if source == "folder" else sources.read_array)(path, channels)

@@ -48,20 +48,15 @@ def content_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def folder_splits(root: Path) -> dict[str, Path]:
-    """The split folders of `root`: train/val/test sub-folders if any exists, else root as train."""
-    named = {split: root / split for split in SPLITS if (root / split).is_dir()}
-    if named and "train" not in named:
-        raise UserError(f"data.path={root} has {'/'.join(named)} folders but no train/ folder: add one "
-                        "(or move all images out of split folders)")
-    return named or {"train": root}
-
-
 def read_folder(root: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     """Each split's images and labels, and the class names (empty: unlabelled)."""
     if not root.is_dir():
         raise UserError(f"data.path={root} is not a folder: pass a folder of image files (data=folder)")
-    directories = folder_splits(root)
+    named = {split: root / split for split in SPLITS if (root / split).is_dir()}  # else root is train
+    if named and "train" not in named:
+        raise UserError(f"data.path={root} has {'/'.join(named)} folders but no train/ folder: add one "
+                        "(or move all images out of split folders)")
+    directories = named or {"train": root}
     files = {split: image_files(directory) for split, directory in directories.items()}
     if not files["train"]:
         raise UserError(f"data.path={root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
@@ -112,8 +107,3 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     if len(names) < count:
         raise UserError(f"{path}: labels go up to {count - 1} but class_names has {len(names)} names")
     return splits, names
-
-
-def cache_name(source: str, path: Path, image_size: int, levels: int, channels: int) -> str:
-    """The cache file of a source and setting, named by its content (`content_key`)."""
-    return f"{source}-{path.name or 'root'}-{content_key(path)}_{image_size}px_{levels}lv_{channels}ch.pt"

@@ -5,11 +5,9 @@ quantized to `levels` levels per channel exactly as in the reference notebook (F
 "Generative Deep Learning", 2nd ed., chapter 5). The whole dataset is ~20 MB of uint8, so it is
 kept in memory (on the GPU when training there) and batches are cut with one indexing op each.
 
-`data.source` picks where the images come from: Fashion-MNIST (the default) or MNIST as IDX
-files, or your own images (`pixelcnn.sources`: a folder of image files, a .npy/.npz array). The
-IDX files are taken from, in this order: the data dir (`data.root`, by default
-`default_data_dir()`), the Debian package directory (`apt-get install dataset-fashion-mnist`),
-or torchvision's download into the data dir. The preprocessed tensors are cached in the data dir,
+`data.source` picks the images: Fashion-MNIST (the default) or MNIST as IDX files (`locate_dataset`:
+in the data dir `data.root`, by default `default_data_dir()`, the Debian package, or torchvision's
+download), or your own (`pixelcnn.sources`). The preprocessed tensors are cached in the data dir,
 and so is the sample-quality classifier (`pixelcnn.classifier`).
 """
 
@@ -118,10 +116,8 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
             header = file.read(header_size)
             if len(header) < header_size:
                 raise corrupt(path, f"only {len(header)} bytes, shorter than the {header_size}-byte IDX header")
-            zeros, type_code, file_ndim = struct.unpack(">HBB", header[:4])
-            if (zeros, type_code, file_ndim) != (0, IDX_UBYTE, ndim):
-                expected = (IDX_UBYTE << 8) | ndim
-                raise corrupt(path, f"bad magic number 0x{header[:4].hex()}, expected 0x{expected:08x} "
+            if header[:4] != (magic := bytes([0, 0, IDX_UBYTE, ndim])):
+                raise corrupt(path, f"bad magic number 0x{header[:4].hex()}, expected 0x{magic.hex()} "
                                     f"(ubyte, {ndim}-D)")
             dims = struct.unpack(f">{ndim}I", header[4:])
             expected_size = math.prod(dims)
@@ -356,8 +352,7 @@ class BatchLoader:
         """
         count = len(self.images)
         if self.shuffle:
-            share = count // self.world_size
-            return self.rank * share, (self.rank + 1) * share
+            return self.rank * self.shortest_share(), (self.rank + 1) * self.shortest_share()
         return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
 
     def item_bounds(self) -> list[tuple[int, int]]:

@@ -1,20 +1,9 @@
-"""Your own images as a data source: a folder of image files (`data=folder`) or a NumPy array
-(`data=array`), read once into quantized splits like Fashion-MNIST's and cached in the data dir.
-
-Folder: every image file under `path`, recursively (`IMAGE_SUFFIXES`; a GIF gives its first
-frame). Sub-folder names are class labels (torchvision's ImageFolder convention: sorted names,
-class k = the k-th); images directly in the folder make an unlabelled set. Sub-folders named
-`train`, `val`, `test` (any of them) are the splits, each with its own class folders.
-Array: a .npy of uint8 images (N, H, W) or (N, H, W, C), or a .npz (read without pickle) with
-`images` (or `train_images`, `val_images`, `test_images`), optional `labels` (`<split>_labels`),
-int (N,) in 0..K-1, and optional `class_names` (K,) strings.
-
-Colour: `channels` 1 (grey) or 3 (RGB). RGB images become grey by ITU-R 601 luma (as PIL's "L"),
-grey images become RGB by repeating, and alpha is composited on white (`pixelcnn.images`).
-Splits missing from the source are cut from `train` by `ImageDataModule.setup` (fixed seed).
-
-The cache file is named by a hash of the source's content (every file's path, size and
-modification time), so an edited folder or array is read again.
+"""Your own images as a data source (the formats in full: docs/data.md): a folder of image files
+(`data=folder`; sub-folders are classes as in torchvision's ImageFolder, `train`/`val`/`test`
+sub-folders splits) or a NumPy array (`data=array`: a .npy, or a .npz read without pickle), read
+into splits of uint8 images and labels. Their colour follows `channels` (`pixelcnn.images`:
+alpha on white, luma for grey); `pixelcnn.data` quantizes and caches them like Fashion-MNIST's,
+in a file named by `content_key`, so an edited folder or array is read again.
 """
 
 from __future__ import annotations

@@ -350,9 +350,7 @@ class BatchLoader:
         ranks take the same number of batches, as DDP's collectives require. Unshuffled (evaluation)
         keeps every item exactly once, so the split's mean is exact: shares differ by at most one.
         """
-        count = len(self.images)
-        if self.shuffle:
-            return self.rank * self.shortest_share(), (self.rank + 1) * self.shortest_share()
+        count = self.shortest_share() * self.world_size if self.shuffle else len(self.images)
         return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
 
     def item_bounds(self) -> list[tuple[int, int]]:

@@ -311,6 +311,8 @@ class BatchLoader:
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if not 0 <= rank < world_size <= max(len(images), 1):
+            raise ValueError(f"rank {rank} of {world_size} processes does not fit {len(images)} images")
         self.rank, self.world_size = rank, world_size
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
@@ -364,7 +366,7 @@ class BatchLoader:
         return list(zip(starts, [*starts[1:], stop if end == first + shortest else end]))
 
     def shortest_share(self) -> int:
-        return len(self.images) // self.world_size  # >= 1 with several ranks (`ImageDataModule.loader` checks it)
+        return len(self.images) // self.world_size  # >= 1 with several ranks (checked in __init__)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
         count, device = len(self.images), self.images.device

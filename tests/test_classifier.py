@@ -85,7 +85,7 @@ def test_quality_metrics_keys(tmp_path, num_classes):
     module = load_module(save_checkpoint(tmp_path / "tiny.ckpt", num_classes))
     test_set = torch.randint(4, (30, 1, SIZE, SIZE), dtype=torch.uint8), torch.arange(30) % 10
     torch.manual_seed(0)
-    classifier = FashionClassifier(SIZE, 4).eval()
+    classifier = FashionClassifier(4).eval()
     drawn = []  # (samples, labels) of each module.sample call
     original_sample = module.sample
     module.sample = lambda n, t, seed, labels, method: drawn.append((original_sample(n, t, seed, labels, method),
@@ -128,7 +128,7 @@ def test_quality_metrics_rejects_a_data_module_of_another_size(tmp_path):
     write_dataset(tmp_path / "data", n_train=100, n_test=20)
     other = setup_datamodule(tmp_path / "data", SIZE * 2, 4, val_size=20, download=False)
     with pytest.raises(ValueError, match="16px"):
-        quality_metrics(module, other, n=10, classifier=FashionClassifier(SIZE, 4).eval())
+        quality_metrics(module, other, n=10, classifier=FashionClassifier(4).eval())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

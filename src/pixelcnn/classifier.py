@@ -32,9 +32,9 @@ EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
 class FashionClassifier(nn.Module):
     """conv-conv-pool-conv-pool -> 128 features -> 10 classes; works for any image size >= 2."""
 
-    def __init__(self, image_size: int, levels: int, width: int = 16, feature_dim: int = 128):
+    def __init__(self, levels: int, width: int = 16, feature_dim: int = 128):
         super().__init__()
-        self.image_size, self.levels = image_size, levels
+        self.levels = levels
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
@@ -67,12 +67,12 @@ def classify(classifier: FashionClassifier, images: Tensor, batch_size: int = 10
     return torch.cat(features), torch.cat(predictions)
 
 
-def train_classifier(train_set: Split, test_set: Split, image_size: int, levels: int, epochs: int = EPOCHS,
-                     batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
+def train_classifier(train_set: Split, test_set: Split, levels: int, epochs: int = EPOCHS, batch_size: int = 128,
+                     lr: float = 3e-3, seed: int = 0,
                      device: str | torch.device = "cpu") -> tuple[FashionClassifier, float]:
     """Train on `train_set` (AdamW, one-cycle schedule); returns (classifier in eval mode, test accuracy)."""
     torch.manual_seed(seed)
-    classifier = FashionClassifier(image_size, levels).to(device)
+    classifier = FashionClassifier(levels).to(device)
     images, labels = train_set[0].to(device), train_set[1].to(device)
     steps = epochs * math.ceil(len(images) / batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
@@ -103,8 +103,8 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
     datamodule.setup()  # a no-op when already set up
     image_size, levels = datamodule.image_size, datamodule.levels
     started = time.perf_counter()
-    classifier, test_accuracy = train_classifier(datamodule.train_set, datamodule.test_set, image_size, levels,
-                                                 epochs, device=device, **train_kwargs)
+    classifier, test_accuracy = train_classifier(datamodule.train_set, datamodule.test_set, levels, epochs,
+                                                 device=device, **train_kwargs)
     path = classifier_path(datamodule.root, image_size, levels)
     save_cache(path, {"state_dict": classifier.state_dict(), "test_accuracy": torch.tensor(test_accuracy)})
     classifier.test_accuracy = test_accuracy
@@ -114,35 +114,31 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
     return classifier
 
 
-def load_cached_classifier(path: Path, image_size: int, levels: int,
-                           device: str | torch.device = "cpu") -> FashionClassifier | None:
-    """The classifier saved at `path` (`cached` checks it is there), in eval mode on `device`; None if unusable."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        classifier = FashionClassifier(image_size, levels)
-        classifier.load_state_dict(saved["state_dict"])
-        classifier.test_accuracy = float(saved["test_accuracy"])
-        return classifier.to(device).eval()
-    except Exception as err:  # noqa: BLE001 - any unusable cache is retrained
-        print(f"[classifier] {path} is unusable ({type(err).__name__}); retraining", flush=True)
-        return None
-
-
 def load_or_train_classifier(datamodule: ImageDataModule,
                              device: str | torch.device = "cpu") -> FashionClassifier:
     """The classifier cached in the data module's root for its image size and level count,
     trained on its training split first if there is none (or it is unreadable). Eval mode, on
     `device`, with a `test_accuracy` attribute. Jobs that start together train it once: the
     others wait for it (`data.cached`)."""
-    image_size, levels = datamodule.image_size, datamodule.levels
-    path = classifier_path(datamodule.root, image_size, levels)
+    path = classifier_path(datamodule.root, datamodule.image_size, datamodule.levels)
+
+    def load() -> FashionClassifier | None:  # `cached` checks that the file is there
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            classifier = FashionClassifier(datamodule.levels)
+            classifier.load_state_dict(saved["state_dict"])
+            classifier.test_accuracy = float(saved["test_accuracy"])
+            return classifier.to(device).eval()
+        except Exception as err:  # noqa: BLE001 - any unusable cache is retrained
+            print(f"[classifier] {path} is unusable ({type(err).__name__}); retraining", flush=True)
+            return None
 
     def train() -> FashionClassifier:
         print(f"[classifier] no cached classifier at {path}: training one (under a minute on a CPU for the full "
               "dataset)", flush=True)
         return fit_and_cache(datamodule, device)
 
-    return cached(path, lambda: load_cached_classifier(path, image_size, levels, device), train)
+    return cached(path, load, train)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -183,17 +179,15 @@ def quality_metrics(module, data: ImageDataModule | Split, n: int = 1000, temper
     """Sample quality of an `ImageModel` (a `PixelCNNModule` too), on any device:
 
     - `frechet_distance`: n samples vs n random test images, in classifier feature space.
-    - `frechet_distance_floor`: n training vs the same n test images (only when `data` is a data
-      module): the value a perfect model would get at this n.
-    - `class_accuracy` (conditional models only): samples are drawn for classes 0..9 in turn
-      (n spread evenly), and this is the fraction the classifier assigns to their class.
-    - `quality_n` (an int): the n used. n is capped at the test images available (and with a
-      data module at its training images too), so it can be smaller than asked for.
+    - `frechet_distance_floor` (`data` a data module only): n training vs the same n test images,
+      what a perfect model would get at this n.
+    - `class_accuracy` (conditional models only): the share of samples, drawn for classes 0..9 in
+      turn, that the classifier assigns to their class.
+    - `quality_n` (an int): the n used, capped at the test (and a data module's training) images.
 
-    `data` is a `ImageDataModule` (set up here if it is not yet; its tensors may be on
-    any device) or a bare test split (images, labels). The classifier defaults to the one cached
-    in the data module's root, trained on its training split if absent; with a bare split, to
-    the one in the default data dir (`data.default_data_dir`).
+    `data` is an `ImageDataModule` (set up here if need be; its tensors on any device) or a bare
+    test split (images, labels). The classifier defaults to the one `load_or_train_classifier`
+    gives for the data module, or for the default data dir (`data.default_data_dir`).
     """
     datamodule = data if isinstance(data, ImageDataModule) else None
     if datamodule is not None:

@@ -5,11 +5,9 @@ quantized to `levels` levels per channel exactly as in the reference notebook (F
 "Generative Deep Learning", 2nd ed., chapter 5). The whole dataset is ~20 MB of uint8, so it is
 kept in memory (on the GPU when training there) and batches are cut with one indexing op each.
 
-`data.source` picks where the images come from: Fashion-MNIST (the default) or MNIST as IDX
-files, or your own images (`pixelcnn.sources`: a folder of image files, a .npy/.npz array). The
-IDX files are taken from, in this order: the data dir (`data.root`, by default
-`default_data_dir()`), the Debian package directory (`apt-get install dataset-fashion-mnist`),
-or torchvision's download into the data dir. The preprocessed tensors are cached in the data dir,
+`data.source` picks the images: Fashion-MNIST (the default) or MNIST as IDX files (`locate_dataset`:
+in the data dir `data.root`, by default `default_data_dir()`, the Debian package, or torchvision's
+download), or your own (`pixelcnn.sources`). The preprocessed tensors are cached in the data dir,
 and so is the sample-quality classifier (`pixelcnn.classifier`).
 """
 
@@ -47,8 +45,7 @@ IDX_DATASETS = {"fashion_mnist": ("Fashion-MNIST", "FashionMNIST"), "mnist": ("M
 SOURCES = (*IDX_DATASETS, "folder", "array")
 CUDA_STEPS_PER_BATCH = 8  # data.steps_per_batch=auto with the data on a CUDA device (else 1)
 APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
-IMAGES_MAGIC_NDIM, LABELS_MAGIC_NDIM = 3, 1  # IDX magic 0x0803 (images) / 0x0801 (labels)
-IDX_UBYTE = 0x08
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes: magic 0x0803 (images, 3-D), 0x0801 (labels, 1-D)
 # Bytes an IDX file may hold after its header: 20x Fashion-MNIST's largest (47 MB), so a header
 # (or a gzip bomb behind one) cannot make a read take all memory; it becomes ~4x that as float.
 MAX_IDX_BYTES = 2**30
@@ -119,10 +116,8 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
             header = file.read(header_size)
             if len(header) < header_size:
                 raise corrupt(path, f"only {len(header)} bytes, shorter than the {header_size}-byte IDX header")
-            zeros, type_code, file_ndim = struct.unpack(">HBB", header[:4])
-            if (zeros, type_code, file_ndim) != (0, IDX_UBYTE, ndim):
-                expected = (IDX_UBYTE << 8) | ndim
-                raise corrupt(path, f"bad magic number 0x{header[:4].hex()}, expected 0x{expected:08x} "
+            if header[:4] != (magic := bytes([0, 0, IDX_UBYTE, ndim])):
+                raise corrupt(path, f"bad magic number 0x{header[:4].hex()}, expected 0x{magic.hex()} "
                                     f"(ubyte, {ndim}-D)")
             dims = struct.unpack(f">{ndim}I", header[4:])
             expected_size = math.prod(dims)
@@ -133,16 +128,14 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # bad gzip header / truncated / corrupt stream
         raise corrupt(path, f"broken gzip stream ({err})") from err
     if len(data) != expected_size:
-        state = "truncated" if len(data) < expected_size else "too long"
-        found = f"{len(data)}" if len(data) <= expected_size else "more"
+        state, found = ("truncated", len(data)) if len(data) < expected_size else ("too long", "more")
         raise corrupt(path, f"{state}: header says {dims} = {expected_size} bytes of data, found {found}")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
 
 
 def read_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
     """One split's images (N, H, W) uint8 and labels (N,) int64, checked to belong together."""
-    images = read_idx(images_path, IMAGES_MAGIC_NDIM)
-    labels = read_idx(labels_path, LABELS_MAGIC_NDIM).long()
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1).long()
     if len(images) != len(labels):
         raise CorruptDatasetError(
             f"Corrupt Fashion-MNIST files: {images_path} has {len(images)} images but {labels_path} has "
@@ -154,15 +147,11 @@ def read_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
 
 
 def find_idx_files(directory: Path) -> dict[str, Path] | None:
-    """The four IDX files in `directory` (each raw or .gz), or None if any is missing."""
-    found = {}
-    for name in (name for pair in SPLIT_FILES.values() for name in pair):
-        candidates = [directory / name, directory / f"{name}.gz"]
-        existing = [path for path in candidates if path.is_file()]
-        if not existing:
-            return None
-        found[name] = existing[0]  # the raw file if both exist (torchvision keeps both)
-    return found
+    """The four IDX files in `directory` (each raw or .gz: the raw one if both, as torchvision keeps both),
+    or None if any is missing."""
+    found = {name: next((p for p in (directory / name, directory / f"{name}.gz") if p.is_file()), None)
+             for pair in SPLIT_FILES.values() for name in pair}
+    return found if all(found.values()) else None
 
 
 def locate_dataset(root: Path, system_dir: Path | None, download: bool, dataset: str = "fashion_mnist") -> dict[str, Path]:
@@ -257,19 +246,16 @@ def cached(path: Path, load: Callable[[], T | None], build: Callable[[], T]) -> 
     except OSError as err:
         log.warning("Building %s without a lock (%s)", path, err)
         return build()
-    failed = True
     try:
         found = load() if path.is_file() else None  # another job built it while this one waited
-        found, failed = build() if found is None else found, False
-        return found
+        return build() if found is None else found
     finally:
         # The lock file goes while still held: a job that was waiting on it then finds the cache
         # (or, if it could not be written, builds its own, as every job must then).
         with suppress(OSError):
             lock_file.unlink()
         lock.release()
-        if failed:  # e.g. no dataset anywhere: leave no empty folder behind
-            remove_if_empty(new_dirs)
+        remove_if_empty(new_dirs)  # those left empty (no dataset anywhere, or the cache not written)
 
 
 def load_idx_dataset(
@@ -302,26 +288,20 @@ def limited(batches: int, limit: int | float | None) -> int:
 
 
 class BatchLoader:
-    """Batches of in-memory (images, labels) tensors, each cut with one indexing op.
+    """Batches of in-memory (images, labels) tensors, each cut with one indexing op (Lightning takes
+    any iterable with `__len__` as a dataloader).
 
-    Lightning accepts any iterable with `__len__` as a dataloader. Shuffling draws a new
-    permutation every epoch on the tensors' device with the loader's own generator, seeded
-    from `seed`, or else from torch's global RNG (so `seed_everything` makes it reproducible).
-    `hflip` mirrors a random half of every batch horizontally. With `steps_per_batch` = K each
-    item is a list of K consecutive batches cut from one gather (one optimizer step each), so a
-    training loop's fixed per-item cost is paid once per K steps; the batches themselves are
-    exactly those of K = 1. `limit_batches` keeps only the first batches of `batch_size` of each
-    epoch, like Lightning's `limit_train_batches` (an int: that many; a float: that fraction,
-    rounded down); the last item is cut short so that exactly that many batches come.
+    Shuffling draws a new permutation every epoch, on the tensors' device, with the loader's own
+    generator seeded from `seed`, else from torch's global RNG (so `seed_everything` makes it
+    reproducible); `hflip` mirrors a random half of every batch. With `steps_per_batch` = K each item
+    is a list of K consecutive batches cut from one gather (one optimizer step each, exactly the
+    batches of K = 1), so a training loop's per-item cost is paid once per K steps. `limit_batches`
+    keeps each epoch's first batches as `limited` counts them; the last item is cut short to match.
 
-    With `world_size` > 1 (one loader per DDP process) the loader yields only rank `rank`'s
-    shard. Lightning's `use_distributed_sampler` shards only torch DataLoaders that have a
-    sampler, not an iterable like this one, so the sharding is done here (`shard`).
-
-    `state_dict` / `load_state_dict` make it resumable: Lightning saves the state in checkpoints
-    and, on a resume in the middle of an epoch, gives it back, and the epoch continues with the
-    same order and flips where it stopped (the rest of the epoch is what an uninterrupted run
-    draws, bit for bit).
+    With `world_size` > 1 it yields only rank `rank`'s `shard`: Lightning's `use_distributed_sampler`
+    shards torch DataLoaders with a sampler only, not an iterable like this one. Lightning saves
+    `state_dict` in checkpoints and gives it back on a resume in the middle of an epoch, which then
+    continues with the same order and flips, bit for bit as an uninterrupted run.
     """
 
     def __init__(
@@ -372,10 +352,7 @@ class BatchLoader:
         ranks take the same number of batches, as DDP's collectives require. Unshuffled (evaluation)
         keeps every item exactly once, so the split's mean is exact: shares differ by at most one.
         """
-        count = len(self.images)
-        if self.shuffle:
-            share = count // self.world_size
-            return self.rank * share, (self.rank + 1) * share
+        count = self.shortest_share() * self.world_size if self.shuffle else len(self.images)
         return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
 
     def item_bounds(self) -> list[tuple[int, int]]:
@@ -446,7 +423,8 @@ def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels:
 def load_own_images(root: Path, source: str, path: Path, image_size: int, levels: int, channels: int) -> dict:
     """A folder or array source (`pixelcnn.sources`) preprocessed: {<split>_images (N, C, S, S) uint8,
     <split>_labels (N,) int64} for the splits it has, and class_names (a list), from the cache if possible."""
-    cache = root / sources.cache_name(source, path, image_size, levels, channels)
+    cache = root / (f"{source}-{path.name or 'root'}-{sources.content_key(path)}"  # named by its content
+                    f"_{image_size}px_{levels}lv_{channels}ch.pt")
 
     def build() -> dict:
         splits, names = (sources.read_folder if source == "folder" else sources.read_array)(path, channels)
@@ -477,18 +455,15 @@ class ImageDataModule(L.LightningDataModule):
     `image_size`, with `channels` 1 (grey) or 3 (RGB).
 
     Sources (`SOURCES`): fashion_mnist, mnist (IDX files, see `locate_dataset`), folder and array
-    (`path`, see `pixelcnn.sources`). The training images are split into train / val
-    (`val_size`: a count or a fraction) by a fixed permutation from `split_seed`, unless the
-    source has a val split; test is the source's test split (Fashion-MNIST: the 10k t10k set),
-    else `test_size` cut from the training images first. `class_names` are the source's classes
-    ([] if unlabelled). Batches are (images uint8 (B, C, S, S) of levels 0..levels-1, labels
-    int64 (B,)); training batches come as lists of `steps_per_batch`
-    such batches (see `BatchLoader`), at most `limit_train_batches` batches of `batch_size` per epoch
-    (Lightning's meaning, counting batches, not the lists of them that Lightning iterates).
-    `overfit_batches` > 0 trains on the first that many batches (or that fraction) of the training
-    set every epoch, in order and unflipped, as Lightning's `overfit_batches` turns shuffling off.
-    With `on_device` "auto" the data moves once to the trainer's CUDA device; True moves it to
-    any non-CPU trainer device; False keeps it on the CPU.
+    (`path`, see `pixelcnn.sources`). Test is the source's test split (Fashion-MNIST: the 10k t10k
+    set), else `test_size` (a count or a fraction) cut from the training images first; val likewise
+    (`val_size`); each cut by a fixed permutation from `split_seed`. `class_names` are the source's
+    classes ([]: unlabelled).
+    Batches are (images uint8 (B, C, S, S) of levels 0..levels-1, labels int64 (B,)); training
+    batches come as lists of `steps_per_batch` of them (`BatchLoader`), `limit_train_batches` and
+    `overfit_batches` counting batches of `batch_size` (not the lists), as Lightning means them:
+    overfitting takes the same first batches every epoch, in order and unflipped.
+    `on_device` "auto" moves the data once to the trainer's CUDA device, True to any non-CPU one.
     """
 
     def __init__(
@@ -583,8 +558,6 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set, self.val_set, self.test_set = train, val, test
 
     def loader(self, name: Literal["train_set", "val_set", "test_set"], batch_size: int, train: bool) -> BatchLoader:
-        if getattr(self, name) is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
         # Batches live on the trainer's device if moving there is enabled (on_device), else on the CPU.
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if not (device.type == "cuda" if self.on_device == "auto" else self.on_device):

@@ -18,6 +18,10 @@ from typing import IO, Any
 
 import torch
 
+# Read once at import, while nothing else runs: os.umask can only be read by setting it.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -56,16 +60,6 @@ def remove_if_empty(dirs: list[Path]) -> None:
     for directory in dirs:
         with suppress(OSError):
             directory.rmdir()
-
-
-def _umask() -> int:
-    # Read once at import, while nothing else runs: os.umask can only be read by setting it.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _umask()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -24,20 +24,14 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older P
 
 def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
     """The image file at `path` (any format Pillow reads; the first frame; EXIF rotation applied)
-    as uint8 values 0..255: (H, W) grey with `channels`=1, (H, W, 3) RGB with `channels`=3. Each
-    Pillow mode is converted by what its values mean:
-
-    - 1 (bilevel): 0 or 255. L: as is. P: through its palette.
-    - I;16 / I;16B / I (16-bit grey): 0..65535 scaled to 0..255 (v / 257, rounded). A 32-bit I
-      image with values outside 0..65535, and F (float pixels, no fixed range), are refused.
-    - RGB, CMYK, YCbCr, LAB, HSV, ...: converted to RGB by Pillow; grey from RGB is ITU-R 601-2
-      luma (L = 0.299 R + 0.587 G + 0.114 B, Pillow's "L").
-    - With alpha (LA, RGBA, PA, La, RGBa, or a transparent colour in the file): composited on a
-      WHITE background (`to_channels`, as for arrays: v * a / 255 + 255 * (1 - a / 255)), the
-      background icons and drawings are made for.
-
-    A file that is not an image, is damaged, has more than MAX_IMAGE_PIXELS pixels (checked in the
-    header, before decoding) or a mode without a defined range is a UserError naming it.
+    as the uint8 values 0..255 it shows: (H, W) grey with `channels`=1, (H, W, 3) RGB with 3. Each
+    Pillow mode by what its values mean: 1 is 0 or 255, P goes through its palette, 16-bit grey
+    (I;16*, or I within 0..65535) is scaled to 0..255 (v / 257, rounded), other colour modes (CMYK,
+    YCbCr, ...) through Pillow's RGB; grey from RGB is ITU-R 601-2 luma (Pillow's "L"). Alpha (LA,
+    RGBA, PA, La, RGBa, or a transparent colour) is composited on WHITE, the background icons and
+    drawings are made for (`to_channels`, as for arrays). A file that is not an image, is damaged,
+    is over MAX_IMAGE_PIXELS (by its header), or has pixels of no defined range (F, I outside 16
+    bits) is a UserError naming it.
     """
     try:
         with Image.open(path) as image:
@@ -129,7 +123,7 @@ def save_grid(grid: Tensor, path: str | Path) -> Path:
 def side_by_side(grids: list[Tensor], gap: int = 8) -> Tensor:
     """Join (3, H, W) grids left to right with a white gap; grids of unequal height are top-aligned."""
     height = max(g.shape[1] for g in grids)
-    padded = [torch.nn.functional.pad(g, (0, gap, 0, height - g.shape[1]), value=1.0) for g in grids]
+    padded = [F.pad(g, (0, gap, 0, height - g.shape[1]), value=1.0) for g in grids]
     return torch.cat(padded, dim=2)[:, :, :-gap]
 
 

@@ -1,20 +1,9 @@
-"""Your own images as a data source: a folder of image files (`data=folder`) or a NumPy array
-(`data=array`), read once into quantized splits like Fashion-MNIST's and cached in the data dir.
-
-Folder: every image file under `path`, recursively (`IMAGE_SUFFIXES`; a GIF gives its first
-frame). Sub-folder names are class labels (torchvision's ImageFolder convention: sorted names,
-class k = the k-th); images directly in the folder make an unlabelled set. Sub-folders named
-`train`, `val`, `test` (any of them) are the splits, each with its own class folders.
-Array: a .npy of uint8 images (N, H, W) or (N, H, W, C), or a .npz (read without pickle) with
-`images` (or `train_images`, `val_images`, `test_images`), optional `labels` (`<split>_labels`),
-int (N,) in 0..K-1, and optional `class_names` (K,) strings.
-
-Colour: `channels` 1 (grey) or 3 (RGB). RGB images become grey by ITU-R 601 luma (as PIL's "L"),
-grey images become RGB by repeating, and alpha is composited on white (`pixelcnn.images`).
-Splits missing from the source are cut from `train` by `ImageDataModule.setup` (fixed seed).
-
-The cache file is named by a hash of the source's content (every file's path, size and
-modification time), so an edited folder or array is read again.
+"""Your own images as a data source (the formats in full: docs/data.md): a folder of image files
+(`data=folder`; sub-folders are classes as in torchvision's ImageFolder, `train`/`val`/`test`
+sub-folders splits) or a NumPy array (`data=array`: a .npy, or a .npz read without pickle), read
+into splits of uint8 images and labels. Their colour follows `channels` (`pixelcnn.images`:
+alpha on white, luma for grey); `pixelcnn.data` quantizes and caches them like Fashion-MNIST's,
+in a file named by `content_key`, so an edited folder or array is read again.
 """
 
 from __future__ import annotations
@@ -48,20 +37,15 @@ def content_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def folder_splits(root: Path) -> dict[str, Path]:
-    """The split folders of `root`: train/val/test sub-folders if any exists, else root as train."""
-    named = {split: root / split for split in SPLITS if (root / split).is_dir()}
-    if named and "train" not in named:
-        raise UserError(f"data.path={root} has {'/'.join(named)} folders but no train/ folder: add one "
-                        "(or move all images out of split folders)")
-    return named or {"train": root}
-
-
 def read_folder(root: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     """Each split's images and labels, and the class names (empty: unlabelled)."""
     if not root.is_dir():
         raise UserError(f"data.path={root} is not a folder: pass a folder of image files (data=folder)")
-    directories = folder_splits(root)
+    named = {split: root / split for split in SPLITS if (root / split).is_dir()}  # else root is train
+    if named and "train" not in named:
+        raise UserError(f"data.path={root} has {'/'.join(named)} folders but no train/ folder: add one "
+                        "(or move all images out of split folders)")
+    directories = named or {"train": root}
     files = {split: image_files(directory) for split, directory in directories.items()}
     if not files["train"]:
         raise UserError(f"data.path={root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
@@ -112,8 +96,3 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     if len(names) < count:
         raise UserError(f"{path}: labels go up to {count - 1} but class_names has {len(names)} names")
     return splits, names
-
-
-def cache_name(source: str, path: Path, image_size: int, levels: int, channels: int) -> str:
-    """The cache file of a source and setting, named by its content (`content_key`)."""
-    return f"{source}-{path.name or 'root'}-{content_key(path)}_{image_size}px_{levels}lv_{channels}ch.pt"

@@ -220,7 +220,7 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
     return path
 
 
-# Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder.
+# Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder (validate).
 PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "out", "images", "data_root", "data.root", "data.system_dir", "data.path", "bench.out")
 
 
@@ -234,17 +234,6 @@ def as_override(key: str, value: object) -> str:
     return "'" + f"{key}={hydra_quoted}".replace("'", "'\\''") + "'"
 
 
-def paths_as_strings(cfg: DictConfig) -> None:
-    """Every path key that Hydra parsed as a number becomes the path it names (a string)."""
-    for key in PATH_KEYS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, bool):
-            raise UserError(f"{key}={str(value).lower()} is invalid: it must be a path")
-        if isinstance(value, (int, float)):
-            with read_write(cfg):
-                OmegaConf.update(cfg, key, str(value))
-
-
 def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, owner: str) -> None:
     """Raise a UserError naming the first of `given` that `accepted` lacks (keys `prefix`.name)."""
     accepted = sorted(accepted)
@@ -252,16 +241,13 @@ def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, ow
         raise UserError(f"{prefix}.{unknown[0]} is not an option of {owner}: its options are {', '.join(accepted)}")
 
 
-def non_finite_key(node: Any, prefix: str = "") -> tuple[str, float] | None:
+def non_finite_key(node: Any, key: str = "") -> tuple[str, float] | None:
     """The first key (dotted, with [i] for list items) whose value is an inf or NaN float."""
-    if isinstance(node, dict):
-        items = ((f"{prefix}{k}", v) for k, v in node.items())
-    elif isinstance(node, list):
-        items = ((f"{prefix.rstrip('.')}[{i}]", v) for i, v in enumerate(node))
-    else:
-        return (prefix.rstrip("."), node) if isinstance(node, float) and not math.isfinite(node) else None
-    for key, value in items:
-        if found := non_finite_key(value, f"{key}." if isinstance(value, dict) else key):
+    if isinstance(node, float) and not math.isfinite(node):
+        return key, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, value in items:
+        if found := non_finite_key(value, f"{key}[{k}]" if isinstance(node, list) else f"{key}.{k}" if key else str(k)):
             return found
     return None
 
@@ -305,10 +291,14 @@ def validate(cfg: DictConfig, command: str) -> None:
     container = OmegaConf.to_container(cfg, resolve=False)
     if found := non_finite_key({k: v for k, v in container.items() if k != "hydra"}):
         raise UserError(f"{found[0]}={found[1]} is invalid: it must be a finite number")
-    paths_as_strings(cfg)
+    for key in PATH_KEYS:
+        if isinstance(value := OmegaConf.select(cfg, key, default=None), bool):
+            raise UserError(f"{key}={str(value).lower()} is invalid: it must be a path")
+        if isinstance(value, (int, float)):
+            with read_write(cfg):
+                OmegaConf.update(cfg, key, str(value))
     for key, (ok, allowed) in RULES[command].items():
-        value = OmegaConf.select(cfg, key, default="__absent__")
-        if isinstance(value, str) and value == "__absent__":
+        if isinstance(value := OmegaConf.select(cfg, key, default="__absent__"), str) and value == "__absent__":
             continue
         if not ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import suppress
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,9 +25,7 @@ JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLau
 
 @dataclass(frozen=True)
 class JobResources:
-    job_num: int              # the job's number in its sweep (0 outside a sweep)
-    concurrent: int           # jobs running at once on this machine (1 unless a parallel sweep)
-    cpus: int                 # the cores those jobs share (SLURM's allocation when in a SLURM job)
+    cpus: int                 # the cores the jobs running at once share (SLURM's allocation when in a SLURM job)
     threads: int | None       # torch threads for this job; None: torch's default is kept
     cuda_device: int | None   # the CUDA device index for this job; None: Lightning's choice
 
@@ -42,7 +41,7 @@ def plan_resources(job_num: int, concurrent: int, cpus: int, gpus: int, thread_l
     if concurrent > 1 or slurm_cpus:  # a share of the cores, so that the jobs at once never oversubscribe them
         threads = max(1, min(cpus // concurrent, thread_limit))
     cuda_device = job_num % gpus if concurrent > 1 and gpus > 0 else None
-    return JobResources(job_num, concurrent, cpus, threads, cuda_device)
+    return JobResources(cpus, threads, cuda_device)
 
 
 def available_cpus() -> int:
@@ -82,10 +81,8 @@ def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
                                int(slurm_cpus) if slurm_cpus.isdigit() else None)
     if resources.threads is not None:
         torch.set_num_threads(resources.threads)
-        try:
+        with suppress(RuntimeError):  # set once per process: a reused joblib worker already has it
             torch.set_num_interop_threads(resources.threads)
-        except RuntimeError:  # set once per process: a reused joblib worker already has it
-            pass
         log.info("job %d: %d CPU threads (%d jobs at once on %d cores%s)", job_num, torch.get_num_threads(),
                  concurrent, resources.cpus, f", SLURM_CPUS_PER_TASK={slurm_cpus}" if slurm_cpus else "")
     if concurrent > resources.cpus:

@@ -111,12 +111,9 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     seconds = time.perf_counter() - started
     order = per_image.argsort()
     extremes = min(cfg.extremes, len(order))
-    files = {
-        "most_likely": save_grid(levels_to_grid(images[order[:extremes]], module.levels, scale=cfg.scale),
-                                 out_dir / "most_likely.png"),
-        "least_likely": save_grid(levels_to_grid(images[order.flip(0)[:extremes]], module.levels, scale=cfg.scale),
-                                  out_dir / "least_likely.png"),
-    }
+    files = {name: save_grid(levels_to_grid(images[ranked[:extremes]], module.levels, scale=cfg.scale),
+                             out_dir / f"{name}.png")
+             for name, ranked in (("most_likely", order), ("least_likely", order.flip(0)))}
     if cfg.heatmaps > 0:
         shown = min(cfg.heatmaps, len(images))
         files["heatmaps"] = heatmap_figure(images[:shown], maps[:shown], module.levels, out_dir / "nll_heatmaps.png")
@@ -134,7 +131,6 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     if cfg.quality and cfg.quality_n > 0 and (skipped := unscorable(datamodule)):
         print(f"  {skipped}")
     elif cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
-
         classifier = load_or_train_classifier(datamodule, module.device)
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
         metrics |= quality | {"quality_temperature": cfg.temperature,

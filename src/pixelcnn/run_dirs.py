@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -42,19 +43,14 @@ def fresh_dir(base: str) -> str:
     base_path = Path(base)
     try:
         _CREATED_PARENTS.extend(missing_dirs(base_path.resolve().parent))
-        base_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return base  # unwritable parent: RunDirGuard reports it in one line
-    for suffix in range(MAX_SUFFIX):
-        candidate = base_path if suffix == 0 else base_path.with_name(f"{base_path.name}_{suffix}")
-        try:
-            os.mkdir(candidate)
-        except FileExistsError:
-            continue
-        except OSError:
-            return base
-        _CREATED.add(candidate.resolve())
-        return str(candidate)
+        for suffix in range(MAX_SUFFIX):
+            candidate = base_path if suffix == 0 else base_path.with_name(f"{base_path.name}_{suffix}")
+            with suppress(FileExistsError):  # taken: try the next suffix
+                os.makedirs(candidate)  # its parents as needed; the name itself only if it is new
+                _CREATED.add(candidate.resolve())
+                return str(candidate)
+    except OSError:  # an unwritable parent or disk: RunDirGuard reports it in one line
+        pass
     return base
 
 

@@ -340,7 +340,6 @@ def write_summary(config: DictConfig) -> int:
     results_file = sweep_dir / RESULTS_FILE
     sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
-        with atomic_write(results_file, "w") as file:
-            OmegaConf.save(OmegaConf.create(best), file)
+        write_text(results_file, OmegaConf.to_yaml(best))
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
     return sum(r["status"] != "ok" for r in this_sweep)

@@ -37,9 +37,8 @@ def plan_resources(job_num: int, concurrent: int, cpus: int, gpus: int, thread_l
     torch's default), never exceeded, so a user's OMP_NUM_THREADS=1 still holds; `slurm_cpus`:
     SLURM_CPUS_PER_TASK, the cores SLURM gave this task."""
     cpus = slurm_cpus or cpus
-    threads = None
-    if concurrent > 1 or slurm_cpus:  # a share of the cores, so that the jobs at once never oversubscribe them
-        threads = max(1, min(cpus // concurrent, thread_limit))
+    # A share of the cores, so that the jobs at once never oversubscribe them; else torch's default (None).
+    threads = max(1, min(cpus // concurrent, thread_limit)) if concurrent > 1 or slurm_cpus else None
     cuda_device = job_num % gpus if concurrent > 1 and gpus > 0 else None
     return JobResources(cpus, threads, cuda_device)
 
@@ -118,10 +117,6 @@ class Footprint:
     activation_bytes: int     # every layer's output at the batch size, which autograd keeps for the backward pass
     step_flops: float         # one optimizer step: the backward pass costs about twice the forward
 
-    @property
-    def total_bytes(self) -> int:
-        return self.state_bytes + self.activation_bytes
-
 
 def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditional: bool, channels: int = 1,
                        activation_bytes: int = 4) -> Footprint:
@@ -181,9 +176,9 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
     Both are lower bounds (`training_footprint`), so a model that fits is never refused."""
     from pixelcnn.config import UserError
 
-    free = available_memory(device)
-    if footprint.total_bytes > free:
-        raise UserError(f"this model needs at least {footprint.total_bytes / 1e9:.1f} GB to train at data.batch_size="
+    free, needed = available_memory(device), footprint.state_bytes + footprint.activation_bytes
+    if needed > free:
+        raise UserError(f"this model needs at least {needed / 1e9:.1f} GB to train at data.batch_size="
                         f"{batch_size} ({footprint.parameters:,} parameters: {footprint.state_bytes / 1e9:.1f} GB with "
                         f"gradients and optimizer state; activations {footprint.activation_bytes / 1e9:.1f} GB), but "
                         f"{device.type} has {free / 1e9:.1f} GB free: lower data.batch_size or {size_keys}")

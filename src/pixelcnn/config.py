@@ -256,8 +256,7 @@ def combination_error(cfg: DictConfig, command: str) -> str | None:
     if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
         return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
     if select("ckpt_path") and select("init_from"):
-        return ("pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), "
-                "not both")
+        return "pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), not both"
     if select("data.channels") == 3:  # the colour masks split each layer's channels into R, G, B groups
         for key, least in (("model.filters", 6), ("model.channels", 3)):  # seed: half of filters in the blocks
             if (value := select(key)) is not None and value < least:

@@ -134,8 +134,7 @@ def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditi
             elif isinstance(module, nn.Linear):
                 flops += 2 * output.numel() * module.in_features
 
-    leaves = [m for m in net.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(count) for m in leaves]
+    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]  # the leaf layers
     try:
         with torch.device("meta"), torch.no_grad():
             labels = torch.zeros(batch_size, dtype=torch.long) if conditional else None

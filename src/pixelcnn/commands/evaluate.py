@@ -147,9 +147,7 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
     scores = module.image_bits_per_dim(images, None, cfg.batch_size)  # (N,)
     csv_path = out_dir / f"scores_{Path(cfg.images).stem}.csv"
     with atomic_write(csv_path, "w") as file:
-        writer = csv.writer(file)
-        writer.writerow(["image", "bits_per_dim"])
-        writer.writerows((name, f"{score:.6f}") for name, score in zip(names, scores.tolist()))
+        csv.writer(file).writerows([("image", "bits_per_dim"), *zip(names, (f"{s:.6f}" for s in scores.tolist()))])
     everything = len(names) <= TABLE_ROWS
     shown = range(len(names)) if everything else scores.argsort(descending=True)[: TABLE_ROWS // 2].tolist()
     width = max(len(names[i]) for i in shown)

@@ -3,8 +3,9 @@ that cannot collide, the lock that keeps a second run out of a run dir, and the 
 run's own folder is removed.
 
 Hydra's `${now:...}` names alone collide within a second: `fresh_dir` reserves a name with one
-atomic `os.mkdir`. A directory reserved here, or one that did not exist when the run started, is
-this run's own: only such a directory may be removed after an input error (`removable_on_error`).
+atomic `mkdir` (`os.makedirs` fails if the name exists). A directory reserved here, or one that did
+not exist when the run started, is this run's own: only such a directory may be removed after an
+input error (`removable_on_error`).
 """
 
 from __future__ import annotations

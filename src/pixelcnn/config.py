@@ -61,19 +61,12 @@ def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], bool], str]:
     return ok, f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
 
 
-def _limit_batches() -> tuple[Callable[[Any], bool], str]:
-    # Lightning's meaning: a float is a fraction of the batches, an int a count of them.
-    ok = lambda v: v is None or (isinstance(v, float) and 0 <= v <= 1) or _int(0)[0](v)  # noqa: E731
-    return ok, "null (all), a fraction in [0.0, 1.0], or a number of batches >= 0"
-
-
-def _positive_float() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), "a number > 0"
-
-
-def _temperatures() -> tuple[Callable[[Any], bool], str]:
-    ok = lambda v: all(map(valid_temperature, v)) and len(v) > 0 if isinstance(v, (list, ListConfig)) else valid_temperature(v)  # noqa: E731
-    return ok, "a number > 0 (or a list of them)"
+# Lightning's meaning: a float is a fraction of the batches, an int a count of them.
+LIMIT_BATCHES = ((lambda v: v is None or (isinstance(v, float) and 0 <= v <= 1) or _int(0)[0](v)),
+                 "null (all), a fraction in [0.0, 1.0], or a number of batches >= 0")
+POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), "a number > 0"
+TEMPERATURES = ((lambda v: all(map(valid_temperature, v)) and len(v) > 0 if isinstance(v, (list, ListConfig))
+                 else valid_temperature(v)), "a number > 0 (or a list of them)")
 
 
 def _fraction(lo_open: bool = False, hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
@@ -91,14 +84,11 @@ def _one_of(*choices: object) -> tuple[Callable[[Any], bool], str]:
                                      for c in choices)
 
 
-def _precision() -> tuple[Callable[[Any], bool], str]:
-    def ok(v: Any) -> bool:
-        from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (lightning is loaded by training anyway)
+def _precision(v: Any) -> bool:
+    from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (lightning is loaded by training anyway)
 
-        return v == "auto" or (not isinstance(v, bool) and v in [value for kind in get_args(_PRECISION_INPUT)
-                                                                  for value in get_args(kind)])
-
-    return ok, "auto or a Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true (or 32, 16, bf16, 64)"
+    return v == "auto" or (not isinstance(v, bool) and v in [value for kind in get_args(_PRECISION_INPUT)
+                                                              for value in get_args(kind)])
 
 
 def _int_list(example: str) -> tuple[Callable[[Any], bool], str]:
@@ -143,7 +133,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     # auto: the data's class count; > 0: checked against the data's classes once it is read (training.data_hparams)
     "model.num_classes": (lambda v: v == "auto" or _int(0)[0](v), "an integer >= 0 (0: unconditional) or auto "
                           "(one class per class of the data)"),
-    "optim.lr": _positive_float(),
+    "optim.lr": POSITIVE,
     "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
     "optim.scheduler.name": _one_of("none", "cosine", "plateau"),
     "optim.scheduler.warmup_steps": _int(0),
@@ -159,17 +149,18 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
         isinstance(v, (list, ListConfig)) and len(v) > 0 and len(set(v)) == len(v) and all(_int(0)[0](d) for d in v)),
         "a count >= 1, -1 or auto (every device), or a list of distinct device indices, e.g. [0, 1]"),
     "trainer.num_nodes": _int(1),
-    "trainer.precision": _precision(),
+    "trainer.precision": (_precision, "auto or a Lightning precision: 32-true, bf16-mixed, 16-mixed, bf16-true, "
+                                      "16-true, 64-true (or 32, 16, bf16, 64)"),
     # The strategies the data sharding (`BatchLoader`) and the exact val/test reduction are tested with.
     "trainer.strategy": _one_of("auto", "ddp"),
     "trainer.check_val_every_n_epoch": _int(1),
-    "trainer.limit_val_batches": _limit_batches(),
-    "trainer.limit_test_batches": _limit_batches(),
+    "trainer.limit_val_batches": LIMIT_BATCHES,
+    "trainer.limit_test_batches": LIMIT_BATCHES,
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
-    "trainer.limit_train_batches": _limit_batches(),  # batches of data.batch_size: optimizer steps
+    "trainer.limit_train_batches": LIMIT_BATCHES,  # batches of data.batch_size: optimizer steps
     # Lightning knobs a user adds (+trainer.<key>=...), in batches of data.batch_size like the limits.
-    "trainer.overfit_batches": _limit_batches(),
+    "trainer.overfit_batches": LIMIT_BATCHES,
     "trainer.val_check_interval": (lambda v: (isinstance(v, float) and 0 < v <= 1) or _int(1)[0](v),
                                    "a fraction of the epoch in (0.0, 1.0] or a number of batches >= 1"),
     "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or _int(0)[0](v), "true, false or a number of batches >= 0"),
@@ -196,11 +187,11 @@ RULES: dict[str, Rules] = {
     "bench": {**TRAINING, "bench.repeats": _int(1), "bench.warmup_batches": _int(0), "bench.train_batches": _int(1),
               "bench.epoch": _one_of("auto", "measure", "estimate"), "bench.sample_sizes": _int_list("[64, 1024]"),
               "bench.naive_max_n": _int(0), "bench.naive_repeats": _int(1)},
-    "sample": {**DRAWING, "temperature": _temperatures(), "n": _int(1, MAX_IMAGES), "mode": _one_of("sample", "complete"),
+    "sample": {**DRAWING, "temperature": TEMPERATURES, "n": _int(1, MAX_IMAGES), "mode": _one_of("sample", "complete"),
                "rows": _int(0), "completions": _int(1, 64)},
     "evaluate": {**DRAWING, **QUALITY_N, "temperature": (valid_temperature, "one temperature > 0 (of the quality samples)"),
                  "quality": _one_of(True, False), "batch_size": _int(1), "heatmaps": _int(0), "extremes": _int(1)},
-    "classifier": {**DATA, **SEED, **DEVICE, "epochs": _int(1), "batch_size": _int(1), "lr": _positive_float()},
+    "classifier": {**DATA, **SEED, **DEVICE, "epochs": _int(1), "batch_size": _int(1), "lr": POSITIVE},
 }
 
 
@@ -208,9 +199,7 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
     """Raise a UserError now, before any work, if the output folder `path` could not be created
     or written (it is a file, or its nearest existing ancestor is); creates nothing."""
     path = Path(path)
-    existing = path
-    while not existing.exists():  # ends at "." or "/", which exist
-        existing = existing.parent
+    existing = next(p for p in (path, *path.parents) if p.exists())  # ends at "." or "/", which exist
     if not existing.is_dir():
         raise UserError(f"{key}={path} cannot be a folder: {existing} is a file; pass a folder for the outputs")
     try:  # a real write, not os.access: root passes access checks on read-only mounts and /proc
@@ -221,7 +210,7 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
     return path
 
 
-# Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder.
+# Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder (validate).
 PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "out", "images", "data_root", "data.root", "data.system_dir", "data.path", "bench.out")
 
 
@@ -235,17 +224,6 @@ def as_override(key: str, value: object) -> str:
     return "'" + f"{key}={hydra_quoted}".replace("'", "'\\''") + "'"
 
 
-def paths_as_strings(cfg: DictConfig) -> None:
-    """Every path key that Hydra parsed as a number becomes the path it names (a string)."""
-    for key in PATH_KEYS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, bool):
-            raise UserError(f"{key}={str(value).lower()} is invalid: it must be a path")
-        if isinstance(value, (int, float)):
-            with read_write(cfg):
-                OmegaConf.update(cfg, key, str(value))
-
-
 def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, owner: str) -> None:
     """Raise a UserError naming the first of `given` that `accepted` lacks (keys `prefix`.name)."""
     accepted = sorted(accepted)
@@ -253,16 +231,13 @@ def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, ow
         raise UserError(f"{prefix}.{unknown[0]} is not an option of {owner}: its options are {', '.join(accepted)}")
 
 
-def non_finite_key(node: Any, prefix: str = "") -> tuple[str, float] | None:
+def non_finite_key(node: Any, key: str = "") -> tuple[str, float] | None:
     """The first key (dotted, with [i] for list items) whose value is an inf or NaN float."""
-    if isinstance(node, dict):
-        items = ((f"{prefix}{k}", v) for k, v in node.items())
-    elif isinstance(node, list):
-        items = ((f"{prefix.rstrip('.')}[{i}]", v) for i, v in enumerate(node))
-    else:
-        return (prefix.rstrip("."), node) if isinstance(node, float) and not math.isfinite(node) else None
-    for key, value in items:
-        if found := non_finite_key(value, f"{key}." if isinstance(value, dict) else key):
+    if isinstance(node, float) and not math.isfinite(node):
+        return key, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, value in items:
+        if found := non_finite_key(value, f"{key}[{k}]" if isinstance(node, list) else f"{key}.{k}" if key else str(k)):
             return found
     return None
 
@@ -282,8 +257,7 @@ def combination_error(cfg: DictConfig, command: str) -> str | None:
     if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
         return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
     if select("ckpt_path") and select("init_from"):
-        return ("pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), "
-                "not both")
+        return "pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), not both"
     if select("data.channels") == 3:  # the colour masks split each layer's channels into R, G, B groups
         for key, least in (("model.filters", 6), ("model.channels", 3)):  # seed: half of filters in the blocks
             if (value := select(key)) is not None and value < least:
@@ -306,10 +280,14 @@ def validate(cfg: DictConfig, command: str) -> None:
     container = OmegaConf.to_container(cfg, resolve=False)
     if found := non_finite_key({k: v for k, v in container.items() if k != "hydra"}):
         raise UserError(f"{found[0]}={found[1]} is invalid: it must be a finite number")
-    paths_as_strings(cfg)
+    for key in PATH_KEYS:
+        if isinstance(value := OmegaConf.select(cfg, key, default=None), bool):
+            raise UserError(f"{key}={str(value).lower()} is invalid: it must be a path")
+        if isinstance(value, (int, float)):
+            with read_write(cfg):
+                OmegaConf.update(cfg, key, str(value))
     for key, (ok, allowed) in RULES[command].items():
-        value = OmegaConf.select(cfg, key, default="__absent__")
-        if isinstance(value, str) and value == "__absent__":
+        if isinstance(value := OmegaConf.select(cfg, key, default="__absent__"), str) and value == "__absent__":
             continue
         if not ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value

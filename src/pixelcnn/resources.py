@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import suppress
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,9 +25,7 @@ JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLau
 
 @dataclass(frozen=True)
 class JobResources:
-    job_num: int              # the job's number in its sweep (0 outside a sweep)
-    concurrent: int           # jobs running at once on this machine (1 unless a parallel sweep)
-    cpus: int                 # the cores those jobs share (SLURM's allocation when in a SLURM job)
+    cpus: int                 # the cores the jobs running at once share (SLURM's allocation when in a SLURM job)
     threads: int | None       # torch threads for this job; None: torch's default is kept
     cuda_device: int | None   # the CUDA device index for this job; None: Lightning's choice
 
@@ -38,11 +37,10 @@ def plan_resources(job_num: int, concurrent: int, cpus: int, gpus: int, thread_l
     torch's default), never exceeded, so a user's OMP_NUM_THREADS=1 still holds; `slurm_cpus`:
     SLURM_CPUS_PER_TASK, the cores SLURM gave this task."""
     cpus = slurm_cpus or cpus
-    threads = None
-    if concurrent > 1 or slurm_cpus:  # a share of the cores, so that the jobs at once never oversubscribe them
-        threads = max(1, min(cpus // concurrent, thread_limit))
+    # A share of the cores, so that the jobs at once never oversubscribe them; else torch's default (None).
+    threads = max(1, min(cpus // concurrent, thread_limit)) if concurrent > 1 or slurm_cpus else None
     cuda_device = job_num % gpus if concurrent > 1 and gpus > 0 else None
-    return JobResources(job_num, concurrent, cpus, threads, cuda_device)
+    return JobResources(cpus, threads, cuda_device)
 
 
 def available_cpus() -> int:
@@ -82,10 +80,8 @@ def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
                                int(slurm_cpus) if slurm_cpus.isdigit() else None)
     if resources.threads is not None:
         torch.set_num_threads(resources.threads)
-        try:
+        with suppress(RuntimeError):  # set once per process: a reused joblib worker already has it
             torch.set_num_interop_threads(resources.threads)
-        except RuntimeError:  # set once per process: a reused joblib worker already has it
-            pass
         log.info("job %d: %d CPU threads (%d jobs at once on %d cores%s)", job_num, torch.get_num_threads(),
                  concurrent, resources.cpus, f", SLURM_CPUS_PER_TASK={slurm_cpus}" if slurm_cpus else "")
     if concurrent > resources.cpus:
@@ -121,10 +117,6 @@ class Footprint:
     activation_bytes: int     # every layer's output at the batch size, which autograd keeps for the backward pass
     step_flops: float         # one optimizer step: the backward pass costs about twice the forward
 
-    @property
-    def total_bytes(self) -> int:
-        return self.state_bytes + self.activation_bytes
-
 
 def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditional: bool, channels: int = 1,
                        activation_bytes: int = 4) -> Footprint:
@@ -142,8 +134,7 @@ def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditi
             elif isinstance(module, nn.Linear):
                 flops += 2 * output.numel() * module.in_features
 
-    leaves = [m for m in net.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(count) for m in leaves]
+    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]  # the leaf layers
     try:
         with torch.device("meta"), torch.no_grad():
             labels = torch.zeros(batch_size, dtype=torch.long) if conditional else None
@@ -184,9 +175,9 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
     Both are lower bounds (`training_footprint`), so a model that fits is never refused."""
     from pixelcnn.config import UserError
 
-    free = available_memory(device)
-    if footprint.total_bytes > free:
-        raise UserError(f"this model needs at least {footprint.total_bytes / 1e9:.1f} GB to train at data.batch_size="
+    free, needed = available_memory(device), footprint.state_bytes + footprint.activation_bytes
+    if needed > free:
+        raise UserError(f"this model needs at least {needed / 1e9:.1f} GB to train at data.batch_size="
                         f"{batch_size} ({footprint.parameters:,} parameters: {footprint.state_bytes / 1e9:.1f} GB with "
                         f"gradients and optimizer state; activations {footprint.activation_bytes / 1e9:.1f} GB), but "
                         f"{device.type} has {free / 1e9:.1f} GB free: lower data.batch_size or {size_keys}")

@@ -1,18 +1,11 @@
 """Where runs write: run and sweep folder names (the Hydra resolvers of conf/train.yaml), folders
-that cannot collide, and the rule that only a run's own folder is removed.
+that cannot collide, the lock that keeps a second run out of a run dir, and the rule that only a
+run's own folder is removed.
 
-`fresh_dir` (a Hydra resolver) reserves a new directory with one atomic `os.mkdir`, adding a
-suffix when another run (another process, the same second) took the name first, so two runs
-never share a folder. Hydra's `${now:...}` names alone collide within a second. A directory
-reserved here, or one that did not exist when the run started, is known to be this run's own:
-only such a directory may be removed after an input error (`removable_on_error`).
-
-`check_run_dir` refuses a run dir that already holds files and is not a resume, and one that
-cannot be written (`pixelcnn.commands.train.RunDirGuard` calls it before Hydra writes into the dir).
-`SweptDirNames` names a sweep's job dirs after the swept overrides only.
-`hold_run_dir` then locks the dir for the run (or a sweep's job), so that a second run (a resume
-started twice, a resume of a job dir while its job runs) is refused instead of writing into it at
-the same time. `requeued_job` tells a job that SLURM started again, which continues in its dir.
+Hydra's `${now:...}` names alone collide within a second: `fresh_dir` reserves a name with one
+atomic `mkdir` (`os.makedirs` fails if the name exists). A directory reserved here, or one that did
+not exist when the run started, is this run's own: only such a directory may be removed after an
+input error (`removable_on_error`).
 """
 
 from __future__ import annotations
@@ -21,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -50,19 +44,14 @@ def fresh_dir(base: str) -> str:
     base_path = Path(base)
     try:
         _CREATED_PARENTS.extend(missing_dirs(base_path.resolve().parent))
-        base_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return base  # unwritable parent: RunDirGuard reports it in one line
-    for suffix in range(MAX_SUFFIX):
-        candidate = base_path if suffix == 0 else base_path.with_name(f"{base_path.name}_{suffix}")
-        try:
-            os.mkdir(candidate)
-        except FileExistsError:
-            continue
-        except OSError:
-            return base
-        _CREATED.add(candidate.resolve())
-        return str(candidate)
+        for suffix in range(MAX_SUFFIX):
+            candidate = base_path if suffix == 0 else base_path.with_name(f"{base_path.name}_{suffix}")
+            with suppress(FileExistsError):  # taken: try the next suffix
+                os.makedirs(candidate)  # its parents as needed; the name itself only if it is new
+                _CREATED.add(candidate.resolve())
+                return str(candidate)
+    except OSError:  # an unwritable parent or disk: RunDirGuard reports it in one line
+        pass
     return base
 
 
@@ -77,9 +66,7 @@ def remove_own_dir(path: str | Path) -> None:
 def check_run_dir(path: Path, key: str, resuming: bool) -> None:
     """Refuse a run dir that is not a resume but already holds files, or cannot be written;
     a dir that does not exist yet will be created by this run, so it is marked as its own."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{key}={path} is a file: pass a folder for the run's outputs")
-    check_out_dir(path, key)
+    check_out_dir(path, key)  # also refuses a file
     existing = next(p for p in (path, *path.parents) if p.exists())
     if (free := shutil.disk_usage(existing).free) < MIN_RUN_DIR_FREE:
         raise UserError(f"{key}={path} is on a disk with {free // 1024} kB free, less than a run needs to start: "
@@ -172,13 +159,12 @@ def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
     return f".hydra/resume-{stamp}" if ckpt_path else ".hydra"
 
 
-def sweep_subdir(job_num: int, override_dirname: str, max_length: int = 120) -> str:
-    """Hydra resolver: a sweep job's folder, named by its swept overrides (`SweptDirNames`), shortened
-    (with a hash to stay unique) when they would exceed a file name's length limit."""
-    if len(override_dirname) <= max_length:
+def sweep_subdir(job_num: int, override_dirname: str) -> str:
+    """Hydra resolver: a sweep job's folder, named by its swept overrides (`SweptDirNames`), cut
+    (with a hash to stay unique) past 120 characters, well within a file name's length limit."""
+    if len(override_dirname) <= 120:
         return f"{job_num}_{override_dirname}" if override_dirname else str(job_num)
-    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    return f"{job_num}_{override_dirname[:max_length]}..{digest}"
+    return f"{job_num}_{override_dirname[:120]}..{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
 
 
 class SweptDirNames(Callback):
@@ -202,8 +188,6 @@ class SweptDirNames(Callback):
 def register_resolvers() -> None:
     """Make the resolvers above known to OmegaConf, before Hydra composes a config that uses them."""
     # use_cache: a sweep dir is reserved once per config (Hydra copies the cache into each job's config).
-    for name, resolver, cached in (("resume_run_dir", resume_run_dir, False), ("fresh_dir", fresh_dir, True),
-                                   ("resume_output_subdir", resume_output_subdir, False),
-                                   ("sweep_subdir", sweep_subdir, False)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver, use_cache=cached)
+    for resolver in (resume_run_dir, fresh_dir, resume_output_subdir, sweep_subdir):
+        if not OmegaConf.has_resolver(resolver.__name__):
+            OmegaConf.register_new_resolver(resolver.__name__, resolver, use_cache=resolver is fresh_dir)

@@ -1,16 +1,10 @@
 """A sweep's results: each job's `metrics.json` (written as the job ends, ok or failed) and, when
-the sweep ends (`write_summary`, called by the train command's SweepSummary callback), one
-summary of all jobs in the sweep dir: `summary.md` (jobs ranked by best val bits/dim, failed
-ones with their reason), `summary.png` (best val bits/dim against each swept parameter) and the
-best parameters in `optimization_results.yaml`.
-
-Jobs that differ only in their seeds (`SEED_KEYS`) are one configuration: the summary then
-ranks configurations by their mean over seeds (mean ± standard deviation, count, failed seeds
-named), above the per-job rows, and the plot shows each configuration's spread.
-
-An Optuna sweep with a storage (hparams_search=optuna: multirun/optuna/<study_name>.db) adds its
-trials to a study that the same command continues: `start_study_sweep` records in the study which
-sweep dir holds which trials, and the summary then lists every trial of the study, with its sweep."""
+the sweep ends (`write_summary`, from the train command's SweepSummary callback), one summary of
+its jobs in the sweep dir: `summary.md` (jobs ranked by best val bits/dim, failed ones with their
+reason), `summary.png` (best val bits/dim against each swept parameter) and the best parameters in
+`optimization_results.yaml`. Jobs that differ only in their seeds (`SEED_KEYS`) are one
+configuration, ranked by its mean over seeds. An Optuna sweep with a storage summarizes every trial
+of its study, which the same command continues (`start_study_sweep`)."""
 
 from __future__ import annotations
 
@@ -35,10 +29,8 @@ SWEEP_ATTR = "pixelcnn sweep dir "  # an Optuna study's user attribute: this pre
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """Write `metrics` as JSON; a non-finite number becomes null (json.dumps would write NaN or
     Infinity, which is not JSON)."""
-    def finite(value: Any) -> Any:
-        return None if isinstance(value, float) and not math.isfinite(value) else value
-
-    write_text(path, json.dumps({k: finite(v) for k, v in metrics.items()}, indent=2, allow_nan=False))
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    write_text(path, json.dumps(finite, indent=2, allow_nan=False))
 
 
 def parse_value(text: str) -> int | float | str:
@@ -109,9 +101,8 @@ def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[key] for r in ok if _number(r.get(key))]
             stats[key] = (statistics.fmean(values) if values else None,
                           statistics.stdev(values) if len(values) > 1 else None, len(values))
-        result.append({"config": " ".join(f"{k}={members[0]['params'][k]}" for k in config_keys
-                                          if k in members[0]["params"]) or "(all jobs)",
-                       "params": {k: members[0]["params"][k] for k in config_keys if k in members[0]["params"]},
+        params = {k: members[0]["params"][k] for k in config_keys if k in members[0]["params"]}
+        result.append({"config": " ".join(f"{k}={v}" for k, v in params.items()) or "(all jobs)", "params": params,
                        "runs": members, "failed": [r for r in members if r["status"] != "ok"],
                        "seeds": " ".join(_params_text(r, [k for k in swept if k in SEED_KEYS]) for r in members),
                        **stats})
@@ -196,10 +187,8 @@ def best_results(runs: list[dict[str, Any]], sweeper: str) -> dict[str, Any] | N
         return {"name": sweeper, "best_params": {k: parse_value(v) for k, v in groups[0]["params"].items()},
                 "best_value": mean, "best_value_std": std, "best_value_n": n,
                 "best_jobs": [r["job"] for r in groups[0]["runs"] if r["status"] == "ok"]}
-    ok = rank(runs)[:1]
-    if not ok or ok[0]["status"] != "ok":
+    if not runs or (best := rank(runs)[0])["status"] != "ok":  # ranked first: the best ok job, if any
         return None
-    best = ok[0]
     return {"name": sweeper, "best_params": {k: parse_value(best["params"][k]) for k in swept_keys(runs)
                                              if k in best["params"]},
             "best_value": best["val_bpd"], "best_job": best["job"], "best_dir": best["dir"]}
@@ -211,10 +200,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     for text). Over seeds, one panel per non-seed parameter: each seed's point and each
     configuration's mean ± std. Failed jobs are not plotted; the panel title counts them. Returns
     the panels' titles (none, and no file, if nothing can be plotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed (servers, SLURM nodes)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a file only, no backend or display (servers, SLURM nodes)
     from matplotlib.ticker import NullFormatter
 
     swept, ok = swept_keys(runs), [r for r in runs if r["status"] == "ok"]
@@ -226,7 +212,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     failed = len(runs) - len(ok)
     columns = min(len(keys), 4)
     rows = math.ceil(len(keys) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.5 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * columns, 3.5 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys):
@@ -262,7 +249,6 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     fig.tight_layout()
     with atomic_write(path) as file:
         fig.savefig(file, dpi=100, format="png")
-    plt.close(fig)
     return [ax.get_title() for ax in axes.flat[:len(keys)]]
 
 
@@ -354,7 +340,6 @@ def write_summary(config: DictConfig) -> int:
     results_file = sweep_dir / RESULTS_FILE
     sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
-        with atomic_write(results_file, "w") as file:
-            OmegaConf.save(OmegaConf.create(best), file)
+        write_text(results_file, OmegaConf.to_yaml(best))
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
     return sum(r["status"] != "ok" for r in this_sweep)

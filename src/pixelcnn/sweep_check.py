@@ -1,11 +1,7 @@
 """Checks every job of a sweep before the first one trains (`sweep_errors`, run by the train
-command's SweepPrecheck callback): each job's config is composed (with Hydra's own sweep
-expansion and config loader) and given the checks a job runs first (config.validate, the device
-choice, the model's constructor). Bad jobs get one `error:` line each.
-
-For the Optuna sweeper the jobs are not known in advance; its search space is checked instead:
-each parameter at both ends of its interval or range and at each of its choices (the others as
-the config has them)."""
+command's SweepPrecheck callback), each job composed with Hydra's own sweep expansion and config
+loader; bad jobs get one `error:` line each. The Optuna sweeper's jobs are not known in advance: its
+search space is checked instead (`search_space_checks`)."""
 
 from __future__ import annotations
 
@@ -91,9 +87,8 @@ def sweep_errors(config: DictConfig) -> list[str]:
         # The jobs' overrides, as Hydra's BasicSweeper expands them (its own code).
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
         [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
-        varied = {o.split("=", 1)[0] for job in jobs for o in job
-                  if sum(o in other for other in jobs) < len(jobs)}  # the overrides that differ between jobs
-        checks = [(f"job {n} ({' '.join(o for o in job if o.split('=', 1)[0] in varied) or ' '.join(job)})", job)
+        common = set.intersection(*map(set, jobs))  # overrides every job has: a job is named by the others
+        checks = [(f"job {n} ({' '.join(o for o in job if o not in common) or ' '.join(job)})", job)
                   for n, job in enumerate(jobs)]
     elif sweeper == OPTUNA_SWEEPER:
         checks = search_space_checks(arguments)

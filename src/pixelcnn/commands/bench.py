@@ -155,15 +155,13 @@ def run(cfg: DictConfig) -> dict:
     result["train"] |= {"plain_fp32_img_per_s": statistics.median(plain), "plain_fp32_img_per_s_runs": plain,
                         "vs_plain_fp32": statistics.median(rates) / statistics.median(plain)}
 
-    # 2. a whole epoch with validation, measured on the second epoch (the first compiles).
-    if bench.epoch == "measure" or (bench.epoch == "auto" and device.type == "cuda"):
-        timer = fit_once(cfg, datamodule, speed, None, 2, 0)
-        result["train"]["epoch_s"] = timer.epoch_seconds[-1]
-        result["train"]["epoch_s_measured"] = True
-    else:
-        result["train"]["epoch_s"] = len(datamodule.train_set[0]) / result["train"]["img_per_s"]
-        result["train"]["epoch_s_measured"] = False  # estimate: training images / throughput
-    result["train"]["est_run_min"] = result["train"]["epoch_s"] * cfg.trainer.max_epochs / 60
+    # 2. a whole epoch with validation, measured on the second epoch (the first compiles), or estimated:
+    # training images / throughput.
+    measured = bench.epoch == "measure" or (bench.epoch == "auto" and device.type == "cuda")
+    epoch_s = (fit_once(cfg, datamodule, speed, None, 2, 0).epoch_seconds[-1] if measured
+               else len(datamodule.train_set[0]) / result["train"]["img_per_s"])
+    result["train"] |= {"epoch_s": epoch_s, "epoch_s_measured": measured,
+                        "est_run_min": epoch_s * cfg.trainer.max_epochs / 60}
 
     # 3. sampling: the model's own size, fresh weights (speed does not depend on them).
     net = instantiate(cfg.model, _convert_="all").net.to(device).eval()

@@ -44,11 +44,10 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
 
 
 def check_command_line(argv: list[str], config_dir: str | Path) -> None:
-    """Before Hydra, whose own messages are a dozen lines: an override its grammar cannot read (a
-    path with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote
-    it, and a `group=option` (model=gated, experiment=quick, sweeps like model=pixelcnn,gated, lists
-    like logger=[tensorboard,csv]) naming
-    an option that `config_dir/group/` does not have gets one with the choices; exit 2."""
+    """Before Hydra, whose own messages are a dozen lines: an override its grammar cannot read (a path
+    with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote it, and a
+    `group=option` (model=gated, sweeps like model=pixelcnn,gated, lists like logger=[tensorboard,csv])
+    naming an option that `config_dir/group/` lacks gets one with the choices; exit 2."""
     config_dir = Path(config_dir)
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")

@@ -1,14 +1,12 @@
-"""What `python evaluate.py ckpt=...` does, with the model's likelihoods (`PixelCNNModule.nll_maps`).
+"""What `python evaluate.py ckpt=...` does, with the model's likelihoods (`ImageModel.nll_maps`).
 
-Without `images=`: exact test bits/dim over the whole test split, a per-pixel NLL heatmap
-figure (where the model is surprised), grids of the most and least likely test images, and
-sample quality (Fréchet distance, class accuracy: `pixelcnn.classifier`), all into `out`
-(default `<run dir>/eval`) with a `metrics.json`.
-
-Sample quality needs Fashion-MNIST's classifier: for other data (`data=folder`, colour, ...) it is
-skipped with a note. With `images=<file.npy | an image file | a folder of image files>`: outlier scores, the bits/dim of each
-given image, as a table and a CSV. A conditional model scores them by the marginal
-likelihood p(x) = mean_c p(x | c) (uniform class prior), as their class is unknown.
+Without `images=`: exact test bits/dim over the whole test split, a per-pixel NLL heatmap figure
+(where the model is surprised), grids of the most and least likely test images and sample quality
+(`pixelcnn.classifier`; skipped with a note for data other than grey Fashion-MNIST), into `out`
+(default `<run dir>/eval`) with a `metrics.json`. With `images=<file.npy | an image file | a folder
+of image files>`: outlier scores, the bits/dim of each image, as a table and a CSV. A conditional
+model scores them by the marginal likelihood p(x) = mean_c p(x | c) (uniform class prior), as their
+class is unknown.
 """
 
 from __future__ import annotations
@@ -111,15 +109,9 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     seconds = time.perf_counter() - started
     order = per_image.argsort()
     extremes = min(cfg.extremes, len(order))
-    files = {
-        "most_likely": save_grid(levels_to_grid(images[order[:extremes]], module.levels, scale=cfg.scale),
-                                 out_dir / "most_likely.png"),
-        "least_likely": save_grid(levels_to_grid(images[order.flip(0)[:extremes]], module.levels, scale=cfg.scale),
-                                  out_dir / "least_likely.png"),
-    }
-    if cfg.heatmaps > 0:
-        shown = min(cfg.heatmaps, len(images))
-        files["heatmaps"] = heatmap_figure(images[:shown], maps[:shown], module.levels, out_dir / "nll_heatmaps.png")
+    files = {name: save_grid(levels_to_grid(images[ranked[:extremes]], module.levels, scale=cfg.scale),
+                             out_dir / f"{name}.png")
+             for name, ranked in (("most_likely", order), ("least_likely", order.flip(0)))}
     metrics = {
         "checkpoint": str(ckpt), "test_bpd": per_image.mean().item(), "test_images": len(images),
         "bpd_most_likely": per_image[order[0]].item(), "bpd_least_likely": per_image[order[-1]].item(),
@@ -127,14 +119,15 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     print(f"test bits/dim: {metrics['test_bpd']:.4f} over {len(images)} images ({seconds:.1f} s on "
           f"{module.device.type}); per image {metrics['bpd_most_likely']:.3f} .. {metrics['bpd_least_likely']:.3f}\n"
           f"  most likely:  {files['most_likely']}\n  least likely: {files['least_likely']}")
-    if "heatmaps" in files:
+    if cfg.heatmaps > 0:
+        shown = min(cfg.heatmaps, len(images))
+        files["heatmaps"] = heatmap_figure(images[:shown], maps[:shown], module.levels, out_dir / "nll_heatmaps.png")
         print(f"  heatmaps:     {files['heatmaps']}")
     from pixelcnn.classifier import load_or_train_classifier, quality_metrics, unscorable
 
     if cfg.quality and cfg.quality_n > 0 and (skipped := unscorable(datamodule)):
         print(f"  {skipped}")
     elif cfg.quality and cfg.quality_n > 0:  # quality_n=0 skips it, as in training
-
         classifier = load_or_train_classifier(datamodule, module.device)
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
         metrics |= quality | {"quality_temperature": cfg.temperature,
@@ -154,9 +147,7 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
     scores = module.image_bits_per_dim(images, None, cfg.batch_size)  # (N,)
     csv_path = out_dir / f"scores_{Path(cfg.images).stem}.csv"
     with atomic_write(csv_path, "w") as file:
-        writer = csv.writer(file)
-        writer.writerow(["image", "bits_per_dim"])
-        writer.writerows((name, f"{score:.6f}") for name, score in zip(names, scores.tolist()))
+        csv.writer(file).writerows([("image", "bits_per_dim"), *zip(names, (f"{s:.6f}" for s in scores.tolist()))])
     everything = len(names) <= TABLE_ROWS
     shown = range(len(names)) if everything else scores.argsort(descending=True)[: TABLE_ROWS // 2].tolist()
     width = max(len(names[i]) for i in shown)

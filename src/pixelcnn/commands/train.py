@@ -130,8 +130,7 @@ def finished_run(run_dir: Path, checkpoint: dict, trainer: DictConfig) -> str | 
     if any(key.startswith("EarlyStopping") and state.get("stopped_epoch", 0) > 0 for key, state in callbacks.items()):
         return f"early stopping ended it after {epochs} epochs"
     if max_time:
-        days, hours, minutes, seconds = (int(part) for part in max_time.split(":"))
-        limit = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        limit = sum(int(part) * unit for part, unit in zip(max_time.split(":"), (86400, 3600, 60, 1)))  # DD:HH:MM:SS
         if callbacks.get("Timer", {}).get("time_elapsed", {}).get("train", 0) >= limit:
             return f"it trained for trainer.max_time={max_time}: pass a larger trainer.max_time to extend it"
     return None

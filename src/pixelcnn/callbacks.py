@@ -44,17 +44,14 @@ def log_grid_image(logger: Logger, grid: torch.Tensor, temperature: float, epoch
 
 
 class SampleGridCallback(L.Callback):
-    """Every `every_n_epochs` epochs, log a grid of samples drawn with a fixed seed, to every logger.
-
-    The fixed seed means the grids of successive epochs use the same random numbers, so
-    they show how the model changes rather than sampling noise. Conditional models get one
-    row per class.
-    """
+    """Every `every_n_epochs` epochs (and the last), a grid of samples in every logger, drawn with a fixed
+    seed: successive grids use the same random numbers, so they show how the model changes rather than
+    sampling noise. Conditional models get one row per class."""
 
     def __init__(self, every_n_epochs: int = 5, n: int = 64, temperature: float = 1.0, seed: int = 0,
-                 method: str = "fast", scale: int = 4):
-        self.every_n_epochs = every_n_epochs
-        self.n, self.temperature, self.seed, self.method, self.scale = n, temperature, seed, method, scale
+                 method: str = "fast"):
+        self.every_n_epochs, self.n, self.temperature = every_n_epochs, n, temperature
+        self.seed, self.method = seed, method
 
     def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
@@ -62,11 +59,11 @@ class SampleGridCallback(L.Callback):
                        if isinstance(c, WeightAverage) and c.average is not None), module)
         labels, nrow = None, 8
         if module.conditional:  # one row per class, as `sample.py label=all` draws them
-            nrow = max(self.n // module.hparams.num_classes, 1)
-            labels = torch.arange(module.hparams.num_classes).repeat_interleave(nrow)
+            nrow = max(self.n // module.num_classes, 1)
+            labels = torch.arange(module.num_classes).repeat_interleave(nrow)
         n = len(labels) if labels is not None else self.n
         images = module.sample(n, self.temperature, self.seed, labels, self.method)
-        grid = levels_to_grid(images, module.levels, nrow=nrow, scale=self.scale)
+        grid = levels_to_grid(images, module.levels, nrow=nrow, scale=4)
         for logger in trainer.loggers:
             log_grid_image(logger, grid, self.temperature, trainer.current_epoch + 1)
 
@@ -85,9 +82,6 @@ class WeightAverage(EMAWeightAveraging):
     Lightning batch. It validates in place of the weights, and checkpoints hold it as their
     state_dict (the raw weights go under current_model_state, for a resume), so sample.py and
     evaluate.py use it."""
-
-    def __init__(self, decay: float, device: str):
-        super().__init__(device=device, decay=decay)
 
     @property
     def average(self) -> L.LightningModule | None:
@@ -114,22 +108,19 @@ class StopOnNonFiniteLoss(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         # Lightning's manual optimization hands on training_step's returned tensor as outputs["loss"].
-        losses = outputs.get("loss") if isinstance(outputs, dict) else None
-        if losses is None:
-            return
-        finite = torch.isfinite(losses)  # (K,) one entry per micro-batch of this batch
+        losses = outputs["loss"]  # (K,) one entry per micro-batch of this batch
+        finite = torch.isfinite(losses)
         bad_here = not bool(finite.all())  # the one sync
         # Under DDP every rank must stop together (a rank left behind would wait forever in the
         # next all-reduce): any rank's bad loss stops all. A no-op on one device.
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return
-        lr = (module.hparams.get("optim") or {}).get("lr") if hasattr(module, "hparams") else None
-        advice = "training stopped; try a lower optim.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
+        advice = f"training stopped; try a lower optim.lr (now {module.optim['lr']:g})"
         if not bad_here:
             raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
                                      f"{trainer.global_step}: {advice}")
         first = int((~finite).nonzero()[0, 0])
-        if getattr(module, "accumulate_grad_batches", 1) == 1:  # one optimizer step per micro-batch
+        if module.accumulate_grad_batches == 1:  # one optimizer step per micro-batch
             # global_step already counts this batch's steps, one per loss computed.
             where = f"at optimizer step {trainer.global_step - len(losses) + first + 1}"
         else:
@@ -144,10 +135,10 @@ class RunTimeEstimate(L.Callback):
     refines it once a whole epoch with validation has run. With torch.compile the first epoch
     carries the compilation, so the refinement then waits for the second epoch."""
 
-    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0,
-                 preset: str | None = None):
-        self.warmup_batches, self.measure_batches, self.timed_epoch = warmup_batches, measure_batches, timed_epoch
-        self.preset = preset  # the experiment preset the run was started with, if any
+    WARMUP_BATCHES, MEASURE_BATCHES = 3, 10  # the warm-up skips compilation / cuDNN autotuning
+
+    def __init__(self, timed_epoch: int = 0, preset: str | None = None):
+        self.timed_epoch, self.preset = timed_epoch, preset  # preset: the experiment preset of the run, if any
         self._t0 = self._epoch_t0 = 0.0
         self._printed = self._hinted = False
 
@@ -157,12 +148,13 @@ class RunTimeEstimate(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if self._printed or trainer.sanity_checking or not trainer.is_global_zero:  # one estimate, not one per rank
             return
-        if batch_idx == self.warmup_batches:  # skip compilation / cuDNN autotuning
-            self._sync(module)
+        end = self.WARMUP_BATCHES + self.MEASURE_BATCHES
+        if batch_idx in (self.WARMUP_BATCHES, end) and module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)  # time the GPU's work, not its launch
+        if batch_idx == self.WARMUP_BATCHES:
             self._t0 = time.perf_counter()
-        elif batch_idx == self.warmup_batches + self.measure_batches:
-            self._sync(module)
-            per_batch = (time.perf_counter() - self._t0) / self.measure_batches
+        elif batch_idx == end:
+            per_batch = (time.perf_counter() - self._t0) / self.MEASURE_BATCHES
             epoch_s = per_batch * trainer.num_training_batches
             print(f"[pixelcnn] {per_batch * 1e3:.1f} ms/batch -> training alone takes about "
                   f"{self._run_time(trainer, epoch_s)} here", flush=True)
@@ -193,11 +185,6 @@ class RunTimeEstimate(L.Callback):
         if not trainer.max_epochs or trainer.max_epochs < 0:
             return f"{_human(epoch_s)} per epoch, with no epoch limit"
         return f"{_human(epoch_s * trainer.max_epochs)} for {trainer.max_epochs} epochs (less if early stopping or max_time ends it)"
-
-    @staticmethod
-    def _sync(module: L.LightningModule) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
 
 
 def cpu_preset_hint(run_s: float | None, has_gpu: bool, preset: str | None = None) -> str | None:
@@ -390,6 +377,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see `pixelcnn.files`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None:  # as TorchCheckpointIO
-            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
         torch_save(checkpoint, path)

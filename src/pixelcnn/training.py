@@ -169,7 +169,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         # Updated once per Lightning batch, which holds K optimizer steps: decay**K keeps the average's
         # time constant in optimizer steps.
         steps = steps_per_lightning_batch(cfg, speed.cuda)
-        callbacks.append(WeightAverage(cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
+        callbacks.append(WeightAverage(decay=cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))

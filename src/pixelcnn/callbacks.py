@@ -206,13 +206,10 @@ def _human(seconds: float) -> str:
 
 
 class RandomStates(L.Callback):
-    """Saves the global random states (torch, CUDA, numpy, Python) in every checkpoint and puts
-    them back when a run resumes, so that its dropout masks (and anything else drawn from them)
-    continue as in an uninterrupted run. Lightning itself saves none of them.
-
-    They are put back in `on_train_start`, after everything a resumed run does before training
-    that an uninterrupted run does not (building the loaders, the sanity check). numpy's state
-    is stored as a tensor so the checkpoint still loads with `weights_only=True`."""
+    """The global random states (torch, CUDA, numpy, Python), which Lightning does not save, in every
+    checkpoint, put back on resume so that dropout masks (and all else drawn from them) continue as in
+    an uninterrupted run: in `on_train_start`, after what only a resumed run does before training
+    (building the loaders, the sanity check). numpy's state is a tensor, for `weights_only=True`."""
 
     def __init__(self):
         self._to_restore: dict | None = None
@@ -272,28 +269,24 @@ STOPPED_EXIT_CODE = 143  # a run stopped by SIGTERM after saving: 128 + 15, what
 
 class StepCheckpoint(Checkpoint):
     """`<dirpath>/<filename>.ckpt`, replaced each time: the run's resume point between two optimizer
-    steps. Written every `every_n_steps` steps (0: never), and when the run is asked to stop
-    (SIGTERM, as schedulers send before they kill a job, or a SLURM job's requeue signal): then at
-    the next step boundary, after which the run ends with a line saying how it resumes.
+    steps, written every `every_n_steps` steps (0: never) and, when the run is asked to stop (SIGTERM,
+    or a SLURM job's requeue signal), at the next step boundary; the run then ends saying how it resumes.
 
     Never at an epoch's last batch: Lightning resumes a checkpoint saved there (before the epoch's
-    validation) by skipping that validation and counting the next epoch as already started, so that
-    run's later checkpoints record its epoch progress one epoch behind, and resuming one of them
-    replays a whole epoch (issue 15). Such a save is made at the epoch's end instead (in
-    `on_train_epoch_end`, a point Lightning resumes from as from any epoch-end checkpoint).
+    validation) by skipping that validation and counting the next epoch as started, so that run's later
+    checkpoints record its epoch progress one epoch behind, and resuming one replays a whole epoch
+    (issue 15). Such a save is made in `on_train_epoch_end` instead, an ordinary epoch-end resume point.
 
-    SIGTERM: Lightning's own handler (its `_SignalConnector`) only sets `trainer.received_sigterm`;
-    its loops then stop at the next batch without a checkpoint, or in the middle of a validation,
-    and exit with status 0 (`SIGTERMException` is a SystemExit without a code). So while training
-    this handler replaces it (Lightning puts the handlers of before `fit` back when `fit` ends), and
-    the run exits with STOPPED_EXIT_CODE (`training.stopped_by_sigterm`).
+    SIGTERM: Lightning's own handler only sets `trainer.received_sigterm`; its loops then stop at the
+    next batch without a checkpoint (or mid-validation) and exit with status 0 (`SIGTERMException` is a
+    SystemExit without a code). So while training this handler replaces it (Lightning restores the
+    handlers of before `fit` when it ends), and the run exits with STOPPED_EXIT_CODE.
 
     SLURM requeue signals (`slurm_requeue_signals`): Lightning's and submitit's handlers act at once,
-    mid-step (and submitit's saves no model), so they are deferred: step.ckpt is saved at the next
-    step boundary, then the signal's own handler runs there (Lightning's saves hpc_ckpt_N.ckpt, at
-    that boundary too, and calls `scontrol requeue`; submitit's requeues the job and exits). The job
-    SLURM runs again continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the ranks decide
-    together (one reduction per batch) so that all save the same step and stop together."""
+    mid-step (and submitit's saves no model), so they run at the next step boundary, after step.ckpt is
+    saved (Lightning's then saves hpc_ckpt_N.ckpt and calls `scontrol requeue`; submitit's requeues the
+    job and exits); the requeued job continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the
+    ranks decide together (one reduction per batch): all save the same step and stop together."""
 
     def __init__(self, dirpath: str | Path, filename: str, every_n_steps: int | None = None):
         self.path = Path(dirpath) / f"{filename}.ckpt"

@@ -29,14 +29,9 @@ def saved_optim(hparams: dict) -> dict:
 
 class PixelCNNModule(ImageModel, L.LightningModule):
     """Trains any network of `image_model.ARCHITECTURES` with cross-entropy over the pixel levels.
-
     Batches are `(images uint8 (B, C, H, W) of levels 0..levels-1, labels long (B,))`, C =
-    `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. `levels` is always the
-    number of levels per channel, never a tensor. `class_names` (from the data, saved with the
-    checkpoint) name the `num_classes` classes for `sample.py label=<name>`; `data` is the data
-    source it was trained on (`pixelcnn.data.ImageDataModule.source_settings`), for the commands
-    that read its test split again.
-    """
+    `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. The other arguments
+    (`class_names`, `data`: saved with the checkpoint) are `ImageModel`'s."""
 
     device = L.LightningModule.device  # Lightning's (it tracks the module's moves), not ImageModel's
 
@@ -57,12 +52,9 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         **arch_kwargs,
     ):
         """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
-        `ema_decay` > 0: the training keeps an exponential moving average of the weights
-        (`training.build_callbacks`), which validation, test, the checkpoints and so sampling use;
-        it is saved so that a checkpoint says which weights it holds.
-        The last three are the Trainer arguments of the same names, with Lightning's meaning; the
-        Trainer refuses them under manual optimization, so the module applies them (`training_step`).
-        They are training settings, not part of the model: left out of the hyperparameters."""
+        `ema_decay` > 0: the training keeps a weight average (`training.build_callbacks`), which is saved
+        so that a checkpoint says which weights it holds. The last three are the Trainer's arguments,
+        which it refuses under manual optimization, so the module applies them; not hyperparameters."""
         super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, **arch_kwargs)
         self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"])
         self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
@@ -165,13 +157,11 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         if name == "cosine":  # its run length is known once the train loader is: see on_train_start
             self._cosine = WarmupCosine(scheduler["warmup_steps"], scheduler["final_lr_ratio"])
             config = {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, self._cosine), "interval": "step"}
-        elif name == "plateau":
+        else:  # plateau (config.RULES allow these three)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
                 min_lr=optim["lr"] * scheduler["min_lr_ratio"])
             config = {"scheduler": plateau, "interval": "epoch"}  # stepped by on_validation_epoch_end
-        else:
-            raise ValueError(f"unknown scheduler {name!r}: none, cosine or plateau")
         return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
 
     @property
@@ -248,19 +238,17 @@ class WarmupCosine:
     A closed form in a LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): those
     update the lr recursively, so a resumed run whose length changed (more epochs) would follow
     neither schedule, and CosineAnnealingLR climbs back up after its end. The run length is set
-    once the trainer knows it (`total_steps`); the first step's factor does not depend on it.
-    LambdaLR checkpoints this object's attributes (plain numbers).
+    once the trainer knows it (`total_steps`, in on_train_start); the first step's factor does not
+    depend on it. LambdaLR checkpoints this object's attributes (plain numbers).
     """
 
-    def __init__(self, warmup_steps: int, final_ratio: float, total_steps: int | None = None):
-        self.warmup_steps, self.final_ratio, self.total_steps = warmup_steps, final_ratio, total_steps
+    def __init__(self, warmup_steps: int, final_ratio: float):
+        self.warmup_steps, self.final_ratio, self.total_steps = warmup_steps, final_ratio, None
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         if step == self.warmup_steps:
             return 1.0
-        if self.total_steps is None:
-            raise RuntimeError("WarmupCosine.total_steps must be set before the schedule goes past its warm-up")
         progress = min((step - self.warmup_steps) / max(self.total_steps - 1 - self.warmup_steps, 1), 1.0)
         return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

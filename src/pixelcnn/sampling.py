@@ -140,10 +140,10 @@ class _CapturedSampler:
 
 @torch.no_grad()
 def sample_fast(model: nn.Module, uniforms: Tensor, height: int, width: int, temperature: float,
-                labels: Tensor | None = None, cuda_graph: bool = True) -> Tensor:
+                labels: Tensor | None = None) -> Tensor:
     """Exact sampler with per-layer activation caching. -> (B, H, W) or (B, C, H, W) long levels"""
     out = torch.zeros(uniforms.shape[0], model.image_channels, height, width, dtype=torch.long, device=uniforms.device)
-    if not (cuda_graph and uniforms.is_cuda):
+    if not uniforms.is_cuda:
         _fast_loop(model, uniforms, out, temperature, labels)
         return as_images(out)
     # Graphs are cached on the model and read the weights in place, so training updates are seen.

@@ -100,11 +100,9 @@ class NonFiniteLossError(UserError):
 
 
 class StopOnNonFiniteLoss(L.Callback):
-    """Stops the run at the first NaN/inf training loss, naming the optimizer step, instead of
-    training on for the remaining epochs. Lightning has no such check for the training loss
-    (EarlyStopping's check_finite looks at a validation metric once per epoch). Checked once per
-    Lightning batch, i.e. every `data.steps_per_batch` micro-batches, with one host sync: a
-    per-step sync would stall the GPU (see module.training_step, which returns their losses)."""
+    """Stops the run at the first NaN/inf training loss, naming the optimizer step (Lightning's
+    EarlyStopping check_finite looks at a validation metric once per epoch). Checked once per Lightning
+    batch of `data.steps_per_batch` micro-batches, with one host sync: a per-step sync would stall the GPU."""
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         # Lightning's manual optimization hands on training_step's returned tensor as outputs["loss"].

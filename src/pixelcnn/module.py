@@ -77,12 +77,11 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         self.loss_fn = torch.compile(self.mean_bits_per_dim, **compile_kwargs)
 
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
-        """`batch` is a list of micro-batches of `data.batch_size` (see `data.steps_per_batch`):
-        several optimizer steps per Lightning batch pay the loop's fixed cost once. Each
-        micro-batch is what Lightning calls a batch: the optimizer steps once per
-        `accumulate_grad_batches` of them (each loss scaled by 1/N, so the step sees the mean
-        gradient), counted across Lightning batches; the epoch's last micro-batch closes a short
-        group, as in Lightning. Returns the K micro-batches' losses (K,), detached."""
+        """`batch` is a list of micro-batches of `data.batch_size` (`data.steps_per_batch`): several
+        optimizer steps per Lightning batch pay the loop's fixed cost once. Each micro-batch is what
+        Lightning calls a batch: one step per `accumulate_grad_batches` of them (losses scaled by 1/N: the
+        mean gradient), across Lightning batches; the epoch's last closes a short group, as in Lightning.
+        Returns the K micro-batches' losses (K,), detached."""
         optimizer, trainer, accumulate = self.optimizers(), self.trainer, self.accumulate_grad_batches
         schedulers = trainer.lr_scheduler_configs
         step_scheduler = schedulers[0].scheduler if schedulers and schedulers[0].interval == "step" else None
@@ -208,9 +207,8 @@ class PixelCNNModule(ImageModel, L.LightningModule):
                   f"{optimizer.param_groups[0]['lr']:.4g}", flush=True)
 
     def planned_optimizer_steps(self) -> int:
-        """Optimizer steps of the whole fit (`run_steps`), from the trainer's own counts. (Lightning's
-        `estimated_stepping_batches` counts Lightning batches, each of which holds several steps here.)
-        Needs the train loader: from on_train_start on."""
+        """Optimizer steps of the whole fit (`run_steps`), from the trainer's own counts and its train loader
+        (Lightning's `estimated_stepping_batches` counts Lightning batches, of several steps each here)."""
         trainer = self.trainer
         loader = trainer.train_dataloader
         # Batches of data.batch_size: a BatchLoader counts them; Lightning counts its items (lists of
@@ -233,14 +231,12 @@ def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int, accu
 class WarmupCosine:
     """LambdaLR's lr factor of optimizer step s (0-based): a linear warm-up, (s+1)/(W+1) for
     s < W = warmup_steps, then a cosine from 1 at step W to `final_ratio` at the run's last step,
-    total_steps - 1 (and after it).
+    total_steps - 1 (and after it); `total_steps` is set in on_train_start (the first step's factor
+    does not depend on it). LambdaLR checkpoints this object's attributes (plain numbers).
 
-    A closed form in a LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): those
-    update the lr recursively, so a resumed run whose length changed (more epochs) would follow
-    neither schedule, and CosineAnnealingLR climbs back up after its end. The run length is set
-    once the trainer knows it (`total_steps`, in on_train_start); the first step's factor does not
-    depend on it. LambdaLR checkpoints this object's attributes (plain numbers).
-    """
+    A closed form, not SequentialLR(LinearLR, CosineAnnealingLR): those update the lr recursively, so
+    a resumed run whose length changed (more epochs) would follow neither schedule, and
+    CosineAnnealingLR climbs back up after its end."""
 
     def __init__(self, warmup_steps: int, final_ratio: float):
         self.warmup_steps, self.final_ratio, self.total_steps = warmup_steps, final_ratio, None

@@ -131,9 +131,8 @@ def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
 
 
 def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDataModule) -> L.LightningModule:
-    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group,
-    the speed choices and the trainer's clipping and accumulation settings applied; with the
-    weights of `init_from` if given."""
+    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group, the
+    speed choices and the trainer's clipping and accumulation settings; `init_from`'s weights if given."""
     knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
     # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
     module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule),

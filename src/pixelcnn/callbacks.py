@@ -53,7 +53,15 @@ class SampleGridCallback(L.Callback):
         self.every_n_epochs, self.n, self.temperature = every_n_epochs, n, temperature
         self.seed, self.method = seed, method
 
-    def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def due(self, epoch: int, max_epochs: int | None, stopping: bool) -> bool:
+        """Whether epoch `epoch` (1-based) gets a grid: every N epochs, and the last one."""
+        last = stopping or (max_epochs is not None and max_epochs > 0 and epoch >= max_epochs)  # -1: no limit
+        return self.every_n_epochs > 0 and (epoch % self.every_n_epochs == 0 or last)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if not trainer.is_global_zero or not self.due(epoch, trainer.max_epochs, trainer.should_stop):
+            return
         # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
         module = next((c.average for c in trainer.callbacks
                        if isinstance(c, WeightAverage) and c.average is not None), module)
@@ -65,23 +73,13 @@ class SampleGridCallback(L.Callback):
         images = module.sample(n, self.temperature, self.seed, labels, self.method)
         grid = levels_to_grid(images, module.levels, nrow=nrow, scale=4)
         for logger in trainer.loggers:
-            log_grid_image(logger, grid, self.temperature, trainer.current_epoch + 1)
-
-    def due(self, epoch: int, max_epochs: int | None, stopping: bool) -> bool:
-        """Whether epoch `epoch` (1-based) gets a grid: every N epochs, and the last one."""
-        last = stopping or (max_epochs is not None and max_epochs > 0 and epoch >= max_epochs)  # -1: no limit
-        return self.every_n_epochs > 0 and (epoch % self.every_n_epochs == 0 or last)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.is_global_zero and self.due(trainer.current_epoch + 1, trainer.max_epochs, trainer.should_stop):
-            self.log_grid(trainer, module)
+            log_grid_image(logger, grid, self.temperature, epoch)
 
 
 class WeightAverage(EMAWeightAveraging):
-    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each
-    Lightning batch. It validates in place of the weights, and checkpoints hold it as their
-    state_dict (the raw weights go under current_model_state, for a resume), so sample.py and
-    evaluate.py use it."""
+    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each Lightning
+    batch. It validates in place of the weights, and checkpoints hold it as their state_dict (the raw weights
+    go under current_model_state, for a resume), so sample.py and evaluate.py use it."""
 
     @property
     def average(self) -> L.LightningModule | None:

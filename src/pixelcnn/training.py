@@ -184,8 +184,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     """The loggers the `logger` group chose (each option of conf/logger/ holds named loggers, so
-    logger=[tensorboard,mlflow] gives both; ~logger none). A logger whose package is missing is
-    one error line saying what to install."""
+    logger=[tensorboard,mlflow] gives both; ~logger none); a missing package is one error line."""
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         try:

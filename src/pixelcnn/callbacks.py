@@ -48,8 +48,7 @@ class SampleGridCallback(L.Callback):
     seed: successive grids use the same random numbers, so they show how the model changes rather than
     sampling noise. Conditional models get one row per class."""
 
-    def __init__(self, every_n_epochs: int = 5, n: int = 64, temperature: float = 1.0, seed: int = 0,
-                 method: str = "fast"):
+    def __init__(self, every_n_epochs: int, n: int, temperature: float, seed: int, method: str):  # the sample group
         self.every_n_epochs, self.n, self.temperature = every_n_epochs, n, temperature
         self.seed, self.method = seed, method
 
@@ -158,9 +157,8 @@ class RunTimeEstimate(L.Callback):
             self._hint(trainer, epoch_s)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if (trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not self._epoch_t0
-                or not trainer.is_global_zero):
-            return
+        if trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not trainer.is_global_zero:
+            return  # any other validation comes after on_train_epoch_start, which set _epoch_t0
         epoch_s = time.perf_counter() - self._epoch_t0
         print(f"[pixelcnn] epoch {self.timed_epoch + 1} incl. validation: {epoch_s:.1f} s -> whole run about "
               f"{self._run_time(trainer, epoch_s)}", flush=True)

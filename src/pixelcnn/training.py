@@ -112,9 +112,7 @@ MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": Non
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The configured data module. limit_train_batches and overfit_batches count batches of
-    data.batch_size (optimizer steps), which its loader cuts; Lightning's own limits would count
-    its batches, each of data.steps_per_batch of them."""
+    """The configured data module: its loader cuts limit_train_batches and overfit_batches (see build_trainer)."""
     return instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches,
                        overfit_batches=cfg.trainer.get("overfit_batches") or 0)
 
@@ -199,10 +197,9 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
 
 
 def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
-    """This run's hyperparameters with its final `metrics` (hparams/*), in every logger. TensorBoard
-    takes them together (its HPARAMS tab); the others (CSV's hparams.yaml and metrics.csv, MLflow's
-    params and metrics) take the hyperparameters as such and the metrics as metrics."""
-    # Those worth comparing, flattened to scalars as Lightning's loggers do, "." between levels, no Hydra `_key_`.
+    """This run's hyperparameters worth comparing (flattened to scalars as Lightning's loggers do, "." between
+    levels, no Hydra `_key_`) with its final `metrics` (hparams/*), in every logger: TensorBoard takes them
+    together (its HPARAMS tab), the others (CSV, MLflow) the hyperparameters as such and the metrics as metrics."""
     keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,

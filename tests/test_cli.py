@@ -283,7 +283,7 @@ def test_run_dir_checkpoint_choice(tmp_path: Path):
 
 @pytest.mark.parametrize("every, max_epochs, due_epochs", [(5, 12, [5, 10, 12]), (5, -1, [5, 10]), (0, 12, [])])
 def test_sample_grid_schedule(every: int, max_epochs: int, due_epochs: list[int]):
-    grids = SampleGridCallback(every_n_epochs=every)
+    grids = SampleGridCallback(every, n=64, temperature=1.0, seed=0, method="fast")
     assert [e for e in range(1, 13) if grids.due(e, max_epochs, stopping=False)] == due_epochs
     assert grids.due(7, max_epochs, stopping=True) == (every > 0)  # early stopping: a last grid
 

@@ -63,7 +63,8 @@ def test_the_average_is_validated_tested_and_checkpointed(tmp_path: Path):
 
 def test_a_resume_continues_the_average_exactly(tmp_path: Path):
     def run(name: str, epochs: int, ckpt_path: Path | None = None) -> None:
-        fit(tiny(ema_decay=0.5), *loaders(), callbacks=[WeightAverage(0.5, "cpu"), SaveAtEpochEnd(tmp_path / name)],
+        fit(tiny(ema_decay=0.5), *loaders(),
+            callbacks=[WeightAverage(decay=0.5, device="cpu"), SaveAtEpochEnd(tmp_path / name)],
             max_epochs=epochs, ckpt_path=ckpt_path)
 
     run("straight.ckpt", 2)
@@ -77,7 +78,8 @@ def test_a_resume_continues_the_average_exactly(tmp_path: Path):
 
 
 def test_a_resume_without_the_average_continues_the_raw_weights(tmp_path: Path):
-    fit(tiny(ema_decay=0.5), *loaders(), callbacks=[WeightAverage(0.5, "cpu"), SaveAtEpochEnd(tmp_path / "e1.ckpt")],
+    fit(tiny(ema_decay=0.5), *loaders(),
+        callbacks=[WeightAverage(decay=0.5, device="cpu"), SaveAtEpochEnd(tmp_path / "e1.ckpt")],
         max_epochs=1)
     raw = torch.load(tmp_path / "e1.ckpt", weights_only=True)["current_model_state"]
     module = tiny()  # model.ema_decay=0 now: no average

@@ -197,13 +197,13 @@ def test_a_single_run_stops_at_a_non_finite_loss(workdir: Path):
 def test_non_finite_loss_names_the_first_bad_step():
     one_device = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
     trainer = SimpleNamespace(global_step=12, current_epoch=3, strategy=one_device)  # 12 steps, the last 4 in this batch
-    module = SimpleNamespace(hparams={"optim": {"lr": 0.5}})
+    module = SimpleNamespace(optim={"lr": 0.5}, accumulate_grad_batches=1)
     stop = StopOnNonFiniteLoss()
     stop.on_train_batch_end(trainer, module, {"loss": torch.tensor([1.0, 0.9, 0.8, 0.7])}, None, 0)
     with pytest.raises(NonFiniteLossError, match=r"is inf at optimizer step 10 \(epoch 4\).*optim.lr \(now 0.5\)"):
         stop.on_train_batch_end(trainer, module, {"loss": torch.tensor([1.0, float("inf"), float("nan"), 1.0])},
                                 None, 0)
-    accumulating = SimpleNamespace(hparams={"optim": {"lr": 0.5}}, accumulate_grad_batches=2)
+    accumulating = SimpleNamespace(optim={"lr": 0.5}, accumulate_grad_batches=2)
     with pytest.raises(NonFiniteLossError, match=r"is nan in micro-batch 3 of 4 of the batch ending at optimizer step 12"):
         stop.on_train_batch_end(trainer, accumulating, {"loss": torch.tensor([1.0, 1.0, float("nan"), 1.0])}, None, 0)
     # DDP: another rank's bad loss stops this rank too, in the same batch.

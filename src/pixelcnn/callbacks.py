@@ -44,31 +44,13 @@ def log_grid_image(logger: Logger, grid: torch.Tensor, temperature: float, epoch
 
 
 class SampleGridCallback(L.Callback):
-    """Every `every_n_epochs` epochs, log a grid of samples drawn with a fixed seed, to every logger.
+    """Every `every_n_epochs` epochs (and the last), a grid of samples in every logger, drawn with a fixed
+    seed: successive grids use the same random numbers, so they show how the model changes rather than
+    sampling noise. Conditional models get one row per class."""
 
-    The fixed seed means the grids of successive epochs use the same random numbers, so
-    they show how the model changes rather than sampling noise. Conditional models get one
-    row per class.
-    """
-
-    def __init__(self, every_n_epochs: int = 5, n: int = 64, temperature: float = 1.0, seed: int = 0,
-                 method: str = "fast", scale: int = 4):
-        self.every_n_epochs = every_n_epochs
-        self.n, self.temperature, self.seed, self.method, self.scale = n, temperature, seed, method, scale
-
-    def log_grid(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
-        module = next((c.average for c in trainer.callbacks
-                       if isinstance(c, WeightAverage) and c.average is not None), module)
-        labels, nrow = None, 8
-        if module.conditional:  # one row per class, as `sample.py label=all` draws them
-            nrow = max(self.n // module.hparams.num_classes, 1)
-            labels = torch.arange(module.hparams.num_classes).repeat_interleave(nrow)
-        n = len(labels) if labels is not None else self.n
-        images = module.sample(n, self.temperature, self.seed, labels, self.method)
-        grid = levels_to_grid(images, module.levels, nrow=nrow, scale=self.scale)
-        for logger in trainer.loggers:
-            log_grid_image(logger, grid, self.temperature, trainer.current_epoch + 1)
+    def __init__(self, every_n_epochs: int, n: int, temperature: float, seed: int, method: str):  # the sample group
+        self.every_n_epochs, self.n, self.temperature = every_n_epochs, n, temperature
+        self.seed, self.method = seed, method
 
     def due(self, epoch: int, max_epochs: int | None, stopping: bool) -> bool:
         """Whether epoch `epoch` (1-based) gets a grid: every N epochs, and the last one."""
@@ -76,18 +58,27 @@ class SampleGridCallback(L.Callback):
         return self.every_n_epochs > 0 and (epoch % self.every_n_epochs == 0 or last)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.is_global_zero and self.due(trainer.current_epoch + 1, trainer.max_epochs, trainer.should_stop):
-            self.log_grid(trainer, module)
+        epoch = trainer.current_epoch + 1
+        if not trainer.is_global_zero or not self.due(epoch, trainer.max_epochs, trainer.should_stop):
+            return
+        # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
+        module = next((c.average for c in trainer.callbacks
+                       if isinstance(c, WeightAverage) and c.average is not None), module)
+        labels, nrow = None, 8
+        if module.conditional:  # one row per class, as `sample.py label=all` draws them
+            nrow = max(self.n // module.num_classes, 1)
+            labels = torch.arange(module.num_classes).repeat_interleave(nrow)
+        n = len(labels) if labels is not None else self.n
+        images = module.sample(n, self.temperature, self.seed, labels, self.method)
+        grid = levels_to_grid(images, module.levels, nrow=nrow, scale=4)
+        for logger in trainer.loggers:
+            log_grid_image(logger, grid, self.temperature, epoch)
 
 
 class WeightAverage(EMAWeightAveraging):
-    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each
-    Lightning batch. It validates in place of the weights, and checkpoints hold it as their
-    state_dict (the raw weights go under current_model_state, for a resume), so sample.py and
-    evaluate.py use it."""
-
-    def __init__(self, decay: float, device: str):
-        super().__init__(device=device, decay=decay)
+    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each Lightning
+    batch. It validates in place of the weights, and checkpoints hold it as their state_dict (the raw weights
+    go under current_model_state, for a resume), so sample.py and evaluate.py use it."""
 
     @property
     def average(self) -> L.LightningModule | None:
@@ -106,30 +97,25 @@ class NonFiniteLossError(UserError):
 
 
 class StopOnNonFiniteLoss(L.Callback):
-    """Stops the run at the first NaN/inf training loss, naming the optimizer step, instead of
-    training on for the remaining epochs. Lightning has no such check for the training loss
-    (EarlyStopping's check_finite looks at a validation metric once per epoch). Checked once per
-    Lightning batch, i.e. every `data.steps_per_batch` micro-batches, with one host sync: a
-    per-step sync would stall the GPU (see module.training_step, which returns their losses)."""
+    """Stops the run at the first NaN/inf training loss, naming the optimizer step (Lightning's
+    EarlyStopping check_finite looks at a validation metric once per epoch). Checked once per Lightning
+    batch of `data.steps_per_batch` micro-batches, with one host sync: a per-step sync would stall the GPU."""
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         # Lightning's manual optimization hands on training_step's returned tensor as outputs["loss"].
-        losses = outputs.get("loss") if isinstance(outputs, dict) else None
-        if losses is None:
-            return
-        finite = torch.isfinite(losses)  # (K,) one entry per micro-batch of this batch
+        losses = outputs["loss"]  # (K,) one entry per micro-batch of this batch
+        finite = torch.isfinite(losses)
         bad_here = not bool(finite.all())  # the one sync
         # Under DDP every rank must stop together (a rank left behind would wait forever in the
         # next all-reduce): any rank's bad loss stops all. A no-op on one device.
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return
-        lr = (module.hparams.get("optim") or {}).get("lr") if hasattr(module, "hparams") else None
-        advice = "training stopped; try a lower optim.lr" + (f" (now {lr:g})" if isinstance(lr, (int, float)) else "")
+        advice = f"training stopped; try a lower optim.lr (now {module.optim['lr']:g})"
         if not bad_here:
             raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
                                      f"{trainer.global_step}: {advice}")
         first = int((~finite).nonzero()[0, 0])
-        if getattr(module, "accumulate_grad_batches", 1) == 1:  # one optimizer step per micro-batch
+        if module.accumulate_grad_batches == 1:  # one optimizer step per micro-batch
             # global_step already counts this batch's steps, one per loss computed.
             where = f"at optimizer step {trainer.global_step - len(losses) + first + 1}"
         else:
@@ -144,10 +130,10 @@ class RunTimeEstimate(L.Callback):
     refines it once a whole epoch with validation has run. With torch.compile the first epoch
     carries the compilation, so the refinement then waits for the second epoch."""
 
-    def __init__(self, warmup_batches: int = 3, measure_batches: int = 10, timed_epoch: int = 0,
-                 preset: str | None = None):
-        self.warmup_batches, self.measure_batches, self.timed_epoch = warmup_batches, measure_batches, timed_epoch
-        self.preset = preset  # the experiment preset the run was started with, if any
+    WARMUP_BATCHES, MEASURE_BATCHES = 3, 10  # the warm-up skips compilation / cuDNN autotuning
+
+    def __init__(self, timed_epoch: int = 0, preset: str | None = None):
+        self.timed_epoch, self.preset = timed_epoch, preset  # preset: the experiment preset of the run, if any
         self._t0 = self._epoch_t0 = 0.0
         self._printed = self._hinted = False
 
@@ -157,12 +143,13 @@ class RunTimeEstimate(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if self._printed or trainer.sanity_checking or not trainer.is_global_zero:  # one estimate, not one per rank
             return
-        if batch_idx == self.warmup_batches:  # skip compilation / cuDNN autotuning
-            self._sync(module)
+        end = self.WARMUP_BATCHES + self.MEASURE_BATCHES
+        if batch_idx in (self.WARMUP_BATCHES, end) and module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)  # time the GPU's work, not its launch
+        if batch_idx == self.WARMUP_BATCHES:
             self._t0 = time.perf_counter()
-        elif batch_idx == self.warmup_batches + self.measure_batches:
-            self._sync(module)
-            per_batch = (time.perf_counter() - self._t0) / self.measure_batches
+        elif batch_idx == end:
+            per_batch = (time.perf_counter() - self._t0) / self.MEASURE_BATCHES
             epoch_s = per_batch * trainer.num_training_batches
             print(f"[pixelcnn] {per_batch * 1e3:.1f} ms/batch -> training alone takes about "
                   f"{self._run_time(trainer, epoch_s)} here", flush=True)
@@ -170,9 +157,8 @@ class RunTimeEstimate(L.Callback):
             self._hint(trainer, epoch_s)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if (trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not self._epoch_t0
-                or not trainer.is_global_zero):
-            return
+        if trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not trainer.is_global_zero:
+            return  # any other validation comes after on_train_epoch_start, which set _epoch_t0
         epoch_s = time.perf_counter() - self._epoch_t0
         print(f"[pixelcnn] epoch {self.timed_epoch + 1} incl. validation: {epoch_s:.1f} s -> whole run about "
               f"{self._run_time(trainer, epoch_s)}", flush=True)
@@ -194,11 +180,6 @@ class RunTimeEstimate(L.Callback):
             return f"{_human(epoch_s)} per epoch, with no epoch limit"
         return f"{_human(epoch_s * trainer.max_epochs)} for {trainer.max_epochs} epochs (less if early stopping or max_time ends it)"
 
-    @staticmethod
-    def _sync(module: L.LightningModule) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-
 
 def cpu_preset_hint(run_s: float | None, has_gpu: bool, preset: str | None = None) -> str | None:
     """The line for a run estimated at over 30 min on a machine without a GPU: the seed defaults are a
@@ -219,13 +200,10 @@ def _human(seconds: float) -> str:
 
 
 class RandomStates(L.Callback):
-    """Saves the global random states (torch, CUDA, numpy, Python) in every checkpoint and puts
-    them back when a run resumes, so that its dropout masks (and anything else drawn from them)
-    continue as in an uninterrupted run. Lightning itself saves none of them.
-
-    They are put back in `on_train_start`, after everything a resumed run does before training
-    that an uninterrupted run does not (building the loaders, the sanity check). numpy's state
-    is stored as a tensor so the checkpoint still loads with `weights_only=True`."""
+    """The global random states (torch, CUDA, numpy, Python), which Lightning does not save, in every
+    checkpoint, put back on resume so that dropout masks (and all else drawn from them) continue as in
+    an uninterrupted run: in `on_train_start`, after what only a resumed run does before training
+    (building the loaders, the sanity check). numpy's state is a tensor, for `weights_only=True`."""
 
     def __init__(self):
         self._to_restore: dict | None = None
@@ -285,28 +263,24 @@ STOPPED_EXIT_CODE = 143  # a run stopped by SIGTERM after saving: 128 + 15, what
 
 class StepCheckpoint(Checkpoint):
     """`<dirpath>/<filename>.ckpt`, replaced each time: the run's resume point between two optimizer
-    steps. Written every `every_n_steps` steps (0: never), and when the run is asked to stop
-    (SIGTERM, as schedulers send before they kill a job, or a SLURM job's requeue signal): then at
-    the next step boundary, after which the run ends with a line saying how it resumes.
+    steps, written every `every_n_steps` steps (0: never) and, when the run is asked to stop (SIGTERM,
+    or a SLURM job's requeue signal), at the next step boundary; the run then ends saying how it resumes.
 
     Never at an epoch's last batch: Lightning resumes a checkpoint saved there (before the epoch's
-    validation) by skipping that validation and counting the next epoch as already started, so that
-    run's later checkpoints record its epoch progress one epoch behind, and resuming one of them
-    replays a whole epoch (issue 15). Such a save is made at the epoch's end instead (in
-    `on_train_epoch_end`, a point Lightning resumes from as from any epoch-end checkpoint).
+    validation) by skipping that validation and counting the next epoch as started, so that run's later
+    checkpoints record its epoch progress one epoch behind, and resuming one replays a whole epoch
+    (issue 15). Such a save is made in `on_train_epoch_end` instead, an ordinary epoch-end resume point.
 
-    SIGTERM: Lightning's own handler (its `_SignalConnector`) only sets `trainer.received_sigterm`;
-    its loops then stop at the next batch without a checkpoint, or in the middle of a validation,
-    and exit with status 0 (`SIGTERMException` is a SystemExit without a code). So while training
-    this handler replaces it (Lightning puts the handlers of before `fit` back when `fit` ends), and
-    the run exits with STOPPED_EXIT_CODE (`training.stopped_by_sigterm`).
+    SIGTERM: Lightning's own handler only sets `trainer.received_sigterm`; its loops then stop at the
+    next batch without a checkpoint (or mid-validation) and exit with status 0 (`SIGTERMException` is a
+    SystemExit without a code). So while training this handler replaces it (Lightning restores the
+    handlers of before `fit` when it ends), and the run exits with STOPPED_EXIT_CODE.
 
     SLURM requeue signals (`slurm_requeue_signals`): Lightning's and submitit's handlers act at once,
-    mid-step (and submitit's saves no model), so they are deferred: step.ckpt is saved at the next
-    step boundary, then the signal's own handler runs there (Lightning's saves hpc_ckpt_N.ckpt, at
-    that boundary too, and calls `scontrol requeue`; submitit's requeues the job and exits). The job
-    SLURM runs again continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the ranks decide
-    together (one reduction per batch) so that all save the same step and stop together."""
+    mid-step (and submitit's saves no model), so they run at the next step boundary, after step.ckpt is
+    saved (Lightning's then saves hpc_ckpt_N.ckpt and calls `scontrol requeue`; submitit's requeues the
+    job and exits); the requeued job continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the
+    ranks decide together (one reduction per batch): all save the same step and stop together."""
 
     def __init__(self, dirpath: str | Path, filename: str, every_n_steps: int | None = None):
         self.path = Path(dirpath) / f"{filename}.ckpt"
@@ -390,6 +364,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see `pixelcnn.files`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None:  # as TorchCheckpointIO
-            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
         torch_save(checkpoint, path)

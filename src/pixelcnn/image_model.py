@@ -107,7 +107,5 @@ class ImageModel(nn.Module):
     def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, labels: Tensor | None = None,
                method: SamplingMethod = "fast") -> Tensor:
         """Draw n images as (n, H, W) grey or (n, C, H, W) colour long levels. Conditional models need `labels` (n,)."""
-        if self.conditional and labels is None:
-            raise ValueError("this model is class-conditional: pass labels (one class index per image)")
         return sample(self.net, n, self.image_size, self.image_size, temperature, seed,
                       labels if self.conditional else None, method)

@@ -29,14 +29,9 @@ def saved_optim(hparams: dict) -> dict:
 
 class PixelCNNModule(ImageModel, L.LightningModule):
     """Trains any network of `image_model.ARCHITECTURES` with cross-entropy over the pixel levels.
-
     Batches are `(images uint8 (B, C, H, W) of levels 0..levels-1, labels long (B,))`, C =
-    `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. `levels` is always the
-    number of levels per channel, never a tensor. `class_names` (from the data, saved with the
-    checkpoint) name the `num_classes` classes for `sample.py label=<name>`; `data` is the data
-    source it was trained on (`pixelcnn.data.ImageDataModule.source_settings`), for the commands
-    that read its test split again.
-    """
+    `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. The other arguments
+    (`class_names`, `data`: saved with the checkpoint) are `ImageModel`'s."""
 
     device = L.LightningModule.device  # Lightning's (it tracks the module's moves), not ImageModel's
 
@@ -57,12 +52,9 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         **arch_kwargs,
     ):
         """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
-        `ema_decay` > 0: the training keeps an exponential moving average of the weights
-        (`training.build_callbacks`), which validation, test, the checkpoints and so sampling use;
-        it is saved so that a checkpoint says which weights it holds.
-        The last three are the Trainer arguments of the same names, with Lightning's meaning; the
-        Trainer refuses them under manual optimization, so the module applies them (`training_step`).
-        They are training settings, not part of the model: left out of the hyperparameters."""
+        `ema_decay` > 0: the training keeps a weight average (`training.build_callbacks`), which is saved
+        so that a checkpoint says which weights it holds. The last three are the Trainer's arguments,
+        which it refuses under manual optimization, so the module applies them; not hyperparameters."""
         super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, **arch_kwargs)
         self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"])
         self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
@@ -85,12 +77,11 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         self.loss_fn = torch.compile(self.mean_bits_per_dim, **compile_kwargs)
 
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
-        """`batch` is a list of micro-batches of `data.batch_size` (see `data.steps_per_batch`):
-        several optimizer steps per Lightning batch pay the loop's fixed cost once. Each
-        micro-batch is what Lightning calls a batch: the optimizer steps once per
-        `accumulate_grad_batches` of them (each loss scaled by 1/N, so the step sees the mean
-        gradient), counted across Lightning batches; the epoch's last micro-batch closes a short
-        group, as in Lightning. Returns the K micro-batches' losses (K,), detached."""
+        """`batch` is a list of micro-batches of `data.batch_size` (`data.steps_per_batch`): several
+        optimizer steps per Lightning batch pay the loop's fixed cost once. Each micro-batch is what
+        Lightning calls a batch: one step per `accumulate_grad_batches` of them (losses scaled by 1/N: the
+        mean gradient), across Lightning batches; the epoch's last closes a short group, as in Lightning.
+        Returns the K micro-batches' losses (K,), detached."""
         optimizer, trainer, accumulate = self.optimizers(), self.trainer, self.accumulate_grad_batches
         schedulers = trainer.lr_scheduler_configs
         step_scheduler = schedulers[0].scheduler if schedulers and schedulers[0].interval == "step" else None
@@ -165,13 +156,11 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         if name == "cosine":  # its run length is known once the train loader is: see on_train_start
             self._cosine = WarmupCosine(scheduler["warmup_steps"], scheduler["final_lr_ratio"])
             config = {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, self._cosine), "interval": "step"}
-        elif name == "plateau":
+        else:  # plateau (config.RULES allow these three)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
                 min_lr=optim["lr"] * scheduler["min_lr_ratio"])
             config = {"scheduler": plateau, "interval": "epoch"}  # stepped by on_validation_epoch_end
-        else:
-            raise ValueError(f"unknown scheduler {name!r}: none, cosine or plateau")
         return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
 
     @property
@@ -218,9 +207,8 @@ class PixelCNNModule(ImageModel, L.LightningModule):
                   f"{optimizer.param_groups[0]['lr']:.4g}", flush=True)
 
     def planned_optimizer_steps(self) -> int:
-        """Optimizer steps of the whole fit (`run_steps`), from the trainer's own counts. (Lightning's
-        `estimated_stepping_batches` counts Lightning batches, each of which holds several steps here.)
-        Needs the train loader: from on_train_start on."""
+        """Optimizer steps of the whole fit (`run_steps`), from the trainer's own counts and its train loader
+        (Lightning's `estimated_stepping_batches` counts Lightning batches, of several steps each here)."""
         trainer = self.trainer
         loader = trainer.train_dataloader
         # Batches of data.batch_size: a BatchLoader counts them; Lightning counts its items (lists of
@@ -243,24 +231,20 @@ def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int, accu
 class WarmupCosine:
     """LambdaLR's lr factor of optimizer step s (0-based): a linear warm-up, (s+1)/(W+1) for
     s < W = warmup_steps, then a cosine from 1 at step W to `final_ratio` at the run's last step,
-    total_steps - 1 (and after it).
+    total_steps - 1 (and after it); `total_steps` is set in on_train_start (the first step's factor
+    does not depend on it). LambdaLR checkpoints this object's attributes (plain numbers).
 
-    A closed form in a LambdaLR rather than SequentialLR(LinearLR, CosineAnnealingLR): those
-    update the lr recursively, so a resumed run whose length changed (more epochs) would follow
-    neither schedule, and CosineAnnealingLR climbs back up after its end. The run length is set
-    once the trainer knows it (`total_steps`); the first step's factor does not depend on it.
-    LambdaLR checkpoints this object's attributes (plain numbers).
-    """
+    A closed form, not SequentialLR(LinearLR, CosineAnnealingLR): those update the lr recursively, so
+    a resumed run whose length changed (more epochs) would follow neither schedule, and
+    CosineAnnealingLR climbs back up after its end."""
 
-    def __init__(self, warmup_steps: int, final_ratio: float, total_steps: int | None = None):
-        self.warmup_steps, self.final_ratio, self.total_steps = warmup_steps, final_ratio, total_steps
+    def __init__(self, warmup_steps: int, final_ratio: float):
+        self.warmup_steps, self.final_ratio, self.total_steps = warmup_steps, final_ratio, None
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         if step == self.warmup_steps:
             return 1.0
-        if self.total_steps is None:
-            raise RuntimeError("WarmupCosine.total_steps must be set before the schedule goes past its warm-up")
         progress = min((step - self.warmup_steps) / max(self.total_steps - 1 - self.warmup_steps, 1), 1.0)
         return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

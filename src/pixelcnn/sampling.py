@@ -1,7 +1,6 @@
 """Drawing images from an autoregressive model, pixel by pixel in raster order.
 
-Two exact samplers share one draw rule, so for the same random numbers they give the same
-images:
+Two exact samplers share one draw rule, so for the same random numbers they give the same images:
 - `naive`: runs the whole network once per pixel (H*W full forward passes). The reference.
 - `fast`: asks the model for an incremental state (`model.start_incremental`) that caches
   every layer's activations as pixels are generated, so the total work is about one forward
@@ -102,12 +101,9 @@ def _fast_loop(model: nn.Module, uniforms: Tensor, out: Tensor, temperature: flo
 @torch.no_grad()
 def complete_fast(model: nn.Module, known: Tensor, rows: int, uniforms: Tensor, temperature: float = 1.0,
                   labels: Tensor | None = None) -> Tensor:
-    """Image completion: keep rows [0, rows) of `known` (B, H, W) grey or (B, C, H, W) and draw the
-    others. -> the same shape, long
-
-    In raster order every pixel is conditioned on all pixels above it, so this is exact sampling
-    from p(bottom | top) with `sample_fast`'s draw rule; `uniforms` (B, H*W*C) as from
-    `draw_uniforms` (the entries of kept pixels are unused)."""
+    """Image completion: keep rows [0, rows) of `known` (B, H, W) grey or (B, C, H, W), draw the others.
+    -> the same shape, long. Every pixel is conditioned on all pixels above it, so this samples exactly
+    from p(bottom | top), by `sample_fast`'s draw rule; `uniforms` (B, H*W*C) as from `draw_uniforms`."""
     out = known.long().reshape(len(known), model.image_channels, *known.shape[-2:]).clone()  # (B, C, H, W)
     _fast_loop(model, uniforms, out, temperature, labels, kept_rows=rows)
     return as_images(out)
@@ -140,10 +136,10 @@ class _CapturedSampler:
 
 @torch.no_grad()
 def sample_fast(model: nn.Module, uniforms: Tensor, height: int, width: int, temperature: float,
-                labels: Tensor | None = None, cuda_graph: bool = True) -> Tensor:
+                labels: Tensor | None = None) -> Tensor:
     """Exact sampler with per-layer activation caching. -> (B, H, W) or (B, C, H, W) long levels"""
     out = torch.zeros(uniforms.shape[0], model.image_channels, height, width, dtype=torch.long, device=uniforms.device)
-    if not (cuda_graph and uniforms.is_cuda):
+    if not uniforms.is_cuda:
         _fast_loop(model, uniforms, out, temperature, labels)
         return as_images(out)
     # Graphs are cached on the model and read the weights in place, so training updates are seen.

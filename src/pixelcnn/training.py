@@ -112,9 +112,7 @@ MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": Non
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The configured data module. limit_train_batches and overfit_batches count batches of
-    data.batch_size (optimizer steps), which its loader cuts; Lightning's own limits would count
-    its batches, each of data.steps_per_batch of them."""
+    """The configured data module: its loader cuts limit_train_batches and overfit_batches (see build_trainer)."""
     return instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches,
                        overfit_batches=cfg.trainer.get("overfit_batches") or 0)
 
@@ -141,9 +139,8 @@ def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
 
 
 def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDataModule) -> L.LightningModule:
-    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group,
-    the speed choices and the trainer's clipping and accumulation settings applied; with the
-    weights of `init_from` if given."""
+    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group, the
+    speed choices and the trainer's clipping and accumulation settings; `init_from`'s weights if given."""
     knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
     # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
     module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule),
@@ -179,7 +176,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         # Updated once per Lightning batch, which holds K optimizer steps: decay**K keeps the average's
         # time constant in optimizer steps.
         steps = steps_per_lightning_batch(cfg, speed.cuda)
-        callbacks.append(WeightAverage(cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
+        callbacks.append(WeightAverage(decay=cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
@@ -195,8 +192,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     """The loggers the `logger` group chose (each option of conf/logger/ holds named loggers, so
-    logger=[tensorboard,mlflow] gives both; ~logger none). A logger whose package is missing is
-    one error line saying what to install."""
+    logger=[tensorboard,mlflow] gives both; ~logger none); a missing package is one error line."""
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         try:
@@ -211,10 +207,15 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
 
 
 def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
-    """This run's hyperparameters with its final `metrics` (hparams/*), in every logger. TensorBoard
-    takes them together (its HPARAMS tab); the others (CSV's hparams.yaml and metrics.csv, MLflow's
-    params and metrics) take the hyperparameters as such and the metrics as metrics."""
-    params = _flat_hparams(cfg)
+    """This run's hyperparameters worth comparing (flattened to scalars as Lightning's loggers do, "." between
+    levels, no Hydra `_key_`) with its final `metrics` (hparams/*), in every logger: TensorBoard takes them
+    together (its HPARAMS tab), the others (CSV, MLflow) the hyperparameters as such and the metrics as metrics."""
+    keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
+            "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
+    flat = _sanitize_params(_flatten_dict(keep, delimiter="."))
+    params = {key: value for key, value in flat.items() if not any(part.startswith("_") for part in key.split("."))}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics)
@@ -339,13 +340,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
               f"{speed}; loggers: {logs}", flush=True)
 
     threading.excepthook = quiet_write_errors
-    started = time.perf_counter()
+    started, checkpoint = time.perf_counter(), trainer.checkpoint_callback
     try:
         # weights_only: no file, ours or not, is unpickled with code (read_checkpoint has checked it already).
         # ckpt_path: the checkpoint file the train command resolved and checked (`commands.train.RunDirGuard`).
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None, weights_only=True)
+        fit_seconds = time.perf_counter() - started
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None,
+                            verbose=False, weights_only=True)
     except SIGTERMException:
-        raise stopped_by_sigterm(trainer, output_dir) from None
+        # Lightning's SIGTERMException is a SystemExit with status 0, which a scheduler or a sweep would take for a
+        # finished run. StepCheckpoint has said where it saved; outside the training epochs (sanity check, final
+        # test) a SIGTERM saves nothing.
+        if trainer.is_global_zero and not any(isinstance(c, StepCheckpoint) and c.stopped for c in trainer.callbacks):
+            print(f"[pixelcnn] stopped by SIGTERM outside training (nothing new saved); resume with: python train.py "
+                  f"ckpt_path={output_dir}", flush=True)
+        raise SystemExit(STOPPED_EXIT_CODE) from None
     except Exception:
         # A failed run (e.g. a non-finite loss) still shows in every logger (TensorBoard's HPARAMS tab), marked
         # failed, unless its disk is full; the writers are closed (their threads done) before the run dir may be removed.
@@ -355,13 +365,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             with suppress(OSError):
                 logger.finalize("failed")
         raise
-    fit_seconds = time.perf_counter() - started
-    checkpoint = trainer.checkpoint_callback
-    try:
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None,
-                            verbose=False, weights_only=True)
-    except SIGTERMException:
-        raise stopped_by_sigterm(trainer, output_dir) from None
     metrics = {
         "val_bpd": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan"),
         "test_bpd": float(test[0]["test/bpd"]),
@@ -399,26 +402,4 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def stopped_by_sigterm(trainer: L.Trainer, output_dir: Path) -> SystemExit:
-    """The exit of a run stopped by SIGTERM: Lightning's SIGTERMException is a SystemExit with
-    status 0, which a scheduler or a sweep would take for a finished run. StepCheckpoint has said
-    where it saved; a SIGTERM outside the training epochs (sanity check, final test) saves nothing."""
-    saved = any(isinstance(c, StepCheckpoint) and c.stopped for c in trainer.callbacks)
-    if not saved and trainer.is_global_zero:
-        print(f"[pixelcnn] stopped by SIGTERM outside training (nothing new saved); resume with: python train.py "
-              f"ckpt_path={output_dir}", flush=True)
-    return SystemExit(STOPPED_EXIT_CODE)
-
-
 QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")
-
-
-def _flat_hparams(cfg: DictConfig) -> dict[str, object]:
-    """The hyperparameters worth comparing (TensorBoard's HPARAMS tab, MLflow's params), flattened to scalars
-    as Lightning's loggers flatten and sanitize them, with "." between levels and no Hydra `_key_`."""
-    keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
-            "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
-    flat = _sanitize_params(_flatten_dict(keep, delimiter="."))
-    return {key: value for key, value in flat.items() if not any(part.startswith("_") for part in key.split("."))}

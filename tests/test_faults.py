@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from fakes import write_dataset
 from pixelcnn.callbacks import RunDirCheckpoint
+from pixelcnn.checkpoints import SAVED_DATA_KEYS
 from pixelcnn.config import PATH_KEYS, UserError, validate
 from pixelcnn.data import BatchLoader
 from pixelcnn.commands.train import record_job_failure, sweep_job_dir
@@ -652,6 +653,28 @@ def test_checkpoint_whose_hyperparameters_do_not_fit_its_weights(reference: Path
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     for script in ("sample.py", "evaluate.py"):
         assert "do not match its weights" in one_error_line(run(script, f"ckpt={tmp_path / 'edited.ckpt'}", cwd=tmp_path))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"data": {"source": "fashion_mnist", "bogus": 1}}, "its data settings are not a mapping of source, path,"),
+    ({"data": ["fashion_mnist"]}, "its data settings are not a mapping"),
+    ({"data": {"source": "fashion_mnist", "channels": "x"}}, "its data.channels='x' is invalid: it must be one of 1, 3"),
+    ({"data": {"source": "array", "path": 7}}, "its data.path=7 is invalid: it must be a path"),
+    ({"data": {"source": "fashion_mnist", "val_size": -5}}, "its data.val_size=-5 is invalid"),
+    ({"levels": 300}, "its data.levels=300 is invalid: it must be an integer in [2, 256]"),
+    ({"image_size": "16"}, "its data.image_size='16' is invalid"),
+])
+def test_checkpoint_whose_data_settings_are_edited(reference: Path, tmp_path: Path, edit: dict, message: str):
+    """A checkpoint's data settings are read from a file: out-of-range values are one line, for both commands
+    that read data with them, and nothing is written."""
+    checkpoint = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(checkpoint["hyper_parameters"]["data"]) == set(SAVED_DATA_KEYS)  # what training saves
+    checkpoint["hyper_parameters"].update(edit)
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    for script in ("sample.py", "evaluate.py"):
+        line = one_error_line(run(script, f"ckpt={tmp_path / 'edited.ckpt'}", f"out={tmp_path / 'out'}", cwd=tmp_path))
+        assert line.startswith(f"error: ckpt={tmp_path / 'edited.ckpt'} is damaged: {message}"), line
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, choices", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.config import UserError
+from pixelcnn.config import DATA, UserError
 from pixelcnn.image_model import TRAINING_KEYS, ImageModel
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
@@ -118,10 +118,30 @@ def read_same_network(path: str | Path, cfg: DictConfig, key: str, prefer: str) 
     return path, checkpoint
 
 
+# The keys of `ImageDataModule.source_settings`, a checkpoint's `data` (a test keeps the two the same).
+SAVED_DATA_KEYS = ("source", "path", "channels", "val_size", "test_size", "split_seed")
+
+
+def saved_data_error(hparams: dict) -> str | None:
+    """What is wrong with the data settings a checkpoint holds (its levels, image size and `data`, which
+    sample.py and evaluate.py read data with): values from a file, checked by the config's own rules."""
+    data = hparams.get("data") or {}  # None: trained before other data sets, so on Fashion-MNIST
+    if not isinstance(data, dict) or not set(data) <= set(SAVED_DATA_KEYS):
+        return f"its data settings are not a mapping of {', '.join(SAVED_DATA_KEYS)}"
+    values = {**{key: hparams[key] for key in ("levels", "image_size") if key in hparams}, **data}
+    for key, value in values.items():
+        ok, allowed = DATA.get(f"data.{key}", (lambda v: v is None or isinstance(v, str), "a path"))  # data.path
+        if not ok(value):
+            return f"its data.{key}={value!r} is invalid: it must be {allowed}"
+    return None
+
+
 def load_module(path: Path, map_location: str | torch.device = "cpu") -> ImageModel:
     """The model of a checkpoint file (`resolve_checkpoint` finds a run dir's), in eval mode: its network,
     likelihood and sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
     checkpoint = read_checkpoint(path)
+    if error := saved_data_error(checkpoint["hyper_parameters"]):
+        raise UserError(f"ckpt={path} is damaged: {error}")
     try:
         module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out
         module.load_state_dict(checkpoint["state_dict"])  # strict: the network's weights, all of them

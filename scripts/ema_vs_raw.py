@@ -13,7 +13,8 @@ import argparse
 
 import torch
 
-from pixelcnn.checkpoints import read_checkpoint, resolve_checkpoint
+from pixelcnn.checkpoints import load_module, read_checkpoint, resolve_checkpoint
+from pixelcnn.config import UserError
 from pixelcnn.data import setup_datamodule
 from pixelcnn.image_model import ImageModel
 
@@ -30,22 +31,30 @@ def main() -> None:
     parser.add_argument("--data-root", help="the data dir, as evaluate.py's data_root (default: $PIXELCNN_DATA_DIR, "
                                             "else ~/.cache/pixelcnn)")
     args = parser.parse_args()
+    try:
+        for run in args.runs:
+            compare(resolve_checkpoint(run, prefer=args.prefer), args.data_root)
+    except UserError as err:  # one line, as the commands give
+        raise SystemExit(f"error: {err}") from None
+
+
+def compare(path, data_root: str | None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for run in args.runs:
-        path = resolve_checkpoint(run, prefer=args.prefer)
-        checkpoint = read_checkpoint(path)
-        if "current_model_state" not in checkpoint:
-            raise SystemExit(f"error: {path} holds no raw weights (current_model_state): not trained with model.ema_decay > 0")
-        model = ImageModel.from_hparams(checkpoint["hyper_parameters"]).to(device).eval()
-        datamodule = setup_datamodule(args.data_root, model.image_size, model.levels, **(model.data or {}))
-        images, labels = datamodule.test_set
-        scores = {}
-        for name, key in (("average", "state_dict"), ("raw", "current_model_state")):
-            model.load_state_dict(checkpoint[key])
-            scores[name] = split_bits_per_dim(model, images.to(device), labels.to(device))
-        decay = checkpoint["hyper_parameters"].get("ema_decay")
-        print(f"{path} (step {checkpoint.get('global_step')}, ema_decay {decay}): test bits/dim average "
-              f"{scores['average']:.4f}, raw {scores['raw']:.4f}, average - raw {scores['average'] - scores['raw']:+.4f}")
+    checkpoint = read_checkpoint(path)
+    if "current_model_state" not in checkpoint:
+        raise UserError(f"{path} holds no raw weights (current_model_state): not trained with model.ema_decay > 0")
+    model = load_module(path, device)  # the average (state_dict), checked as for sample.py
+    datamodule = setup_datamodule(data_root, model.image_size, model.levels, **(model.data or {}))
+    images, labels = datamodule.test_set
+    scores = {"average": split_bits_per_dim(model, images.to(device), labels.to(device))}
+    try:
+        model.load_state_dict(checkpoint["current_model_state"])
+    except RuntimeError:
+        raise UserError(f"{path} is damaged: its raw weights (current_model_state) do not fit its network") from None
+    scores["raw"] = split_bits_per_dim(model, images.to(device), labels.to(device))
+    decay = checkpoint["hyper_parameters"].get("ema_decay")
+    print(f"{path} (step {checkpoint.get('global_step')}, ema_decay {decay}): test bits/dim average "
+          f"{scores['average']:.4f}, raw {scores['raw']:.4f}, average - raw {scores['average'] - scores['raw']:+.4f}")
 
 
 if __name__ == "__main__":

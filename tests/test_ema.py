@@ -101,6 +101,14 @@ def test_train_py_reports_the_average_and_the_scripts_read_the_run(workdir: Path
     assert scored.returncode == 0, scored.stderr[-2000:]
     average, raw = (float(scored.stdout.split(f"{kind} ")[1].split(",")[0]) for kind in ("average", "raw"))
     assert abs(average - metrics["test_bpd"]) < 1e-4 and average != raw
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    del checkpoint["current_model_state"]  # as in a run without model.ema_decay
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    for path, message in ((tmp_path / "plain.ckpt", "holds no raw weights (current_model_state)"),
+                          (tmp_path / "missing", "does not exist")):  # the checkpoint readers' own errors: one line
+        refused = run("scripts/ema_vs_raw.py", str(path), cwd=workdir)
+        [line] = refused.stderr.strip().splitlines()
+        assert refused.returncode == 1 and line.startswith("error: ") and message in line, refused.stderr[-2000:]
     curve = run("scripts/val_curve.py", str(run_dir), "--out", str(tmp_path / "curve.png"), cwd=workdir)
     assert curve.returncode == 0, curve.stderr[-2000:]
     points = [line.split() for line in curve.stdout.splitlines() if line[:1].isdigit()]

@@ -16,6 +16,7 @@ from pixelcnn.checkpoints import load_module
 from pixelcnn.commands.sample import complete
 from pixelcnn.commands.sample import main as sample_run
 from pixelcnn.config import UserError
+from pixelcnn.data import setup_datamodule
 from pixelcnn.gated import GatedPixelCNN
 from pixelcnn.model import PixelCNN
 from pixelcnn.sampling import complete_fast, draw_uniforms, sample_fast
@@ -33,6 +34,7 @@ NETS = {
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_dataset(root, n_train=5010, n_test=20)
+    setup_datamodule(root, SIZE, 4)  # writes the cache the tests read test images from, whichever test runs first
     return root
 
 

@@ -197,9 +197,16 @@ def test_num_classes_auto_is_the_datas(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     hparams = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["num_classes"] == 4 and hparams["class_names"] == ["0", "1", "2", "3"]
+    assert " parameters, 4 classes; " in done.stdout  # what auto became
     done = train("ckpt_path=run", "trainer.max_epochs=2")  # its saved config says auto
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    np.savez(tmp_path / "a.npz", images=random_image((40, 6, 6), 0), labels=np.arange(40) % 5)  # a class more
+    done = train("ckpt_path=run", "trainer.max_epochs=3")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: ckpt_path={Path('run', 'checkpoints', 'last.ckpt')} holds a network for 4 classes, but the data "
+        "(array) has 5 (model.num_classes=auto): resume on the data it was trained on, or train a new network from "
+        "scratch"], done.stderr
 
     done = train(*new_run, f"data.path={tmp_path / 'unlabelled.npy'}", "hydra.run.dir=run2")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [

@@ -87,7 +87,7 @@ def sweep_errors(config: DictConfig) -> list[str]:
         # The jobs' overrides, as Hydra's BasicSweeper expands them (its own code).
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
         [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
-        common = set.intersection(*map(set, jobs))  # overrides every job has: a job is named by the others
+        common = set.intersection(*map(set, jobs)) if jobs else set()  # in every job: a job is named by the others
         checks = [(f"job {n} ({' '.join(o for o in job if o not in common) or ' '.join(job)})", job)
                   for n, job in enumerate(jobs)]
     elif sweeper == OPTUNA_SWEEPER:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate,
                                 SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
-from pixelcnn.checkpoints import STEP_CHECKPOINT, read_same_network
+from pixelcnn.checkpoints import STEP_CHECKPOINT, read_checkpoint, read_same_network
 from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
 from pixelcnn.data import limited, steps_per_batch
@@ -122,9 +122,15 @@ def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> N
     its footprint, the logged hparams) sees a number; the saved Hydra config keeps `auto`."""
     if cfg.model.num_classes == "auto":
         if not datamodule.num_classes:
-            raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use "
-                            "model.num_classes=0 (unconditional), or give the images classes (one sub-folder each, docs/data.md)")
+            raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use model."
+                            "num_classes=0 (unconditional), or give the images classes (one sub-folder each, docs/data.md)")
         cfg.model.num_classes = datamodule.num_classes
+        # A resume's network check took auto for the checkpoint's count (checkpoints.check_same_network).
+        saved = read_checkpoint(Path(cfg.ckpt_path), "ckpt_path")["hyper_parameters"] if cfg.get("ckpt_path") else {}
+        if saved and saved.get("num_classes") != datamodule.num_classes:
+            raise UserError(f"ckpt_path={cfg.ckpt_path} holds a network for {saved.get('num_classes')} classes, but "
+                            f"the data ({datamodule.source}) has {datamodule.num_classes} (model.num_classes=auto): "
+                            "resume on the data it was trained on, or train a new network from scratch")
 
 
 def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
@@ -336,7 +342,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not secondary_rank():  # each DDP process runs this; the ranks are not set up yet
         logs = ", ".join(f"{type(logger).__name__} {getattr(logger, 'log_dir', None) or logger.save_dir or ''}"
                          for logger in loggers) or "none"
-        print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {n_params:,} parameters; "
+        print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {n_params:,} parameters"
+              f"{f', {cfg.model.num_classes} classes' if cfg.model.num_classes else ''}; "
               f"{speed}; loggers: {logs}", flush=True)
 
     threading.excepthook = quiet_write_errors

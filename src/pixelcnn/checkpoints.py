@@ -83,8 +83,9 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
 def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> None:
     """The checkpoint (`key`=`path`: ckpt_path or init_from) must hold the network that `cfg.model`
     builds: what gives its weights their meaning (architecture, sizes, levels, image size, classes).
-    Dropout, the weight average's decay and the optim group may change; a resume continues the saved lr schedule's state, so
-    it keeps the kind of schedule."""
+    Dropout, the weight average's decay and the optim group may change; a resume continues the saved lr
+    schedule's state, so it keeps the kind of schedule. `auto` classes stand for the saved count here; the
+    data's count is compared with it once the data is read (`training.resolve_num_classes`)."""
     from pixelcnn.module import saved_optim  # late import: keeps config/CLI errors fast
 
     def network(values: dict) -> dict:

@@ -137,7 +137,8 @@ def run(cfg: DictConfig) -> dict:
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     device = torch.device("cuda" if speed.cuda else "cpu")
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu, "torch": torch.__version__, "model": cfg.model.arch,
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    result: dict = {"device": device_name, "torch": torch.__version__, "model": cfg.model.arch,
                     "batch_size": batch_size, "speed": {}, "train": {}, "sampling": {}}
 
     # 1. training throughput: several short fits, median img/s after the warm-up batches.

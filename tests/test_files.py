@@ -24,6 +24,7 @@ from pixelcnn.checkpoints import read_checkpoint
 from pixelcnn.commands.evaluate import load_images
 from pixelcnn.config import UserError
 from pixelcnn.data import CorruptDatasetError, read_idx
+from pixelcnn.files import atomic_write, write_bytes
 from pixelcnn.images import load_image
 from pixelcnn.resources import Footprint, check_training_fits
 from test_cli import data_args
@@ -152,6 +153,23 @@ def test_full_out_dir_is_one_line_and_leaves_nothing(work: Path, small_run: Path
     line = one_error_line(run(script, f"ckpt={small_run}", f"out={disk / 'out'}", *args, cwd=work))
     assert "No space left on device" in line and str(disk / "out") in line
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing written, not even the out folder
+
+
+@pytest.mark.parametrize("failure", ["error", "full disk"])
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path: Path, failure: str, request):
+    """`atomic_write`: a second write that fails midway (an error raised in the block, or a real full disk)
+    leaves the first contents whole and no other file beside them."""
+    folder = request.getfixturevalue("disk") if failure == "full disk" else tmp_path
+    path = write_bytes(folder / "result.bin", b"first contents")
+    if failure == "error":
+        with pytest.raises(RuntimeError, match="midway"), atomic_write(path) as file:
+            file.write(b"half of the sec")
+            raise RuntimeError("midway")
+    else:
+        with pytest.raises(OSError, match="No space left"):
+            write_bytes(path, b"\1" * (3 * 2**20))  # more than the 2 MB disk holds
+    assert path.read_bytes() == b"first contents"
+    assert sorted(p.name for p in folder.iterdir()) == ["result.bin"]
 
 
 # --- resource bombs are refused before the work ------------------------------------------------------
@@ -302,6 +320,34 @@ def test_16_bit_png_scores_as_its_8_bit_twin(tmp_path: Path):
     Image.fromarray(((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)).save(tmp_path / "flat.png")
     images, names = load_images(tmp_path, image_size=16, levels=4)
     assert names == ["deep.png", "flat.png"] and torch.equal(images[0], images[1]) and images.max() == 0
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", "png"), ("I;16B", "tiff"), ("I", "tiff")])
+def test_every_16_bit_value_reads_as_its_rounded_8_bit_value(tmp_path: Path, mode: str, suffix: str):
+    """All 65536 values of a 16-bit image, exactly: v / 257 rounded (65535 is 255, 128 is 0, 129 is 1)."""
+    values = np.arange(2**16, dtype=np.int64).reshape(256, 256)
+    image = Image.new(mode, (256, 256))
+    image.putdata(values.ravel().tolist())
+    image.save(tmp_path / f"ramp.{suffix}")
+    expected = np.floor(values / 257 + 0.5).astype(np.uint8)  # no value lies halfway (v / 257 is never k + 1/2)
+    assert np.array_equal(load_image(tmp_path / f"ramp.{suffix}"), expected)
+    assert np.array_equal(load_image(tmp_path / f"ramp.{suffix}", channels=3), np.repeat(expected[..., None], 3, -1))
+
+
+@pytest.mark.parametrize("orientation, shown", [
+    (1, lambda a: a), (3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1)),
+    (2, lambda a: a[:, ::-1]), (5, lambda a: a.T),
+])
+def test_exif_orientation_reads_as_the_image_shows(tmp_path: Path, orientation: int, shown):
+    """A camera's stored pixels with an EXIF orientation tag (6: shown turned 90 degrees clockwise) read as the
+    image that viewers show, in grey and in colour."""
+    stored = np.arange(6, dtype=np.uint8).reshape(2, 3) * 40  # 2 rows, 3 columns, all different
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    path = tmp_path / "photo.png"  # an eXIf chunk; lossless, unlike a JPEG
+    Image.fromarray(stored).save(path, exif=exif)
+    assert np.array_equal(load_image(path), shown(stored))
+    assert np.array_equal(load_image(path, channels=3), np.repeat(shown(stored)[..., None], 3, -1))
 
 
 def test_run_dir_on_a_full_disk_is_refused_before_hydra_writes(work: Path, disk: Path):

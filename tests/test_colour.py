@@ -120,6 +120,23 @@ def test_colour_loss_counts_every_channel():
     assert module.image_bits_per_dim(images).allclose(torch.full((2,), math.log2(LEVELS) * 2 / 3, dtype=torch.float64))
 
 
+def test_colour_class_marginal_counts_every_channel():
+    """A conditional colour model scores an image without its label by the marginal over classes:
+    -log2(mean_k 2^-bits(x | k)) / (C*H*W), where bits(x | k) is the whole image's, all C channels."""
+    module = PixelCNNModule(arch="pixelcnn", levels=LEVELS, image_size=SIZE, filters=8, residual_blocks=1,
+                            num_classes=3, image_channels=C)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():  # the class biases too (they start at zero), so each class scores differently
+            p.normal_(0.0, 0.3)
+    images = torch.randint(0, LEVELS, (4, C, SIZE, SIZE), dtype=torch.uint8)
+    dims = C * SIZE * SIZE
+    per_class = torch.stack([module.image_bits_per_dim(images, torch.full((4,), k)) for k in range(3)], 1)  # (4, 3)
+    assert (per_class.max(1).values - per_class.min(1).values > 0.01).all()  # the classes disagree
+    expected = -(torch.logsumexp(-per_class * dims * math.log(2), 1) - math.log(3)) / math.log(2) / dims
+    assert torch.allclose(module.image_bits_per_dim(images), expected, rtol=0, atol=1e-9)
+
+
 def test_too_narrow_for_three_colour_groups_is_one_error():
     from hydra import compose, initialize_config_dir
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pixelcnn.checkpoints import check_same_network
+from pixelcnn.checkpoints import check_same_network, load_module
 from pixelcnn.config import UserError
 from pixelcnn.data import BatchLoader
-from pixelcnn.module import PixelCNNModule
+from pixelcnn.module import DEFAULT_OPTIM, PixelCNNModule
 
 LR = 1e-2
 
@@ -160,6 +160,26 @@ def test_a_resume_keeps_the_schedule_and_old_checkpoints_had_none():
     with pytest.raises(UserError, match="optim/scheduler="):
         check_same_network(model, config(cosine), Path("old.ckpt"), key="ckpt_path")
     check_same_network(model, config(cosine), Path("old.ckpt"), key="init_from")  # a new run: a new schedule
+
+
+def test_a_checkpoint_from_before_the_optim_group_loads_and_resumes(tmp_path: Path):
+    """Checkpoints saved before the optim group kept lr, weight_decay and scheduler (None: a constant lr)
+    among the model's hyperparameters (`image_model.LEGACY_OPTIM_KEYS`): sample.py and evaluate.py load
+    them (`load_module`), and a resume reads the saved optimizer settings there, so that a resume with
+    other settings (here the defaults) puts those in."""
+    fit(tiny(), BatchLoader(*data(32), 8, steps_per_batch=2), max_epochs=1).save_checkpoint(tmp_path / "new.ckpt")  # 4 steps at LR
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    hparams.update({**hparams.pop("optim"), "scheduler": None})
+    assert {"lr", "weight_decay", "scheduler"} <= set(hparams) and hparams["lr"] == LR
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    images = data(8)[0]
+    assert torch.equal(load_module(tmp_path / "old.ckpt").image_bits_per_dim(images),
+                       load_module(tmp_path / "new.ckpt").image_bits_per_dim(images))
+    spy = OptimizerSpy(lambda optimizer: optimizer.param_groups[0]["lr"], "pre")
+    fit(tiny(lr=DEFAULT_OPTIM["lr"]), BatchLoader(*data(32), 8, steps_per_batch=2), callbacks=[spy], ckpt_path=tmp_path / "old.ckpt",
+        max_epochs=2)
+    assert spy.values == [DEFAULT_OPTIM["lr"]] * 4 != [LR] * 4
 
 
 @pytest.mark.parametrize("scheduler", [{"name": "none"}, {"name": "cosine", "warmup_steps": 2, "final_lr_ratio": 0.1}])

@@ -5,6 +5,9 @@ behind (summary.md, summary.png, optimization_results.yaml, TensorBoard HPARAMS)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +21,7 @@ from pixelcnn.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from pixelcnn.commands.train import failure_reason
 from pixelcnn.config import UserError
 from pixelcnn.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_metrics
-from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
+from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 # TINY for the gated model, which hparams_search=optuna searches (its width and depth are searched).
 TINY_GATED = [o for o in TINY if not o.startswith(("model.filters", "model.residual_blocks"))]
@@ -192,6 +195,19 @@ def test_a_single_run_stops_at_a_non_finite_loss(workdir: Path):
     [line] = result.stderr.strip().splitlines()[-1:]
     assert line.startswith("error: the training loss is ") and "at optimizer step" in line and "optim.lr" in line
     assert not (run_dir / "metrics.json").exists()  # stopped, not trained on for 50 epochs
+
+
+def test_the_divergence_error_starts_a_line_after_the_progress_bar(workdir: Path):
+    """The progress bar redraws its line with carriage returns and ends it only when done: a run that
+    fails midway ends that line, so the error (in a terminal, stdout and stderr together) starts its own."""
+    args = [*TINY, *NO_QUALITY, *data_args(workdir), "optim.lr=1e12", "trainer.max_epochs=50",
+            "trainer.enable_progress_bar=true", "progress_bar_refresh=1", f"hydra.run.dir={workdir / 'outputs' / 'bar'}"]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=600,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2 and "Epoch 0" in result.stdout, result.stdout[-3000:]
+    [error] = [line for line in result.stdout.split("\n") if "error: the training loss is" in line]  # lines as shown
+    assert error.startswith("error: the training loss is "), repr(error)
 
 
 def test_non_finite_loss_names_the_first_bad_step():

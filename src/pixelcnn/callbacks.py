@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Checkpoint, EMAWeightAveraging, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import Checkpoint, EMAWeightAveraging, ModelCheckpoint, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -123,6 +123,16 @@ class StopOnNonFiniteLoss(L.Callback):
                      f"{trainer.global_step}")
         raise NonFiniteLossError(f"the training loss is {float(losses[first])} {where} "
                                  f"(epoch {trainer.current_epoch + 1}): {advice}")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, which redraws its line with carriage returns and ends it when its loop
+    ends: a failure skips that, so the bars still drawn are closed, and the `error:` line starts its own."""
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        for bar in (self._test_progress_bar, self._val_progress_bar, self._train_progress_bar):  # innermost first
+            if bar is not None:
+                bar.close()
 
 
 class RunTimeEstimate(L.Callback):

@@ -26,13 +26,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.logger import _flatten_dict, _sanitize_params
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, RandomStates, RunDirCheckpoint, RunTimeEstimate,
-                                SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
+from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, ProgressBar, RandomStates, RunDirCheckpoint,
+                                RunTimeEstimate, SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_checkpoint, read_same_network
 from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
@@ -185,7 +185,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         callbacks.append(WeightAverage(decay=cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_bar_refresh))
+        callbacks.append(ProgressBar(refresh_rate=cfg.progress_bar_refresh))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
     # A constant lr is not worth a GPU read-back every log_every_n_steps; without a logger, Lightning refuses it.

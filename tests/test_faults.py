@@ -226,6 +226,25 @@ def test_slurm_requeue_signal_saves_at_the_next_step_and_the_requeued_job_contin
     assert_same_training(reference, run_dir)
 
 
+def test_requeues_keep_one_hpc_checkpoint_and_the_test_scores_the_final_weights(work: Path, tmp_path: Path):
+    """Each requeue signal has Lightning save another hpc_ckpt_<N>.ckpt, unused (step.ckpt is the resume
+    point): the run keeps only the newest. Under SLURM, Lightning tests an hpc checkpoint when it is given no
+    checkpoint path; a run without a best checkpoint (no validation) tests its final weights (last.ckpt)."""
+    run_dir, bin_dir = tmp_path / "run", tmp_path / "bin"
+    args = [*TINY, "trainer.max_epochs=2", "+trainer.limit_val_batches=0", *data_args(work), f"hydra.run.dir={run_dir}"]
+    first = run("train.py", *args, cwd=work, env={**slurm_job_env(bin_dir), **kill_env(3, "SIGUSR1")})
+    assert first.returncode == 143 and (run_dir / "hpc_ckpt_1.ckpt").is_file(), first.stderr[-2000:]
+    second = run("train.py", f"ckpt_path={run_dir}", cwd=work, env={**slurm_job_env(bin_dir), **kill_env(6, "SIGUSR1")})
+    assert second.returncode == 143, second.stderr[-2000:]
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*")) == ["hpc_ckpt_2.ckpt"]
+    assert torch.load(run_dir / "hpc_ckpt_2.ckpt", weights_only=True, mmap=True)["global_step"] == 7  # the next step
+    last = run("train.py", *args, cwd=work, env=slurm_job_env(bin_dir, restart_count=1))
+    assert last.returncode == 0, last.stderr[-3000:]
+    loaded = [line for line in (last.stdout + last.stderr).splitlines() if "Loaded model weights from" in line]
+    assert loaded and all(line.endswith(str(run_dir / "checkpoints" / "last.ckpt")) for line in loaded), loaded
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"] == 10
+
+
 def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
     """A sweep job holds its dir as a single run does: while it trains (here stopped with SIGSTOP after
     step 2), a resume of its job dir is refused in one line and writes nothing. Then SIGTERM stops the

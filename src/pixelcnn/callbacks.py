@@ -347,7 +347,12 @@ class StepCheckpoint(Checkpoint):
             print(f"[pixelcnn] stopped by {name}{' (SLURM requeue)' * bool(requeue)} at optimizer step "
                   f"{trainer.global_step}: saved {self.path}; {then}", flush=True)
         if requeue:
+            # Lightning's handler saves one more hpc_ckpt_<N>.ckpt at each requeue, unused (this step.ckpt is
+            # the resume point): the run's older ones are removed.
+            older = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")) if trainer.is_global_zero else []
             requeue(self.signal, None)  # requeues the job (submitit's also exits here, non-zero)
+            for path in older:
+                path.unlink(missing_ok=True)
         # Lightning's own exception for this stop (it ends `fit` as an interruption); the train
         # command turns it into exit status STOPPED_EXIT_CODE.
         raise SIGTERMException

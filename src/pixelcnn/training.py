@@ -353,8 +353,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # ckpt_path: the checkpoint file the train command resolved and checked (`commands.train.RunDirGuard`).
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None, weights_only=True)
         fit_seconds = time.perf_counter() - started
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None,
-                            verbose=False, weights_only=True)
+        # A path always: given none, Lightning under SLURM would test a requeue's hpc checkpoint. No best (no
+        # validation): last.ckpt, the final weights; neither only under fast_dev_run, which saves none.
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path
+                            or checkpoint.last_model_path or None, verbose=False, weights_only=True)
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit with status 0, which a scheduler or a sweep would take for a
         # finished run. StepCheckpoint has said where it saved; outside the training epochs (sanity check, final

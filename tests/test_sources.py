@@ -19,6 +19,7 @@ from pixelcnn.config import UserError
 from pixelcnn.data import DatasetNotFoundError, ImageDataModule, quantize, setup_datamodule
 from pixelcnn.images import levels_to_grid
 from pixelcnn.module import PixelCNNModule
+from pixelcnn.sources import has_classes
 from pixelcnn.training import data_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,3 +268,26 @@ def test_evaluate_images_uses_the_training_reader(tmp_path):
     trained = torch.cat([dm.train_set[0], dm.val_set[0], dm.test_set[0]])
     assert names == ["0.png", "1.png", "2.png"] and images.shape == (3, 3, 8, 8)
     assert sorted(map(bytes, images.numpy())) == sorted(map(bytes, trained.numpy()))
+
+
+def test_whether_data_has_classes_is_told_from_names_alone(tmp_path: Path, monkeypatch):
+    """A sweep's pre-check (`has_classes`): class folders (in split folders too) and label arrays, no image read."""
+    for folder in ("flat", "classes/a", "classes/b", "splits/train", "splits/test", "split_classes/train/a",
+                   "split_classes/test/a"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("L", (4, 4)).save(tmp_path / folder / "x.png")
+    images = np.zeros((3, 4, 4), np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    np.savez(tmp_path / "plain.npz", images=images)
+    np.savez(tmp_path / "split.npz", train_images=images, test_images=images)
+    np.savez(tmp_path / "labelled.npz", train_images=images, train_labels=np.zeros(3, np.int64))
+    np.savez(tmp_path / "named.npz", images=images, class_names=np.array(["a"]))
+    monkeypatch.setattr(Image, "open", None)  # no image is opened
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", None)  # no array is read
+    assert [has_classes("folder", str(tmp_path / f)) for f in ("flat", "classes", "splits", "split_classes")] == [
+        False, True, False, True]
+    assert [has_classes("array", str(tmp_path / f)) for f in ("images.npy", "plain.npz", "split.npz", "labelled.npz",
+                                                               "named.npz")] == [False, False, False, True, True]
+    (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
+    assert has_classes("array", str(tmp_path / "broken.npz")) and has_classes("folder", str(tmp_path / "missing"))
+    assert has_classes("fashion_mnist", None)  # the job reads anything this cannot tell

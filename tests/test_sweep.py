@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -70,6 +71,23 @@ def test_step_checkpoints_that_miss_the_batch_ends_are_found_before_any_trains(w
     assert result.returncode == 2 and not sweep.exists()
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: job 1 (data.steps_per_batch=2): checkpoint_every_n_steps=3 is invalid")
+
+
+def test_a_conditional_model_on_data_without_classes_is_found_before_any_trains(workdir: Path):
+    """model.num_classes=auto (or a count) on unlabelled images: the job's own error, one line, from file names."""
+    images = workdir / "unlabelled"
+    images.mkdir(exist_ok=True)
+    for i in range(30):
+        Image.new("L", (16, 16), 8 * i).save(images / f"{i}.png")
+    sweep = workdir / "multirun-no-classes"
+    result = run("train.py", "-m", *TINY, *NO_QUALITY, "data=folder", f"data.path={images}",
+                 "model.num_classes=auto,0,3", f"hydra.sweep.dir={sweep}", cwd=workdir)
+    assert result.returncode == 2 and not sweep.exists(), result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: job 0 (model.num_classes=auto): model.num_classes=auto but the data (folder) has no classes: use "
+        "model.num_classes=0 (unconditional), or give the images classes (one sub-folder each, docs/data.md)",
+        "error: job 2 (model.num_classes=3): model.num_classes=3 but the data (folder) has no classes: use "
+        "model.num_classes=0"]
 
 
 def test_a_sweep_does_not_resume_a_run(workdir: Path):

@@ -9,6 +9,7 @@ in a file named by `content_key`, so an edited folder or array is read again.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,22 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     if len(names) < count:
         raise UserError(f"{path}: labels go up to {count - 1} but class_names has {len(names)} names")
     return splits, names
+
+
+
+def has_classes(source: str, path: str | None) -> bool:
+    """False where data=folder or data=array at `path` surely has no classes, told from names alone (no image or
+    array is read: a sweep's pre-check); True where it has them or this cannot tell (the job reads the data)."""
+    path = Path(path or "")
+    try:
+        if source == "folder" and path.is_dir():  # classes are sub-folders (of the split folders, if any)
+            roots = [path / split for split in SPLITS if (path / split).is_dir()] or [path]
+            return any(len(file.relative_to(root).parts) > 1 for root in roots for file in image_files(root))
+        if source == "array" and path.suffix.lower() == ".npy":  # images only
+            return False
+        if source == "array" and path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:  # its member names, from the zip's directory
+                return any(key == "class_names" or key.endswith("labels") for key in arrays.files)
+    except (OSError, ValueError, zipfile.BadZipFile):  # unreadable: the job says why
+        pass
+    return True

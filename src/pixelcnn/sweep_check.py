@@ -5,6 +5,8 @@ search space is checked instead (`search_space_checks`)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -23,12 +25,14 @@ LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
 def check_job(cfg: DictConfig, here: bool) -> None:
     """Raise the UserError a job with this config would raise as it starts, without loading
     data: the value checks, the accelerator (if the job runs `here`, on this machine), the step
-    checkpoints' period (for the device if `here`), and the model's own checks (built on the meta
-    device, so no memory is used). A data-dependent error (e.g. data.val_size) shows when the job runs."""
+    checkpoints' period (for the device if `here`), the model's own checks (built on the meta device,
+    so no memory is used), and a conditional model on data without classes (by file names: `has_classes`).
+    Another data-dependent error (e.g. data.val_size) shows when the job runs."""
     import torch
     from hydra.utils import instantiate
 
-    from pixelcnn.training import check_step_checkpoints, resolve_speed
+    from pixelcnn.sources import has_classes
+    from pixelcnn.training import check_step_checkpoints, data_hparams, resolve_num_classes, resolve_speed
 
     validate(cfg, "train")
     if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
@@ -39,6 +43,10 @@ def check_job(cfg: DictConfig, here: bool) -> None:
         check_step_checkpoints(cfg, cuda=here and resolve_speed(cfg).cuda)
         with torch.device("meta"):  # the class count (auto: the data's, unknown here) is not in the model's checks
             instantiate(cfg.model, _convert_="all", num_classes=0)
+    if cfg.model.num_classes and not has_classes(cfg.data.source, cfg.data.path):  # the job's own error, from names
+        no_classes = SimpleNamespace(num_classes=0, source=cfg.data.source)
+        resolve_num_classes(cfg, no_classes)  # model.num_classes=auto
+        data_hparams(cfg.model.num_classes, no_classes)  # a count
 
 
 def job_error(master: DictConfig, overrides: list[str]) -> str | None:

@@ -413,7 +413,8 @@ def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels:
     for k, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(k)
     for shape, indices in by_shape.items():
-        for start in range(0, len(indices), step := max(1, 2**24 // math.prod(shape))):
+        step = max(1, 2**24 // math.prod(shape))
+        for start in range(0, len(indices), step):
             batch = indices[start:start + step]
             out[batch] = quantize(torch.from_numpy(np.stack([images[k] for k in batch])), image_size, levels)
     return out

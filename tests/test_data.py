@@ -12,12 +12,14 @@ import torch
 import torchvision
 
 from fakes import IDX_NAMES, write_dataset, write_idx
+from pixelcnn import data
 from pixelcnn.data import (
     BatchLoader,
     CorruptDatasetError,
     DatasetNotFoundError,
     ImageDataModule,
     default_data_dir,
+    preprocess,
     quantize,
     read_idx,
     resize_images,
@@ -64,6 +66,18 @@ def test_resize_4x4_to_2x2_by_hand():
     image = torch.tensor([[0, 64, 128, 192], [0, 64, 128, 192], [255, 255, 0, 0], [255, 255, 0, 0]], dtype=torch.uint8)
     assert resize_images(image[None], 2).tolist() == [[[[32.0, 160.0], [255.0, 0.0]]]]
     assert quantize(image[None], 2, 4).tolist() == [[[[0, 2], [3, 0]]]]
+
+
+def test_preprocess_in_bounded_batches_keeps_order_and_values(monkeypatch):
+    """preprocess quantizes 2**24 values at a time (the float copies of a 1 GB array would take ~7 GB): images of
+    two sizes, interleaved, three of them more than one batch, come out in order as quantize makes them."""
+    rng = np.random.default_rng(0)
+    big, small = rng.integers(0, 256, (3, 2400, 2400), dtype=np.uint8), rng.integers(0, 256, (2, 9, 9), dtype=np.uint8)
+    expected = torch.cat([quantize(torch.from_numpy(np.stack(group)), 16, 4) for group in (big, small)])
+    batches = []
+    monkeypatch.setattr(data, "quantize", lambda images, *args: batches.append(images.numel()) or quantize(images, *args))
+    assert torch.equal(preprocess([big[0], small[0], big[1], big[2], small[1]], 16, 4, 1), expected[[0, 3, 1, 2, 4]])
+    assert max(batches) <= 2**24 and sum(batches) == big.size + small.size
 
 
 def test_resize_ramp_4_to_3_by_hand():

@@ -4,6 +4,7 @@ and `evaluate.py` end to end. Tiny untrained models on tiny synthetic IDX files.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -147,6 +148,30 @@ def test_scores_png_folder_with_training_preprocessing(tmp_path):
     assert Path(result["csv"]).name == "scores_pngs.csv"
 
 
+def test_exported_test_split_scores_its_test_bpd(tmp_path, data_root):
+    """The checkpoint's test split written as PNGs in class folders (images.py's writer, at the data's levels),
+    scored with images=<folder>, gives back each test image, and the test bits/dim evaluate.py reports for it."""
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt")
+    metrics = run(eval_config(ckpt, data_root, tmp_path / "eval", heatmaps=0, extremes=1))
+    cached = torch.load(data_root / f"fashion_mnist_{SIZE}px_4lv.pt")  # the test split evaluate.py scored
+    test_images, test_labels = cached["test_images"], cached["test_labels"]
+    for k, (image, label) in enumerate(zip(test_images, test_labels)):
+        (tmp_path / "export" / str(label.item())).mkdir(parents=True, exist_ok=True)
+        save_grid(levels_to_grid(image[None], 4), tmp_path / "export" / str(label.item()) / f"{k:03d}.png")
+    scored = run(eval_config(ckpt, data_root, tmp_path / "scores", images=str(tmp_path / "export")))
+    images, names = load_images(tmp_path / "export", SIZE, 4)
+    assert names == scored["images"] and len(names) == N_TEST
+    assert torch.equal(images, test_images[[int(Path(name).stem) for name in names]])
+    assert np.mean(scored["bits_per_dim"]) == pytest.approx(metrics["test_bpd"], abs=1e-9)  # the same, to rounding
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """A .npz file's content (np.load reads one whatever its name says)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -157,6 +182,7 @@ def test_scores_png_folder_with_training_preprocessing(tmp_path):
         (np.full((2, SIZE, SIZE), -1), "values -1..-1"),
         (np.zeros((2, SIZE, SIZE), np.float32), "float32"),
         (b"not numpy", "not a readable .npy"),
+        (npz_bytes(levels=np.zeros((2, SIZE, SIZE), np.uint8)), r"is a .npz archive \(levels\): pass a .npy"),
     ],
 )
 def test_bad_npy_is_a_user_error(tmp_path, content, message):

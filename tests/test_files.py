@@ -5,11 +5,13 @@ as the grey levels it shows."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import struct
 import subprocess
 import tracemalloc
+import zipfile
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 
 from fakes import write_dataset
+from pixelcnn import sources
 from pixelcnn.checkpoints import read_checkpoint
 from pixelcnn.commands.evaluate import load_images
 from pixelcnn.config import UserError
@@ -183,7 +186,7 @@ def gzip_stream(header: bytes, zeros: int) -> bytes:
 
 def test_gzip_bomb_is_refused_without_inflating_it(tmp_path: Path):
     """A header promising 10 images, then 256 MB of zeros (a 250 kB file): refused having inflated one byte
-    more than the promise; a header promising more than MAX_IDX_BYTES is refused from the header alone."""
+    more than the promise; a header promising more than MAX_DATA_BYTES is refused from the header alone."""
     bomb = tmp_path / "train-images-idx3-ubyte.gz"
     bomb.write_bytes(gzip_stream(struct.pack(">HBB3I", 0, 8, 3, 10, 28, 28), 256 * 2**20))
     tracemalloc.start()
@@ -198,6 +201,50 @@ def test_gzip_bomb_is_refused_without_inflating_it(tmp_path: Path):
     huge.write_bytes(gzip_stream(struct.pack(">HBB3I", 0, 8, 3, 2**20, 2**10, 2**10), 0))
     with pytest.raises(CorruptDatasetError, match="more than the"):
         read_idx(huge, 3)
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The start of a .npy file of uint8 `shape`: what np.load allocates from."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
+def test_array_files_are_bounded_by_their_headers(tmp_path: Path):
+    """A 1 kB .npy whose header claims 10^15 bytes (np.load: a 909 TiB _ArrayMemoryError), a .npz member whose
+    header claims more than the member holds, and a truncated .npy: one line each, nothing allocated, for
+    data=array and for evaluate.py's images=."""
+    cases = {"claims.npy": (npy_header((10**9, 1000, 1000)) + bytes(1000), "more than the 1073741824 a data file"),
+             "truncated.npy": (npy_header((100, 16, 16)) + bytes(1000), r"25600 bytes of data, but only 1000 follow")}
+    with zipfile.ZipFile(tmp_path / "member.npz", "w") as archive:
+        archive.writestr("images.npy", npy_header((2**20, 2**10, 2**10)) + bytes(1000))
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=f"images={tmp_path / name} is not a readable .npy file .*{message}"):
+            load_images(tmp_path / name, 8, 4)
+    for name, message in [*((name, message) for name, (_, message) in cases.items()),
+                          ("member.npz", r"images.npy: its header claims uint8 \(1048576, 1024, 1024\)")]:
+        with pytest.raises(UserError, match=f"data.path={tmp_path / name} is not a readable NumPy file .*{message}"):
+            sources.read_array(tmp_path / name, 1)
+
+
+def test_zip_bomb_is_refused_without_inflating_it(tmp_path: Path, monkeypatch):
+    """A .npz of 64 MB of zeros in 64 kB, with the limit lowered to 1 MB (a 1 GB bomb, scaled down): refused
+    from its members' declared sizes, having inflated nothing (np.load: 7 GB of memory for a 1 MB file)."""
+    monkeypatch.setattr(sources, "MAX_DATA_BYTES", 2**20)
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("images.npy", "w") as member:
+        member.write(npy_header((64, 1024, 1024)))
+        for _ in range(64):
+            member.write(bytes(2**20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=r"its members inflate to 67108992 bytes, more than the 1048576"):
+            sources.read_array(bomb, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
 
 
 @pytest.mark.parametrize("args, message", [

@@ -117,6 +117,60 @@ def test_bad_folders_are_one_error(tmp_path, problem, message):
     assert not list((tmp_path / "data").glob("*.pt"))  # nothing cached
 
 
+@pytest.mark.parametrize("layout, message", [
+    ({"train/a": 2, "train/b": 2, "val/a": 1, "val/c": 1, "test/d": 1}, r"val/ has classes that train/ has not \(c\)"),
+    ({"train/a": 2, "train/b": 2, "test/a": 1, "test/d": 1}, r"test/ has classes that train/ has not \(d\)"),
+    ({"a": 3, "b": 0}, r"class folder \S*bad/b holds no image files"),
+    ({"train/a": 3, "train/b": 3, "test/a": 1, "test/b": 0}, r"class folder \S*test/b holds no image files"),
+    ({"train/a": 3, "train/b": 3, "val": 0}, r"holds no image files .* under \S*bad/val$"),
+])
+def test_folders_whose_classes_are_not_the_training_ones_are_one_error(tmp_path, layout, message):
+    """A class in val/ or test/ that train/ has not (a class no model learns), an empty class folder (as
+    torchvision's ImageFolder refuses it) and an empty split folder are each one line, not a class more or less."""
+    folder = tmp_path / "bad"
+    for k, (where, count) in enumerate(layout.items()):
+        (folder / where).mkdir(parents=True)
+        for n in range(count):
+            Image.fromarray(random_image((8, 8), 10 * k + n)).save(folder / where / f"{n}.png")
+    with pytest.raises(UserError, match=message):
+        module_for(tmp_path, "folder", folder, val_size=1, test_size=1)
+    assert not list((tmp_path / "data").glob("*.pt"))  # nothing cached
+
+
+IMAGES, LABELS = np.zeros((8, 6, 6), np.uint8), np.arange(8) % 3
+
+
+@pytest.mark.parametrize("arrays, message", [
+    # labels for every split or for none: else a split's images all become class 0
+    ({"train_images": IMAGES, "train_labels": LABELS, "test_images": IMAGES}, "has train_labels but no test_labels"),
+    ({"train_images": IMAGES, "val_images": IMAGES, "val_labels": LABELS}, "has val_labels but no train_labels"),
+    ({"images": IMAGES, "class_names": np.array(["a"])}, "has class_names but no labels"),
+    ({"train_images": IMAGES, "test_image": IMAGES}, r"holds \['test_image', 'train_images'\]: expected"),
+    ({"images": IMAGES, "labels": LABELS, "val_labels": LABELS}, r"holds \['images', 'labels', 'val_labels'\]"),
+    # no images, or images of no pixels
+    ({"images": np.zeros((0, 16, 16), np.uint8)}, r"images has shape \(0, 16, 16\): it holds no images$"),
+    ({"images": np.zeros((60, 0, 16), np.uint8)}, r"images has shape \(60, 0, 16\): its images have no pixels"),
+    ({"train_images": IMAGES, "test_images": np.zeros((0, 6, 6, 3), np.uint8)}, "test_images has shape"),
+    # labels: integers of a sane class count
+    ({"images": IMAGES, "labels": LABELS * 0 + 2**40}, r"of 1099511627776\.\.1099511627776: expected integers 0\.\.65535"),
+    ({"images": IMAGES, "labels": LABELS - 1}, r"of -1\.\.1: expected integers 0\.\.65535"),
+    ({"images": IMAGES, "labels": LABELS.astype(np.float32)}, "labels is float32 .8,.: expected integers"),
+    ({"images": IMAGES, "labels": LABELS > 0}, "labels is bool .8,.: expected integers"),
+    # class names: one distinct string per class
+    ({"images": IMAGES, "labels": LABELS, "class_names": np.array(["a", "b", "a"])}, "with 'a' twice: expected one"),
+    ({"images": IMAGES, "labels": LABELS, "class_names": np.array([["a", "b"], ["c", "d"]])}, r"<U1 \(2, 2\): expected"),
+    ({"images": IMAGES, "labels": LABELS, "class_names": np.arange(3)}, r"class_names is int64 \(3,\): expected"),
+    ({"images": IMAGES, "labels": LABELS, "class_names": np.array(["a", "b"])}, r"the labels go up to 2\)$"),
+])
+def test_bad_arrays_are_one_error(tmp_path, arrays, message):
+    """Each thing wrong in an array file is one line (a .npy when it holds images only, as a user saves one)."""
+    path = tmp_path / ("bad.npy" if list(arrays) == ["images"] else "bad.npz")
+    np.save(path, arrays["images"]) if path.suffix == ".npy" else np.savez(path, **arrays)
+    with pytest.raises(UserError, match=message):
+        module_for(tmp_path, "array", path, val_size=1, test_size=1)
+    assert not list((tmp_path / "data").glob("*.pt"))  # nothing cached
+
+
 def test_array_sources(tmp_path):
     images = random_image((10, 12, 12, 4), 0)  # RGBA
     np.savez(tmp_path / "a.npz", images=images, labels=np.arange(10) % 3, class_names=np.array(["x", "y", "z"]))

@@ -46,9 +46,6 @@ SOURCES = (*IDX_DATASETS, "folder", "array")
 CUDA_STEPS_PER_BATCH = 8  # data.steps_per_batch=auto with the data on a CUDA device (else 1)
 APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes: magic 0x0803 (images, 3-D), 0x0801 (labels, 1-D)
-# Bytes an IDX file may hold after its header: 20x Fashion-MNIST's largest (47 MB), so a header
-# (or a gzip bomb behind one) cannot make a read take all memory; it becomes ~4x that as float.
-MAX_IDX_BYTES = 2**30
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -107,7 +104,7 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
     torchvision's `read_sn3_pascalvincent_tensor` only reads uncompressed files and tolerates
     short ones (`strict=False`), so the header and the payload size are checked here before
     the bytes become a tensor. A .gz file is inflated as a stream, never beyond what its header
-    promises (at most MAX_IDX_BYTES) plus one byte: a gzip bomb costs no more than an honest file.
+    promises (at most sources.MAX_DATA_BYTES) plus one byte: a gzip bomb costs no more than an honest file.
     """
     path = Path(path)
     header_size = 4 + 4 * ndim
@@ -121,9 +118,9 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
                                     f"(ubyte, {ndim}-D)")
             dims = struct.unpack(f">{ndim}I", header[4:])
             expected_size = math.prod(dims)
-            if expected_size > MAX_IDX_BYTES:
+            if expected_size > sources.MAX_DATA_BYTES:
                 raise corrupt(path, f"its header says {dims} = {expected_size} bytes of data, more than the "
-                                    f"{MAX_IDX_BYTES} an IDX file may hold here (data.MAX_IDX_BYTES)")
+                                    f"{sources.MAX_DATA_BYTES} a data file may hold (pixelcnn.sources.MAX_DATA_BYTES)")
             data = file.read(expected_size + 1)  # one more: a longer file is reported, not read on
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # bad gzip header / truncated / corrupt stream
         raise corrupt(path, f"broken gzip stream ({err})") from err
@@ -410,13 +407,16 @@ Split = tuple[Tensor, Tensor]  # (images uint8 (N, C, S, S), labels int64 (N,))
 
 def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels: int) -> Tensor:
     """Images of any sizes, (H, W) or (H, W, C) uint8 -> (N, C, S, S) uint8 levels by `quantize`,
-    one batch per size (the order is kept)."""
+    batched by size, 2**24 values at most (the float copies of a 1 GB array would take ~7 GB), in order."""
     out = torch.empty(len(images), channels, image_size, image_size, dtype=torch.uint8)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(k)
-    for indices in by_shape.values():
-        out[indices] = quantize(torch.from_numpy(np.stack([images[k] for k in indices])), image_size, levels)
+    for shape, indices in by_shape.items():
+        step = max(1, 2**24 // math.prod(shape))
+        for start in range(0, len(indices), step):
+            batch = indices[start:start + step]
+            out[batch] = quantize(torch.from_numpy(np.stack([images[k] for k in batch])), image_size, levels)
     return out
 
 

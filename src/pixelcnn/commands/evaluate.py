@@ -4,9 +4,9 @@ Without `images=`: exact test bits/dim over the whole test split, a per-pixel NL
 (where the model is surprised), grids of the most and least likely test images and sample quality
 (`pixelcnn.classifier`; skipped with a note for data other than grey Fashion-MNIST), into `out`
 (default `<run dir>/eval`) with a `metrics.json`. With `images=<file.npy | an image file | a folder
-of image files>`: outlier scores, the bits/dim of each image, as a table and a CSV. A conditional
-model scores them by the marginal likelihood p(x) = mean_c p(x | c) (uniform class prior), as their
-class is unknown.
+of image files>` (every image file under it, class folders too, as `data=folder` reads them): outlier
+scores, the bits/dim of each image, as a table and a CSV. A conditional model scores them by the
+marginal likelihood p(x) = mean_c p(x | c) (uniform class prior), as their class is unknown.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
 from pixelcnn.config import UserError, validate
 from pixelcnn.files import atomic_write, write_text
 from pixelcnn.images import levels_to_grid, load_image, save_grid
-from pixelcnn.sources import IMAGE_SUFFIXES
+from pixelcnn.sources import IMAGE_SUFFIXES, image_files, read_arrays
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
 
@@ -35,10 +35,10 @@ TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surp
 
 def load_npy(path: Path, image_size: int, levels: int, channels: int = 1) -> Tensor:
     """A .npy of integer levels (N, S, S) or (N, C, S, S) in [0, levels). -> (N, C, S, S) uint8"""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"images={path} is not a readable .npy file ({err})") from None
+    arrays = read_arrays(path, f"images={path} is not a readable .npy file")
+    if list(arrays) != ["images"]:
+        raise UserError(f"images={path} is a .npz archive ({', '.join(arrays)}): pass a .npy of levels")
+    array = arrays["images"]
     if array.ndim == 3 and channels == 1:
         array = array[:, None]
     if array.ndim != 4 or array.shape[1:] != (channels, image_size, image_size) or len(array) == 0:
@@ -63,13 +63,14 @@ def load_images(path: str | Path, image_size: int, levels: int, channels: int = 
     if path.suffix.lower() == ".npy" and path.is_file():
         images = load_npy(path, image_size, levels, channels)
         return images, [f"{path.name}[{i}]" for i in range(len(images))]
-    pictures = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    pictures = image_files(path) if path.is_dir() else [path]  # a folder as data=folder reads it: class folders too
     if not pictures or pictures[0].suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"images={path} is not a .npy file, an image file, or a folder with image files "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     from pixelcnn.data import preprocess  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
 
-    return preprocess([load_image(p, channels) for p in pictures], image_size, levels, channels), [p.name for p in pictures]
+    names = [str(p.relative_to(path if path.is_dir() else path.parent)) for p in pictures]
+    return preprocess([load_image(p, channels) for p in pictures], image_size, levels, channels), names
 
 
 # ---------------------------------------------------------------------------- figures

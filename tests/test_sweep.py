@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from pixelcnn.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
-from pixelcnn.commands.train import failure_reason
+from pixelcnn.commands.cli import failure_reason
 from pixelcnn.config import UserError
 from pixelcnn.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_metrics
 from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture

@@ -370,3 +370,14 @@ def test_running_the_same_optuna_search_again_continues_its_study(workdir: Path)
     assert f"1 = {sweeps[0]}; 2 = {sweeps[1]} (this one)" in summary
     best = OmegaConf.load(sweeps[1] / "optimization_results.yaml")  # the sweeper's best of the whole study
     assert best.best_value == jobs[ok[0]][0]["val_bpd"]
+
+
+def test_a_study_db_that_is_not_one_is_one_line_and_leaves_no_sweep_dir(tmp_path: Path):
+    """Was two tracebacks (the summary's callback, then the sweeper) and an empty sweep dir."""
+    (tmp_path / "multirun" / "optuna").mkdir(parents=True)
+    (tmp_path / "multirun" / "optuna" / "pixelcnn.db").write_bytes(b"not a database " * 10)
+    result = run("train.py", "-m", "hparams_search=optuna", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["error: hydra.sweeper.storage: multirun/optuna/pixelcnn.db is not an "
+                                                  "SQLite database: pass another file (a new one is created)"]
+    assert [p.name for p in (tmp_path / "multirun").iterdir()] == ["optuna"]  # no sweep dir

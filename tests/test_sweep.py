@@ -48,7 +48,9 @@ def test_bad_jobs_are_listed_before_any_trains(workdir: Path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.arch=pixelcnn,transformer"], "error: job 1 (model.arch=transformer): model.arch='transformer' is unknown"),
-    (["model=pixelcnn,gated"], "error: job 1 (model=gated): Could not override 'model.filters'. Key 'filters' is not in struct"),
+    # Was Hydra's "Could not override 'model.filters'. Key 'filters' is not in struct": now with the closest keys.
+    (["model=pixelcnn,gated"], "error: job 1 (model=gated): model.filters is not a key or group of the config "
+                               "(model=gated): did you mean model.layers=8"),
 ])
 def test_model_constructor_errors_are_found_before_any_trains(workdir: Path, overrides: list[str], message: str):
     sweep = workdir / "multirun-bad-model"

@@ -795,3 +795,22 @@ def test_every_seed_key_is_bounded_to_what_numpy_takes(config: str):
             for bad in (2**32, -1):
                 with pytest.raises(UserError, match=rf"^{key}={bad} is invalid: it must be an integer in \[0, 4294967295\]"):
                     validate(compose(name, overrides=[f"{key}={bad}", *extra]), name)
+
+
+def test_an_unforeseen_failure_of_a_sweep_job_is_recorded_and_the_sweep_goes_on(work: Path, tmp_path: Path):
+    """Both jobs fail (a RuntimeError in fit): each is one line and a failed metrics.json naming the traceback's file
+    (was a traceback on the terminal), the summary lists both, exit 1."""
+    target = "lightning:Trainer.fit"
+    result = run("train.py", "-m", *TINY, *data_args(work), "trainer.max_epochs=1", "seed=0,1",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+                 env={"PYTHONPATH": os.pathsep.join([str(FAIL_SHIM), os.environ.get("PYTHONPATH", "")]),
+                      "PIXELCNN_FAIL_AT": target})
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stdout[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(" (unforeseen")[0] for line in lines[:2]] == [
+        f"error: job {n} failed: RuntimeError: injected failure in {target}" for n in (0, 1)]
+    for n, line in enumerate(lines[:2]):
+        saved = Path(line.split("its traceback is in ")[1].rstrip(")"))
+        assert "Traceback" in saved.read_text()
+        saved.unlink()
+    assert "2 jobs: 0 ok, 2 failed." in (tmp_path / "sweep" / "summary.md").read_text()

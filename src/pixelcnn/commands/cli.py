@@ -87,7 +87,7 @@ def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> N
             main()
         except ConfigCompositionException as err:
             with initialize_config_dir(version_base="1.3", config_dir=str(config_dir.resolve())):  # Hydra's has ended
-                args = [a for a in sys.argv[1:] if ("=" in a or a[0] == "~") and a[0] != "-"]  # not flags nor their values
+                args = [a for a in sys.argv[1:] if ("=" in a or a.startswith("~")) and not a.startswith("-")]
                 raise UserError(override_error(err, args, config_name)) from None
 
 
@@ -117,7 +117,8 @@ def override_error(err: ConfigCompositionException, overrides: list[str], config
         key, value = override.key_or_group, override.input_line.partition("=")[2]
         if override.is_add() or override.is_force_add() or key.startswith("hydra") or key in keys + groups:
             continue
-        close = list(dict.fromkeys(([MOVED[key]] if key in MOVED else []) + difflib.get_close_matches(key, leaves, n=3)))
+        close = [MOVED[key]] if key in MOVED else []
+        close += [c for c in difflib.get_close_matches(key, leaves, n=3) if c not in close]
         choices = " or ".join(f"{c}={value}" if value else c for c in close)
         given = f" ({' '.join(chosen)})" if chosen else ""
         return f"{key} is not a key or group of the config{given}" + (f": did you mean {choices}?" if close else "")

@@ -42,7 +42,7 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
         with user_errors_unwrapped():
             yield
     except Exception as err:  # noqa: BLE001 - every failure is one line
-        message = error_line(err)
+        message = str(err) if isinstance(err, UserError) else error_line(err)
         if cleanup_dir is not None and Path(cleanup_dir).is_dir():
             if holds_checkpoints(cleanup_dir):
                 if isinstance(err, WriteError):

@@ -1,14 +1,13 @@
 """Benchmark training and sampling on the present device: `python bench.py [overrides]`.
 Prints one table and writes it as JSON (the `bench.out` key: bench.json). See README.md, section Performance."""
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.commands import bench as command
-from pixelcnn.commands.cli import check_command_line, exit_on_user_error
+from pixelcnn.commands.cli import exit_on_user_error, run_app
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
@@ -18,5 +17,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv, Path(__file__).parent / "conf")
-    main()
+    run_app(main, Path(__file__).parent / "conf", "bench")

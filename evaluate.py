@@ -3,7 +3,6 @@ heatmaps, most/least likely test images, sample quality), or score any images as
 `python evaluate.py ckpt=... images=<file.npy | folder of PNGs>`. See conf/entry/evaluate.yaml."""
 
 import gc
-import sys
 from pathlib import Path
 
 # Start-up: the imports below (torch's above all) make ~200,000 objects that live until exit. No
@@ -16,7 +15,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pixelcnn.commands import evaluate as command  # noqa: E402
-from pixelcnn.commands.cli import check_command_line, exit_on_user_error  # noqa: E402
+from pixelcnn.commands.cli import exit_on_user_error, run_app  # noqa: E402
 
 gc.freeze()
 gc.enable()
@@ -29,5 +28,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv, Path(__file__).parent / "conf/entry")
-    main()
+    run_app(main, Path(__file__).parent / "conf/entry", "evaluate")

@@ -2,7 +2,6 @@
 Only the checkpoint is needed. See README.md and conf/entry/sample.yaml for every option."""
 
 import gc
-import sys
 from pathlib import Path
 
 # Start-up: the imports below (torch's above all) make ~200,000 objects that live until exit. No
@@ -15,7 +14,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pixelcnn.commands import sample as command  # noqa: E402
-from pixelcnn.commands.cli import check_command_line, exit_on_user_error  # noqa: E402
+from pixelcnn.commands.cli import exit_on_user_error, run_app  # noqa: E402
 
 gc.freeze()
 gc.enable()
@@ -28,5 +27,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv, Path(__file__).parent / "conf/entry")
-    main()
+    run_app(main, Path(__file__).parent / "conf/entry", "sample")

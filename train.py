@@ -1,14 +1,13 @@
 """Train a PixelCNN: `python train.py [overrides]`, e.g. `python train.py model.residual_blocks=3`,
 `python train.py experiment=quick`, `python train.py -m optim.lr=1e-4,5e-4`. See README.md."""
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.commands import train as command
-from pixelcnn.commands.cli import check_command_line
+from pixelcnn.commands.cli import run_app
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -18,5 +17,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv, Path(__file__).parent / "conf")
-    main()
+    run_app(main, Path(__file__).parent / "conf", "train")

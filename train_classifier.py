@@ -2,14 +2,13 @@
 `python train_classifier.py [epochs=5]`. `evaluate.py` trains it on first use if it is missing,
 so this is only needed to retrain. See conf/entry/classifier.yaml."""
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pixelcnn.commands import train_classifier as command
-from pixelcnn.commands.cli import check_command_line, exit_on_user_error
+from pixelcnn.commands.cli import exit_on_user_error, run_app
 
 
 @hydra.main(version_base="1.3", config_path="conf/entry", config_name="classifier")
@@ -19,5 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv, Path(__file__).parent / "conf/entry")
-    main()
+    run_app(main, Path(__file__).parent / "conf/entry", "classifier")

@@ -602,7 +602,7 @@ def test_read_only_run_dir_on_resume_is_one_line(work: Path, reference: Path, tm
 
 
 # --- bad values: the whole class of each -----------------------------------------------------------
-def float_keys(cfg) -> list[str]:
+def float_keys(cfg, kind: type = float) -> list[str]:
     container = OmegaConf.to_container(cfg, resolve=False)
     keys = []
 
@@ -610,7 +610,7 @@ def float_keys(cfg) -> list[str]:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(f"{prefix}{k}.", v)
-        elif isinstance(node, float):
+        elif isinstance(node, kind) and not isinstance(node, bool):
             keys.append(prefix.rstrip("."))
 
     walk("", {k: v for k, v in container.items() if k != "hydra"})
@@ -719,3 +719,117 @@ def test_step_checkpoints_must_fall_between_batches():
     check_step_checkpoints(auto, cuda=False)
     with pytest.raises(UserError, match="multiple of 8"):
         check_step_checkpoints(auto, cuda=True)
+
+
+# --- failures no check foresaw: injected at each stage (tests/fail_shim) ---------------------------------
+FAIL_SHIM = Path(__file__).resolve().parent / "fail_shim"
+# stage -> (the function that fails there, whether the run has saved a checkpoint by then)
+STAGES = {
+    "compose": ("hydra._internal.config_loader_impl:ConfigLoaderImpl.load_configuration", False),
+    "data": ("pixelcnn.training:build_datamodule", False),
+    "model": ("pixelcnn.training:build_module", False),
+    "logger": ("pixelcnn.training:build_loggers", False),
+    "fit": ("lightning:Trainer.fit", False),
+    "test": ("lightning:Trainer.test", True),
+    "quality": ("pixelcnn.training:quality_metrics", True),
+    "summary": ("pixelcnn.training:write_metrics", True),
+}
+
+
+def injected_failure_line(result: subprocess.CompletedProcess, target: str) -> None:
+    """Exit 1 and one `error:` line, no traceback on the terminal: the traceback is in the file the line names."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr + result.stdout and "Error executing job" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: RuntimeError: injected failure in {target} (unforeseen: its traceback is in "), line
+    saved = Path(line.split("its traceback is in ")[1].rstrip(")"))
+    assert "Traceback" in saved.read_text() and f"RuntimeError: injected failure in {target}" in saved.read_text()
+    saved.unlink()
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_an_unforeseen_failure_at_any_stage_is_one_line(work: Path, tmp_path: Path, stage: str):
+    """A bug anywhere (a RuntimeError at each stage of train.py): one line naming it and the file holding its
+    traceback; the run dir is removed if nothing was saved, kept (with its checkpoints) otherwise."""
+    target, saves = STAGES[stage]
+    result = run("train.py", *TINY, *data_args(work), "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                 "sample.every_n_epochs=0", f"quality_n={30 if stage == 'quality' else 0}", cwd=tmp_path,
+                 env={"PYTHONPATH": os.pathsep.join([str(FAIL_SHIM), os.environ.get("PYTHONPATH", "")]),
+                      "PIXELCNN_FAIL_AT": target})
+    injected_failure_line(result, target)
+    if saves:
+        [run_dir] = (tmp_path / "outputs").glob("*/*")
+        assert any((run_dir / "checkpoints").glob("*.ckpt")), "a run that saved checkpoints is kept, to be resumed"
+    else:
+        assert list(tmp_path.iterdir()) == []  # no run dir, not even outputs/<date>/
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
+def test_an_unforeseen_failure_of_sample_and_evaluate_is_one_line(tmp_path: Path, script: str):
+    target = f"pixelcnn.commands.{script.removesuffix('.py')}:load_checkpoint_model"
+    result = run(script, f"ckpt={tmp_path}", f"out={tmp_path / 'out'}", cwd=tmp_path,
+                 env={"PYTHONPATH": os.pathsep.join([str(FAIL_SHIM), os.environ.get("PYTHONPATH", "")]),
+                      "PIXELCNN_FAIL_AT": target})
+    injected_failure_line(result, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["scheduler=cosine"], "error: scheduler is not a key or group of the config: did you mean optim/scheduler=cosine"),
+    (["model.lr=1e-3"], "error: model.lr is not a key or group of the config: did you mean optim.lr=1e-3"),
+    (["model=gated", "model.filters=8"], "error: model.filters is not a key or group of the config (model=gated)"),
+    (["optim.schedulr.name=cosine"], "did you mean optim.scheduler.name=cosine"),
+    (["~model.lr"], "error: model.lr is not a key or group of the config: did you mean optim.lr"),
+])
+def test_an_unknown_key_or_group_names_the_closest_ones(tmp_path: Path, args: list[str], message: str):
+    """Hydra's advice (`To append to your config use +scheduler=cosine`) would add a key nothing reads."""
+    assert message in one_error_line(run("train.py", *args, cwd=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_key_names_the_closest_ones_in_every_command_and_sweep(tmp_path: Path):
+    for script, arg, close in [("sample.py", "temprature=0.5", "temperature=0.5"), ("evaluate.py", "qualty_n=5", "quality_n=5"),
+                               ("bench.py", "model.lr=1e-3", "optim.lr=1e-3"), ("train_classifier.py", "epoch=2", "epochs=2")]:
+        assert f"did you mean {close}" in one_error_line(run(script, arg, cwd=tmp_path))
+    result = run("train.py", "-m", "model.lr=1e-3,1e-4", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[0] == ("error: job 0 (model.lr=0.001): model.lr is not a key or group of the "
+                                             "config: did you mean optim.lr=0.001 or model.arch=0.001 or model=0.001 or "
+                                             "model.filters=0.001?")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", ["train", "entry/sample", "entry/evaluate", "entry/classifier", "bench"])
+def test_every_seed_key_is_bounded_to_what_numpy_takes(config: str):
+    """Lightning's seed_everything refuses seeds past 2**32 - 1 in a traceback (and torch's generators past
+    2**64): every seed key of every command is checked by `validate` (a sweep's pre-check too)."""
+    config_dir, name = (ROOT / "conf" / config).parent, Path(config).name
+    extra = ["ckpt=x"] if name in ("sample", "evaluate") else []
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+        cfg = compose(name, overrides=extra)
+        keys = [k for k in float_keys(cfg, int) if k.rsplit(".", 1)[-1].endswith("seed")]
+        assert "seed" in keys
+        for key in keys:
+            validate(compose(name, overrides=[f"{key}={2**32 - 1}", *extra]), name)
+            for bad in (2**32, -1):
+                with pytest.raises(UserError, match=rf"^{key}={bad} is invalid: it must be an integer in \[0, 4294967295\]"):
+                    validate(compose(name, overrides=[f"{key}={bad}", *extra]), name)
+
+
+def test_an_unforeseen_failure_of_a_sweep_job_is_recorded_and_the_sweep_goes_on(work: Path, tmp_path: Path):
+    """Both jobs fail (a RuntimeError in fit): each is one line and a failed metrics.json naming the traceback's file
+    (was a traceback on the terminal), the summary lists both, exit 1."""
+    target = "lightning:Trainer.fit"
+    result = run("train.py", "-m", *TINY, *data_args(work), "trainer.max_epochs=1", "seed=0,1",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+                 env={"PYTHONPATH": os.pathsep.join([str(FAIL_SHIM), os.environ.get("PYTHONPATH", "")]),
+                      "PIXELCNN_FAIL_AT": target})
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stdout[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(" (unforeseen")[0] for line in lines[:2]] == [
+        f"error: job {n} failed: RuntimeError: injected failure in {target}" for n in (0, 1)]
+    for n, line in enumerate(lines[:2]):
+        saved = Path(line.split("its traceback is in ")[1].rstrip(")"))
+        assert "Traceback" in saved.read_text()
+        saved.unlink()
+    assert "2 jobs: 0 ok, 2 failed." in (tmp_path / "sweep" / "summary.md").read_text()

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from pixelcnn.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
-from pixelcnn.commands.train import failure_reason
+from pixelcnn.commands.cli import failure_reason
 from pixelcnn.config import UserError
 from pixelcnn.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_metrics
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
@@ -52,7 +52,9 @@ def test_bad_jobs_are_listed_before_any_trains(workdir: Path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.arch=pixelcnn,transformer"], "error: job 1 (model.arch=transformer): model.arch='transformer' is unknown"),
-    (["model=pixelcnn,gated"], "error: job 1 (model=gated): Could not override 'model.filters'. Key 'filters' is not in struct"),
+    # Was Hydra's "Could not override 'model.filters'. Key 'filters' is not in struct": now with the closest keys.
+    (["model=pixelcnn,gated"], "error: job 1 (model=gated): model.filters is not a key or group of the config "
+                               "(model=gated): did you mean model.layers=8"),
 ])
 def test_model_constructor_errors_are_found_before_any_trains(workdir: Path, overrides: list[str], message: str):
     sweep = workdir / "multirun-bad-model"
@@ -404,3 +406,14 @@ def test_running_the_same_optuna_search_again_continues_its_study(workdir: Path)
     assert f"1 = {sweeps[0]}; 2 = {sweeps[1]} (this one)" in summary
     best = OmegaConf.load(sweeps[1] / "optimization_results.yaml")  # the sweeper's best of the whole study
     assert best.best_value == jobs[ok[0]][0]["val_bpd"]
+
+
+def test_a_study_db_that_is_not_one_is_one_line_and_leaves_no_sweep_dir(tmp_path: Path):
+    """Was two tracebacks (the summary's callback, then the sweeper) and an empty sweep dir."""
+    (tmp_path / "multirun" / "optuna").mkdir(parents=True)
+    (tmp_path / "multirun" / "optuna" / "pixelcnn.db").write_bytes(b"not a database " * 10)
+    result = run("train.py", "-m", "hparams_search=optuna", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["error: hydra.sweeper.storage: multirun/optuna/pixelcnn.db is not an "
+                                                  "SQLite database: pass another file (a new one is created)"]
+    assert [p.name for p in (tmp_path / "multirun").iterdir()] == ["optuna"]  # no sweep dir

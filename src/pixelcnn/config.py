@@ -42,7 +42,7 @@ def user_errors_unwrapped():
     try:
         yield
     except InstantiationException as err:  # hydra's `instantiate` wraps what a constructor raised
-        raise err.__cause__ if isinstance(err.__cause__, UserError) else err
+        raise err.__cause__ or err  # what the constructor raised: its own type and message
     except MissingMandatoryValue as err:  # a `???` key of the config, e.g. ckpt
         raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> (e.g. ckpt=outputs/<date>/<time>)") from None
     except UserError:
@@ -96,6 +96,7 @@ def _int_list(example: str) -> tuple[Callable[[Any], bool], str]:
     return ok, f"a non-empty list of integers >= 1, e.g. {example}"
 
 
+SEED_RANGE = _int(0, 2**32 - 1)  # numpy's, which Lightning's seed_everything checks (in a traceback)
 MAX_IMAGES = 10_000  # images drawn for one grid: more would not fit a PNG (nor, at once, memory)
 Rules = dict[str, tuple[Callable[[Any], bool], str]]  # key -> (check, what is allowed); absent keys are skipped
 
@@ -110,13 +111,13 @@ DATA: Rules = {  # the data group: training's, and the classifier's (a few of it
                                                           "an integer >= 1 (images) or a fraction in (0, 1)")),
     "data.source": _one_of("fashion_mnist", "mnist", "folder", "array"),
     "data.channels": _one_of(1, 3),
-    "data.split_seed": _int(0),
+    "data.split_seed": SEED_RANGE,
     "data.download": _one_of(True, False),
     "data.hflip": _one_of(True, False),
     "data.on_device": _one_of("auto", True, False),
     "data.steps_per_batch": (lambda v: v == "auto" or _int(1)[0](v), "auto or an integer >= 1"),
 }
-SEED: Rules = {"seed": _int(0)}
+SEED: Rules = {"seed": SEED_RANGE}
 QUALITY_N: Rules = {"quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2")}
 DEVICE: Rules = {"device": _one_of("auto", "cpu", "cuda")}  # sample.py, evaluate.py, train_classifier.py
 TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
@@ -172,7 +173,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "speed.compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "speed.channels_last": _one_of("auto", True, False),
     "speed.matmul_precision": _one_of("highest", "high", "medium"),
-    "sample.seed": _int(0),
+    "sample.seed": SEED_RANGE,
     "sample.temperature": (valid_temperature, "a number > 0"),  # one grid temperature; lists are for sample.py
     "sample.n": _int(1, MAX_IMAGES),
     "sample.every_n_epochs": _int(0),
@@ -208,6 +209,18 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
     except OSError as err:
         raise UserError(f"{key}={path} cannot be written ({existing}: {err.strerror}): pass a writable folder") from None
     return path
+
+
+def check_sqlite(path: str | Path, key: str) -> None:
+    """Refuse in one line an SQLite database (MLflow's, Optuna's) that exists and is not one, or cannot be
+    created: SQLAlchemy's errors are tracebacks, and MLflow retries an unwritable one for minutes."""
+    path = Path(path)
+    if not path.exists():
+        check_out_dir(path.parent, key)
+        return
+    with path.open("rb") as file:  # SQLite takes an empty file for a new database
+        if file.read(16) not in (b"", b"SQLite format 3\x00"):
+            raise UserError(f"{key}: {path} is not an SQLite database: pass another file (a new one is created)")
 
 
 # Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder (validate).

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from pixelcnn.config import check_sqlite
 from pixelcnn.files import atomic_write, write_text
 
 RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
@@ -262,6 +263,7 @@ def open_study(config: DictConfig):
 
     storage = str(sweeper.storage)
     if storage.startswith("sqlite:///"):  # SQLite creates the file but not its folder
+        check_sqlite(storage.removeprefix("sqlite:///"), "hydra.sweeper.storage")
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     direction = sweeper.direction
     directions = [getattr(d, "name", str(d)) for d in (direction if OmegaConf.is_list(direction) else [direction])]

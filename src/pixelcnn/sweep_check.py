@@ -13,6 +13,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
+from pixelcnn.commands.cli import override_error
 from pixelcnn.config import UserError, user_errors_unwrapped, validate
 from pixelcnn.sweep import OPTUNA_SWEEPER
 
@@ -56,8 +57,7 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
         check_job(loader.load_sweep_config(master, list(overrides)),
                   here=OmegaConf.select(master, "hydra.launcher._target_") in LOCAL_LAUNCHERS)
     except ConfigCompositionException as err:  # e.g. a key the job's model does not have
-        cause = str(err.__cause__ or "").strip().splitlines()[:1]  # the "why", e.g. Key 'filters' is not in struct
-        return " ".join(str(err).strip().splitlines()[:1] + cause)
+        return override_error(err, list(overrides), master.hydra.job.config_name)
     except UserError as err:
         return str(err)
     return None

@@ -35,7 +35,7 @@ from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, ProgressB
                                 RunTimeEstimate, SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_checkpoint, read_same_network
 from pixelcnn.classifier import quality_metrics, unscorable
-from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, validate
+from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, check_sqlite, validate
 from pixelcnn.data import limited, steps_per_batch
 from pixelcnn.module import run_steps
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
@@ -201,6 +201,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     logger=[tensorboard,mlflow] gives both; ~logger none); a missing package is one error line."""
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if (uri := str(logger_cfg.get("tracking_uri"))).startswith("sqlite:///"):  # before MLflow opens it
+            check_sqlite(uri.removeprefix("sqlite:///"), f"logger.{name}.tracking_uri")
         try:
             loggers.append(instantiate(logger_cfg))
         except InstantiationException as err:

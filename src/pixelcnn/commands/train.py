@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from pixelcnn.checkpoints import read_same_network
-from pixelcnn.commands.cli import exit_on_user_error
+from pixelcnn.commands.cli import error_line, exit_on_user_error
 from pixelcnn.config import UserError, user_errors_unwrapped
 from pixelcnn.resources import secondary_rank
 from pixelcnn.run_dirs import (RunDirInUse, check_run_dir, claim_if_new, fresh_dir, hold_run_dir, holds_checkpoints,
@@ -32,7 +32,6 @@ from pixelcnn.run_dirs import (RunDirInUse, check_run_dir, claim_if_new, fresh_d
 from pixelcnn.sweep import start_study_sweep, write_metrics, write_summary
 from pixelcnn.sweep_check import sweep_errors
 
-log = logging.getLogger(__name__)
 register_resolvers()  # conf/train.yaml's run dir names; here, so that every process running a job has them
 
 
@@ -79,33 +78,20 @@ def sweep_job_dir(cfg: DictConfig):
             os.close(lock)  # releases the flock
 
 
-def failure_reason(err: BaseException) -> str:
-    """One line saying why a job failed: a user error's own message, else the exception's type
-    and message (its first line), with out-of-memory errors named as such."""
-    message = (str(err).strip().splitlines() or [""])[0]
-    if isinstance(err, UserError):
-        return message
-    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():  # CUDA, MPS or host
-        return f"out of memory ({type(err).__name__}: {message}): try a smaller data.batch_size or model"
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
-
-
 @contextmanager
 def record_job_failure(job_dir: str | Path, job: int | str):
     """In a sweep, a job that fails must not end the sweep (Hydra's BasicSweeper re-raises a job's
     exception, and `sys.exit` would end the process): the failure is written to the job's
     metrics.json as {"status": "failed", "error": <one line>} and one `error:` line is printed.
     SweepSummary lists it and makes the sweep exit non-zero at the end. Anything but a user
-    error or running out of memory also logs its traceback, for debugging."""
+    error or running out of memory names the file that holds its traceback (`cli.error_line`)."""
     try:
         with user_errors_unwrapped():
             yield
     except Exception as err:  # noqa: BLE001 - every failure of one job is recorded, the sweep goes on
         if secondary_rank():  # a DDP job's other processes: rank 0 records the failure
             return
-        reason = failure_reason(err)
-        if not isinstance(err, UserError) and not reason.startswith("out of memory"):  # likely a bug
-            log.error("job %s failed", job, exc_info=err)  # Hydra's job logging: stdout and the job's .log
+        reason = error_line(err)
         # Not in a dir another process holds (it is that run's); the summary lists a job without one as failed.
         with suppress(OSError):  # e.g. the disk that failed the job is full: the error line still tells
             if not isinstance(err, RunDirInUse):
@@ -319,7 +305,8 @@ class SweepSummary(Callback):
     that the summary lists every trial of the study, continued or not."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        start_study_sweep(config)
+        with exit_on_user_error(cleanup_dir=config.hydra.sweep.dir):  # e.g. a study DB that is not one
+            start_study_sweep(config)
         atexit.register(self.write_at_exit, config)  # Hydra calls no callback when the sweep raises
 
     @staticmethod

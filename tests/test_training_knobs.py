@@ -129,13 +129,14 @@ def test_cosine_lr_of_every_step_follows_the_formula(accumulate: int, limit, tot
     assert spy.values[3] == pytest.approx(LR) and spy.values[-1] == pytest.approx(0.1 * LR)
 
 
-def test_plateau_halves_the_lr_when_val_stalls():
+@pytest.mark.parametrize("every", [1, 2])  # trainer.check_val_every_n_epoch
+def test_plateau_halves_the_lr_when_val_stalls(every: int):
     """At lr 1e-6 val bits/dim cannot improve by the relative 1e-4 needed: with patience 0 each validation after the first
-    halves the lr."""
+    halves the lr (Lightning steps the plateau after each epoch that validates)."""
     module = tiny(lr=1e-6, scheduler={"name": "plateau", "factor": 0.5, "patience": 0, "min_lr_ratio": 0.0})
     images, labels = data(48)
     trainer = fit(module, BatchLoader(images, labels, 8), BatchLoader(images[:16], labels[:16], 16),
-                  max_epochs=3)
+                  max_epochs=3 * every, check_val_every_n_epoch=every)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-6 / 4)
 
 

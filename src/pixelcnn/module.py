@@ -105,7 +105,9 @@ class PixelCNNModule(ImageModel, L.LightningModule):
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
                 min_lr=optim["lr"] * scheduler["min_lr_ratio"])
-            config = {"scheduler": plateau, "interval": "epoch", "monitor": "val/bpd"}
+            # Stepped by Lightning on val/bpd after each epoch that validates.
+            config = {"scheduler": plateau, "interval": "epoch", "monitor": "val/bpd",
+                      "frequency": trainer.check_val_every_n_epoch or 1}
         return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
 
     @property

@@ -164,7 +164,7 @@ def test_a_checkpoint_from_before_the_optim_group_loads_and_resumes(tmp_path: Pa
     among the model's hyperparameters (`image_model.LEGACY_OPTIM_KEYS`): sample.py and evaluate.py load
     them (`load_module`), and a resume reads the saved optimizer settings there, so that a resume with
     other settings (here the defaults) puts those in."""
-    fit(tiny(), BatchLoader(*data(32), 8, steps_per_batch=2), max_epochs=1).save_checkpoint(tmp_path / "new.ckpt")  # 4 steps at LR
+    fit(tiny(), BatchLoader(*data(32), 8), max_epochs=1).save_checkpoint(tmp_path / "new.ckpt")  # 4 steps at LR
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     hparams.update({**hparams.pop("optim"), "scheduler": None})
@@ -174,7 +174,7 @@ def test_a_checkpoint_from_before_the_optim_group_loads_and_resumes(tmp_path: Pa
     assert torch.equal(load_module(tmp_path / "old.ckpt").image_bits_per_dim(images),
                        load_module(tmp_path / "new.ckpt").image_bits_per_dim(images))
     spy = OptimizerSpy(lambda optimizer: optimizer.param_groups[0]["lr"], "pre")
-    fit(tiny(lr=DEFAULT_OPTIM["lr"]), BatchLoader(*data(32), 8, steps_per_batch=2), callbacks=[spy], ckpt_path=tmp_path / "old.ckpt",
+    fit(tiny(lr=DEFAULT_OPTIM["lr"]), BatchLoader(*data(32), 8), callbacks=[spy], ckpt_path=tmp_path / "old.ckpt",
         max_epochs=2)
     assert spy.values == [DEFAULT_OPTIM["lr"]] * 4 != [LR] * 4
 

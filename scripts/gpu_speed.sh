@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training and sweep speed of the seed model on one GPU, each part the command a user would run:
-#  1. python bench.py, with data.steps_per_batch=auto (8 on CUDA) and =1 (the same optimizer steps timed);
+#  1. python bench.py: the Lightning loop (automatic optimization, one optimizer step per batch) vs a plain loop;
 #  2. python train.py with the seed defaults for a capped trainer.max_time: epochs reached, s/epoch;
 #  3. a 4-job sweep of 3 epochs (seed=0..3), serial, then hydra/launcher=parallel with n_jobs=4;
 #  4. a check that experiment=best trains here (a few batches), which also fills the compile cache.
@@ -27,11 +27,9 @@ bench() {  # $1: name; the rest: overrides
   echo "bench_$name: exit $?" | tee -a "$OUT/summary.txt"
   grep -a '^|\|^device' "$WORK/bench_$name.log" | tee -a "$OUT/summary.txt" || tail -5 "$WORK/bench_$name.log" | tee -a "$OUT/summary.txt"
 }
-need 150 && bench steps_auto
-# The same optimizer steps timed (bench counts Lightning batches): 8x the batches, 1 step each.
-ONE=(data.steps_per_batch=1 bench.warmup_batches=80 bench.train_batches=320 bench.sample_sizes=[64])
-[ "${GPU_SMOKE:-0}" = 1 ] && ONE=(data.steps_per_batch=1)
-need 120 && bench steps_1 "${ONE[@]}"
+LONG=(bench.warmup_batches=80 bench.train_batches=320)  # a few seconds of steps timed, past the compilation
+[ "${GPU_SMOKE:-0}" = 1 ] && LONG=()
+need 150 && bench seed "${LONG[@]}"
 
 # 2. The seed defaults (150 epochs) for 40 s of training.
 if need 90; then

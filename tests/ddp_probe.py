@@ -24,7 +24,7 @@ class BatchRecorder(L.Callback):
         self.images: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        self.images += [images.cpu() for images, _ in batch]  # a batch is a list of micro-batches
+        self.images.append(batch[0].cpu())
 
     def on_train_epoch_end(self, trainer, module) -> None:
         path = Path(os.environ["PIXELCNN_PROBE_DIR"]) / f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.pt"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -378,7 +377,7 @@ def test_dataloaders(tmp_path):
     dm.setup()
     train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
     assert (len(train), len(val), len(test)) == (5, 2, 1)
-    [(images, labels)] = next(iter(train))  # one micro-batch per item on the CPU (steps_per_batch auto)
+    images, labels = next(iter(train))
     assert images.shape == (16, 1, 16, 16) and images.dtype == torch.uint8 and labels.dtype == torch.int64
     # Evaluation is neither shuffled nor flipped.
     assert torch.equal(torch.cat([x for x, _ in val]), dm.val_set[0])
@@ -386,21 +385,9 @@ def test_dataloaders(tmp_path):
     assert dm.train_set[0].device.type == "cpu"  # no trainer attached: stays on the CPU
 
 
-def test_steps_per_batch_cuts_the_same_batches(tmp_path):
-    write_dataset(tmp_path)
-    dm = make_module(tmp_path, batch_size=16, shuffle_seed=3)
-    dm.setup()
-    single = [b for [b] in BatchLoader(*dm.train_set, 16, shuffle=True, seed=3, steps_per_batch=1)]
-    grouped = list(BatchLoader(*dm.train_set, 16, shuffle=True, seed=3, steps_per_batch=3))
-    assert len(grouped) == math.ceil(len(single) / 3) and [len(g) for g in grouped[:-1]] == [3] * (len(grouped) - 1)
-    flat = [b for group in grouped for b in group]
-    assert len(flat) == len(single)
-    for (x1, y1), (x2, y2) in zip(single, flat):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
-
-
 def fake_trainer(device: str) -> SimpleNamespace:
-    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0, world_size=1)
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0, world_size=1,
+                           overfit_batches=0)
 
 
 def test_on_device_stays_on_cpu_for_cpu_trainer(tmp_path):
@@ -408,17 +395,17 @@ def test_on_device_stays_on_cpu_for_cpu_trainer(tmp_path):
     dm = make_module(tmp_path)
     dm.trainer = fake_trainer("cpu")
     dm.setup()
-    assert next(iter(dm.train_dataloader()))[0][0].device.type == "cpu"
+    assert next(iter(dm.train_dataloader()))[0].device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("on_device", ["auto", True, False])
 def test_on_device_moves_data_to_cuda_once(tmp_path, on_device):
     write_dataset(tmp_path)
-    dm = make_module(tmp_path, on_device=on_device, hflip=True, steps_per_batch=1)
+    dm = make_module(tmp_path, on_device=on_device, hflip=True)
     dm.trainer = fake_trainer("cuda:0")
     dm.setup()
-    [(images, labels)] = next(iter(dm.train_dataloader()))
+    images, labels = next(iter(dm.train_dataloader()))
     expected = "cuda" if on_device else "cpu"
     assert images.device.type == labels.device.type == dm.train_set[0].device.type == expected
 

@@ -20,7 +20,7 @@ from pixelcnn.image_model import ImageModel
 
 def loaders():
     images, labels = data(48)
-    return BatchLoader(images, labels, 8, steps_per_batch=2), BatchLoader(images[:16], labels[:16], 16)
+    return BatchLoader(images, labels, 8), BatchLoader(images[:16], labels[:16], 16)
 
 
 class SaveAtEpochEnd(L.Callback):

@@ -29,7 +29,6 @@ from pixelcnn.config import PATH_KEYS, UserError, validate
 from pixelcnn.data import BatchLoader
 from pixelcnn.commands.train import record_job_failure, sweep_job_dir
 from pixelcnn.run_dirs import fresh_dir, hold_run_dir
-from pixelcnn.training import check_step_checkpoints
 from test_cli import data_args
 
 pytestmark = pytest.mark.faults
@@ -313,18 +312,17 @@ def test_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(work: Path
     assert_same_training(reference, run_dir)
 
 
-@pytest.mark.parametrize("steps_per_batch", [None, 2])
-def test_batch_loader_state_continues_the_epoch_and_the_next(steps_per_batch):
+def test_batch_loader_state_continues_the_epoch_and_the_next():
     """A loader restored from `state_dict` mid-epoch hands out the rest of that epoch, then the
     next epochs, exactly as the original (order and flips)."""
     images = torch.arange(40, dtype=torch.uint8).view(10, 1, 2, 2).repeat(1, 1, 1, 2)  # (10, 1, 2, 4)
     labels = torch.arange(10)
 
     def loader() -> BatchLoader:
-        return BatchLoader(images, labels, 2, shuffle=True, hflip=True, seed=3, steps_per_batch=steps_per_batch)
+        return BatchLoader(images, labels, 2, shuffle=True, hflip=True, seed=3)
 
     def flat(items) -> list[torch.Tensor]:
-        return [torch.cat([b[0] for b in item]) if isinstance(item, list) else item[0] for item in items]
+        return [item[0] for item in items]
 
     original = loader()
     epoch = iter(original)
@@ -706,19 +704,6 @@ def test_unknown_config_option_is_one_line(tmp_path: Path, args: list[str], choi
         line = one_error_line(run(script, *args, cwd=tmp_path))
         assert "nonexistent is not an option" in line and choices in line
     assert list(tmp_path.iterdir()) == []
-
-
-def test_step_checkpoints_must_fall_between_batches():
-    """Steps are taken data.steps_per_batch at a time: a period that is not a multiple of it
-    would never (or seldom) meet a batch end, so it is refused, explicit or auto (8 on CUDA)."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        with pytest.raises(UserError, match=r"^checkpoint_every_n_steps=6 is invalid"):
-            check_step_checkpoints(compose("train", overrides=["checkpoint_every_n_steps=6", "data.steps_per_batch=4"]),
-                                   cuda=False)
-        auto = compose("train", overrides=["checkpoint_every_n_steps=4"])
-    check_step_checkpoints(auto, cuda=False)
-    with pytest.raises(UserError, match="multiple of 8"):
-        check_step_checkpoints(auto, cuda=True)
 
 
 # --- failures no check foresaw: injected at each stage (tests/fail_shim) ---------------------------------

@@ -1,6 +1,6 @@
 """Lightning's own Trainer knobs, typed as in any Lightning project (`trainer.precision`,
 `+trainer.overfit_batches`, `+trainer.val_check_interval`, `+trainer.fast_dev_run`), behave as
-in Lightning through the project's own loader and its several optimizer steps per Lightning batch.
+in Lightning through the project's own loader.
 Each test fits a tiny model on small IDX files through the real builders of `pixelcnn.training`."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from fakes import write_dataset
-from pixelcnn.config import UserError, validate
+from pixelcnn.config import validate
 from pixelcnn.training import build_datamodule, build_module, build_trainer, resolve_speed
 from test_cli import NO_QUALITY, TINY, compose_train, data_args, run
 
 
 class BatchSpy(L.Callback):
-    """The training images of each epoch's batches (as one tensor per Lightning batch), and the
+    """The training images of each epoch's batches, and the
     optimizer step and size of every validation batch outside the sanity check."""
 
     def __init__(self):
@@ -28,7 +28,7 @@ class BatchSpy(L.Callback):
         self.val: list[tuple[int, int]] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        self.train[trainer.current_epoch].append(torch.cat([images for images, _ in batch]).clone())
+        self.train[trainer.current_epoch].append(batch[0].clone())
 
     def on_validation_batch_start(self, trainer, module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
@@ -54,12 +54,10 @@ def fit(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[BatchSpy, L.Tr
     return spy, trainer
 
 
-@pytest.mark.parametrize("steps_per_batch", [1, 2])
-def test_overfit_batches_trains_on_the_same_batches_every_epoch(data_dir: Path, tmp_path: Path, steps_per_batch: int):
+def test_overfit_batches_trains_on_the_same_batches_every_epoch(data_dir: Path, tmp_path: Path):
     """+trainer.overfit_batches=2: each epoch trains on the training set's first 2 batches, in order
     and unflipped (data.hflip=true is on), and validates on the first 2 val batches, as Lightning does."""
-    spy, _ = fit(data_dir, tmp_path, "+trainer.overfit_batches=2", "trainer.max_epochs=3", "data.hflip=true",
-                 f"data.steps_per_batch={steps_per_batch}")
+    spy, _ = fit(data_dir, tmp_path, "+trainer.overfit_batches=2", "trainer.max_epochs=3", "data.hflip=true")
     epochs = [torch.cat(spy.train[epoch]) for epoch in range(3)]
     train_images = torch.load(data_dir / "data" / "fashion_mnist_16px_4lv.pt")  # the cache the data module wrote
     datamodule = build_datamodule(compose_train(*TINY, *data_args(data_dir)))
@@ -69,22 +67,15 @@ def test_overfit_batches_trains_on_the_same_batches_every_epoch(data_dir: Path, 
     assert [size for _, size in spy.val] == [5, 5] * 3  # 2 val batches of data.eval_batch_size per epoch
 
 
-@pytest.mark.parametrize("interval, steps_per_batch, expected", [
-    (2, 1, [2, 4]),  # every 2 batches of data.batch_size (optimizer steps)
-    (0.5, 1, [2, 4]),  # half an epoch
-    (4, 2, [4, 8]),  # still batches of data.batch_size when a Lightning batch holds 2 of them
+@pytest.mark.parametrize("interval, limit, expected", [
+    (2, 4, [2, 4]),  # every 2 batches (optimizer steps)
+    (0.5, 4, [2, 4]),  # half an epoch
+    (4, 8, [4, 8]),
 ])
-def test_val_check_interval_counts_batches(data_dir: Path, tmp_path: Path, interval, steps_per_batch: int,
-                                           expected: list[int]):
+def test_val_check_interval_counts_batches(data_dir: Path, tmp_path: Path, interval, limit: int, expected: list[int]):
     spy, _ = fit(data_dir, tmp_path, f"+trainer.val_check_interval={interval}", "trainer.max_epochs=1",
-                 "trainer.limit_train_batches=4" if steps_per_batch == 1 else "trainer.limit_train_batches=8",
-                 "data.batch_size=8", f"data.steps_per_batch={steps_per_batch}")
+                 f"trainer.limit_train_batches={limit}", "data.batch_size=8")
     assert sorted({step for step, _ in spy.val}) == expected
-
-
-def test_val_check_interval_must_fit_the_lightning_batches(data_dir: Path, tmp_path: Path):
-    with pytest.raises(UserError, match="trainer.val_check_interval=3 is invalid here: .* a multiple of 2$"):
-        fit(data_dir, tmp_path, "+trainer.val_check_interval=3", "data.steps_per_batch=2")
 
 
 @pytest.mark.parametrize("precision, used", [("32-true", "32-true"), ("bf16-mixed", "bf16-mixed"),

@@ -112,26 +112,6 @@ def test_loss_is_in_bits_per_dimension():
     assert module.nll_bits_per_pixel(images).shape == (3, 6, 6)
 
 
-def test_each_micro_batch_gets_its_own_optimizer_step():
-    """With data.steps_per_batch = K, one Lightning batch holds K micro-batches and the module
-    takes K optimizer steps on it (global_step counts them)."""
-    import lightning as L
-
-    from pixelcnn.data import BatchLoader
-    from pixelcnn.module import PixelCNNModule
-
-    torch.manual_seed(0)
-    images, labels = torch.randint(0, 4, (48, 1, 6, 6), dtype=torch.uint8), torch.zeros(48, dtype=torch.long)
-    loader = BatchLoader(images, labels, batch_size=8, shuffle=True, seed=0, steps_per_batch=3)
-    assert len(loader) == 2
-    module = PixelCNNModule(filters=4, residual_blocks=0, image_size=6, optim={"lr": 1e-3})
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=loader)
-    assert trainer.global_step == 6
-    assert module.optimizers().optimizer.state_dict()["state"][0]["step"] == 6
-
-
 def test_parse_labels():
     from pixelcnn.config import UserError
     from pixelcnn.commands import sample

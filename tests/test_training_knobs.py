@@ -1,6 +1,5 @@
-"""Lightning's training knobs under the module's manual optimization (several optimizer steps per
-Lightning batch): gradient clipping, gradient accumulation, lr schedulers, and limits counted in
-optimizer steps. Each test runs a tiny model through a real Trainer on a few tensors."""
+"""Lightning's training knobs through the project's module and loader: gradient clipping, gradient
+accumulation, lr schedulers, and limits counted in optimizer steps. Each test runs a tiny model through a real Trainer on a few tensors."""
 
 from __future__ import annotations
 
@@ -64,17 +63,17 @@ def gradient_size(algorithm: str):
 
 
 # --- gradient clipping -----------------------------------------------------------------------------
-@pytest.mark.parametrize("steps_per_batch", [1, 3])
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
-def test_clipping_bounds_the_gradient_of_every_step(algorithm: str, steps_per_batch: int):
+def test_clipping_bounds_the_gradient_of_every_step(algorithm: str):
     """A huge-gradient batch (output layer scaled by 1000): without clipping the optimizer steps
     with a gradient far above 1; with trainer.gradient_clip_val=1 every step's is <= 1."""
     def step_gradients(clip_val: float | None) -> list[float]:
-        module = tiny(gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
+        module = tiny()
         with torch.no_grad():
             module.net.to_logits.weight.mul_(1000)
         spy = OptimizerSpy(gradient_size(algorithm), "post")
-        fit(module, BatchLoader(*data(48), 8, steps_per_batch=steps_per_batch), callbacks=[spy])
+        fit(module, BatchLoader(*data(48), 8), callbacks=[spy], gradient_clip_val=clip_val,
+            gradient_clip_algorithm=algorithm)
         return spy.values
 
     assert len(unclipped := step_gradients(None)) == 6 and min(unclipped) > 10
@@ -85,13 +84,12 @@ def test_clipping_bounds_the_gradient_of_every_step(algorithm: str, steps_per_ba
 
 
 # --- gradient accumulation -------------------------------------------------------------------------
-@pytest.mark.parametrize("steps_per_batch", [1, 2, 3])  # 3: accumulation groups straddle Lightning batches
-def test_accumulating_two_batches_of_8_is_one_batch_of_16(steps_per_batch: int):
+def test_accumulating_two_batches_of_8_is_one_batch_of_16():
     images, labels = data(48)
     whole = tiny()
-    whole_trainer = fit(whole, BatchLoader(images, labels, 16, steps_per_batch=1))
-    accumulated = tiny(accumulate_grad_batches=2)
-    trainer = fit(accumulated, BatchLoader(images, labels, 8, steps_per_batch=steps_per_batch))
+    whole_trainer = fit(whole, BatchLoader(images, labels, 16))
+    accumulated = tiny()
+    trainer = fit(accumulated, BatchLoader(images, labels, 8), accumulate_grad_batches=2)
     assert trainer.global_step == 3  # optimizer steps
     for (name, p), q in zip(whole.named_parameters(), accumulated.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
@@ -103,7 +101,7 @@ def test_accumulating_two_batches_of_8_is_one_batch_of_16(steps_per_batch: int):
 
 def test_an_epochs_last_batches_make_a_short_accumulation_group():
     """5 batches of 8, accumulating 2: steps after batches 2, 4 and 5 (the epoch's end), every epoch."""
-    trainer = fit(tiny(accumulate_grad_batches=2), BatchLoader(*data(40), 8, steps_per_batch=3), max_epochs=2)
+    trainer = fit(tiny(), BatchLoader(*data(40), 8), max_epochs=2, accumulate_grad_batches=2)
     assert trainer.global_step == 6
     assert trainer.optimizers[0].state_dict()["state"][0]["step"] == 6
 
@@ -117,29 +115,28 @@ def expected_cosine_lr(step: int, warmup: int, total: int, final: float) -> floa
     return LR * (final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2)
 
 
-@pytest.mark.parametrize("steps_per_batch, accumulate, limit, total", [
-    (3, 1, None, 12),  # 6 batches of 8 per epoch, 2 epochs
-    (1, 1, None, 12),
-    (3, 2, 5, 6),  # 5 batches per epoch (limit) -> 3 optimizer steps per epoch
+@pytest.mark.parametrize("accumulate, limit, total", [
+    (1, None, 12),  # 6 batches of 8 per epoch, 2 epochs
+    (2, 5, 6),  # 5 batches per epoch (limit) -> 3 optimizer steps per epoch
 ])
-def test_cosine_lr_of_every_step_follows_the_formula(steps_per_batch: int, accumulate: int, limit, total: int):
-    module = tiny(scheduler={"name": "cosine", "warmup_steps": 3, "final_lr_ratio": 0.1},
-                  accumulate_grad_batches=accumulate)
+def test_cosine_lr_of_every_step_follows_the_formula(accumulate: int, limit, total: int):
+    module = tiny(scheduler={"name": "cosine", "warmup_steps": 3, "final_lr_ratio": 0.1})
     spy = OptimizerSpy(lambda optimizer: optimizer.param_groups[0]["lr"], "pre")
-    trainer = fit(module, BatchLoader(*data(48), 8, shuffle=True, seed=0, steps_per_batch=steps_per_batch,
-                                      limit_batches=limit), callbacks=[spy], max_epochs=2)
+    trainer = fit(module, BatchLoader(*data(48), 8, shuffle=True, seed=0), callbacks=[spy], max_epochs=2,
+                  accumulate_grad_batches=accumulate, limit_train_batches=limit)
     assert trainer.global_step == total == len(spy.values)
     assert spy.values == pytest.approx([expected_cosine_lr(s, 3, total, 0.1) for s in range(total)], rel=1e-9)
     assert spy.values[3] == pytest.approx(LR) and spy.values[-1] == pytest.approx(0.1 * LR)
 
 
-def test_plateau_halves_the_lr_when_val_stalls():
+@pytest.mark.parametrize("every", [1, 2])  # trainer.check_val_every_n_epoch
+def test_plateau_halves_the_lr_when_val_stalls(every: int):
     """At lr 1e-6 val bits/dim cannot improve by the relative 1e-4 needed: with patience 0 each validation after the first
-    halves the lr."""
+    halves the lr (Lightning steps the plateau after each epoch that validates)."""
     module = tiny(lr=1e-6, scheduler={"name": "plateau", "factor": 0.5, "patience": 0, "min_lr_ratio": 0.0})
     images, labels = data(48)
-    trainer = fit(module, BatchLoader(images, labels, 8, steps_per_batch=2), BatchLoader(images[:16], labels[:16], 16),
-                  max_epochs=3)
+    trainer = fit(module, BatchLoader(images, labels, 8), BatchLoader(images[:16], labels[:16], 16),
+                  max_epochs=3 * every, check_val_every_n_epoch=every)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-6 / 4)
 
 
@@ -167,7 +164,7 @@ def test_a_checkpoint_from_before_the_optim_group_loads_and_resumes(tmp_path: Pa
     among the model's hyperparameters (`image_model.LEGACY_OPTIM_KEYS`): sample.py and evaluate.py load
     them (`load_module`), and a resume reads the saved optimizer settings there, so that a resume with
     other settings (here the defaults) puts those in."""
-    fit(tiny(), BatchLoader(*data(32), 8, steps_per_batch=2), max_epochs=1).save_checkpoint(tmp_path / "new.ckpt")  # 4 steps at LR
+    fit(tiny(), BatchLoader(*data(32), 8), max_epochs=1).save_checkpoint(tmp_path / "new.ckpt")  # 4 steps at LR
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     hparams.update({**hparams.pop("optim"), "scheduler": None})
@@ -177,7 +174,7 @@ def test_a_checkpoint_from_before_the_optim_group_loads_and_resumes(tmp_path: Pa
     assert torch.equal(load_module(tmp_path / "old.ckpt").image_bits_per_dim(images),
                        load_module(tmp_path / "new.ckpt").image_bits_per_dim(images))
     spy = OptimizerSpy(lambda optimizer: optimizer.param_groups[0]["lr"], "pre")
-    fit(tiny(lr=DEFAULT_OPTIM["lr"]), BatchLoader(*data(32), 8, steps_per_batch=2), callbacks=[spy], ckpt_path=tmp_path / "old.ckpt",
+    fit(tiny(lr=DEFAULT_OPTIM["lr"]), BatchLoader(*data(32), 8), callbacks=[spy], ckpt_path=tmp_path / "old.ckpt",
         max_epochs=2)
     assert spy.values == [DEFAULT_OPTIM["lr"]] * 4 != [LR] * 4
 
@@ -186,10 +183,10 @@ def test_a_checkpoint_from_before_the_optim_group_loads_and_resumes(tmp_path: Pa
 def test_a_resume_with_another_lr_steps_with_it(tmp_path: Path, capsys, scheduler: dict):
     """Lightning restores the saved optimizer and schedule; the resumed module puts the new lr in
     (cosine: the schedule at its step, from the new lr, over the new run length) and says so."""
-    trainer = fit(tiny(scheduler=scheduler), BatchLoader(*data(32), 8, steps_per_batch=2), max_epochs=1)  # 4 steps
+    trainer = fit(tiny(scheduler=scheduler), BatchLoader(*data(32), 8), max_epochs=1)  # 4 steps
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     spy = OptimizerSpy(lambda optimizer: optimizer.param_groups[0]["lr"], "pre")
-    fit(tiny(lr=LR / 10, scheduler=scheduler), BatchLoader(*data(32), 8, steps_per_batch=2), callbacks=[spy],
+    fit(tiny(lr=LR / 10, scheduler=scheduler), BatchLoader(*data(32), 8), callbacks=[spy],
         ckpt_path=tmp_path / "epoch1.ckpt", max_epochs=2)
     expected = [LR / 10] * 4 if scheduler["name"] == "none" else [expected_cosine_lr(s, 2, 8, 0.1) / 10 for s in range(4, 8)]
     assert spy.values == pytest.approx(expected, rel=1e-9)
@@ -203,28 +200,33 @@ def test_cosine_needs_a_run_length():
 
 
 # --- counts in optimizer steps ---------------------------------------------------------------------
-@pytest.mark.parametrize("steps_per_batch", [1, 3])
+class BatchImages(L.Callback):
+    def __init__(self):
+        self.batches: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        self.batches.append(batch[0].clone())
+
+
 @pytest.mark.parametrize("limit, steps", [(4, 4), (0.5, 3), (100, 6)])  # of 6 batches of 8
-def test_limit_train_batches_counts_optimizer_steps(steps_per_batch: int, limit, steps: int):
+def test_limit_train_batches_counts_optimizer_steps(limit, steps: int):
+    """Lightning's limit_train_batches on the project's loader: the first `steps` batches of the same shuffled
+    epoch, one optimizer step each, every epoch."""
     images, labels = data(48)
-    loader = BatchLoader(images, labels, 8, shuffle=True, seed=0, steps_per_batch=steps_per_batch, limit_batches=limit)
-    assert loader.num_batches == steps and len(loader) == math.ceil(steps / steps_per_batch)
-    # The first `steps` batches of the same shuffled epoch.
-    unlimited = BatchLoader(images, labels, 8, shuffle=True, seed=0, steps_per_batch=1)
-    kept = [b for item in loader for b in item]
-    assert len(kept) == steps
-    assert all(torch.equal(a[0], b[0]) for a, [b] in zip(kept, unlimited))
-    trainer = fit(tiny(), BatchLoader(images, labels, 8, shuffle=True, seed=0, steps_per_batch=steps_per_batch,
-                                      limit_batches=limit), max_epochs=2)
-    assert trainer.global_step == 2 * steps
+    spy = BatchImages()
+    trainer = fit(tiny(), BatchLoader(images, labels, 8, shuffle=True, seed=0), callbacks=[spy], max_epochs=2,
+                  limit_train_batches=limit)
+    assert trainer.global_step == 2 * steps == len(spy.batches)
+    unlimited = list(BatchLoader(images, labels, 8, shuffle=True, seed=0))
+    assert all(torch.equal(a, b) for a, (b, _) in zip(spy.batches[:steps], unlimited))
 
 
-def test_max_steps_is_exact_with_several_steps_per_batch():
-    trainer = fit(tiny(), BatchLoader(*data(48), 8, steps_per_batch=3), max_steps=4)
-    assert trainer.global_step == 4  # not 6, the end of the second Lightning batch
+def test_max_steps_is_exact():
+    trainer = fit(tiny(), BatchLoader(*data(48), 8), max_steps=4)
+    assert trainer.global_step == 4
 
 
-def test_training_step_returns_each_micro_batch_loss():
+def test_training_step_returns_its_loss():
     """Callbacks (e.g. a stop on a non-finite loss) read every optimizer step's loss from `outputs`."""
     class Outputs(L.Callback):
         shapes: list = []
@@ -235,5 +237,5 @@ def test_training_step_returns_each_micro_batch_loss():
             self.shapes.append(tuple(loss.shape))
 
     spy = Outputs()
-    fit(tiny(), BatchLoader(*data(40), 8, steps_per_batch=3), callbacks=[spy])
-    assert spy.shapes == [(3,), (2,)]
+    fit(tiny(), BatchLoader(*data(40), 8), callbacks=[spy])
+    assert spy.shapes == [()] * 5

@@ -76,8 +76,8 @@ class SampleGridCallback(L.Callback):
 
 
 class WeightAverage(EMAWeightAveraging):
-    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each Lightning
-    batch. It validates in place of the weights, and checkpoints hold it as their state_dict (the raw weights
+    """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each optimizer
+    step. It validates in place of the weights, and checkpoints hold it as their state_dict (the raw weights
     go under current_model_state, for a resume), so sample.py and evaluate.py use it."""
 
     @property
@@ -98,14 +98,11 @@ class NonFiniteLossError(UserError):
 
 class StopOnNonFiniteLoss(L.Callback):
     """Stops the run at the first NaN/inf training loss, naming the optimizer step (Lightning's
-    EarlyStopping check_finite looks at a validation metric once per epoch). Checked once per Lightning
-    batch of `data.steps_per_batch` micro-batches, with one host sync: a per-step sync would stall the GPU."""
+    EarlyStopping check_finite looks at a validation metric once per epoch)."""
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        # Lightning's manual optimization hands on training_step's returned tensor as outputs["loss"].
-        losses = outputs["loss"]  # (K,) one entry per micro-batch of this batch
-        finite = torch.isfinite(losses)
-        bad_here = not bool(finite.all())  # the one sync
+        loss = outputs["loss"]  # training_step's (detached; divided by accumulate_grad_batches)
+        bad_here = not bool(torch.isfinite(loss))  # a host sync per batch
         # Under DDP every rank must stop together (a rank left behind would wait forever in the
         # next all-reduce): any rank's bad loss stops all. A no-op on one device.
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
@@ -114,15 +111,8 @@ class StopOnNonFiniteLoss(L.Callback):
         if not bad_here:
             raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
                                      f"{trainer.global_step}: {advice}")
-        first = int((~finite).nonzero()[0, 0])
-        if module.accumulate_grad_batches == 1:  # one optimizer step per micro-batch
-            # global_step already counts this batch's steps, one per loss computed.
-            where = f"at optimizer step {trainer.global_step - len(losses) + first + 1}"
-        else:
-            where = (f"in micro-batch {first + 1} of {len(losses)} of the batch ending at optimizer step "
-                     f"{trainer.global_step}")
-        raise NonFiniteLossError(f"the training loss is {float(losses[first])} {where} "
-                                 f"(epoch {trainer.current_epoch + 1}): {advice}")
+        raise NonFiniteLossError(f"the training loss is {float(loss)} at optimizer step {trainer.global_step} (batch "
+                                 f"{batch_idx + 1} of epoch {trainer.current_epoch + 1}): {advice}")
 
 
 class ProgressBar(TQDMProgressBar):

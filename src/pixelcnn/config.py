@@ -115,7 +115,6 @@ DATA: Rules = {  # the data group: training's, and the classifier's (a few of it
     "data.download": _one_of(True, False),
     "data.hflip": _one_of(True, False),
     "data.on_device": _one_of("auto", True, False),
-    "data.steps_per_batch": (lambda v: v == "auto" or _int(1)[0](v), "auto or an integer >= 1"),
 }
 SEED: Rules = {"seed": SEED_RANGE}
 QUALITY_N: Rules = {"quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2")}

@@ -43,7 +43,6 @@ NUM_CLASSES = len(CLASS_NAMES)
 # The IDX datasets: data.source -> (name in messages, torchvision's dataset class and folder under root/).
 IDX_DATASETS = {"fashion_mnist": ("Fashion-MNIST", "FashionMNIST"), "mnist": ("MNIST", "MNIST")}
 SOURCES = (*IDX_DATASETS, "folder", "array")
-CUDA_STEPS_PER_BATCH = 8  # data.steps_per_batch=auto with the data on a CUDA device (else 1)
 APT_COMMAND = "sudo apt-get install dataset-fashion-mnist"
 IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes: magic 0x0803 (images, 3-D), 0x0801 (labels, 1-D)
 SPLIT_FILES = {
@@ -290,10 +289,7 @@ class BatchLoader:
 
     Shuffling draws a new permutation every epoch, on the tensors' device, with the loader's own
     generator seeded from `seed`, else from torch's global RNG (so `seed_everything` makes it
-    reproducible); `hflip` mirrors a random half of every batch. With `steps_per_batch` = K each item
-    is a list of K consecutive batches cut from one gather (one optimizer step each, exactly the
-    batches of K = 1), so a training loop's per-item cost is paid once per K steps. `limit_batches`
-    keeps each epoch's first batches as `limited` counts them; the last item is cut short to match.
+    reproducible); `hflip` mirrors a random half of every batch.
 
     With `world_size` > 1 it yields only rank `rank`'s `shard`: Lightning's `use_distributed_sampler`
     shards torch DataLoaders with a sampler only, not an iterable like this one. Lightning saves
@@ -303,8 +299,7 @@ class BatchLoader:
 
     def __init__(
         self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False, hflip: bool = False,
-        seed: int | None = None, steps_per_batch: int | None = None, limit_batches: int | float | None = None,
-        rank: int = 0, world_size: int = 1,
+        seed: int | None = None, rank: int = 0, world_size: int = 1,
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -313,15 +308,13 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
-        self.steps_per_batch = steps_per_batch
-        self.limit_batches = limit_batches
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
         self._epoch_state = self.generator.get_state()  # the generator as the current epoch began
-        self._items = 0  # items handed out in the current epoch
+        self._items = 0  # batches handed out in the current epoch
         self._resume: dict | None = None  # a mid-epoch state to continue from at the next __iter__
-        # Items the training loop takes per epoch (Lightning's limit_train_batches can stop it early).
+        # Batches the training loop takes per epoch (Lightning's limit_train_batches can stop it early).
         self.epoch_items: Callable[[], int | float] = self.__len__
 
     def state_dict(self) -> dict:
@@ -332,14 +325,9 @@ class BatchLoader:
         self._epoch_state, self._items = state["epoch_generator"], state["items"]
         self._resume = state if state["items"] > 0 else None
 
-    @property
-    def num_batches(self) -> int:
-        """Batches of `batch_size` per epoch (this rank's), after `limit_batches` (in training: micro-batches,
-        one optimizer step each); `len()` counts the items, lists of `steps_per_batch` of them."""
-        return limited(math.ceil(self.shortest_share() / self.batch_size), self.limit_batches)
-
     def __len__(self) -> int:
-        return math.ceil(self.num_batches / (self.steps_per_batch or 1))
+        """Batches per epoch (this rank's; the same on every rank)."""
+        return math.ceil(self.shortest_share() / self.batch_size)
 
     def shard(self) -> tuple[int, int]:
         """(first, stop) of this rank's part of the epoch's order; every rank gets a disjoint part.
@@ -353,19 +341,17 @@ class BatchLoader:
         return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
 
     def item_bounds(self) -> list[tuple[int, int]]:
-        """(start, stop) in the epoch's order of each item this rank yields. In evaluation, a share
+        """(start, stop) in the epoch's order of each batch this rank yields. In evaluation, a share
         one item longer than the shortest puts that item into its last batch (which may then hold
         `batch_size` + 1 items), so that every rank has the same number of batches."""
         (first, stop), shortest = self.shard(), self.shortest_share()
-        step = self.batch_size * (self.steps_per_batch or 1)
-        end = first + min(shortest, self.num_batches * self.batch_size)  # limit_batches may cut it
-        starts = list(range(first, end, step))
-        return list(zip(starts, [*starts[1:], stop if end == first + shortest else end]))
+        starts = list(range(first, first + shortest, self.batch_size))
+        return list(zip(starts, [*starts[1:], stop]))
 
     def shortest_share(self) -> int:
         return len(self.images) // self.world_size  # >= 1 with several ranks (checked in __init__)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         count, device = len(self.images), self.images.device
         resume, self._resume = self._resume, None
         if resume is not None and resume["items"] >= self.epoch_items():
@@ -388,16 +374,7 @@ class BatchLoader:
             if self.hflip:
                 flip = torch.rand(len(images), generator=self.generator, device=device) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            if self.steps_per_batch is None:
-                yield images, labels
-            else:
-                yield list(zip(images.split(self.batch_size), labels.split(self.batch_size)))
-
-
-def steps_per_batch(setting: int | Literal["auto"], data_on_cuda: bool) -> int:
-    """Optimizer steps per training item (data.steps_per_batch): auto amortizes the training loop's
-    per-item overhead where steps are fast, CUDA_STEPS_PER_BATCH with the data on a CUDA device, else 1."""
-    return setting if setting != "auto" else CUDA_STEPS_PER_BATCH if data_on_cuda else 1
+            yield images, labels
 
 
 # ---------------------------------------------------------------------------- data module
@@ -459,10 +436,8 @@ class ImageDataModule(L.LightningDataModule):
     set), else `test_size` (a count or a fraction) cut from the training images first; val likewise
     (`val_size`); each cut by a fixed permutation from `split_seed`. `class_names` are the source's
     classes ([]: unlabelled).
-    Batches are (images uint8 (B, C, S, S) of levels 0..levels-1, labels int64 (B,)); training
-    batches come as lists of `steps_per_batch` of them (`BatchLoader`), `limit_train_batches` and
-    `overfit_batches` counting batches of `batch_size` (not the lists), as Lightning means them:
-    overfitting takes the same first batches every epoch, in order and unflipped.
+    Batches are (images uint8 (B, C, S, S) of levels 0..levels-1, labels int64 (B,)) (`BatchLoader`);
+    under the trainer's overfit_batches, training takes the same first batches every epoch, in order and unflipped.
     `on_device` "auto" moves the data once to the trainer's CUDA device, True to any non-CPU one.
     """
 
@@ -484,9 +459,6 @@ class ImageDataModule(L.LightningDataModule):
         on_device: bool | Literal["auto"] = "auto",
         hflip: bool = False,
         shuffle_seed: int | None = None,
-        steps_per_batch: int | Literal["auto"] = "auto",
-        limit_train_batches: int | float | None = None,
-        overfit_batches: int | float = 0,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -502,9 +474,6 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed = val_size, split_seed
         self.on_device, self.hflip, self.shuffle_seed = on_device, hflip, shuffle_seed
-        self.steps_per_batch = steps_per_batch
-        self.limit_train_batches = limit_train_batches
-        self.overfit_batches = overfit_batches
         self._train_loader: BatchLoader | None = None
         self._train_generator_state: Tensor | None = None  # from a checkpoint, for the next train loader
         self.data: dict[str, Tensor] | None = None
@@ -564,7 +533,6 @@ class ImageDataModule(L.LightningDataModule):
             device = torch.device("cpu")
         split = getattr(self, name)[0].to(device), getattr(self, name)[1].to(device)  # a no-op once moved
         setattr(self, name, split)  # keep the moved copy so the copy happens once
-        steps = steps_per_batch(self.steps_per_batch, split[0].is_cuda) if train else None
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if world_size > len(split[0]):
             raise UserError(f"the {name.removesuffix('_set')} split has {len(split[0])} images, fewer than the "
@@ -574,10 +542,11 @@ class ImageDataModule(L.LightningDataModule):
             # The ranks must cut one permutation: seed_everything seeds their global RNGs alike, but
             # rank-0-only work (sample grids) may have drawn from rank 0's since, so take rank 0's seed.
             seed = self.trainer.strategy.broadcast(int(torch.randint(2**62, ()).item()), src=0)
-        overfit = train and bool(self.overfit_batches)  # the same batches every epoch: no shuffle, no random flips
-        limit = (self.overfit_batches if overfit else self.limit_train_batches) if train else None
+        # Lightning cuts overfit_batches; the same batches every epoch: no shuffle, no random flips (its own
+        # unshuffling replaces a DataLoader's sampler, which this loader has not).
+        overfit = train and self.trainer is not None and bool(self.trainer.overfit_batches)
         return BatchLoader(*split, batch_size, shuffle=train and not overfit, hflip=train and self.hflip and not overfit,
-                           seed=seed, steps_per_batch=steps, limit_batches=limit, rank=rank, world_size=world_size)
+                           seed=seed, rank=rank, world_size=world_size)
 
     def train_dataloader(self) -> BatchLoader:
         loader = self.loader("train_set", self.batch_size, train=True)

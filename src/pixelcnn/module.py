@@ -46,27 +46,19 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         data: dict | None = None,
         optim: dict | None = None,
         ema_decay: float = 0.0,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-        accumulate_grad_batches: int = 1,
         **arch_kwargs,
     ):
         """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
         `ema_decay` > 0: the training keeps a weight average (`training.build_callbacks`), which is saved
-        so that a checkpoint says which weights it holds. The last three are the Trainer's arguments,
-        which it refuses under manual optimization, so the module applies them; not hyperparameters."""
+        so that a checkpoint says which weights it holds."""
         super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, **arch_kwargs)
-        self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches"])
+        self.save_hyperparameters()
         self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
         # Mean bits/dim over the whole split, per image: the sum and the count are each summed over
         # DDP ranks, so it equals one process's mean. (self.log's sync_dist averages the count as an
         # integer, which truncates when the ranks' shares differ.) "disable": NaN stays NaN, and no
         # NaN check waits for the GPU at every step.
         self.val_bpd, self.test_bpd = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
-        self.automatic_optimization = False  # several optimizer steps per batch: see training_step
-        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self._accumulated = 0  # micro-batches whose gradients are summed but not yet stepped
         self._cosine: WarmupCosine | None = None  # the cosine schedule, once configure_optimizers made it
         self._resumed_optim: dict | None = None  # the optim settings a resumed checkpoint was saved with
 
@@ -76,59 +68,11 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         parameters stay in `self.net`, so checkpoints are unchanged."""
         self.loss_fn = torch.compile(self.mean_bits_per_dim, **compile_kwargs)
 
-    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
-        """`batch` is a list of micro-batches of `data.batch_size` (`data.steps_per_batch`): several
-        optimizer steps per Lightning batch pay the loop's fixed cost once. Each micro-batch is what
-        Lightning calls a batch: one step per `accumulate_grad_batches` of them (losses scaled by 1/N: the
-        mean gradient), across Lightning batches; the epoch's last closes a short group, as in Lightning.
-        Returns the K micro-batches' losses (K,), detached."""
-        optimizer, trainer, accumulate = self.optimizers(), self.trainer, self.accumulate_grad_batches
-        schedulers = trainer.lr_scheduler_configs
-        step_scheduler = schedulers[0].scheduler if schedulers and schedulers[0].interval == "step" else None
-        # trainer.max_steps counts optimizer steps: stop at it exactly, not at the end of the Lightning batch.
-        steps_left = trainer.max_steps - trainer.global_step if trainer.max_steps >= 0 else -1
-        epoch_ends_here = batch_idx + 1 == trainer.num_training_batches
-        losses, sizes = [], []
-        for i, (images, labels) in enumerate(batch):
-            if self._accumulated == 0:
-                optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(images, labels)
-            self.manual_backward(loss if accumulate == 1 else loss / accumulate)
-            # A copy: compiled (CUDA-graph) outputs are overwritten by the next call. No host sync.
-            losses.append(loss.detach().clone())
-            sizes.append(len(images))
-            self._accumulated += 1
-            if self._accumulated == accumulate or (epoch_ends_here and i == len(batch) - 1):
-                optimizer.step()  # clipping happens in `on_before_optimizer_step`, on unscaled gradients
-                self._accumulated = 0
-                if step_scheduler is not None:
-                    step_scheduler.step()
-                steps_left -= 1
-                if steps_left == 0:
-                    break
-        stacked = torch.stack(losses)  # (K,) bits/dim of each micro-batch
-        count = sum(sizes)
-        # Mean over images: only the epoch's last micro-batch can be shorter.
-        mean = stacked.mean() if min(sizes) == max(sizes) else sum(x * n for x, n in zip(losses, sizes)) / count
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss_fn(*batch)
         # on_step values are read back only every `log_every_n_steps`: no per-step host sync.
-        self.log("train/bpd", mean, on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
-        return stacked
-
-    def on_train_epoch_start(self) -> None:
-        self._accumulated = 0  # a group cut short (max_steps, max_time, a resume) is not carried over
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Lightning calls this inside `optimizer.step()`, after AMP has unscaled the gradients:
-        # where it clips them itself under automatic optimization.
-        if self.gradient_clip_val:
-            self.configure_gradient_clipping(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
-
-    def on_validation_epoch_end(self) -> None:
-        # A plateau scheduler steps on each validation's bits/dim during fit (patience counts validations).
-        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-        schedulers = self.trainer.lr_scheduler_configs if fitting else []
-        if schedulers and isinstance(schedulers[0].scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            schedulers[0].scheduler.step(self.trainer.callback_metrics["val/bpd"])
+        self.log("train/bpd", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
+        return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # Once per image, so that MeanMetric counts images (its `weight` is ignored with nan_strategy="disable").
@@ -141,11 +85,12 @@ class PixelCNNModule(ImageModel, L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW, and the configured lr scheduler in Lightning's dict form (so LearningRateMonitor
-        logs it and checkpoints keep its state). Manual optimization steps it: see training_step."""
+        logs it, checkpoints keep its state and Lightning steps it)."""
         # AdamW with weight_decay=0 is exactly Adam. Fused runs the whole update in a few kernels
         # on CUDA; foreach is the fast path elsewhere. Fused unscales fp16 gradients inside its
         # step, too late for clipping, so clipping under 16-mixed takes the foreach path.
-        fused = self.device.type == "cuda" and not (self.gradient_clip_val and self.trainer.precision == "16-mixed")
+        trainer = self.trainer
+        fused = self.device.type == "cuda" and not (trainer.gradient_clip_val and trainer.precision == "16-mixed")
         optim = self.optim
         optimizer = torch.optim.AdamW(self.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"],
                                       **({"fused": True} if fused else {"foreach": True}))
@@ -160,7 +105,9 @@ class PixelCNNModule(ImageModel, L.LightningModule):
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
                 min_lr=optim["lr"] * scheduler["min_lr_ratio"])
-            config = {"scheduler": plateau, "interval": "epoch"}  # stepped by on_validation_epoch_end
+            # Stepped by Lightning on val/bpd after each epoch that validates.
+            config = {"scheduler": plateau, "interval": "epoch", "monitor": "val/bpd",
+                      "frequency": trainer.check_val_every_n_epoch or 1}
         return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
 
     @property
@@ -179,7 +126,9 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         # Here, not in configure_optimizers: setting the train loader up that early (Lightning's
         # `estimated_stepping_batches`) makes a resume skip the loader's saved state (Lightning #20550).
         if self._cosine is not None:
-            self._cosine.total_steps = self.planned_optimizer_steps()
+            if (total := self.trainer.estimated_stepping_batches) == math.inf:
+                raise ValueError("a cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+            self._cosine.total_steps = total
         if self._resumed_optim is not None and self._resumed_optim != self.optim:
             self.apply_changed_optim(self._resumed_optim)
 
@@ -206,25 +155,11 @@ class PixelCNNModule(ImageModel, L.LightningModule):
             print(f"[pixelcnn] resumed with other optimizer settings, now used: {', '.join(changes)}; the lr is now "
                   f"{optimizer.param_groups[0]['lr']:.4g}", flush=True)
 
-    def planned_optimizer_steps(self) -> int:
-        """Optimizer steps of the whole fit (`run_steps`), from the trainer's own counts and its train loader
-        (Lightning's `estimated_stepping_batches` counts Lightning batches, of several steps each here)."""
-        trainer = self.trainer
-        loader = trainer.train_dataloader
-        # Batches of data.batch_size: a BatchLoader counts them; Lightning counts its items (lists of
-        # steps_per_batch of them), which its own limit_train_batches (bench.py) may cut further.
-        batches = min(getattr(loader, "num_batches", math.inf),
-                      trainer.num_training_batches * (getattr(loader, "steps_per_batch", None) or 1))
-        total = run_steps(batches, trainer.max_epochs, trainer.max_steps, self.accumulate_grad_batches)
-        if total == math.inf:
-            raise ValueError("a cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
-        return int(total)
 
-
-def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int, accumulate: int = 1) -> float:
-    """Optimizer steps a run takes at most (math.inf without a limit): `epoch_batches` batches of data.batch_size
-    an epoch, one step per `accumulate` (a short last group too), times max_epochs (-1 or None: none), <= max_steps."""
-    steps = math.inf if max_epochs is None or max_epochs < 0 else math.ceil(epoch_batches / accumulate) * max_epochs
+def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int) -> float:
+    """Optimizer steps a run takes at most (math.inf without a limit), before its Trainer exists: `epoch_batches`
+    batches an epoch, times max_epochs (-1 or None: none), <= max_steps."""
+    steps = math.inf if max_epochs is None or max_epochs < 0 else epoch_batches * max_epochs
     return steps if max_steps < 0 else min(steps, max_steps)
 
 

@@ -25,23 +25,22 @@ LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
 
 def check_job(cfg: DictConfig, here: bool) -> None:
     """Raise the UserError a job with this config would raise as it starts, without loading
-    data: the value checks, the accelerator (if the job runs `here`, on this machine), the step
-    checkpoints' period (for the device if `here`), the model's own checks (built on the meta device,
-    so no memory is used), and a conditional model on data without classes (by file names: `has_classes`).
-    Another data-dependent error (e.g. data.val_size) shows when the job runs."""
+    data: the value checks, the accelerator (if the job runs `here`, on this machine), the model's own checks
+    (built on the meta device, so no memory is used), and a conditional model on data without classes (by file
+    names: `has_classes`). Another data-dependent error (e.g. data.val_size) shows when the job runs."""
     import torch
     from hydra.utils import instantiate
 
     from pixelcnn.sources import has_classes
-    from pixelcnn.training import check_step_checkpoints, data_hparams, resolve_num_classes, resolve_speed
+    from pixelcnn.training import data_hparams, resolve_num_classes, resolve_speed
 
     validate(cfg, "train")
     if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
         raise UserError("ckpt_path continues one run, in its own dir: resume it without -m, or start a new run "
                         "from its weights in each job with init_from=<run>")
     with user_errors_unwrapped():
-        # Elsewhere (SLURM) the device is unknown: an explicit data.steps_per_batch is checked, auto as on a CPU (1).
-        check_step_checkpoints(cfg, cuda=here and resolve_speed(cfg).cuda)
+        if here:
+            resolve_speed(cfg)  # the accelerator: trainer.accelerator=gpu without CUDA here
         with torch.device("meta"):  # the class count (auto: the data's, unknown here) is not in the model's checks
             instantiate(cfg.model, _convert_="all", num_classes=0)
     if cfg.model.num_classes and not has_classes(cfg.data.source, cfg.data.path):  # the job's own error, from names

@@ -13,7 +13,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, ProgressB
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_checkpoint, read_same_network
 from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, check_sqlite, validate
-from pixelcnn.data import limited, steps_per_batch
+from pixelcnn.data import limited
 from pixelcnn.module import run_steps
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
 from pixelcnn.sweep import write_metrics
@@ -106,15 +105,8 @@ def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoice
     )
 
 
-# Trainer arguments the module applies itself: Lightning refuses them under manual optimization
-# (several optimizer steps per Lightning batch), so the Trainer gets its defaults instead.
-MODULE_TRAINER_KEYS = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
-
-
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The configured data module: its loader cuts limit_train_batches and overfit_batches (see build_trainer)."""
-    return instantiate(cfg.data, limit_train_batches=cfg.trainer.limit_train_batches,
-                       overfit_batches=cfg.trainer.get("overfit_batches") or 0)
+    return instantiate(cfg.data)
 
 
 def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
@@ -145,12 +137,10 @@ def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
 
 
 def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDataModule) -> L.LightningModule:
-    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group, the
-    speed choices and the trainer's clipping and accumulation settings; `init_from`'s weights if given."""
-    knobs = {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}
+    """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group and the
+    speed choices; `init_from`'s weights if given."""
     # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
-    module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule),
-                         **knobs)
+    module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule))
     if cfg.init_from:  # fine-tuning: these weights, a fresh optimizer (the run starts at step 0)
         path, checkpoint = read_same_network(cfg.init_from, cfg, "init_from", prefer="best")
         module.load_state_dict(checkpoint["state_dict"])
@@ -179,10 +169,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> l
         StopOnNonFiniteLoss(),
     ]
     if cfg.model.ema_decay:
-        # Updated once per Lightning batch, which holds K optimizer steps: decay**K keeps the average's
-        # time constant in optimizer steps.
-        steps = steps_per_lightning_batch(cfg, speed.cuda)
-        callbacks.append(WeightAverage(decay=cfg.model.ema_decay ** steps, device="cuda" if speed.cuda else "cpu"))
+        callbacks.append(WeightAverage(decay=cfg.model.ema_decay, device="cuda" if speed.cuda else "cpu"))
     if cfg.trainer.enable_progress_bar:
         # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
         callbacks.append(ProgressBar(refresh_rate=cfg.progress_bar_refresh))
@@ -221,7 +208,8 @@ def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float
     keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
-            "trainer": {key: cfg.trainer[key] for key in MODULE_TRAINER_KEYS}}
+            "trainer": {key: cfg.trainer[key] for key in ("gradient_clip_val", "gradient_clip_algorithm",
+                                                          "accumulate_grad_batches")}}
     flat = _sanitize_params(_flatten_dict(keep, delimiter="."))
     params = {key: value for key, value in flat.items() if not any(part.startswith("_") for part in key.split("."))}
     for logger in loggers:
@@ -238,19 +226,11 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
                   output_dir: Path, device_args: dict) -> L.Trainer:
     """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
     or DDP where its processes cannot be started, are a UserError (one line)."""
-    # Lightning counts its own batches, each of `steps` batches of data.batch_size here (optimizer steps), so
-    # the counts that mean batches are translated: limit_train_batches and overfit_batches' training part
-    # are cut by the data module (ImageDataModule), an int val_check_interval is divided by `steps`.
-    knobs = {"limit_train_batches": None, "overfit_batches": 0, **MODULE_TRAINER_KEYS}
-    if overfit := cfg.trainer.get("overfit_batches"):  # Lightning's other half of it: validate on the first N batches
-        knobs["limit_val_batches"] = overfit
-    if isinstance(cfg.trainer.get("val_check_interval"), int):  # a number of batches (a float: a fraction of the epoch)
-        knobs["val_check_interval"] = lightning_batches(cfg, speed.cuda, "trainer.val_check_interval")
     try:
         # Checkpoints are written whole or not at all (`AtomicCheckpointIO`).
         trainer: L.Trainer = instantiate(cfg.trainer, precision=speed.precision, logger=loggers or False,
                                          callbacks=callbacks, default_root_dir=str(output_dir),
-                                         plugins=[AtomicCheckpointIO()], **knobs, **device_args)
+                                         plugins=[AtomicCheckpointIO()], **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
         # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
@@ -266,30 +246,6 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
                         "hydra/launcher=slurm with hydra.launcher.tasks_per_node=<devices>, or run each "
                         "configuration without -m")
     return trainer
-
-
-def steps_per_lightning_batch(cfg: DictConfig, cuda: bool) -> int:
-    """Optimizer steps (batches of data.batch_size) per Lightning batch, as the data module will take
-    them (`data.steps_per_batch`), where it puts the data on a CUDA device: training there, on_device auto or true."""
-    return steps_per_batch(cfg.data.steps_per_batch, cuda and cfg.data.on_device in ("auto", True))
-
-
-def lightning_batches(cfg: DictConfig, cuda: bool, key: str) -> int:
-    """The count at `key` (batches of data.batch_size) in Lightning batches, each of `steps_per_lightning_batch`
-    of them: a count that is not a multiple of those would never meet a batch's end, so it is refused."""
-    count, steps = OmegaConf.select(cfg, key), steps_per_lightning_batch(cfg, cuda)
-    if count % steps:
-        where = " on CUDA" if cfg.data.steps_per_batch == "auto" else ""
-        raise UserError(f"{key}={count} is invalid here: it counts batches of data.batch_size, taken {steps} per "
-                        f"Lightning batch (data.steps_per_batch={cfg.data.steps_per_batch}{where}), so it must be a "
-                        f"multiple of {steps}")
-    return count // steps
-
-
-def check_step_checkpoints(cfg: DictConfig, cuda: bool) -> None:
-    """checkpoint_every_n_steps must fall between Lightning batches, where checkpoints are written."""
-    if cfg.checkpoint_every_n_steps:
-        lightning_batches(cfg, cuda, "checkpoint_every_n_steps")
 
 
 def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: torch.nn.Module, trainer: L.Trainer,
@@ -321,9 +277,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    # Lightning warns at each every-N-steps save under manual optimization that the weights are
-    # those after the step: that is what a resume needs (they match the saved global step).
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
 
     datamodule = build_datamodule(cfg)
@@ -331,7 +284,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     resolve_num_classes(cfg, datamodule)
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
-    check_step_checkpoints(cfg, speed.cuda)
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
         meta_net = instantiate(cfg.model, _convert_="all").net
 

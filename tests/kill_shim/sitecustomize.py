@@ -1,6 +1,6 @@
 """Test shim for tests/test_faults.py, active only when PIXELCNN_KILL_AT_STEP is set: the training
 process sends itself a real signal (PIXELCNN_KILL_SIGNAL, default SIGKILL) at the end of the first
-Lightning batch whose optimizer step count reaches that number. The checkpoint callbacks of that
+batch whose optimizer step count reaches that number. The checkpoint callbacks of that
 batch have run by then (Lightning calls callbacks before the module's hook), as in a kill that
 lands between two steps. Loaded through PYTHONPATH as `sitecustomize`, so the command under test
 is the unmodified train.py. Under SLURM: only in the array task PIXELCNN_KILL_TASK (when set), and

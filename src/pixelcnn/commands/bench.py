@@ -20,8 +20,7 @@ from pixelcnn.config import UserError, check_out_dir, validate
 from pixelcnn.files import write_text
 from pixelcnn.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
-from pixelcnn.training import (SpeedChoices, build_module, planned_steps, resolve_num_classes, resolve_speed,
-                               steps_per_lightning_batch)
+from pixelcnn.training import SpeedChoices, build_module, planned_steps, resolve_num_classes, resolve_speed
 
 register_resolvers()  # conf/bench.yaml composes the training config, which uses them
 
@@ -46,7 +45,7 @@ class _Timer(L.Callback):
             return
         if batch_idx == self.warmup:
             self.start = now(module.device)
-        self.images += sum(len(images) for images, _ in batch)  # a batch is a list of micro-batches
+        self.images += len(batch[0])
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         # Only the last batch syncs: a sync per batch would hide the CPU/GPU overlap being measured.
@@ -150,8 +149,7 @@ def run(cfg: DictConfig) -> dict:
         peak = max(peak, peak_memory_mb(device))
     result["speed"] = vars(speed)
     result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates, "peak_memory_mb": peak}
-    steps = steps_per_lightning_batch(cfg, speed.cuda)  # the same optimizer steps as the Lightning loop
-    plain = [plain_loop_rate(cfg, datamodule, device, bench.train_batches * steps, bench.warmup_batches * steps)
+    plain = [plain_loop_rate(cfg, datamodule, device, bench.train_batches, bench.warmup_batches)
              for _ in range(bench.repeats)]
     result["train"] |= {"plain_fp32_img_per_s": statistics.median(plain), "plain_fp32_img_per_s_runs": plain,
                         "vs_plain_fp32": statistics.median(rates) / statistics.median(plain)}

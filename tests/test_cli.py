@@ -389,6 +389,7 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("optim/scheduler=cosine optim.scheduler.final_lr_ratio=2", "optim.scheduler.final_lr_ratio"),
     ("optim/scheduler=plateau optim.scheduler.factor=1", "optim.scheduler.factor"),
     ("optim/scheduler=cosine trainer.max_epochs=-1", "optim/scheduler"),  # no run length to decay over
+    ("optim/scheduler=plateau trainer.limit_val_batches=0", "optim/scheduler"),  # nothing to step on
 ])
 def test_bad_values_are_named_by_validate(override: str, key: str):
     """The same UserError path as above (exit 2, one line), checked in-process for each rule."""

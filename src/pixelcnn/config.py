@@ -268,6 +268,8 @@ def combination_error(cfg: DictConfig, command: str) -> str | None:
         return None
     if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
         return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
+    if select("optim.scheduler.name") == "plateau" and select("trainer.limit_val_batches") == 0:
+        return "optim/scheduler=plateau steps on val bits/dim: it needs a validation (trainer.limit_val_batches > 0)"
     if select("ckpt_path") and select("init_from"):
         return "pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), not both"
     if select("data.channels") == 3:  # the colour masks split each layer's channels into R, G, B groups

@@ -226,7 +226,7 @@ def test_num_classes_auto_is_the_datas(tmp_path):
     np.savez(tmp_path / "a.npz", images=random_image((40, 6, 6), 0), labels=np.arange(40) % 5)  # a class more
     done = train("ckpt_path=run", "trainer.max_epochs=3")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: ckpt_path={Path('run', 'checkpoints', 'last.ckpt')} holds a network for 4 classes, but the data "
+        f"error: ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} holds a network for 4 classes, but the data "
         "(array) has 5 (model.num_classes=auto): resume on the data it was trained on, or train a new network from "
         "scratch"], done.stderr
 

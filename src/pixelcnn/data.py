@@ -450,7 +450,7 @@ def changed_splits(saved: object, now: dict[str, str]) -> str | None:
     and `now`, with their image counts before -> now; None if none does."""
     if not isinstance(saved, dict):
         return None
-    counts = {split: (str(saved.get(split, "?")).split()[0], now[split].split()[0]) for split in now}
+    counts = {split: (str(saved.get(split, "?")).partition(" ")[0], now[split].partition(" ")[0]) for split in now}
     changed = [f"{split} {before} -> {count} images" if before != count else f"{split} {count} other images"
                for split, (before, count) in counts.items() if saved.get(split) != now[split]]
     return ", ".join(changed) or None

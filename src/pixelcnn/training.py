@@ -342,8 +342,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
-    check_same_data(cfg, datamodule)
     resolve_num_classes(cfg, datamodule)
+    check_same_data(cfg, datamodule)
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     check_step_checkpoints(cfg, speed.cuda)
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory

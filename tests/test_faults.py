@@ -14,20 +14,23 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from PIL import Image
 
 from fakes import write_dataset
 from pixelcnn.callbacks import RunDirCheckpoint
 from pixelcnn.checkpoints import SAVED_DATA_KEYS
 from pixelcnn.config import PATH_KEYS, UserError, validate
 from pixelcnn.data import BatchLoader
-from pixelcnn.commands.train import record_job_failure, sweep_job_dir
+from pixelcnn.commands.train import absolute_paths, record_job_failure, sweep_job_dir
 from pixelcnn.run_dirs import fresh_dir, hold_run_dir
 from test_cli import data_args
 
@@ -644,6 +647,17 @@ def test_every_path_key_takes_a_number_as_a_path(config: str):
                 validate(compose(name, overrides=[*required, f"{key}=true"]), name)
 
 
+def test_every_path_a_run_records_is_absolute(tmp_path: Path, monkeypatch):
+    """Every path key of train.py's config (`PATH_KEYS`), as the run records it: from the working directory."""
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=["data=folder", "data.path=pics", "data.root=\"~/cache\"", "init_from=2024",
+                                          "ckpt_path=runs/x", "data.system_dir=../elsewhere"])
+    assert absolute_paths(cfg) == {"ckpt_path": str(tmp_path / "runs" / "x"), "init_from": str(tmp_path / "2024"),
+                                   "data.root": str(Path.home() / "cache"), "data.path": str(tmp_path / "pics"),
+                                   "data.system_dir": str(tmp_path.parent / "elsewhere")}
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["n=1000000000"], "n=1000000000 is invalid"),
     (["scale=100000"], "scale=100000 is invalid"),
@@ -675,6 +689,7 @@ def test_checkpoint_whose_hyperparameters_do_not_fit_its_weights(reference: Path
 @pytest.mark.parametrize("edit, message", [
     ({"data": {"source": "fashion_mnist", "bogus": 1}}, "its data settings are not a mapping of source, path,"),
     ({"data": ["fashion_mnist"]}, "its data settings are not a mapping"),
+    ({"data": {"source": "fashion_mnist", "splits": {"train": 5}}}, "its data.splits={'train': 5} is invalid"),
     ({"data": {"source": "fashion_mnist", "channels": "x"}}, "its data.channels='x' is invalid: it must be one of 1, 3"),
     ({"data": {"source": "array", "path": 7}}, "its data.path=7 is invalid: it must be a path"),
     ({"data": {"source": "fashion_mnist", "val_size": -5}}, "its data.val_size=-5 is invalid"),
@@ -818,3 +833,92 @@ def test_an_unforeseen_failure_of_a_sweep_job_is_recorded_and_the_sweep_goes_on(
         assert "Traceback" in saved.read_text()
         saved.unlink()
     assert "2 jobs: 0 ok, 2 failed." in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+# --- a run knows its data and where its files are --------------------------------------------------
+FOLDER_RUN = ["data=folder", "data.path=pictures", "model.filters=8", "model.residual_blocks=1", "data.batch_size=8",
+              "trainer.max_epochs=1", "trainer.limit_train_batches=2", "sample.every_n_epochs=0", "quality_n=0",
+              "trainer.enable_progress_bar=false"]
+
+
+def write_pngs(folder: Path, count: int, seed: int, start: int = 0) -> None:
+    """`count` random 16x16 grey PNGs, numbered from `start`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(start, start + count):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{k:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> Path:
+    """A run trained from envt/ on envt/pictures, a data=folder dataset of 40 images, given as a relative path."""
+    work = tmp_path_factory.mktemp("folder_run")
+    write_pngs(work / "envt" / "pictures", 40, seed=0)
+    result = run("train.py", *FOLDER_RUN, f"data.root={work / 'cache'}", "hydra.run.dir=run", cwd=work / "envt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "envt" / "run"
+
+
+def files_of(run_dir: Path) -> dict[Path, tuple[int, bytes]]:
+    """Every file of a run dir (its lock aside: each process that opens the run writes its pid there)."""
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+@contextmanager
+def changed_pictures(pictures: Path, change: str):
+    """The run's pictures with 10 more (add) or 5 fewer (delete), put back as they were afterwards."""
+    aside = pictures.with_name("aside")
+    aside.mkdir()
+    try:
+        if change == "add":
+            write_pngs(pictures, 10, seed=1, start=40)
+        for picture in sorted(pictures.iterdir())[:5] if change == "delete" else []:
+            picture.rename(aside / picture.name)
+        yield
+    finally:
+        for picture in sorted(pictures.iterdir())[40:] if change == "add" else []:
+            picture.unlink()
+        for picture in aside.iterdir():
+            picture.rename(pictures / picture.name)
+        aside.rmdir()
+
+
+@pytest.mark.parametrize("change", ["add", "delete"])
+def test_a_resume_on_changed_data_is_refused(folder_run: Path, tmp_path: Path, change: str):
+    """The val/test split would be drawn again and images would move between train and test: one line
+    naming the splits that changed (counts before -> now) and init_from= for a new run; nothing written."""
+    before = files_of(folder_run)
+    with changed_pictures(folder_run.parent / "pictures", change):
+        line = one_error_line(run("train.py", f"ckpt_path={folder_run}", "trainer.max_epochs=2", cwd=tmp_path))
+    counts = "train 32 -> 41 images" if change == "add" else "train 32 -> 28 images"
+    assert line.startswith(f"error: ckpt_path={folder_run}") and counts in line, line
+    assert f"init_from={folder_run}" in line and files_of(folder_run) == before
+
+
+def test_evaluate_says_when_the_data_changed(folder_run: Path, tmp_path: Path):
+    """evaluate.py (and sample.py mode=complete) read the checkpoint's data again: one line says which splits
+    changed, then it scores the data as it is now; on the same data, no such line."""
+    args = [f"ckpt={folder_run}", "quality=false", "heatmaps=0"]
+    same = run("evaluate.py", *args, f"out={tmp_path / 'same'}", cwd=tmp_path)
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr[-2000:]
+    with changed_pictures(folder_run.parent / "pictures", "add"):
+        changed = run("evaluate.py", *args, f"out={tmp_path / 'eval'}", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    [line] = [line for line in changed.stderr.splitlines() if "warning" in line]
+    assert line.startswith("warning: the data changed") and "train 32 -> 41 images" in line, line
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test_images"] == 5
+
+
+def test_a_resume_from_another_directory_trains_on_the_recorded_data(folder_run: Path, tmp_path: Path):
+    """A run trained from envt/ with data.path=pictures, resumed from the folder above, where another
+    pictures/ folder is: it continues on envt/pictures, the data it recorded (absolute, in its .hydra record)."""
+    work = tmp_path / "envt"
+    shutil.copytree(folder_run.parent, work)
+    write_pngs(tmp_path / "pictures", 50, seed=3)  # other data at the same relative path
+    result = run("train.py", "ckpt_path=envt/run", "trainer.max_epochs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((work / "run" / ".hydra" / "config.yaml").read_text())
+    assert config["data"]["path"] == str(folder_run.parent / "pictures")  # recorded absolute
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    assert metrics["splits"] == json.loads((folder_run / "metrics.json").read_text())["splits"]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fakes import write_dataset
 from pixelcnn.config import UserError
-from pixelcnn.data import DatasetNotFoundError, ImageDataModule, quantize, setup_datamodule
+from pixelcnn.data import DatasetNotFoundError, ImageDataModule, changed_splits, quantize, setup_datamodule
 from pixelcnn.images import levels_to_grid
 from pixelcnn.module import PixelCNNModule
 from pixelcnn.sources import has_classes
@@ -97,6 +97,28 @@ def test_edited_folder_is_read_again(tmp_path):
     Image.fromarray(random_image((8, 8), 99)).save(folder / "6.png")  # edited: a new cache, 7 images
     again = module_for(tmp_path, "folder", folder, image_size=8)
     assert len(again.train_set[0]) == 3 and len(list((tmp_path / "data").glob("folder-flat-*.pt"))) == 2
+
+
+def test_every_source_records_what_each_split_holds(tmp_path):
+    """Each split's fingerprint (count and content) for IDX, folder and array data, grey and colour: other
+    content is another fingerprint, and what changed is named with its counts."""
+    write_dataset(tmp_path / "idx", n_train=30, n_test=6)
+    (tmp_path / "flat").mkdir()
+    for k in range(6):
+        Image.fromarray(random_image((8, 8), k)).save(tmp_path / "flat" / f"{k}.png")
+    np.save(tmp_path / "colour.npy", random_image((10, 8, 8, 3), 0))
+    modules = [setup_datamodule(tmp_path / "idx", 16, 4, system_dir=None, download=False, val_size=5, channels=channels)
+               for channels in (1, 3)]
+    modules += [module_for(tmp_path, "folder", tmp_path / "flat", image_size=8),
+                module_for(tmp_path, "array", tmp_path / "colour.npy", channels=3, image_size=8)]
+    for dm in modules:
+        sets = {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}
+        assert [fp.split()[:2] for fp in dm.fingerprints.values()] == [[str(len(s[0])), "images,"] for s in sets.values()]
+        assert changed_splits(dm.fingerprints, dm.fingerprints) is None and changed_splits(None, dm.fingerprints) is None
+    grey, colour = modules[0].fingerprints, modules[1].fingerprints
+    assert grey != colour and changed_splits(grey, colour) == (
+        "train 25 other images, val 5 other images, test 6 other images")
+    assert changed_splits({**grey, "test": "7 images, sha256 0"}, grey) == "test 7 -> 6 images"
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -259,7 +281,7 @@ def test_num_classes_auto_is_the_datas(tmp_path):
     np.savez(tmp_path / "a.npz", images=random_image((40, 6, 6), 0), labels=np.arange(40) % 5)  # a class more
     done = train("ckpt_path=run", "trainer.max_epochs=3")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: ckpt_path={Path('run', 'checkpoints', 'last.ckpt')} holds a network for 4 classes, but the data "
+        f"error: ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} holds a network for 4 classes, but the data "
         "(array) has 5 (model.num_classes=auto): resume on the data it was trained on, or train a new network from "
         "scratch"], done.stderr
 

@@ -119,8 +119,9 @@ def read_same_network(path: str | Path, cfg: DictConfig, key: str, prefer: str) 
     return path, checkpoint
 
 
-# The keys of `ImageDataModule.source_settings`, a checkpoint's `data` (a test keeps the two the same).
-SAVED_DATA_KEYS = ("source", "path", "channels", "val_size", "test_size", "split_seed")
+# A checkpoint's `data`: the keys of `ImageDataModule.source_settings` (a test keeps the two the same), and
+# `splits`, the fingerprints of the data it trained on (`data.fingerprint`; not in checkpoints saved before them).
+SAVED_DATA_KEYS = ("source", "path", "channels", "val_size", "test_size", "split_seed", "splits")
 
 
 def saved_data_error(hparams: dict) -> str | None:
@@ -132,6 +133,8 @@ def saved_data_error(hparams: dict) -> str | None:
     values = {**{key: hparams[key] for key in ("levels", "image_size") if key in hparams}, **data}
     for key, value in values.items():
         ok, allowed = DATA.get(f"data.{key}", (lambda v: v is None or isinstance(v, str), "a path"))  # data.path
+        if key == "splits":
+            ok, allowed = lambda v: isinstance(v, dict) and all(isinstance(f, str) for f in v.values()), "fingerprints"
         if not ok(value):
             return f"its data.{key}={value!r} is invalid: it must be {allowed}"
     return None

@@ -14,6 +14,7 @@ and so is the sample-quality classifier (`pixelcnn.classifier`).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 import os
@@ -414,6 +415,24 @@ def load_own_images(root: Path, source: str, path: Path, image_size: int, levels
     return cached(cache, lambda: load_cache(cache, image_size, levels, channels, ("train",)), build)
 
 
+def fingerprint(split: Split) -> str:
+    """A split's image count and a short sha256 of its content (levels and labels), as a checkpoint records it."""
+    digest = hashlib.sha256(split[0].contiguous().numpy())
+    digest.update(split[1].contiguous().numpy())
+    return f"{len(split[0])} images, sha256 {digest.hexdigest()[:16]}"
+
+
+def changed_splits(saved: object, now: dict[str, str]) -> str | None:
+    """Which splits differ between the fingerprints a checkpoint holds (`saved`; None: saved before they were)
+    and `now`, with their image counts before -> now; None if none does."""
+    if not isinstance(saved, dict):
+        return None
+    counts = {split: (str(saved.get(split, "?")).partition(" ")[0], now[split].partition(" ")[0]) for split in now}
+    changed = [f"{split} {before} -> {count} images" if before != count else f"{split} {count} other images"
+               for split, (before, count) in counts.items() if saved.get(split) != now[split]]
+    return ", ".join(changed) or None
+
+
 def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Split, Split]:
     """(rest, part): `size` images (a count, or a fraction of them) cut from `split` by a fixed
     permutation from `seed`."""
@@ -525,6 +544,8 @@ class ImageDataModule(L.LightningDataModule):
         if val is None:
             train, val = split_off(train, self.val_size, self.split_seed, "val_size")
         self.train_set, self.val_set, self.test_set = train, val, test
+        # What a run trained on, in its checkpoints and metrics.json: a resume on other data is refused.
+        self.fingerprints = {"train": fingerprint(train), "val": fingerprint(val), "test": fingerprint(test)}
 
     def loader(self, name: Literal["train_set", "val_set", "test_set"], batch_size: int, train: bool) -> BatchLoader:
         # Batches live on the trainer's device if moving there is enabled (on_device), else on the CPU.

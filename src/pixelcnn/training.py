@@ -35,9 +35,10 @@ from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, ProgressB
 from pixelcnn.checkpoints import STEP_CHECKPOINT, read_checkpoint, read_same_network
 from pixelcnn.classifier import quality_metrics, unscorable
 from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, check_sqlite, validate
-from pixelcnn.data import limited
+from pixelcnn.data import changed_splits, limited
 from pixelcnn.module import run_steps
 from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
+from pixelcnn.run_dirs import run_dir_of
 from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,19 @@ def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> N
                             "resume on the data it was trained on, or train a new network from scratch")
 
 
+def check_same_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """A resume (ckpt_path, a requeued job) continues on the data it trained on: the fingerprints of the splits
+    (`data.fingerprint`) against those its checkpoint holds (none in older checkpoints: not checked)."""
+    if not cfg.get("ckpt_path"):
+        return
+    saved = read_checkpoint(Path(cfg.ckpt_path), "ckpt_path")["hyper_parameters"].get("data")
+    if change := changed_splits(saved.get("splits") if isinstance(saved, dict) else None, datamodule.fingerprints):
+        run = run_dir_of(cfg.ckpt_path) or cfg.ckpt_path
+        raise UserError(f"ckpt_path={cfg.ckpt_path} was trained on other data than the {datamodule.source} data now "
+                        f"(changed: {change}): resume on the data it was trained on, or start a new run on this data "
+                        f"from its weights with {as_override('init_from', run)}")
+
+
 def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
     """What the model takes from the data (saved with it): the class names and the source. A
     conditional model (model.num_classes > 0) must have as many classes as the data."""
@@ -133,7 +147,8 @@ def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
                  f"{', ...' if datamodule.num_classes > 4 else ''})" if datamodule.num_classes else "no classes")
         fix = f"model.num_classes={datamodule.num_classes} or 0" if datamodule.num_classes else "model.num_classes=0"
         raise UserError(f"model.num_classes={num_classes} but the data ({datamodule.source}) has {found}: use {fix}")
-    return {"class_names": list(datamodule.class_names) if num_classes else None, "data": datamodule.source_settings()}
+    return {"class_names": list(datamodule.class_names) if num_classes else None,
+            "data": {**datamodule.source_settings(), "splits": datamodule.fingerprints}}
 
 
 def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDataModule) -> L.LightningModule:
@@ -283,6 +298,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
     resolve_num_classes(cfg, datamodule)
+    check_same_data(cfg, datamodule)
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
         meta_net = instantiate(cfg.model, _convert_="all").net
@@ -335,6 +351,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "parameters": n_params,
         "fit_seconds": round(fit_seconds, 1),
         "best_checkpoint": checkpoint.best_model_path,
+        "splits": datamodule.fingerprints,  # what it trained, validated and tested on
     }
     if not trainer.is_global_zero:  # the other DDP ranks: rank 0 scores samples and writes the results
         return metrics

@@ -176,10 +176,17 @@ def load_checkpoint_model(cfg: DictConfig, outputs: str) -> tuple[Path, ImageMod
 
 
 def checkpoint_data(module: ImageModel, data_root: str | None):
-    """The data `module` was trained on (older checkpoints: Fashion-MNIST), set up: training's test split."""
-    from pixelcnn.data import setup_datamodule  # late: Lightning, for the modes that read data only
+    """The data `module` was trained on (older checkpoints: Fashion-MNIST), set up: training's test split;
+    one line says so if its splits changed since (`data.changed_splits`)."""
+    from pixelcnn.data import changed_splits, setup_datamodule  # late: Lightning, for the modes that read data only
 
-    return setup_datamodule(data_root, module.image_size, module.levels, **(module.data or {}))
+    settings = dict(module.data or {})
+    saved = settings.pop("splits", None)
+    datamodule = setup_datamodule(data_root, module.image_size, module.levels, **settings)
+    if change := changed_splits(saved, datamodule.fingerprints):
+        print(f"warning: the data changed since this model was trained ({change}); using it as it is now",
+              file=sys.stderr, flush=True)
+    return datamodule
 
 
 class NoVendorTips(logging.Filter):

@@ -9,6 +9,7 @@ import atexit
 import json
 import logging
 import os
+import shlex
 import sys
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from pixelcnn.checkpoints import read_same_network
 from pixelcnn.commands.cli import error_line, exit_on_user_error
-from pixelcnn.config import UserError, user_errors_unwrapped
+from pixelcnn.config import PATH_KEYS, UserError, as_override, user_errors_unwrapped
 from pixelcnn.resources import secondary_rank
 from pixelcnn.run_dirs import (RunDirInUse, check_run_dir, claim_if_new, fresh_dir, hold_run_dir, holds_checkpoints,
                                 register_resolvers, requeued_job, run_dir_of)
@@ -212,6 +213,18 @@ def plain_value(value: Any) -> bool:
     return all(v is None or isinstance(v, (int, float, bool)) or (isinstance(v, str) and "${" not in v) for v in items)
 
 
+def absolute_paths(config: DictConfig) -> dict[str, str]:
+    """The path keys of `config` as absolute paths. Every path a run records (its .hydra record, checkpoints,
+    metrics.json) is absolute, so that a resume reads the same files from any working directory; a relative
+    one in an older run's record is still taken from the working directory, as it was."""
+    paths = {}
+    for key in PATH_KEYS:
+        value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
+            paths[key] = os.path.abspath(os.path.expanduser(str(value)))
+    return paths
+
+
 class RunDirGuard(Callback):
     """Before Hydra writes into the run dir: checks it (`run_dirs.check_run_dir`); for a resume,
     the run's config (`restore_saved_config`), its latest checkpoint (which must hold this config's
@@ -255,6 +268,9 @@ class RunDirGuard(Callback):
             if requeued:
                 with read_write(config):  # its init_from= (the first start's weights) is in the checkpoint now
                     config.init_from = None
+            with read_write(config):
+                for key, path in absolute_paths(config).items():
+                    OmegaConf.update(config, key, path)
         if rank_zero and not secondary_rank():  # DDP ranks started by srun / torchrun run this too: rank 0 holds the dir
             with exit_on_user_error():  # no cleanup: the dir is the other run's
                 hold_run_dir(run_dir, f"{'ckpt_path' if resuming else 'hydra.run.dir'}={run_dir}")
@@ -284,6 +300,14 @@ class RunDirGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
             check_run_dir(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir", resuming=False)
+        # Each job is composed from the sweep's overrides: the paths it does not sweep go in absolute.
+        task = [str(o) for o in config.hydra.overrides.task]
+        swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+        swept |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})
+        paths = {k: p for k, p in absolute_paths(config).items() if k not in swept and p != OmegaConf.select(config, k)}
+        kept = [o for o in task if o.lstrip("+~").partition("=")[0] not in paths]
+        with read_write(config.hydra.overrides):  # as_override without the shell's quotes: Hydra's
+            config.hydra.overrides.task = kept + [shlex.split(as_override(key, path))[0] for key, path in paths.items()]
 
 
 class SweepPrecheck(Callback):

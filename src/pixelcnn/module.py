@@ -89,8 +89,8 @@ class PixelCNNModule(ImageModel, L.LightningModule):
         # AdamW with weight_decay=0 is exactly Adam. Fused runs the whole update in a few kernels
         # on CUDA; foreach is the fast path elsewhere. Fused unscales fp16 gradients inside its
         # step, too late for clipping, so clipping under 16-mixed takes the foreach path.
-        trainer = self.trainer
-        fused = self.device.type == "cuda" and not (trainer.gradient_clip_val and trainer.precision == "16-mixed")
+        cuda = self.device.type == "cuda"  # on CUDA the module is always attached to a trainer
+        fused = cuda and not (self.trainer.gradient_clip_val and self.trainer.precision == "16-mixed")
         optim = self.optim
         optimizer = torch.optim.AdamW(self.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"],
                                       **({"fused": True} if fused else {"foreach": True}))
@@ -107,7 +107,7 @@ class PixelCNNModule(ImageModel, L.LightningModule):
                 min_lr=optim["lr"] * scheduler["min_lr_ratio"])
             # Stepped by Lightning on val/bpd after each epoch that validates.
             config = {"scheduler": plateau, "interval": "epoch", "monitor": "val/bpd",
-                      "frequency": trainer.check_val_every_n_epoch or 1}
+                      "frequency": self.trainer.check_val_every_n_epoch or 1}
         return {"optimizer": optimizer, "lr_scheduler": {**config, "name": "train/lr"}}
 
     @property

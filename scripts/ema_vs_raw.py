@@ -13,10 +13,10 @@ import argparse
 
 import torch
 
-from pixelcnn.checkpoints import load_module, read_checkpoint, resolve_checkpoint
-from pixelcnn.config import UserError
+from pixelcnn.ops.checkpoints import load_module, read_checkpoint, resolve_checkpoint
+from pixelcnn.ops.errors import UserError
 from pixelcnn.commands.cli import checkpoint_data
-from pixelcnn.image_model import ImageModel
+from pixelcnn.likelihood import ImageModel
 
 
 def split_bits_per_dim(model: ImageModel, images: torch.Tensor, labels: torch.Tensor) -> float:

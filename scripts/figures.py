@@ -1,6 +1,6 @@
 """The README's figures, made from the real model classes: `python scripts/figures.py [--out docs]`.
 
-- `masks.png`: the causal masks of the seed model's convolutions (`pixelcnn.model.causal_mask`): type A
+- `masks.png`: the causal masks of the seed model's convolutions (`pixelcnn.pixelcnn_net.causal_mask`): type A
   (first layer, 7x7) hides the centre pixel, type B (later layers, 3x3) lets a pixel see its own features.
 - `receptive_field.png`: which input pixels one output pixel's logits depend on, found by gradients as the
   causality tests do (tests/test_model.py, tests/test_gated.py): backprop from the logits of one pixel to
@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pixelcnn.gated import GatedPixelCNN  # noqa: E402
-from pixelcnn.model import PixelCNN, causal_mask  # noqa: E402
+from pixelcnn.gated_net import GatedPixelCNN  # noqa: E402
+from pixelcnn.pixelcnn_net import PixelCNN, causal_mask  # noqa: E402
 
 # Cell classes of the receptive-field picture, and their colours.
 LATER, SEEN, BLIND, TARGET = 0, 1, 2, 3

@@ -9,9 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import pixelcnn.classifier as classifier_module
-from pixelcnn.checkpoints import load_module
-from pixelcnn.classifier import (
+import pixelcnn.quality as classifier_module
+from pixelcnn.ops.checkpoints import load_module
+from pixelcnn.quality import (
     FashionClassifier,
     classify,
     classifier_path,
@@ -21,7 +21,7 @@ from pixelcnn.classifier import (
     quality_metrics,
 )
 from pixelcnn.commands.train_classifier import main as run
-from pixelcnn.config import UserError
+from pixelcnn.ops.errors import UserError
 from pixelcnn.data import setup_datamodule
 from test_data import write_dataset
 from test_evaluate import SIZE, save_checkpoint

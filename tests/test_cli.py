@@ -21,10 +21,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fakes import write_dataset
-from pixelcnn.callbacks import SampleGridCallback
-from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.config import UserError, as_override, validate
-from pixelcnn.sweep import collect_runs, summary_table
+from pixelcnn.ops.callbacks import SampleGridCallback
+from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
+from pixelcnn.ops.rules import as_override, validate
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.sweep import collect_runs, summary_table
 from pixelcnn.training import SpeedChoices, build_callbacks, build_datamodule, build_module, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pixelcnn.gated import GatedPixelCNN
-from pixelcnn.model import PixelCNN
+from pixelcnn.gated_net import GatedPixelCNN
+from pixelcnn.pixelcnn_net import PixelCNN
 from pixelcnn.module import PixelCNNModule
 from pixelcnn.sampling import complete_fast, draw_uniforms, sample_fast, sample_naive
 
@@ -140,7 +140,9 @@ def test_colour_class_marginal_counts_every_channel():
 def test_too_narrow_for_three_colour_groups_is_one_error():
     from hydra import compose, initialize_config_dir
 
-    from pixelcnn.config import UserError, validate
+    from pixelcnn.ops.rules import validate
+
+    from pixelcnn.ops.errors import UserError
 
     with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
         validate(compose("train", overrides=["data.channels=3", "model.filters=6"]), "train")  # 3 groups of 2, 1 in the blocks

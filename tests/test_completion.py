@@ -12,13 +12,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pixelcnn.checkpoints import load_module
+from pixelcnn.ops.checkpoints import load_module
 from pixelcnn.commands.sample import complete
 from pixelcnn.commands.sample import main as sample_run
-from pixelcnn.config import UserError
+from pixelcnn.ops.errors import UserError
 from pixelcnn.data import setup_datamodule
-from pixelcnn.gated import GatedPixelCNN
-from pixelcnn.model import PixelCNN
+from pixelcnn.gated_net import GatedPixelCNN
+from pixelcnn.pixelcnn_net import PixelCNN
 from pixelcnn.sampling import complete_fast, draw_uniforms, sample_fast
 from test_data import write_dataset
 from test_evaluate import SIZE, save_checkpoint

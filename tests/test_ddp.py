@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fakes import write_dataset
-from pixelcnn.checkpoints import load_module
+from pixelcnn.ops.checkpoints import load_module
 from pixelcnn.data import BatchLoader, setup_datamodule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def labels_per_batch_of(items: list) -> list[list[int]]:
 def test_data_module_gives_each_rank_its_share_of_one_permutation(tmp_path: Path):
     """The rank and world size come from the trainer; the shuffling seed from rank 0 (broadcast),
     so that the ranks cut the same permutation whatever their global RNGs hold."""
-    from pixelcnn.config import UserError
+    from pixelcnn.ops.errors import UserError
 
     write_dataset(tmp_path / "data", n_train=100, n_test=21)
     broadcasts = []
@@ -137,7 +137,7 @@ def test_a_sweep_with_several_devices_needs_slurm(tmp_path: Path):
 
 
 def test_devices_lightning_refuses_are_one_line(tmp_path: Path):
-    from pixelcnn.config import UserError
+    from pixelcnn.ops.errors import UserError
     from pixelcnn.training import build_trainer, resolve_speed
     from test_cli import compose_train
 

@@ -13,9 +13,9 @@ import torch
 from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - a fixture
 from test_training_knobs import data, fit, tiny
 
-from pixelcnn.callbacks import WeightAverage
+from pixelcnn.ops.callbacks import WeightAverage
 from pixelcnn.data import BatchLoader
-from pixelcnn.image_model import ImageModel
+from pixelcnn.likelihood import ImageModel
 
 
 def loaders():

@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.io import write_png
 
-from pixelcnn.checkpoints import load_module
-from pixelcnn.config import UserError
+from pixelcnn.ops.checkpoints import load_module
+from pixelcnn.ops.errors import UserError
 from pixelcnn.data import quantize
 from pixelcnn.commands.evaluate import load_images
 from pixelcnn.commands.evaluate import main as run
-from pixelcnn.images import levels_to_grid, save_grid
+from pixelcnn.ops.images import levels_to_grid, save_grid
 from pixelcnn.module import PixelCNNModule
 from test_data import write_dataset
 

@@ -26,12 +26,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from fakes import write_dataset
-from pixelcnn.callbacks import RunDirCheckpoint
-from pixelcnn.checkpoints import SAVED_DATA_KEYS
-from pixelcnn.config import PATH_KEYS, UserError, validate
+from pixelcnn.ops.callbacks import RunDirCheckpoint
+from pixelcnn.ops.checkpoints import SAVED_DATA_KEYS
+from pixelcnn.ops.rules import PATH_KEYS, validate
+from pixelcnn.ops.errors import UserError
 from pixelcnn.data import BatchLoader
 from pixelcnn.commands.train import absolute_paths, record_job_failure, sweep_job_dir
-from pixelcnn.run_dirs import fresh_dir, hold_run_dir
+from pixelcnn.ops.run_dirs import fresh_dir, hold_run_dir
 from test_cli import data_args
 
 pytestmark = pytest.mark.faults

@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 
 from fakes import write_dataset
-from pixelcnn import sources
-from pixelcnn.checkpoints import read_checkpoint
+from pixelcnn.ops import sources
+from pixelcnn.ops.checkpoints import read_checkpoint
 from pixelcnn.commands.evaluate import load_images
-from pixelcnn.config import UserError
+from pixelcnn.ops.errors import UserError
 from pixelcnn.data import CorruptDatasetError, read_idx
-from pixelcnn.files import atomic_write, write_bytes
-from pixelcnn.images import load_image
-from pixelcnn.resources import Footprint, check_training_fits
+from pixelcnn.ops.files import atomic_write, write_bytes
+from pixelcnn.ops.images import load_image
+from pixelcnn.ops.resources import Footprint, check_training_fits
 from test_cli import data_args
 from test_faults import one_error_line, run
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pixelcnn.gated import GatedPixelCNN
+from pixelcnn.gated_net import GatedPixelCNN
 
 
 def randomized(net: nn.Module, std: float = 0.3) -> nn.Module:

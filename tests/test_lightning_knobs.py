@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fakes import write_dataset
-from pixelcnn.config import validate
+from pixelcnn.ops.rules import validate
 from pixelcnn.training import build_datamodule, build_module, build_trainer, resolve_speed
 from test_cli import NO_QUALITY, TINY, compose_train, data_args, run
 

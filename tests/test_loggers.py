@@ -105,7 +105,7 @@ def test_a_missing_mlflow_is_one_error_line(workdir: Path):
 def test_an_mlflow_store_that_cannot_be_used_is_one_line_at_once(tmp_path: Path, uri: str, message: str):
     """Checked before MLflow opens it: a file that is not a database was Hydra's many-line error, and an
     unwritable path was retried by MLflow for 2 min 23 s first."""
-    from pixelcnn.config import UserError
+    from pixelcnn.ops.errors import UserError
     from pixelcnn.training import build_loggers
 
     (tmp_path / "garbage.db").write_bytes(b"not a database " * 10)

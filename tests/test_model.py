@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pixelcnn.model import MaskedConv2d, PixelCNN, causal_mask
+from pixelcnn.pixelcnn_net import MaskedConv2d, PixelCNN, causal_mask
 
 
 def input_gradient(net, x: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
@@ -113,7 +113,7 @@ def test_loss_is_in_bits_per_dimension():
 
 
 def test_parse_labels():
-    from pixelcnn.config import UserError
+    from pixelcnn.ops.errors import UserError
     from pixelcnn.commands import sample
     from pixelcnn.data import CLASS_NAMES
 

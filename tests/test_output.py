@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pixelcnn.callbacks import cpu_preset_hint
+from pixelcnn.ops.callbacks import cpu_preset_hint
 from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 

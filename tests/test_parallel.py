@@ -14,10 +14,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import pixelcnn.resources as resources
+import pixelcnn.ops.resources as resources
 from pixelcnn.data import cache_path
 from pixelcnn.data import load_idx_dataset as load_fashion_mnist
-from pixelcnn.resources import cuda_device_args, plan_resources
+from pixelcnn.ops.resources import cuda_device_args, plan_resources
 from fakes import write_dataset
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - a fixture
 
@@ -81,7 +81,7 @@ def test_a_parallel_sweep_runs_its_jobs_with_a_share_of_the_threads(workdir: Pat
     cpus = resources.available_cpus()
     expected = max(1, min(cpus // 2, int(os.environ.get("OMP_NUM_THREADS", cpus))))
     for k, job in enumerate(jobs):  # each job knew it was one of 2 at once, and took its share of the cores
-        line = re.search(r"\[pixelcnn.resources\]\[INFO\] - job (\d+): (\d+) CPU threads "
+        line = re.search(r"\[pixelcnn.ops.resources\]\[INFO\] - job (\d+): (\d+) CPU threads "
                          r"\(2 jobs at once on (\d+) cores", (job / "train.log").read_text())
         assert line, (job / "train.log").read_text()
         assert (int(line[1]), int(line[2]), int(line[3])) == (k, expected, cpus)
@@ -91,7 +91,7 @@ def test_a_parallel_sweep_runs_its_jobs_with_a_share_of_the_threads(workdir: Pat
 def _start_like_a_job(barrier, root: Path, builds: Path, results) -> None:
     """One of several processes that start together on an empty data dir, as parallel jobs do:
     load the data (the cache) and the classifier, counting how often each was really built."""
-    import pixelcnn.classifier as classifier
+    import pixelcnn.quality as classifier
     import pixelcnn.data as data
 
     def counted(build, name: str, **extra):

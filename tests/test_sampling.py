@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pixelcnn.gated import GatedPixelCNN
-from pixelcnn.model import PixelCNN
+from pixelcnn.gated_net import GatedPixelCNN
+from pixelcnn.pixelcnn_net import PixelCNN
 from pixelcnn.sampling import draw_levels, draw_uniforms, sample, sample_fast, sample_naive
 
 

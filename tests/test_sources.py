@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from fakes import write_dataset
-from pixelcnn.config import UserError
+from pixelcnn.ops.errors import UserError
 from pixelcnn.data import DatasetNotFoundError, ImageDataModule, changed_splits, quantize, setup_datamodule
-from pixelcnn.images import levels_to_grid
+from pixelcnn.ops.images import levels_to_grid
 from pixelcnn.module import PixelCNNModule
-from pixelcnn.sources import has_classes
+from pixelcnn.ops.sources import has_classes
 from pixelcnn.training import data_hparams
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixelcnn.checkpoints import load_module
+from pixelcnn.ops.checkpoints import load_module
 from pixelcnn.module import PixelCNNModule
 from pixelcnn.training import CPU_COMPILE_MIN_STEPS, SpeedChoices, cpu_has_native_bf16, planned_steps, resolve_speed
 from test_cli import ROOT, compose_train

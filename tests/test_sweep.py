@@ -18,10 +18,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from pixelcnn.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
-from pixelcnn.commands.cli import failure_reason
-from pixelcnn.config import UserError
-from pixelcnn.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_metrics
+from pixelcnn.ops.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
+from pixelcnn.ops.errors import failure_reason
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_metrics
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 # TINY for the gated model, which hparams_search=optuna searches (its width and depth are searched).

@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pixelcnn.checkpoints import check_same_network, load_module
-from pixelcnn.config import UserError
+from pixelcnn.ops.checkpoints import check_same_network, load_module
+from pixelcnn.ops.errors import UserError
 from pixelcnn.data import BatchLoader
 from pixelcnn.module import DEFAULT_OPTIM, PixelCNNModule
 

@@ -7,8 +7,8 @@ kept in memory (on the GPU when training there) and batches are cut with one ind
 
 `data.source` picks the images: Fashion-MNIST (the default) or MNIST as IDX files (`locate_dataset`:
 in the data dir `data.root`, by default `default_data_dir()`, the Debian package, or torchvision's
-download), or your own (`pixelcnn.sources`). The preprocessed tensors are cached in the data dir,
-and so is the sample-quality classifier (`pixelcnn.classifier`).
+download), or your own (`pixelcnn.ops.sources`). The preprocessed tensors are cached in the data dir,
+and so is the sample-quality classifier (`pixelcnn.quality`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ import torch.nn.functional as F
 from filelock import FileLock, Timeout
 from torch import Tensor
 
-from pixelcnn import sources
-from pixelcnn.config import UserError
-from pixelcnn.files import missing_dirs, remove_if_empty, torch_save
+from pixelcnn.ops import missing_dirs, remove_if_empty, sources, torch_save, UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,7 +118,7 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
             expected_size = math.prod(dims)
             if expected_size > sources.MAX_DATA_BYTES:
                 raise corrupt(path, f"its header says {dims} = {expected_size} bytes of data, more than the "
-                                    f"{sources.MAX_DATA_BYTES} a data file may hold (pixelcnn.sources.MAX_DATA_BYTES)")
+                                    f"{sources.MAX_DATA_BYTES} a data file may hold (pixelcnn.ops.sources.MAX_DATA_BYTES)")
             data = file.read(expected_size + 1)  # one more: a longer file is reported, not read on
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # bad gzip header / truncated / corrupt stream
         raise corrupt(path, f"broken gzip stream ({err})") from err
@@ -399,7 +397,7 @@ def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels:
 
 
 def load_own_images(root: Path, source: str, path: Path, image_size: int, levels: int, channels: int) -> dict:
-    """A folder or array source (`pixelcnn.sources`) preprocessed: {<split>_images (N, C, S, S) uint8,
+    """A folder or array source (`pixelcnn.ops.sources`) preprocessed: {<split>_images (N, C, S, S) uint8,
     <split>_labels (N,) int64} for the splits it has, and class_names (a list), from the cache if possible."""
     cache = root / (f"{source}-{path.name or 'root'}-{sources.content_key(path)}"  # named by its content
                     f"_{image_size}px_{levels}lv_{channels}ch.pt")
@@ -451,7 +449,7 @@ class ImageDataModule(L.LightningDataModule):
     `image_size`, with `channels` 1 (grey) or 3 (RGB).
 
     Sources (`SOURCES`): fashion_mnist, mnist (IDX files, see `locate_dataset`), folder and array
-    (`path`, see `pixelcnn.sources`). Test is the source's test split (Fashion-MNIST: the 10k t10k
+    (`path`, see `pixelcnn.ops.sources`). Test is the source's test split (Fashion-MNIST: the 10k t10k
     set), else `test_size` (a count or a fraction) cut from the training images first; val likewise
     (`val_size`); each cut by a fixed permutation from `split_seed`. `class_names` are the source's
     classes ([]: unlabelled).

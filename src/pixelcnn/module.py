@@ -1,9 +1,9 @@
-"""The LightningModule: an autoregressive image model (`pixelcnn.image_model.ImageModel`: the
+"""The LightningModule: an autoregressive image model (`pixelcnn.likelihood.ImageModel`: the
 network, its likelihood and samples) trained by maximum likelihood.
 
 It takes plain arguments and saves them with `save_hyperparameters()`, so a checkpoint alone
 rebuilds the network: `sample.py` and `evaluate.py` need nothing else, and load it without
-Lightning (`pixelcnn.checkpoints.load_module`). Losses are reported in bits per dimension.
+Lightning (`pixelcnn.ops.checkpoints.load_module`). Losses are reported in bits per dimension.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from pixelcnn.image_model import LEGACY_OPTIM_KEYS, ImageModel
+from pixelcnn.likelihood import LEGACY_OPTIM_KEYS, ImageModel
 
 DEFAULT_OPTIM = {"lr": 1e-4, "weight_decay": 0.0, "scheduler": {"name": "none"}}  # conf/optim/adamw.yaml's
 

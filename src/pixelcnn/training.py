@@ -30,16 +30,13 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.callbacks import (STOPPED_EXIT_CODE, AtomicCheckpointIO, ProgressBar, RandomStates, RunDirCheckpoint,
-                                RunTimeEstimate, SampleGridCallback, StepCheckpoint, StopOnNonFiniteLoss, WeightAverage)
-from pixelcnn.checkpoints import STEP_CHECKPOINT, read_checkpoint, read_same_network
-from pixelcnn.classifier import quality_metrics, unscorable
-from pixelcnn.config import WRITE_ERRNOS, UserError, as_override, check_sqlite, validate
+from pixelcnn.ops import (STEP_CHECKPOINT, STOPPED_EXIT_CODE, WRITE_ERRNOS, as_override, AtomicCheckpointIO, check_sqlite,
+                          check_training_fits, claim_job_resources, cuda_device_args, ProgressBar, RandomStates, read_checkpoint,
+                          read_same_network, run_dir_of, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, secondary_rank,
+                          StepCheckpoint, StopOnNonFiniteLoss, training_footprint, UserError, validate, WeightAverage, write_metrics)
+from pixelcnn.quality import quality_metrics, unscorable
 from pixelcnn.data import changed_splits, limited
 from pixelcnn.module import run_steps
-from pixelcnn.resources import check_training_fits, claim_job_resources, cuda_device_args, secondary_rank, training_footprint
-from pixelcnn.run_dirs import run_dir_of
-from pixelcnn.sweep import write_metrics
 
 log = logging.getLogger(__name__)
 

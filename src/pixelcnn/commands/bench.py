@@ -16,9 +16,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.config import UserError, check_out_dir, validate
-from pixelcnn.files import write_text
-from pixelcnn.run_dirs import register_resolvers
+from pixelcnn.ops.rules import check_out_dir, validate
+
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.files import write_text
+from pixelcnn.ops.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
 from pixelcnn.training import SpeedChoices, build_module, planned_steps, resolve_num_classes, resolve_speed
 

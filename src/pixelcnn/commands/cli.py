@@ -3,12 +3,9 @@ status 2, and leaves no half-written output behind; `device=` and `ckpt=` mean t
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +13,15 @@ from typing import NoReturn
 
 import torch
 from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, OverrideParseException
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pixelcnn.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.config import UserError, WriteError, as_override, check_out_dir, user_errors_unwrapped
-from pixelcnn.image_model import ImageModel
-from pixelcnn.run_dirs import holds_checkpoints, removable_on_error, remove_own_dir, run_dir_of
+from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
+from pixelcnn.ops.rules import as_override, check_out_dir
+from pixelcnn.ops.errors import UserError, WriteError, error_line, override_error, user_errors_unwrapped
+from pixelcnn.likelihood import ImageModel
+from pixelcnn.ops.run_dirs import holds_checkpoints, removable_on_error, remove_own_dir, run_dir_of
 
 # A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
 # traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).
@@ -52,31 +48,6 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
         fail(message, 2 if isinstance(err, UserError) else 1)
 
 
-def failure_reason(err: BaseException) -> str:
-    """One line saying why a command (or a sweep's job) failed: a user error's own message, else the
-    exception's type and message (its first line), with out-of-memory errors named as such."""
-    message = (str(err).strip().splitlines() or [""])[0]
-    if isinstance(err, UserError):
-        return message
-    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():  # CUDA, MPS or host
-        return f"out of memory ({type(err).__name__}: {message}): try a smaller data.batch_size or model"
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
-
-
-def error_line(err: BaseException) -> str:
-    """`failure_reason`, and for a failure no check foresaw (a bug, likely) the file that holds its traceback:
-    in the system's temp dir, as the run dir of a run that saved nothing is removed."""
-    reason = failure_reason(err)
-    if isinstance(err, UserError) or reason.startswith("out of memory"):
-        return reason
-    try:
-        with tempfile.NamedTemporaryFile("w", prefix="pixelcnn-error-", suffix=".txt", delete=False) as file:
-            traceback.print_exception(err, file=file)
-        return f"{reason} (unforeseen: its traceback is in {file.name})"
-    except OSError as write_error:  # e.g. a full disk
-        return f"{reason} (unforeseen; its traceback could not be saved: {write_error.strerror})"
-
-
 def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> None:
     """The `__main__` of every entry point: `check_command_line`, then the Hydra app `main`, whose failures
     outside the task function (composing the config, or any other of Hydra's) are one line too."""
@@ -89,41 +60,6 @@ def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> N
             with initialize_config_dir(version_base="1.3", config_dir=str(config_dir.resolve())):  # Hydra's has ended
                 args = [a for a in sys.argv[1:] if ("=" in a or a.startswith("~")) and not a.startswith("-")]
                 raise UserError(override_error(err, args, config_name)) from None
-
-
-# Keys and groups that moved (difflib may not find them): where each is now.
-MOVED = {"scheduler": "optim/scheduler", "model.lr": "optim.lr", "model.weight_decay": "optim.weight_decay"}
-
-
-def override_error(err: ConfigCompositionException, overrides: list[str], config_name: str) -> str:
-    """Hydra's error composing `config_name` with `overrides`, in one line. An override of a key or group the
-    config lacks (where Hydra's advice, `+key=value`, would add a key nothing reads) names the closest ones:
-    keys of the config composed with the same group choices, and groups (difflib), and where MOVED ones went."""
-    loader = GlobalHydra.instance().hydra.config_loader  # the one that failed (a sweep's, in sweep_check)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    groups = loader.list_groups("")
-    for group in groups:  # the list grows as it goes: nested groups (optim/scheduler) too
-        groups += [f"{group}/{g}" for g in loader.list_groups(group)]
-    chosen = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_sweep_override()]
-    config = OmegaConf.to_container(loader.load_configuration(config_name, chosen, RunMode.RUN), resolve=False)
-
-    def paths(node: dict, prefix: str = "") -> list[str]:
-        return [path for k, v in node.items() if k != "hydra"
-                for path in [prefix + k, *(paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [])]]
-
-    keys = paths(config)
-    leaves = [key for key in keys if not any(k.startswith(key + ".") for k in keys)] + groups
-    for override in parsed:
-        key, value = override.key_or_group, override.input_line.partition("=")[2]
-        if override.is_add() or override.is_force_add() or key.startswith("hydra") or key in keys + groups:
-            continue
-        close = [MOVED[key]] if key in MOVED else []
-        close += [c for c in difflib.get_close_matches(key, leaves, n=3) if c not in close]
-        choices = " or ".join(f"{c}={value}" if value else c for c in close)
-        given = f" ({' '.join(chosen)})" if chosen else ""
-        return f"{key} is not a key or group of the config{given}" + (f": did you mean {choices}?" if close else "")
-    lines = [*str(err).splitlines(), *str(err.__cause__ or "").splitlines()[:1]]
-    return " ".join(line for line in lines if not line.startswith("To append"))  # the wrong advice here
 
 
 def check_command_line(argv: list[str], config_dir: str | Path) -> None:

@@ -2,7 +2,7 @@
 
 Without `images=`: exact test bits/dim over the whole test split, a per-pixel NLL heatmap figure
 (where the model is surprised), grids of the most and least likely test images and sample quality
-(`pixelcnn.classifier`; skipped with a note for data other than grey Fashion-MNIST), into `out`
+(`pixelcnn.quality`; skipped with a note for data other than grey Fashion-MNIST), into `out`
 (default `<run dir>/eval`) with a `metrics.json`. With `images=<file.npy | an image file | a folder
 of image files>` (every image file under it, class folders too, as `data=folder` reads them): outlier
 scores, the bits/dim of each image, as a table and a CSV. A conditional model scores them by the
@@ -22,10 +22,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
-from pixelcnn.config import UserError, validate
-from pixelcnn.files import atomic_write, write_text
-from pixelcnn.images import levels_to_grid, load_image, save_grid
-from pixelcnn.sources import IMAGE_SUFFIXES, image_files, read_arrays
+from pixelcnn.ops.rules import validate
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.files import atomic_write, write_text
+from pixelcnn.ops.images import levels_to_grid, load_image, save_grid
+from pixelcnn.ops.sources import IMAGE_SUFFIXES, image_files, read_arrays
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
 
@@ -124,7 +125,7 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
         shown = min(cfg.heatmaps, len(images))
         files["heatmaps"] = heatmap_figure(images[:shown], maps[:shown], module.levels, out_dir / "nll_heatmaps.png")
         print(f"  heatmaps:     {files['heatmaps']}")
-    from pixelcnn.classifier import load_or_train_classifier, quality_metrics, unscorable
+    from pixelcnn.quality import load_or_train_classifier, quality_metrics, unscorable
 
     if cfg.quality and cfg.quality_n > 0 and (skipped := unscorable(datamodule)):
         print(f"  {skipped}")

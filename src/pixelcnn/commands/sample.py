@@ -10,8 +10,9 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
-from pixelcnn.config import UserError, validate
-from pixelcnn.images import levels_to_grid, save_grid_and_levels, side_by_side
+from pixelcnn.ops.rules import validate
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.images import levels_to_grid, save_grid_and_levels, side_by_side
 from pixelcnn.sampling import complete_fast, draw_uniforms, eval_mode
 
 MAX_GRID_PIXELS = 2**28  # a PNG grid beyond this (~270 megapixels) is more than memory and viewers take

@@ -24,14 +24,16 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from pixelcnn.checkpoints import read_same_network
-from pixelcnn.commands.cli import error_line, exit_on_user_error
-from pixelcnn.config import PATH_KEYS, UserError, as_override, user_errors_unwrapped
-from pixelcnn.resources import secondary_rank
-from pixelcnn.run_dirs import (RunDirInUse, check_run_dir, claim_if_new, fresh_dir, hold_run_dir, holds_checkpoints,
+from pixelcnn.ops.checkpoints import read_same_network
+from pixelcnn.commands.cli import exit_on_user_error
+from pixelcnn.ops.errors import error_line
+from pixelcnn.ops.rules import PATH_KEYS, as_override
+from pixelcnn.ops.errors import UserError, user_errors_unwrapped
+from pixelcnn.ops.resources import secondary_rank
+from pixelcnn.ops.run_dirs import (RunDirInUse, check_run_dir, claim_if_new, fresh_dir, hold_run_dir, holds_checkpoints,
                                 register_resolvers, requeued_job, run_dir_of)
-from pixelcnn.sweep import start_study_sweep, write_metrics, write_summary
-from pixelcnn.sweep_check import sweep_errors
+from pixelcnn.ops.sweep import start_study_sweep, write_metrics, write_summary
+from pixelcnn.ops.sweep_check import sweep_errors
 
 register_resolvers()  # conf/train.yaml's run dir names; here, so that every process running a job has them
 

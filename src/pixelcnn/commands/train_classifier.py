@@ -1,4 +1,4 @@
-"""What `train_classifier.py` does: (re)train the sample-quality classifier (`pixelcnn.classifier`)
+"""What `train_classifier.py` does: (re)train the sample-quality classifier (`pixelcnn.quality`)
 and overwrite its cache file."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import inspect
 
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.classifier import FashionClassifier, classify, fit_and_cache, frechet_distance, random_subset
+from pixelcnn.quality import FashionClassifier, classify, fit_and_cache, frechet_distance, random_subset
 from pixelcnn.commands.cli import pick_device
-from pixelcnn.config import check_options, validate
+from pixelcnn.ops.rules import check_options, validate
 from pixelcnn.data import ImageDataModule, setup_datamodule
 
 

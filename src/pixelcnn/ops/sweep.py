@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pixelcnn.config import check_sqlite
-from pixelcnn.files import atomic_write, write_text
+from pixelcnn.ops.rules import check_sqlite
+from pixelcnn.ops.files import atomic_write, write_text
 
 RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"

@@ -173,7 +173,7 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
     """Refuse, in one line and before anything is allocated, a model whose training cannot fit
     `device`'s free memory or cannot finish one epoch within MAX_EPOCH_SECONDS at peak speed.
     Both are lower bounds (`training_footprint`), so a model that fits is never refused."""
-    from pixelcnn.config import UserError
+    from pixelcnn.ops.errors import UserError
 
     free, needed = available_memory(device), footprint.state_bytes + footprint.activation_bytes
     if needed > free:

@@ -23,8 +23,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from pixelcnn.config import UserError, as_override, check_out_dir
-from pixelcnn.files import missing_dirs, remove_if_empty
+from pixelcnn.ops.rules import as_override, check_out_dir
+
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.files import missing_dirs, remove_if_empty
 
 # Directories this process created for its run (absolute paths), and the missing parents created with them.
 _CREATED: set[Path] = set()

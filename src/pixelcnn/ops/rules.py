@@ -2,58 +2,22 @@
 
 Hydra already rejects unknown keys (the config is in struct mode); this module checks every
 value's range and type, each command its own keys (`RULES`, `validate`), in one place.
-`UserError` is such a mistake, and `user_errors_unwrapped` finds the ones that other libraries wrap.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import re
 import tempfile
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_args
 
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
-from omegaconf.errors import MissingMandatoryValue
 
-from pixelcnn.model import INPUT_KERNEL_MIN, odd_kernel
+from pixelcnn.ops.errors import UserError
+from pixelcnn.pixelcnn_net import INPUT_KERNEL_MIN, odd_kernel
 from pixelcnn.sampling import METHODS, valid_temperature
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit status 2."""
-
-
-class WriteError(UserError):
-    """An output could not be written (full disk, read-only folder, ...): nothing half-written is left."""
-
-
-# Writing failed for a reason the user can fix (where the output goes), not a bug: one line.
-WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EDQUOT}
-
-
-@contextmanager
-def user_errors_unwrapped():
-    """Re-raise what wraps a user's mistake as the UserError it is."""
-    try:
-        yield
-    except InstantiationException as err:  # hydra's `instantiate` wraps what a constructor raised
-        raise err.__cause__ or err  # what the constructor raised: its own type and message
-    except MissingMandatoryValue as err:  # a `???` key of the config, e.g. ckpt
-        raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> (e.g. ckpt=outputs/<date>/<time>)") from None
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - re-raised unless it is, or was caused by, a failed write
-        while not isinstance(err, OSError) or err.errno not in WRITE_ERRNOS:  # Lightning/TensorBoard may wrap it
-            if (err := err.__cause__ or (None if err.__suppress_context__ else err.__context__)) is None:
-                raise
-        fix = ("free some space there or pass another folder" if err.errno in (errno.ENOSPC, errno.EDQUOT)
-               else "pass a writable folder")
-        raise WriteError(f"cannot write {err.filename or 'the output folder'}: {err.strerror}; {fix} for the outputs") from None
 
 
 def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], bool], str]:

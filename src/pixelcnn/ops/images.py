@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from pixelcnn.config import UserError
-from pixelcnn.files import atomic_write
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.files import atomic_write
 
 # Pixels an image file may have: its size is read from the header and checked before any decoding,
 # since a small compressed file can decode to gigabytes (a 20000x20000 PNG of 400 KB). 2**25 (33.5
@@ -38,7 +38,7 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
             width, height = image.size  # from the header: nothing decoded yet
             if width * height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS / 1e6:.1f}-"
-                                "megapixel limit (pixelcnn.images.MAX_IMAGE_PIXELS): scale it down first")
+                                "megapixel limit (pixelcnn.ops.images.MAX_IMAGE_PIXELS): scale it down first")
             shown = _grey_or_rgb(ImageOps.exif_transpose(image), path)
             return np.array(shown.convert("L" if channels == 1 else "RGB"))  # a copy: writable
     except UserError:

@@ -2,7 +2,7 @@
 of `ARCHITECTURES`), the likelihood it gives images, in bits, and its samples.
 
 It imports neither Lightning nor the data module, so that `sample.py` and `evaluate.py` load a
-checkpoint quickly (`pixelcnn.checkpoints.load_module`); `pixelcnn.module.PixelCNNModule` is this
+checkpoint quickly (`pixelcnn.ops.checkpoints.load_module`); `pixelcnn.module.PixelCNNModule` is this
 model with its training. Guessing uniformly among L levels costs log2(L) bits (2.0 for 4 levels).
 """
 
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.config import UserError, check_options
-from pixelcnn.gated import GatedPixelCNN
-from pixelcnn.model import PixelCNN
+from pixelcnn.ops import check_options, UserError
+
+from pixelcnn.gated_net import GatedPixelCNN
+from pixelcnn.pixelcnn_net import PixelCNN
 from pixelcnn.sampling import SamplingMethod, eval_mode, sample
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}

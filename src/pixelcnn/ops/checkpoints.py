@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.config import DATA, UserError
-from pixelcnn.image_model import TRAINING_KEYS, ImageModel
+from pixelcnn.ops.rules import DATA
+
+from pixelcnn.ops.errors import UserError
+from pixelcnn.likelihood import TRAINING_KEYS, ImageModel
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 

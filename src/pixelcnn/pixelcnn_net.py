@@ -36,7 +36,7 @@ INPUT_KERNEL_MIN = 3  # an input conv's least kernel: a type-A 1x1 would see not
 def odd_kernel(size: object, least: int = 1) -> bool:
     """Whether a masked conv can have this kernel size: odd, so that the kernel has a centre (the
     pixel being predicted), and >= `least`. The networks check their arguments with it, and so
-    do the config rules (`pixelcnn.config`), once, before any work."""
+    do the config rules (`pixelcnn.ops.rules`), once, before any work."""
     return isinstance(size, int) and not isinstance(size, bool) and size >= least and size % 2 == 1
 
 

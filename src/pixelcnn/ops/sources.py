@@ -1,7 +1,7 @@
 """Your own images as a data source (the formats in full: docs/data.md): a folder of image files
 (`data=folder`; sub-folders are classes as in torchvision's ImageFolder, `train`/`val`/`test`
 sub-folders splits) or a NumPy array (`data=array`: a .npy, or a .npz read without pickle), read
-into splits of uint8 images and labels. Their colour follows `channels` (`pixelcnn.images`:
+into splits of uint8 images and labels. Their colour follows `channels` (`pixelcnn.ops.images`:
 alpha on white, luma for grey); `pixelcnn.data` quantizes and caches them like Fashion-MNIST's,
 in a file named by `content_key`, so an edited folder or array is read again.
 """
@@ -17,8 +17,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pixelcnn.config import UserError
-from pixelcnn.images import load_image, to_channels
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.images import load_image, to_channels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 SPLITS = ("train", "val", "test")
@@ -94,7 +94,7 @@ def read_npy(file: BinaryIO, size: int) -> np.ndarray:
     claimed, held = math.prod(shape) * max(dtype.itemsize, 1), size - file.tell()
     if claimed > min(held, MAX_DATA_BYTES):
         raise ValueError(f"its header claims {dtype} {shape} = {claimed} bytes of data, " + (
-            f"more than the {MAX_DATA_BYTES} a data file may hold (pixelcnn.sources.MAX_DATA_BYTES)"
+            f"more than the {MAX_DATA_BYTES} a data file may hold (pixelcnn.ops.sources.MAX_DATA_BYTES)"
             if claimed > MAX_DATA_BYTES else f"but only {held} follow (truncated)"))
     file.seek(0)
     return np.lib.format.read_array(file, allow_pickle=False)
@@ -113,7 +113,7 @@ def read_arrays(path: Path, problem: str) -> dict[str, np.ndarray]:
             with zipfile.ZipFile(file) as archive:
                 if (total := sum(member.file_size for member in archive.infolist())) > MAX_DATA_BYTES:
                     raise ValueError(f"its members inflate to {total} bytes, more than the {MAX_DATA_BYTES} "
-                                     "a data file may hold (pixelcnn.sources.MAX_DATA_BYTES)")
+                                     "a data file may hold (pixelcnn.ops.sources.MAX_DATA_BYTES)")
                 arrays = {}
                 for member in archive.infolist():
                     with archive.open(member) as stream:
@@ -154,7 +154,7 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
         if labels is not None and (not integers or labels.min() < 0 or labels.max() >= MAX_CLASSES):
             raise UserError(f"{path}: {prefix}labels is {labels.dtype} {labels.shape}"
                             f"{f' of {labels.min()}..{labels.max()}' if integers else ''}: expected integers "
-                            f"0..{MAX_CLASSES - 1} (pixelcnn.sources.MAX_CLASSES), one per image ({len(images)})")
+                            f"0..{MAX_CLASSES - 1} (pixelcnn.ops.sources.MAX_CLASSES), one per image ({len(images)})")
         splits[prefix.rstrip("_") or "train"] = (list(to_channels(images, channels)),
                                                  labels.tolist() if labels is not None else [0] * len(images))
     count = max(max(labels) for _, labels in splits.values()) + 1 if labelled else 0

@@ -24,9 +24,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from pixelcnn.config import UserError
-from pixelcnn.files import torch_save
-from pixelcnn.images import levels_to_grid, save_grid
+from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.files import torch_save
+from pixelcnn.ops.images import levels_to_grid, save_grid
 
 
 def log_grid_image(logger: Logger, grid: torch.Tensor, temperature: float, epoch: int) -> None:
@@ -366,7 +366,7 @@ def slurm_requeue_signals(trainer: L.Trainer) -> list[int]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see `pixelcnn.files`)."""
+    """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see `pixelcnn.ops.files`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         torch_save(checkpoint, path)

@@ -13,9 +13,9 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.commands.cli import override_error
-from pixelcnn.config import UserError, user_errors_unwrapped, validate
-from pixelcnn.sweep import OPTUNA_SWEEPER
+from pixelcnn.ops.rules import validate
+from pixelcnn.ops.errors import UserError, override_error, user_errors_unwrapped
+from pixelcnn.ops.sweep import OPTUNA_SWEEPER
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Launchers that run the jobs on this machine: only then is this machine's device the jobs' device.
@@ -31,7 +31,7 @@ def check_job(cfg: DictConfig, here: bool) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from pixelcnn.sources import has_classes
+    from pixelcnn.ops.sources import has_classes
     from pixelcnn.training import data_hparams, resolve_num_classes, resolve_speed
 
     validate(cfg, "train")

@@ -16,7 +16,7 @@ branch. Class conditioning adds a learned per-class bias to a and b (the paper's
 a one-hot h).
 
 Colour (`image_channels` = 3, the paper's section 2.1): only the horizontal stack sees the current
-pixel, so only it is masked over colour groups (`pixelcnn.model.colour_mask`): its kernel's last
+pixel, so only it is masked over colour groups (`pixelcnn.pixelcnn_net.colour_mask`): its kernel's last
 column (the current pixel) and its 1x1 convs. The two halves of a gated conv's output (value and
 gate) carry the same groups, so the gate keeps them apart. The vertical stack sees rows above only.
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pixelcnn.model import (INPUT_KERNEL_MIN, ClassBias, MaskedConv2d, channel_groups, channel_mask, conv1x1_at,
+from pixelcnn.pixelcnn_net import (INPUT_KERNEL_MIN, ClassBias, MaskedConv2d, channel_groups, channel_mask, conv1x1_at,
                             odd_kernel, spatial)
 
 

@@ -1,0 +1,59 @@
+"""The ops wing: what keeps runs safe and repeatable around the lab (the networks, sampler, likelihood,
+LightningModule, data module and `train()` at the package's top level). Each room holds one concern:
+
+    errors       UserError and the one-line report of any failure
+    rules        every config value's check (`validate`), once, where the config becomes final
+    run_dirs     run and sweep dirs: reserved atomically, locked, found again on a resume
+    checkpoints  find, read (weights_only) and check checkpoints; load a trained model
+    callbacks    Lightning callbacks: sample grids, step checkpoints, preemption, RNG states, EMA
+    files        every write whole or not at all
+    datafiles    IDX files, the data dir and its cache;  sources: image folders and arrays;  images: image files
+    resources    threads and GPU of a job that shares the machine; what fits the device
+    sweep, sweep_check   a sweep's summary; every job checked before any runs
+
+The lab imports this package only as `pixelcnn.ops`, and only the names of SEAM (the one narrow seam);
+each is loaded on first use, so that a command that needs little (sample.py) imports little.
+"""
+
+from importlib import import_module
+
+# name -> the ops module that defines it (tests/test_budget.py reads this table for the import graph)
+SEAM = {
+    "UserError": "errors",
+    "WRITE_ERRNOS": "errors",
+    "check_options": "rules",
+    "as_override": "rules",
+    "check_sqlite": "rules",
+    "validate": "rules",
+    "STOPPED_EXIT_CODE": "callbacks",
+    "AtomicCheckpointIO": "callbacks",
+    "ProgressBar": "callbacks",
+    "RandomStates": "callbacks",
+    "RunDirCheckpoint": "callbacks",
+    "RunTimeEstimate": "callbacks",
+    "SampleGridCallback": "callbacks",
+    "StepCheckpoint": "callbacks",
+    "StopOnNonFiniteLoss": "callbacks",
+    "WeightAverage": "callbacks",
+    "STEP_CHECKPOINT": "checkpoints",
+    "read_checkpoint": "checkpoints",
+    "read_same_network": "checkpoints",
+    "check_training_fits": "resources",
+    "claim_job_resources": "resources",
+    "cuda_device_args": "resources",
+    "secondary_rank": "resources",
+    "training_footprint": "resources",
+    "run_dir_of": "run_dirs",
+    "write_metrics": "sweep",
+    "sources": "sources",
+    "missing_dirs": "files",
+    "remove_if_empty": "files",
+    "torch_save": "files",
+}
+
+
+def __getattr__(name: str):
+    if name not in SEAM:
+        raise AttributeError(f"pixelcnn.ops has no {name!r} for the lab (its seam: pixelcnn.ops.SEAM)")
+    module = import_module(f"{__name__}.{SEAM[name]}")
+    return module if SEAM[name] == name else getattr(module, name)

@@ -14,8 +14,8 @@ import argparse
 import torch
 
 from pixelcnn.checkpoints import load_module, read_checkpoint, resolve_checkpoint
+from pixelcnn.commands.cli import checkpoint_data
 from pixelcnn.config import UserError
-from pixelcnn.data import setup_datamodule
 from pixelcnn.image_model import ImageModel
 
 
@@ -44,7 +44,7 @@ def compare(path, data_root: str | None) -> None:
     if "current_model_state" not in checkpoint:
         raise UserError(f"{path} holds no raw weights (current_model_state): not trained with model.ema_decay > 0")
     model = load_module(path, device)  # the average (state_dict), checked as for sample.py
-    datamodule = setup_datamodule(data_root, model.image_size, model.levels, **(model.data or {}))
+    datamodule = checkpoint_data(model, data_root)  # its test split, as evaluate.py reads it
     images, labels = datamodule.test_set
     scores = {"average": split_bits_per_dim(model, images.to(device), labels.to(device))}
     try:

@@ -902,9 +902,15 @@ def test_evaluate_says_when_the_data_changed(folder_run: Path, tmp_path: Path):
     args = [f"ckpt={folder_run}", "quality=false", "heatmaps=0"]
     same = run("evaluate.py", *args, f"out={tmp_path / 'same'}", cwd=tmp_path)
     assert same.returncode == 0 and "warning" not in same.stderr, same.stderr[-2000:]
+    checkpoint = torch.load(folder_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del checkpoint["hyper_parameters"]["data"]["splits"]  # as saved before runs recorded their data
+    torch.save(checkpoint, tmp_path / "older.ckpt")
     with changed_pictures(folder_run.parent / "pictures", "add"):
         changed = run("evaluate.py", *args, f"out={tmp_path / 'eval'}", cwd=tmp_path)
-    assert changed.returncode == 0, changed.stderr[-2000:]
+        older = run("evaluate.py", f"ckpt={tmp_path / 'older.ckpt'}", *args[1:], f"out={tmp_path / 'older'}",
+                    cwd=tmp_path)
+    assert changed.returncode == 0 and older.returncode == 0, changed.stderr[-2000:] + older.stderr[-2000:]
+    assert "warning" not in older.stderr  # nothing to compare with: it loads and scores as before
     [line] = [line for line in changed.stderr.splitlines() if "warning" in line]
     assert line.startswith("warning: the data changed") and "train 32 -> 41 images" in line, line
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test_images"] == 5

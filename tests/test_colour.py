@@ -10,7 +10,7 @@ from torch import nn
 
 from pixelcnn.gated_net import GatedPixelCNN
 from pixelcnn.pixelcnn_net import PixelCNN
-from pixelcnn.module import PixelCNNModule
+from pixelcnn.module import ImageModule
 from pixelcnn.sampling import complete_fast, draw_uniforms, sample_fast, sample_naive
 
 C, LEVELS, SIZE = 3, 4, 6
@@ -107,7 +107,7 @@ def test_fast_sampler_equals_naive_in_colour(name):
 def test_colour_loss_counts_every_channel():
     """Bits/dim averages over C*H*W: a model that knows nothing costs log2(L) per value; with one
     channel's logits pushed to the right level, that channel costs ~0 and the mean drops by a third."""
-    module = PixelCNNModule(arch="pixelcnn", levels=LEVELS, image_size=SIZE, filters=8, residual_blocks=1,
+    module = ImageModule(arch="pixelcnn", levels=LEVELS, image_size=SIZE, filters=8, residual_blocks=1,
                             image_channels=C)
     with torch.no_grad():
         for p in module.parameters():
@@ -123,7 +123,7 @@ def test_colour_loss_counts_every_channel():
 def test_colour_class_marginal_counts_every_channel():
     """A conditional colour model scores an image without its label by the marginal over classes:
     -log2(mean_k 2^-bits(x | k)) / (C*H*W), where bits(x | k) is the whole image's, all C channels."""
-    module = PixelCNNModule(arch="pixelcnn", levels=LEVELS, image_size=SIZE, filters=8, residual_blocks=1,
+    module = ImageModule(arch="pixelcnn", levels=LEVELS, image_size=SIZE, filters=8, residual_blocks=1,
                             num_classes=3, image_channels=C)
     torch.manual_seed(0)
     with torch.no_grad():

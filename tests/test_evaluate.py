@@ -24,7 +24,7 @@ from pixelcnn.data import quantize
 from pixelcnn.commands.evaluate import load_images
 from pixelcnn.commands.evaluate import main as run
 from pixelcnn.ops.images import levels_to_grid, save_grid
-from pixelcnn.module import PixelCNNModule
+from pixelcnn.module import ImageModule
 from test_data import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def save_checkpoint(path: Path, num_classes: int = 0, arch: str = "pixelcnn") ->
     """A Lightning-free checkpoint of a tiny random model, in the format `load_module` reads."""
     torch.manual_seed(0)
     sizes = {"pixelcnn": {"filters": 8, "residual_blocks": 1}, "gated": {"channels": 8, "layers": 2}}[arch]
-    module = PixelCNNModule(arch=arch, levels=4, image_size=SIZE, num_classes=num_classes, **sizes)
+    module = ImageModule(arch=arch, levels=4, image_size=SIZE, num_classes=num_classes, **sizes)
     for p in module.parameters():  # random class biases too (they start at zero), so conditioning matters
         torch.nn.init.normal_(p, std=0.3)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)

@@ -55,7 +55,18 @@ def pixelcnn_imports(path: Path, src: Path) -> list[tuple[str, int]]:
             # `from pkg import x` imports the submodule pkg.x if there is one, else a name defined by pkg.
             targets = [f"{base}.{a.name}" if is_module(src, f"{base}.{a.name}") else base for a in node.names]
         found |= {(t, node.lineno) for t in targets if t == "pixelcnn" or t.startswith("pixelcnn.")}
-    return sorted(found, key=lambda imp: (imp[1], imp[0]))
+    return sorted(found | seam_imports(path, src), key=lambda imp: (imp[1], imp[0]))
+
+
+def seam_imports(path: Path, src: Path) -> set[tuple[str, int]]:
+    """A package's lazy `SEAM = {name: module}` (pixelcnn/ops/__init__.py) imports each module on first use:
+    those imports count too, so that no cycle hides behind the seam."""
+    if path.name != "__init__.py":
+        return set()
+    package = module_name(path, src)
+    return {(f"{package}.{module.value}", node.lineno) for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["SEAM"]
+            and isinstance(node.value, ast.Dict) for module in node.value.values if isinstance(module, ast.Constant)}
 
 
 def import_graph(src: Path) -> Graph:

@@ -97,9 +97,9 @@ def test_conditional_bias_changes_the_output():
 def test_loss_is_in_bits_per_dimension():
     """Uniform logits cost log2(L) bits per pixel (2.0 for 4 levels); fixed logits cost
     -log2 softmax(logits)[level] per pixel, averaged."""
-    from pixelcnn.module import PixelCNNModule
+    from pixelcnn.module import ImageModule
 
-    module = PixelCNNModule(levels=4, filters=8, residual_blocks=1)
+    module = ImageModule(levels=4, filters=8, residual_blocks=1)
     torch.nn.init.zeros_(module.net.to_logits.weight)
     torch.nn.init.zeros_(module.net.to_logits.bias)
     images = torch.randint(0, 4, (3, 1, 6, 6), dtype=torch.uint8)
@@ -146,8 +146,8 @@ def test_conditional_model_starts_as_the_unconditional_one():
 
 
 def test_optimizer_gets_lr_and_weight_decay():
-    from pixelcnn.module import PixelCNNModule
+    from pixelcnn.module import ImageModule
 
-    optimizer = PixelCNNModule(filters=4, residual_blocks=0, optim={"lr": 3e-4, "weight_decay": 0.05}).configure_optimizers()
+    optimizer = ImageModule(filters=4, residual_blocks=0, optim={"lr": 3e-4, "weight_decay": 0.05}).configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
     assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (3e-4, 0.05)

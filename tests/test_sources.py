@@ -18,7 +18,7 @@ from fakes import write_dataset
 from pixelcnn.ops.errors import UserError
 from pixelcnn.data import DatasetNotFoundError, ImageDataModule, changed_splits, quantize, setup_datamodule
 from pixelcnn.ops.images import levels_to_grid
-from pixelcnn.module import PixelCNNModule
+from pixelcnn.module import ImageModule
 from pixelcnn.ops.sources import has_classes
 from pixelcnn.training import data_hparams
 
@@ -242,7 +242,7 @@ def test_fashion_mnist_as_png_folders_is_the_same_data(tmp_path):
                                              fashion.data[f"{split}_labels"].numpy())))
         assert torch.equal(own.data[f"{split}_images"], fashion.data[f"{split}_images"][order])
         assert torch.equal(own.data[f"{split}_labels"], fashion.data[f"{split}_labels"][order])
-    module = PixelCNNModule(levels=4, image_size=16, filters=8, residual_blocks=1)
+    module = ImageModule(levels=4, image_size=16, filters=8, residual_blocks=1)
     bpd = [module.image_bits_per_dim(*dm.test_set).mean().item() for dm in (fashion, own)]
     assert bpd[0] == pytest.approx(bpd[1], abs=1e-9)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pixelcnn.ops.checkpoints import load_module
-from pixelcnn.module import PixelCNNModule
+from pixelcnn.module import ImageModule
 from pixelcnn.training import CPU_COMPILE_MIN_STEPS, SpeedChoices, cpu_has_native_bf16, planned_steps, resolve_speed
 from test_cli import ROOT, compose_train
 
@@ -63,9 +63,9 @@ def test_planned_steps_follow_the_trainer_limits():
     assert planned_steps(compose_train("trainer.max_epochs=-1"), train_images) == math.inf
 
 
-def save_tiny_checkpoint(path: Path, num_classes: int = 0) -> PixelCNNModule:
+def save_tiny_checkpoint(path: Path, num_classes: int = 0) -> ImageModule:
     torch.manual_seed(0)
-    module = PixelCNNModule(levels=4, image_size=8, num_classes=num_classes, filters=8, residual_blocks=1)
+    module = ImageModule(levels=4, image_size=8, num_classes=num_classes, filters=8, residual_blocks=1)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return module
 
@@ -74,7 +74,7 @@ def test_loaded_model_samples_the_training_modules_images(tmp_path: Path):
     module = save_tiny_checkpoint(tmp_path / "tiny.ckpt", num_classes=10)
     loaded = load_module(tmp_path / "tiny.ckpt")
     labels = torch.arange(12) % 10
-    assert not isinstance(loaded, PixelCNNModule) and not loaded.training
+    assert not isinstance(loaded, ImageModule) and not loaded.training
     assert torch.equal(loaded.sample(12, 1.0, 3, labels), module.sample(12, 1.0, 3, labels))
     images = torch.randint(0, 4, (5, 1, 8, 8), dtype=torch.uint8)
     assert torch.equal(loaded.image_bits_per_dim(images), module.image_bits_per_dim(images))

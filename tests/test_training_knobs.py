@@ -14,15 +14,15 @@ from omegaconf import OmegaConf
 from pixelcnn.ops.checkpoints import check_same_network, load_module
 from pixelcnn.ops.errors import UserError
 from pixelcnn.data import BatchLoader
-from pixelcnn.module import DEFAULT_OPTIM, PixelCNNModule
+from pixelcnn.module import DEFAULT_OPTIM, ImageModule
 
 LR = 1e-2
 
 
-def tiny(**kwargs) -> PixelCNNModule:
+def tiny(**kwargs) -> ImageModule:
     torch.manual_seed(0)  # the same initial weights for every module of a test
     optim = {"lr": kwargs.pop("lr", LR), "weight_decay": 0.0, "scheduler": kwargs.pop("scheduler", {"name": "none"})}
-    return PixelCNNModule(**{"filters": 4, "residual_blocks": 0, "image_size": 6, "optim": optim, **kwargs})
+    return ImageModule(**{"filters": 4, "residual_blocks": 0, "image_size": 6, "optim": optim, **kwargs})
 
 
 def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +31,7 @@ def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 4, (n, 1, 6, 6), dtype=torch.uint8, generator=generator), torch.zeros(n, dtype=torch.long)
 
 
-def fit(module: PixelCNNModule, loader, val_loader=None, callbacks=(), ckpt_path=None, **trainer_kwargs) -> L.Trainer:
+def fit(module: ImageModule, loader, val_loader=None, callbacks=(), ckpt_path=None, **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(**{"max_epochs": 1, **trainer_kwargs}, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=list(callbacks))

@@ -523,7 +523,7 @@ class ImageDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def source_settings(self) -> dict:
-        """What picks this data and its test split, for a checkpoint (`PixelCNNModule`'s `data`), so
+        """What picks this data and its test split, for a checkpoint (`ImageModule`'s `data`), so
         that sample.py and evaluate.py read the same test images: `setup_datamodule(root, ..., **this)`."""
         return {"source": self.source, "path": str(self.path) if self.path else None, "channels": self.channels,
                 "val_size": self.val_size, "test_size": self.test_size, "split_seed": self.split_seed}

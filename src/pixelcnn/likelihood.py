@@ -2,7 +2,7 @@
 of `ARCHITECTURES`), the likelihood it gives images, in bits, and its samples.
 
 It imports neither Lightning nor the data module, so that `sample.py` and `evaluate.py` load a
-checkpoint quickly (`pixelcnn.ops.checkpoints.load_module`); `pixelcnn.module.PixelCNNModule` is this
+checkpoint quickly (`pixelcnn.ops.checkpoints.load_module`); `pixelcnn.module.ImageModule` is this
 model with its training. Guessing uniformly among L levels costs log2(L) bits (2.0 for 4 levels).
 """
 

@@ -27,7 +27,7 @@ def saved_optim(hparams: dict) -> dict:
     return {**DEFAULT_OPTIM, **(hparams.get("optim") or legacy)}
 
 
-class PixelCNNModule(ImageModel, L.LightningModule):
+class ImageModule(ImageModel, L.LightningModule):
     """Trains any network of `image_model.ARCHITECTURES` with cross-entropy over the pixel levels.
     Batches are `(images uint8 (B, C, H, W) of levels 0..levels-1, labels long (B,))`, C =
     `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. The other arguments

@@ -176,7 +176,7 @@ def unscorable(datamodule: ImageDataModule) -> str | None:
 def quality_metrics(module, data: ImageDataModule | Split, n: int = 1000, temperature: float = 1.0,
                     seed: int = 0, classifier: FashionClassifier | None = None,
                     method: str = "fast") -> dict[str, float]:
-    """Sample quality of an `ImageModel` (a `PixelCNNModule` too), on any device:
+    """Sample quality of an `ImageModel` (a `ImageModule` too), on any device:
 
     - `frechet_distance`: n samples vs n random test images, in classifier feature space.
     - `frechet_distance_floor` (`data` a data module only): n training vs the same n test images,

@@ -27,4 +27,4 @@ if _AT_STEP:
         if self.trainer.global_step >= _AT_STEP:
             os.kill(os.getpid(), getattr(signal, os.environ.get("PIXELCNN_KILL_SIGNAL", "SIGKILL")))
 
-    pixelcnn.module.PixelCNNModule.on_train_batch_end = _kill_at_step
+    pixelcnn.module.ImageModule.on_train_batch_end = _kill_at_step

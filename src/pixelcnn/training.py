@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.ops import (STEP_CHECKPOINT, STOPPED_EXIT_CODE, WRITE_ERRNOS, as_override, AtomicCheckpointIO, check_sqlite,
                           check_training_fits, claim_job_resources, cuda_device_args, ProgressBar, RandomStates, read_checkpoint,
                           read_same_network, run_dir_of, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback, secondary_rank,
-                          StepCheckpoint, StopOnNonFiniteLoss, training_footprint, UserError, validate, WeightAverage, write_metrics)
+                          StepCheckpoint, StopOnNonFiniteLoss, training_footprint, UserError, validate, WeightAverage, write_run_metrics)
 from pixelcnn.quality import quality_metrics, unscorable
 from pixelcnn.data import changed_splits, limited
 from pixelcnn.module import run_steps
@@ -366,7 +366,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log_results(trainer.loggers, cfg, {f"hparams/{k}": v for k, v in metrics.items()
                                        if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)},
                 trainer.global_step)
-    write_metrics(output_dir / "metrics.json", metrics)
+    write_run_metrics(output_dir / "metrics.json", metrics)
     if checkpoint.best_model_path:
         outcome = f"best val {metrics['val_bpd']:.4f} bits/dim ({checkpoint.best_model_path}), test"
     else:  # Lightning keeps no score under fast_dev_run, nor without a validation (limit_val_batches=0)

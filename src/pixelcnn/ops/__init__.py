@@ -44,7 +44,7 @@ SEAM = {
     "secondary_rank": "resources",
     "training_footprint": "resources",
     "run_dir_of": "run_dirs",
-    "write_metrics": "sweep",
+    "write_run_metrics": "sweep",
     "sources": "sources",
     "missing_dirs": "files",
     "remove_if_empty": "files",

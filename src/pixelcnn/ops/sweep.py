@@ -27,9 +27,9 @@ AGGREGATED = {"val_bpd": "best val bits/dim", "test_bpd": "test bits/dim", "frec
 SWEEP_ATTR = "pixelcnn sweep dir "  # an Optuna study's user attribute: this prefix + a sweep dir -> its first trial
 
 
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write `metrics` as JSON; a non-finite number becomes null (json.dumps would write NaN or
-    Infinity, which is not JSON)."""
+def write_run_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write a run's (or a failed sweep job's) metrics.json; a non-finite number becomes null (json.dumps
+    would write NaN or Infinity, which is not JSON)."""
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     write_text(path, json.dumps(finite, indent=2, allow_nan=False))
 
@@ -62,7 +62,7 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
         params = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
         runs.append({"job": job, "dir": str(job_dir.relative_to(sweep_dir)), "params": params,
                      "overrides": " ".join(overrides) or "(defaults)", "status": "ok", **metrics})
-    return sorted(runs, key=lambda r: (r["job"] is None, r["job"] if r["job"] is not None else 0, r["dir"]))
+    return sorted(runs, key=lambda r: (r["job"] is None, r["job"] or 0, r["dir"]))
 
 
 def _number(value: Any) -> bool:
@@ -207,50 +207,44 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     swept, ok = swept_keys(runs), [r for r in runs if r["status"] == "ok"]
     if not swept or not ok:
         return []
-    groups = seed_groups(runs)
+    groups = [g for g in seed_groups(runs) if g["val_bpd"][0] is not None]
     # Over seeds only (e.g. -m seed=0,1,2): one panel with the single configuration.
     keys = ([k for k in swept if k not in SEED_KEYS] or ["configuration"]) if groups else swept
     failed = len(runs) - len(ok)
-    columns = min(len(keys), 4)
-    rows = math.ceil(len(keys) / columns)
+    columns, rows = min(len(keys), 4), math.ceil(len(keys) / min(len(keys), 4))
     fig = Figure(figsize=(4 * columns, 3.5 * rows))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat[len(keys):]:
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(keys):]:
         ax.set_visible(False)
-    for ax, key in zip(axes.flat, keys):
-        def value(params: dict[str, str]) -> int | float | str:
-            return parse_value(params.get(key, "(all jobs)"))
+    for ax, key in zip(axes, keys):
+        shown = [r for r in ok if key in r["params"] or key == "configuration"]
+        numbers = all(isinstance(parse_value(r["params"].get(key, "")), (int, float)) for r in shown)
 
-        points = [(value(r["params"]), r["val_bpd"]) for r in ok if key in r["params"] or key == "configuration"]
-        xs = [x for x, _ in points]
-        # Text values are categories, in the order the sweep listed them.
-        categories = [] if all(isinstance(x, (int, float)) for x in xs) else list(dict.fromkeys(map(str, xs)))
-        if categories:
-            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        def x(params: dict[str, str]) -> int | float | str:  # text: matplotlib's categories, in the sweep's order
+            value = parse_value(params.get(key, "(all jobs)"))
+            return value if numbers else str(value)
+
+        xs = [x(r["params"]) for r in shown]
+        if not numbers:
+            ax.tick_params("x", labelrotation=30)
         elif min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
-
-        def position(x: int | float | str) -> int | float | str:
-            return categories.index(str(x)) if categories else x
-
-        ax.plot([position(x) for x, _ in points], [y for _, y in points], "o", alpha=0.4 if groups else 1.0,
+        ax.plot(xs, [r["val_bpd"] for r in shown], "o", alpha=0.4 if groups else 1.0,
                 label="one seed" if groups else None)
-        for i, group in enumerate(g for g in groups if g["val_bpd"][0] is not None):
+        for i, group in enumerate(groups):
             mean, std, _ = group["val_bpd"]
-            ax.errorbar(position(value(group["params"])), mean, yerr=std or 0.0, fmt="s", color="C1", capsize=4,
+            ax.errorbar(x(group["params"]), mean, yerr=std or 0.0, fmt="s", color="C1", capsize=4,
                         label=None if i else "mean ± std over seeds")
         if groups:
             ax.legend(fontsize=7)
-        ax.set_xlabel(key)
+        ax.set(xlabel=key, ylabel="best val bits/dim")
         ax.set_title(key + (f" ({failed} failed job{'s' * (failed > 1)} not shown)" if failed else ""), fontsize=9)
         ax.grid(alpha=0.3)
-    for row in axes:
-        row[0].set_ylabel("best val bits/dim")
     fig.tight_layout()
     with atomic_write(path) as file:
         fig.savefig(file, dpi=100, format="png")
-    return [ax.get_title() for ax in axes.flat[:len(keys)]]
+    return [ax.get_title() for ax in axes[:len(keys)]]
 
 
 def open_study(config: DictConfig):

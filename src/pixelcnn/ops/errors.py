@@ -38,7 +38,8 @@ def user_errors_unwrapped():
     except InstantiationException as err:  # hydra's `instantiate` wraps what a constructor raised
         raise err.__cause__ or err  # what the constructor raised: its own type and message
     except MissingMandatoryValue as err:  # a `???` key of the config, e.g. ckpt
-        raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> (e.g. ckpt=outputs/<date>/<time>)") from None
+        raise UserError(f"{err.full_key} is required: pass {err.full_key}=<value> "
+                        "(e.g. ckpt=outputs/<date>/<time>)") from None
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised unless it is, or was caused by, a failed write
@@ -47,7 +48,8 @@ def user_errors_unwrapped():
                 raise
         fix = ("free some space there or pass another folder" if err.errno in (errno.ENOSPC, errno.EDQUOT)
                else "pass a writable folder")
-        raise WriteError(f"cannot write {err.filename or 'the output folder'}: {err.strerror}; {fix} for the outputs") from None
+        raise WriteError(f"cannot write {err.filename or 'the output folder'}: {err.strerror}; {fix} "
+                         "for the outputs") from None
 
 
 def failure_reason(err: BaseException) -> str:

@@ -20,49 +20,59 @@ from pixelcnn.pixelcnn_net import INPUT_KERNEL_MIN, odd_kernel
 from pixelcnn.sampling import METHODS, valid_temperature
 
 
-def _int(lo: int, hi: int | None = None) -> tuple[Callable[[Any], bool], str]:
-    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)  # noqa: E731
+Rule = tuple[Callable[[Any], bool], str]  # (check, what is allowed)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # True == 1: a boolean is no number here
+
+
+def _int(lo: int, hi: int | None = None) -> Rule:
+    ok = lambda v: _real(v) and isinstance(v, int) and v >= lo and (hi is None or v <= hi)  # noqa: E731
     return ok, f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+
+def _in(interval: str, allowed: str = "") -> Rule:
+    """A number in `interval`, written as in math: "[0, 1)", "(0, inf)"."""
+    lo, hi = map(float, interval[1:-1].split(","))
+
+    def ok(v: Any) -> bool:
+        return _real(v) and (lo < v if interval[0] == "(" else lo <= v) and (v < hi if interval[-1] == ")" else v <= hi)
+
+    return ok, allowed or f"a number in {interval}"
 
 
 # Lightning's meaning: a float is a fraction of the batches, an int a count of them.
 LIMIT_BATCHES = ((lambda v: v is None or (isinstance(v, float) and 0 <= v <= 1) or _int(0)[0](v)),
                  "null (all), a fraction in [0.0, 1.0], or a number of batches >= 0")
-POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), "a number > 0"
+POSITIVE = _in("(0, inf)", "a number > 0")
 TEMPERATURES = ((lambda v: all(map(valid_temperature, v)) and len(v) > 0 if isinstance(v, (list, ListConfig))
                  else valid_temperature(v)), "a number > 0 (or a list of them)")
 
 
-def _fraction(lo_open: bool = False, hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
-    def ok(v: Any) -> bool:
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        return number and (0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1)
+def _one_of(*choices: object) -> Rule:
+    def ok(v: Any) -> bool:  # `is` for booleans: True == 1 must not let `1` pass for `true`
+        return any(v is c if isinstance(c, bool) else not isinstance(v, bool) and v == c for c in choices)
 
-    return ok, f"a number in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
-
-
-def _one_of(*choices: object) -> tuple[Callable[[Any], bool], str]:
-    # `is` for booleans: True == 1 must not let `1` pass for `true`.
-    ok = lambda v: any(v is c if isinstance(c, bool) else (not isinstance(v, bool) and v == c) for c in choices)  # noqa: E731
     return ok, "one of " + ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c)
                                      for c in choices)
 
 
 def _precision(v: Any) -> bool:
-    from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (lightning is loaded by training anyway)
+    from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (training loads lightning anyway)
 
     return v == "auto" or (not isinstance(v, bool) and v in [value for kind in get_args(_PRECISION_INPUT)
                                                               for value in get_args(kind)])
 
 
-def _int_list(example: str) -> tuple[Callable[[Any], bool], str]:
+def _int_list(example: str) -> Rule:
     ok = lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_int(1)[0](d) for d in v)  # noqa: E731
     return ok, f"a non-empty list of integers >= 1, e.g. {example}"
 
 
 SEED_RANGE = _int(0, 2**32 - 1)  # numpy's, which Lightning's seed_everything checks (in a traceback)
 MAX_IMAGES = 10_000  # images drawn for one grid: more would not fit a PNG (nor, at once, memory)
-Rules = dict[str, tuple[Callable[[Any], bool], str]]  # key -> (check, what is allowed); absent keys are skipped
+Rules = dict[str, Rule]  # key -> (check, what is allowed); absent keys are skipped
 
 # Each command's rules (`RULES`, by its config's name) are made of these groups, each written once; a value the
 # library takes too is checked with its owner's test (the sampler's temperature and methods, the networks' kernels).
@@ -71,7 +81,7 @@ DATA: Rules = {  # the data group: training's, and the classifier's (a few of it
     "data.image_size": _int(2, 28),
     "data.batch_size": _int(1),
     "data.eval_batch_size": _int(1),
-    **dict.fromkeys(("data.val_size", "data.test_size"), (lambda v: _int(1)[0](v) or _fraction(True, True)[0](v),
+    **dict.fromkeys(("data.val_size", "data.test_size"), (lambda v: _int(1)[0](v) or _in("(0, 1)")[0](v),
                                                           "an integer >= 1 (images) or a fraction in (0, 1)")),
     "data.source": _one_of("fashion_mnist", "mnist", "folder", "array"),
     "data.channels": _one_of(1, 3),
@@ -92,22 +102,22 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "model.channels": _int(1),
     "model.layers": _int(1),
     "model.kernel_size": (odd_kernel, "an odd integer >= 1"),
-    "model.dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
-    "model.ema_decay": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1) (0: no weight average)"),
+    "model.dropout": _in("[0, 1)"),
+    "model.ema_decay": _in("[0, 1)", "a number in [0, 1) (0: no weight average)"),
     # auto: the data's class count; > 0: checked against the data's classes once it is read (training.data_hparams)
     "model.num_classes": (lambda v: v == "auto" or _int(0)[0](v), "an integer >= 0 (0: unconditional) or auto "
                           "(one class per class of the data)"),
     "optim.lr": POSITIVE,
-    "optim.weight_decay": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+    "optim.weight_decay": _in("[0, inf)", "a number >= 0"),
     "optim.scheduler.name": _one_of("none", "cosine", "plateau"),
     "optim.scheduler.warmup_steps": _int(0),
-    "optim.scheduler.final_lr_ratio": _fraction(),
-    "optim.scheduler.factor": _fraction(lo_open=True, hi_open=True),
+    "optim.scheduler.final_lr_ratio": _in("[0, 1]"),
+    "optim.scheduler.factor": _in("(0, 1)"),
     "optim.scheduler.patience": _int(0),
-    "optim.scheduler.min_lr_ratio": _fraction(),
+    "optim.scheduler.min_lr_ratio": _in("[0, 1]"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
-    "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None),
-                         'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
+    "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v)
+                                                 is not None), 'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
     "trainer.accelerator": _one_of("auto", "cpu", "gpu", "cuda"),
     "trainer.devices": (lambda v: v in ("auto", -1) or _int(1)[0](v) or (
         isinstance(v, (list, ListConfig)) and len(v) > 0 and len(set(v)) == len(v) and all(_int(0)[0](d) for d in v)),
@@ -127,9 +137,10 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "trainer.overfit_batches": LIMIT_BATCHES,
     "trainer.val_check_interval": (lambda v: (isinstance(v, float) and 0 < v <= 1) or _int(1)[0](v),
                                    "a fraction of the epoch in (0.0, 1.0] or a number of batches >= 1"),
-    "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or _int(0)[0](v), "true, false or a number of batches >= 0"),
-    "trainer.gradient_clip_val": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                          and v >= 0), "null or a number >= 0 (0: no clipping)"),
+    "trainer.fast_dev_run": (lambda v: isinstance(v, bool) or _int(0)[0](v),
+                             "true, false or a number of batches >= 0"),
+    "trainer.gradient_clip_val": (lambda v: v is None or _in("[0, inf)")[0](v),
+                                  "null or a number >= 0 (0: no clipping)"),
     "trainer.gradient_clip_algorithm": _one_of(None, "norm", "value"),
     "trainer.accumulate_grad_batches": _int(1),
     "speed.compile": _one_of("auto", True, False),
@@ -153,7 +164,8 @@ RULES: dict[str, Rules] = {
               "bench.naive_max_n": _int(0), "bench.naive_repeats": _int(1)},
     "sample": {**DRAWING, "temperature": TEMPERATURES, "n": _int(1, MAX_IMAGES), "mode": _one_of("sample", "complete"),
                "rows": _int(0), "completions": _int(1, 64)},
-    "evaluate": {**DRAWING, **QUALITY_N, "temperature": (valid_temperature, "one temperature > 0 (of the quality samples)"),
+    "evaluate": {**DRAWING, **QUALITY_N,
+                 "temperature": (valid_temperature, "one temperature > 0 (of the quality samples)"),
                  "quality": _one_of(True, False), "batch_size": _int(1), "heatmaps": _int(0), "extremes": _int(1)},
     "classifier": {**DATA, **SEED, **DEVICE, "epochs": _int(1), "batch_size": _int(1), "lr": POSITIVE},
 }
@@ -170,7 +182,8 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise UserError(f"{key}={path} cannot be written ({existing}: {err.strerror}): pass a writable folder") from None
+        raise UserError(f"{key}={path} cannot be written ({existing}: {err.strerror}): "
+                        "pass a writable folder") from None
     return path
 
 
@@ -187,7 +200,8 @@ def check_sqlite(path: str | Path, key: str) -> None:
 
 
 # Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder (validate).
-PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "out", "images", "data_root", "data.root", "data.system_dir", "data.path", "bench.out")
+PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "out", "images", "data_root",
+             "data.root", "data.system_dir", "data.path", "bench.out")
 
 
 def as_override(key: str, value: object) -> str:

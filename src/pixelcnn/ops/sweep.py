@@ -251,18 +251,16 @@ def open_study(config: DictConfig):
     """The Optuna study of this sweep (created if new), or None: another sweeper, or a study kept in
     memory (hydra.sweeper.storage=null)."""
     sweeper = config.hydra.sweeper
-    if OmegaConf.select(config, "hydra.sweeper._target_") != OPTUNA_SWEEPER or not sweeper.get("storage"):
+    if sweeper.get("_target_") != OPTUNA_SWEEPER or not sweeper.get("storage"):
         return None
     import optuna
 
-    storage = str(sweeper.storage)
-    if storage.startswith("sqlite:///"):  # SQLite creates the file but not its folder
-        check_sqlite(storage.removeprefix("sqlite:///"), "hydra.sweeper.storage")
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    direction = sweeper.direction
-    directions = [getattr(d, "name", str(d)) for d in (direction if OmegaConf.is_list(direction) else [direction])]
-    return optuna.create_study(study_name=sweeper.study_name, storage=storage, directions=directions,
-                               load_if_exists=True)  # what the sweeper then does: it finds this study
+    if (storage := str(sweeper.storage)).startswith("sqlite:///"):  # SQLite creates the file but not its folder
+        check_sqlite(database := storage.removeprefix("sqlite:///"), "hydra.sweeper.storage")
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    # What the sweeper then does: it finds this study. One direction: the jobs return one value (val bits/dim).
+    return optuna.create_study(study_name=sweeper.study_name, storage=storage, load_if_exists=True,
+                               direction=getattr(sweeper.direction, "name", str(sweeper.direction)))
 
 
 def start_study_sweep(config: DictConfig) -> None:

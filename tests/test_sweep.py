@@ -95,13 +95,17 @@ def test_a_sweep_does_not_resume_a_run(workdir: Path):
 def test_optuna_search_space_ends_are_checked(workdir: Path):
     sweep = workdir / "optuna-bad"
     result = run("train.py", "-m", "hparams_search=optuna", *TINY_GATED, *data_args(workdir), "model.channels=choice(0,8)",
-                 "model.dropout=interval(0.0,1.0)", f"hydra.sweep.dir={sweep}", cwd=workdir)
+                 "model.dropout=interval(0.0,1.0)", "data.levels=range(200,260,30)", f"hydra.sweep.dir={sweep}",
+                 cwd=workdir)
     assert result.returncode == 2 and not sweep.exists()
     assert result.stderr.strip().splitlines() == [
         "error: search space choice(0,8) of model.channels, at model.channels=0: model.channels=0 is invalid: "
         "it must be an integer >= 1",
         "error: search space interval(0.0,1.0) of model.dropout, at model.dropout=1.0: model.dropout=1.0 is invalid: "
         "it must be a number in [0, 1)",
+        # The sweeper's range includes its end (Optuna's IntUniformDistribution(200, 260, step=30)): 260 is suggested.
+        "error: search space range(200,260,30) of data.levels, at data.levels=260: data.levels=260 is invalid: "
+        "it must be an integer in [2, 256]",
     ]
 
 

@@ -96,12 +96,9 @@ def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return []
     result = []
     for members in groups.values():
-        ok = [r for r in members if r["status"] == "ok"]
-        stats = {}
-        for key in AGGREGATED:
-            values = [r[key] for r in ok if _number(r.get(key))]
-            stats[key] = (statistics.fmean(values) if values else None,
-                          statistics.stdev(values) if len(values) > 1 else None, len(values))
+        values = {key: [r[key] for r in members if r["status"] == "ok" and _number(r.get(key))] for key in AGGREGATED}
+        stats = {key: (statistics.fmean(v) if v else None, statistics.stdev(v) if len(v) > 1 else None, len(v))
+                 for key, v in values.items()}
         params = {k: members[0]["params"][k] for k in config_keys if k in members[0]["params"]}
         result.append({"config": " ".join(f"{k}={v}" for k, v in params.items()) or "(all jobs)", "params": params,
                        "runs": members, "failed": [r for r in members if r["status"] != "ok"],
@@ -138,39 +135,37 @@ def seed_table(groups: list[dict[str, Any]]) -> list[str]:
 def summary_table(runs: list[dict[str, Any]]) -> str:
     """summary.md: jobs ranked by best val bits/dim, failed ones last with their reason; above
     them, when jobs repeat a configuration with other seeds, the configurations ranked by mean."""
-    def bpd(value: Any) -> str:
-        return f"{value:.4f}" if _number(value) else "-"
-
-    swept = swept_keys(runs)
+    swept, ranked, groups = swept_keys(runs), rank(runs), seed_groups(runs)
     common = [f"{k}={v}" for k, v in (runs[0]["params"].items() if runs else []) if k not in swept]
-    ranked = rank(runs)
     ok = [r for r in ranked if r["status"] == "ok"]
-    groups = seed_groups(runs)
+    study = any("trial" in run for run in runs)  # study_runs: every trial of an Optuna study, from its sweeps
     lines = [f"{len(runs)} jobs: {len(ok)} ok, {len(runs) - len(ok)} failed."]
     if groups and groups[0]["val_bpd"][0] is not None:
         lines.append(f"Best configuration: {groups[0]['config']}, best val {_mean_std(groups[0]['val_bpd'])} "
                      "bits/dim over seeds.")
-    study = any("trial" in run for run in runs)  # study_runs: every trial of an Optuna study, from its sweeps
-
-    def job(run: dict[str, Any]) -> str:
-        return str(run["job"]) if run["job"] is not None else "?"
-
     if ok:
-        best = ok[0]
-        lines.append(f"Best: job {job(best)} ({_params_text(best, swept)}), best val {best['val_bpd']:.4f} bits/dim"
-                     + (f" (trial {best['trial']}, sweep {best.get('sweep') or '?'})." if study else "."))
+        lines.append(f"Best: job {_job(ok[0])} ({_params_text(ok[0], swept)}), best val {ok[0]['val_bpd']:.4f} bits/dim"
+                     + (f" (trial {ok[0]['trial']}, sweep {ok[0].get('sweep') or '?'})." if study else "."))
     lines += [f"Overrides of every job: {' '.join(common) or '(none)'}", ""]
     if groups:
         lines += seed_table(groups) + ["", "## Jobs", ""]
-    lines += ["| rank | " + ("trial | sweep | " if study else "") + "job | overrides | best val bits/dim | test bits/dim "
-              "| epochs | parameters | status |", "|---|---|---|---|---|---|---|---|" + "---|---|" * study]
+    lines += ["| rank | " + "trial | sweep | " * study + "job | overrides | best val bits/dim | test bits/dim | epochs "
+              "| parameters | status |", "|" + "---|" * (8 + 2 * study)]
     for run in ranked:
         status = "ok" if run["status"] == "ok" else f"failed: {run.get('error') or 'unknown reason'}"
         trial = f"{run['trial']} | {run.get('sweep') or '?'} | " if study else ""
-        lines.append(f"| {run['rank'] or '-'} | {trial}{job(run)} "
-                     f"| {_params_text(run, swept)} | {bpd(run.get('val_bpd'))} | {bpd(run.get('test_bpd'))} "
+        lines.append(f"| {run['rank'] or '-'} | {trial}{_job(run)} | {_params_text(run, swept)} "
+                     f"| {_bpd(run.get('val_bpd'))} | {_bpd(run.get('test_bpd'))} "
                      f"| {run.get('epochs', '')} | {run.get('parameters', '')} | {status.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+def _bpd(value: Any) -> str:
+    return f"{value:.4f}" if _number(value) else "-"
+
+
+def _job(run: dict[str, Any]) -> str:
+    return str(run["job"]) if run["job"] is not None else "?"
 
 
 def _params_text(run: dict[str, Any], swept: list[str]) -> str:

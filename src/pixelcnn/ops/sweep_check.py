@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
@@ -62,23 +61,18 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     return None
 
 
-def _endpoints(override: Override) -> list[str]:
-    """The values of a sweep override to check: every choice, or both ends of a range/interval."""
-    if override.is_interval_sweep():
-        value = override.value()
-        return [str(value.start), str(value.end)]
-    values = list(override.sweep_string_iterator())
-    return values if override.is_choice_sweep() else list(dict.fromkeys([values[0], values[-1]]))
-
-
 def search_space_checks(arguments: list[str]) -> list[tuple[str, list[str]]]:
-    """(label, overrides) for each value of the Optuna search space worth checking."""
+    """(label, overrides) for each value of the Optuna search space worth checking: every choice, or both
+    ends of a range or interval, as the sweeper reads them (its own parser: a range's end is suggested too)."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override as distribution
+
     parsed = OverridesParser.create().parse_overrides(arguments)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    space = {o.get_key_element(): (o, _endpoints(o)) for o in parsed if o.is_sweep_override()}
+    space = {o.get_key_element(): (o, distribution(o)) for o in parsed if o.is_sweep_override()}
     # One parameter at a time, the others at their config values: a bad end is named by its own key.
     return [(f"search space {override.input_line.split('=', 1)[1]} of {key}, at {key}={value}",
-             fixed + [f"{key}={value}"]) for key, (override, values) in space.items() for value in values]
+             fixed + [f"{key}={value}"]) for key, (override, values) in space.items()
+            for value in getattr(values, "choices", None) or dict.fromkeys([values.low, values.high])]
 
 
 def sweep_errors(config: DictConfig) -> list[str]:

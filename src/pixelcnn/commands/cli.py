@@ -62,12 +62,11 @@ def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> N
                 raise UserError(override_error(err, args, config_name)) from None
 
 
-def check_command_line(argv: list[str], config_dir: str | Path) -> None:
+def check_command_line(argv: list[str], config_dir: Path) -> None:
     """Before Hydra, whose own messages are a dozen lines: an override its grammar cannot read (a path
     with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote it, and a
     `group=option` (model=gated, sweeps like model=pixelcnn,gated, lists like logger=[tensorboard,csv])
     naming an option that `config_dir/group/` lacks gets one with the choices; exit 2."""
-    config_dir = Path(config_dir)
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or arg.startswith("-"):  # flags (-m, --config-name x) and their values

@@ -279,9 +279,8 @@ def validate(cfg: DictConfig, command: str) -> None:
             with read_write(cfg):
                 OmegaConf.update(cfg, key, str(value))
     for key, (ok, allowed) in RULES[command].items():
-        if isinstance(value := OmegaConf.select(cfg, key, default="__absent__"), str) and value == "__absent__":
-            continue
-        if not ok(value):
+        value = OmegaConf.select(cfg, key, default=...)  # ...: a key this config lacks
+        if value is not ... and not ok(value):
             shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
             raise UserError(f"{key}={shown!r} is invalid: it must be {allowed}")
     if message := combination_error(cfg, command):

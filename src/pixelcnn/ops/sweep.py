@@ -109,9 +109,7 @@ def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _mean_std(stat: tuple[float | None, float | None, int]) -> str:
     mean, std, n = stat
-    if mean is None:
-        return "-"
-    return f"{mean:.4f} ± {std:.4f} (n={n})" if std is not None else f"{mean:.4f} (n={n})"
+    return "-" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" (n={n})"
 
 
 def seed_table(groups: list[dict[str, Any]]) -> list[str]:
@@ -176,15 +174,13 @@ def best_results(runs: list[dict[str, Any]], sweeper: str) -> dict[str, Any] | N
     """The best job's swept parameters and value, in the Optuna sweeper's optimization_results.yaml
     format (so every sweep has its best in the same file); None if no job succeeded. Over seeds:
     the best configuration's parameters and its mean (with its std and ok jobs)."""
-    if groups := seed_groups(runs):
+    if not runs or (best := rank(runs)[0])["status"] != "ok":  # ranked first: the best ok job, if any
+        return None
+    if groups := seed_groups(runs):  # with an ok job, the first configuration has a mean
         mean, std, n = groups[0]["val_bpd"]
-        if mean is None:
-            return None
         return {"name": sweeper, "best_params": {k: parse_value(v) for k, v in groups[0]["params"].items()},
                 "best_value": mean, "best_value_std": std, "best_value_n": n,
                 "best_jobs": [r["job"] for r in groups[0]["runs"] if r["status"] == "ok"]}
-    if not runs or (best := rank(runs)[0])["status"] != "ok":  # ranked first: the best ok job, if any
-        return None
     return {"name": sweeper, "best_params": {k: parse_value(best["params"][k]) for k in swept_keys(runs)
                                              if k in best["params"]},
             "best_value": best["val_bpd"], "best_job": best["job"], "best_dir": best["dir"]}

@@ -386,6 +386,8 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("+trainer.val_check_interval=1.5", "trainer.val_check_interval"),
     ("+trainer.val_check_interval=0", "trainer.val_check_interval"),
     ("+trainer.fast_dev_run=-1", "trainer.fast_dev_run"),
+    ("model=gated model.dropout=false", "model.dropout"),  # a boolean is no number, though False == 0
+    ("optim.weight_decay=true", "optim.weight_decay"),
     ("optim/scheduler=cosine optim.scheduler.warmup_steps=-1", "optim.scheduler.warmup_steps"),
     ("optim/scheduler=cosine optim.scheduler.final_lr_ratio=2", "optim.scheduler.final_lr_ratio"),
     ("optim/scheduler=plateau optim.scheduler.factor=1", "optim.scheduler.factor"),

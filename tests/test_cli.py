@@ -388,6 +388,9 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("+trainer.fast_dev_run=-1", "trainer.fast_dev_run"),
     ("model=gated model.dropout=false", "model.dropout"),  # a boolean is no number, though False == 0
     ("optim.weight_decay=true", "optim.weight_decay"),
+    ("trainer.max_epochs=true", "trainer.max_epochs"),
+    ("early_stopping_patience=true", "early_stopping_patience"),
+    ("quality_n=false", "quality_n"),
     ("optim/scheduler=cosine optim.scheduler.warmup_steps=-1", "optim.scheduler.warmup_steps"),
     ("optim/scheduler=cosine optim.scheduler.final_lr_ratio=2", "optim.scheduler.final_lr_ratio"),
     ("optim/scheduler=plateau optim.scheduler.factor=1", "optim.scheduler.factor"),

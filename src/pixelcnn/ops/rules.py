@@ -91,7 +91,7 @@ DATA: Rules = {  # the data group: training's, and the classifier's (a few of it
     "data.on_device": _one_of("auto", True, False),
 }
 SEED: Rules = {"seed": SEED_RANGE}
-QUALITY_N: Rules = {"quality_n": (lambda v: isinstance(v, int) and (v == 0 or v >= 2), "0 (skip) or an integer >= 2")}
+QUALITY_N: Rules = {"quality_n": (lambda v: _int(0)[0](v) and v != 1, "0 (skip) or an integer >= 2")}
 DEVICE: Rules = {"device": _one_of("auto", "cpu", "cuda")}  # sample.py, evaluate.py, train_classifier.py
 TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     **DATA, **SEED, **QUALITY_N,
@@ -115,7 +115,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "optim.scheduler.factor": _in("(0, 1)"),
     "optim.scheduler.patience": _int(0),
     "optim.scheduler.min_lr_ratio": _in("[0, 1]"),
-    "trainer.max_epochs": (lambda v: isinstance(v, int) and (v >= 1 or v == -1), "an integer >= 1 (or -1: no limit)"),
+    "trainer.max_epochs": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
     "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v)
                                                  is not None), 'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
     "trainer.accelerator": _one_of("auto", "cpu", "gpu", "cuda"),
@@ -154,7 +154,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "sample.method": _one_of(*METHODS),
     "checkpoint_every_n_steps": (lambda v: v is None or _int(1)[0](v), "null or an integer >= 1"),
     "progress_bar_refresh": _int(1),
-    "early_stopping_patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+    "early_stopping_patience": (lambda v: v is None or _int(1)[0](v), "null or an integer >= 1"),
 }
 DRAWING: Rules = {**SEED, **DEVICE, "method": _one_of(*METHODS), "scale": _int(1, 64)}  # sample.py, evaluate.py
 RULES: dict[str, Rules] = {

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from pixelcnn.ops.rules import check_sqlite
 from pixelcnn.ops.files import atomic_write, write_text
 
-RESULTS_FILE = "optimization_results.yaml"  # the name the Optuna sweeper writes its best trial to
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 SEED_KEYS = ("seed", "data.split_seed")  # jobs differing only in these are repeats of one configuration
 # The metrics aggregated over seeds: key in metrics.json -> column title.
@@ -322,7 +321,7 @@ def write_summary(config: DictConfig) -> int:
     if plot(runs, sweep_dir / "summary.png"):
         table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
     write_text(sweep_dir / "summary.md", table)
-    results_file = sweep_dir / RESULTS_FILE
+    results_file = sweep_dir / "optimization_results.yaml"  # where the Optuna sweeper writes its best trial
     sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
         write_text(results_file, OmegaConf.to_yaml(best))

@@ -9,7 +9,7 @@ LightningModule, data module and `train()` at the package's top level). Each roo
     files        every write whole or not at all
     datafiles    IDX files, the data dir and its cache;  sources: image folders and arrays;  images: image files
     resources    threads and GPU of a job that shares the machine; what fits the device
-    sweep, sweep_check   a sweep's summary; every job checked before any runs
+    sweep, sweep_check   a sweep's summary (and every run's metrics.json); every job checked before any runs
 
 The lab imports this package only as `pixelcnn.ops`, and only the names of SEAM (the one narrow seam);
 each is loaded on first use, so that a command that needs little (sample.py) imports little.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -44,11 +44,8 @@ def plan_resources(job_num: int, concurrent: int, cpus: int, gpus: int, thread_l
 
 
 def available_cpus() -> int:
-    """The cores this process may run on (its affinity mask: taskset, cpusets, SLURM binding)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The cores this process may run on (its affinity mask: taskset, cpusets, SLURM binding; not on macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def concurrent_jobs() -> tuple[int, int]:
@@ -75,7 +72,8 @@ def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
     multi-device setting is the user's and is kept (then `cuda_device` is None)."""
     job_num, concurrent = concurrent_jobs()
     slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    gpus = torch.cuda.device_count() if concurrent > 1 else 0  # creates no CUDA context
+    # Devices counted only for a parallel sweep; a CPU or multi-device trainer's job is left off its GPU.
+    gpus = torch.cuda.device_count() if concurrent > 1 and accelerator != "cpu" and devices in (1, "1", "auto") else 0
     resources = plan_resources(job_num, concurrent, available_cpus(), gpus, torch.get_num_threads(),
                                int(slurm_cpus) if slurm_cpus.isdigit() else None)
     if resources.threads is not None:
@@ -88,8 +86,6 @@ def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
         log.warning("%d jobs at once on %d cores time-share them (one thread each): hydra.launcher.n_jobs=%d or "
                     "fewer avoids that", concurrent, resources.cpus, resources.cpus)
     if resources.cuda_device is not None:
-        if accelerator == "cpu" or devices not in (1, "1", "auto"):
-            return replace(resources, cuda_device=None)
         # Before anything touches CUDA, so that this job's context (and plain `.to("cuda")`) is on its GPU.
         torch.cuda.set_device(resources.cuda_device)
         log.info("job %d: CUDA device %d of %d", job_num, resources.cuda_device, gpus)
@@ -106,6 +102,8 @@ def secondary_rank() -> bool:
     (so known before Lightning sets up): LOCAL_RANK (the processes Lightning itself starts),
     RANK (torchrun), SLURM_PROCID (srun), NODE_RANK (the other machines)."""
     return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
 # ---------------------------------------------------------------------------- does the model fit
 
 

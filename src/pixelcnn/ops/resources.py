@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
@@ -121,27 +122,22 @@ def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditi
     """The footprint of `net` (built on the meta device) trained on (batch_size, channels, S, S) images.
     `activation_bytes`: 2 under 16-bit mixed precision, else 4. A lower bound of the real need:
     temporary buffers, the data and the framework itself come on top."""
-    values, flops = 0, 0.0
+    values = 0
 
     def count(module: nn.Module, inputs, output) -> None:
-        nonlocal values, flops
-        if isinstance(output, Tensor):
+        nonlocal values
+        if isinstance(output, Tensor) and not list(module.children()):  # a leaf layer's output
             values += output.numel()
-            if isinstance(module, nn.Conv2d):  # one multiply-add per output value and kernel tap
-                flops += 2 * output.numel() * module.weight[0].numel()
-            elif isinstance(module, nn.Linear):
-                flops += 2 * output.numel() * module.in_features
 
-    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]  # the leaf layers
-    try:
-        with torch.device("meta"), torch.no_grad():
+    hook = nn.modules.module.register_module_forward_hook(count)
+    try:  # torch's own count of the forward pass's FLOPs (matrix products and convolutions)
+        with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as flops:
             labels = torch.zeros(batch_size, dtype=torch.long) if conditional else None
             net(torch.zeros(batch_size, channels, image_size, image_size), labels)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     parameters = sum(p.numel() for p in net.parameters())
-    return Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops)
+    return Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops.get_total_flops())
 
 
 def available_memory(device: torch.device) -> int:

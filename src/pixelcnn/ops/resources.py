@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +121,8 @@ def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditi
     """The footprint of `net` (built on the meta device) trained on (batch_size, channels, S, S) images.
     `activation_bytes`: 2 under 16-bit mixed precision, else 4. A lower bound of the real need:
     temporary buffers, the data and the framework itself come on top."""
+    from torch.utils.flop_counter import FlopCounterMode  # late: it imports triton (0.06 s)
+
     values = 0
 
     def count(module: nn.Module, inputs, output) -> None:

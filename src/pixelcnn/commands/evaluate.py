@@ -68,7 +68,7 @@ def load_images(path: str | Path, image_size: int, levels: int, channels: int = 
     if not pictures or pictures[0].suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"images={path} is not a .npy file, an image file, or a folder with image files "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-    from pixelcnn.data import preprocess  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
+    from pixelcnn.data import preprocess  # late: each mode imports only what it uses (tests/test_speed.py)
 
     names = [str(p.relative_to(path if path.is_dir() else path.parent)) for p in pictures]
     return preprocess([load_image(p, channels) for p in pictures], image_size, levels, channels), names
@@ -134,9 +134,10 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
         metrics |= quality | {"quality_temperature": cfg.temperature,
                               "classifier_test_accuracy": classifier.test_accuracy}
-        print(f"sample quality ({quality['quality_n']} samples at T={cfg.temperature:g} vs test images): "
-              f"Fréchet distance {quality['frechet_distance']:.3f} (floor, train vs test: {quality['frechet_distance_floor']:.3f})"
-              + (f", class accuracy {quality['class_accuracy']:.1%}" if "class_accuracy" in quality else ""))
+        accuracy = f", class accuracy {quality['class_accuracy']:.1%}" if "class_accuracy" in quality else ""
+        print(f"sample quality ({quality['quality_n']} samples at T={cfg.temperature:g} vs test images): Fréchet "
+              f"distance {quality['frechet_distance']:.3f} (floor, train vs test: "
+              f"{quality['frechet_distance_floor']:.3f}){accuracy}")
     metrics["files"] = {name: str(path) for name, path in files.items()}
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(f"  metrics:      {out_dir / 'metrics.json'}")

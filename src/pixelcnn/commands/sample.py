@@ -85,18 +85,6 @@ def main(cfg: DictConfig) -> list[Path]:
     return [png, npy]
 
 
-def pick_test_images(test_set: tuple[torch.Tensor, torch.Tensor], n: int,
-                     label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n test images, or the first n of class `label`. -> (N, H, W) grey or (N, C, H, W) long, (N,)"""
-    images, labels = test_set[0].cpu(), test_set[1].cpu()
-    if label is not None:
-        images, labels = images[labels == label], labels[labels == label]
-        if len(images) == 0:
-            raise UserError(f"label={label}: the test split has no image of that class")
-    images = images[:n, 0] if images.shape[1] == 1 else images[:n]
-    return images.long(), labels[:n]
-
-
 def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     """mode=complete: complete the first min(n, 16) test images `completions` times each below
     row `rows`; write a PNG figure (one row per image: original | kept rows, hidden ones mid-grey |
@@ -113,8 +101,13 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     label = int(parse_labels(cfg.label, names, 1)[0][0]) if cfg.label is not None else None
     if cfg.n > MAX_COMPLETED:
         print(f"mode=complete shows at most {MAX_COMPLETED} test images (one figure row each): using {MAX_COMPLETED}")
-    originals, labels = pick_test_images(datamodule.test_set, min(cfg.n, MAX_COMPLETED), label)  # (N, H, W)
-    n = len(originals)
+    images, labels = datamodule.test_set[0].cpu(), datamodule.test_set[1].cpu()
+    if label is not None:  # the first n of that class
+        images, labels = images[labels == label], labels[labels == label]
+        if len(images) == 0:
+            raise UserError(f"label={label}: the test split has no image of that class")
+    n = min(cfg.n, MAX_COMPLETED, len(images))
+    originals, labels = (images[:n, 0] if images.shape[1] == 1 else images[:n]).long(), labels[:n]  # (N, [C,] H, W)
 
     device = module.device
     known = originals.repeat_interleave(completions, dim=0).to(device)  # (N*K, [C,] H, W): image k's copies together

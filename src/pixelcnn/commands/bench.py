@@ -5,6 +5,7 @@ vs fast sampling, on whatever device is present. Medians over repetitions."""
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import statistics
@@ -125,6 +126,9 @@ def run(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup()
     resolve_num_classes(cfg, datamodule)
+    if bench.warmup_batches >= (batches := math.ceil(len(datamodule.train_set[0]) / cfg.data.batch_size)):
+        raise UserError(f"bench.warmup_batches={bench.warmup_batches} leaves none of an epoch's {batches} batches to "
+                        "time: lower it")
     # Decided up front (Lightning moves the module back to the CPU when `fit` ends), as train.py
     # decides for the whole configured run, however few batches are timed here.
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))

@@ -444,6 +444,14 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no log file, no run dir
 
 
+def test_bench_py_refuses_a_warmup_as_long_as_the_epoch(workdir: Path, tmp_path: Path):
+    result = run("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",
+                 "bench.warmup_batches=5", f"bench.out={tmp_path / 'bench.json'}", cwd=tmp_path)  # 80 images: 5 batches
+    assert result.returncode == 2 and result.stderr.strip() == ("error: bench.warmup_batches=5 leaves none of an "
+                                                                "epoch's 5 batches to time: lower it")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "error: ckpt is required"),
     (["ckpt={run}", "out={file}"], "is a file; pass a folder"),

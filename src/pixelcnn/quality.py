@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.image.fid import _compute_fid
 
 from pixelcnn.data import NUM_CLASSES, ImageDataModule, Split, cached, save_cache, setup_datamodule
 
@@ -67,18 +68,25 @@ def classify(classifier: FashionClassifier, images: Tensor, batch_size: int = 10
     return torch.cat(features), torch.cat(predictions)
 
 
-def train_classifier(train_set: Split, test_set: Split, levels: int, epochs: int = EPOCHS, batch_size: int = 128,
-                     lr: float = 3e-3, seed: int = 0,
-                     device: str | torch.device = "cpu") -> tuple[FashionClassifier, float]:
-    """Train on `train_set` (AdamW, one-cycle schedule); returns (classifier in eval mode, test accuracy)."""
+def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:
+    return Path(root) / f"classifier_{image_size}px_{levels}lv.pt"
+
+
+def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu", epochs: int = EPOCHS,
+                  batch_size: int = 128, lr: float = 3e-3, seed: int = 0) -> FashionClassifier:
+    """Train on the data module's training split (AdamW, one-cycle schedule), report its test
+    accuracy, and save the weights into the cache file in `datamodule.root` (for its image size
+    and level count). Returns the classifier in eval mode."""
+    datamodule.setup()  # a no-op when already set up
+    image_size, levels = datamodule.image_size, datamodule.levels
+    started = time.perf_counter()
     torch.manual_seed(seed)
     classifier = FashionClassifier(levels).to(device)
-    images, labels = train_set[0].to(device), train_set[1].to(device)
+    images, labels = (t.to(device) for t in datamodule.train_set)
     steps = epochs * math.ceil(len(images) / batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    classifier.train()
     for _ in range(epochs):
         for index in torch.randperm(len(images), generator=generator, device=images.device).split(batch_size):
             if len(index) < 2:  # batch norm cannot train on one image (at 2px its maps are 1x1)
@@ -89,27 +97,12 @@ def train_classifier(train_set: Split, test_set: Split, levels: int, epochs: int
             optimizer.step()
             schedule.step()
     classifier.eval()
-    return classifier, (classify(classifier, test_set[0])[1] == test_set[1].cpu()).float().mean().item()
-
-
-def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:
-    return Path(root) / f"classifier_{image_size}px_{levels}lv.pt"
-
-
-def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu", epochs: int = EPOCHS,
-                  **train_kwargs) -> FashionClassifier:
-    """Train on the data module's training split, report its test accuracy, and save the weights
-    into the cache file in `datamodule.root` (for its image size and level count)."""
-    datamodule.setup()  # a no-op when already set up
-    image_size, levels = datamodule.image_size, datamodule.levels
-    started = time.perf_counter()
-    classifier, test_accuracy = train_classifier(datamodule.train_set, datamodule.test_set, levels, epochs,
-                                                 device=device, **train_kwargs)
+    test_images, test_labels = datamodule.test_set
+    classifier.test_accuracy = (classify(classifier, test_images)[1] == test_labels.cpu()).float().mean().item()
     path = classifier_path(datamodule.root, image_size, levels)
-    save_cache(path, {"state_dict": classifier.state_dict(), "test_accuracy": torch.tensor(test_accuracy)})
-    classifier.test_accuracy = test_accuracy
-    print(f"[classifier] {image_size}px/{levels} levels: test accuracy {test_accuracy:.2%} after {epochs} epochs on "
-          f"{len(datamodule.train_set[0])} images ({time.perf_counter() - started:.0f} s on "
+    save_cache(path, {"state_dict": classifier.state_dict(), "test_accuracy": torch.tensor(classifier.test_accuracy)})
+    print(f"[classifier] {image_size}px/{levels} levels: test accuracy {classifier.test_accuracy:.2%} after {epochs} "
+          f"epochs on {len(images)} images ({time.perf_counter() - started:.0f} s on "
           f"{torch.device(device).type}); saved {path}", flush=True)
     return classifier
 
@@ -145,28 +138,22 @@ def load_or_train_classifier(datamodule: ImageDataModule,
 
 
 def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, D) and (M, D).
-
-    tr (Ca Cb)^(1/2) is computed as tr (Ca^(1/2) Cb Ca^(1/2))^(1/2), a symmetric PSD matrix,
-    so two symmetric eigen-decompositions in float64 suffice (no scipy.linalg.sqrtm needed).
-    """
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D) and (M, D), in float64
+    (torchmetrics' FID formula, given our features instead of Inception's)."""
     a, b = feats_a.double(), feats_b.double()
-    mean_a, mean_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (D, D), unbiased as FID
-    values, vectors = torch.linalg.eigh(cov_a)
-    sqrt_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
-    distance = (mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross
-    return max(distance.item(), 0.0)  # rounding can leave -1e-12 for identical sets
+    return max(_compute_fid(a.mean(0), cov_a, b.mean(0), cov_b).item(), 0.0)  # rounding can leave -1e-12
 
 
-def random_subset(split: Split, n: int, seed: int) -> Split:
+def random_subset(split: Split, n: int, seed: int) -> Tensor:
+    """n random images of a split, on the CPU."""
     index = torch.randperm(len(split[0]), generator=torch.Generator().manual_seed(seed))[:n]
-    return split[0][index.to(split[0].device)].cpu(), split[1][index.to(split[1].device)].cpu()
+    return split[0][index.to(split[0].device)].cpu()
 
 
 def unscorable(datamodule: ImageDataModule) -> str | None:
-    """Why the sample quality of a model of this data is not scored, or None: the classifier is Fashion-MNIST's (grey)."""
+    """Why the sample quality of a model of this data is not scored, or None: the classifier is
+    Fashion-MNIST's (grey)."""
     if (datamodule.source, datamodule.channels) == ("fashion_mnist", 1):
         return None
     colour = f" with data.channels={datamodule.channels}" if datamodule.channels != 1 else ""
@@ -195,28 +182,25 @@ def quality_metrics(module, data: ImageDataModule | Split, n: int = 1000, temper
         if (datamodule.image_size, datamodule.levels) != (module.image_size, module.levels):
             raise ValueError(f"the data module has {datamodule.image_size}px images with {datamodule.levels} levels, "
                              f"the model {module.image_size}px with {module.levels}")
-    test_set = datamodule.test_set if datamodule is not None else data
-    available = len(test_set[0]) if datamodule is None else min(len(test_set[0]), len(datamodule.train_set[0]))
+    test_set, train_set = (data, data) if datamodule is None else (datamodule.test_set, datamodule.train_set)
+    available = min(len(test_set[0]), len(train_set[0]))
     if n < 2 or available < 2:
         raise ValueError(f"the Fréchet distance needs n >= 2 samples and test images; got n={n}, "
                          f"{available} images available")
     if n > available:
-        what = "test images" if datamodule is None else "test (and training) images"
-        print(f"[classifier] quality_n={n} is more than the {available} {what}: using {available}", flush=True)
+        print(f"[classifier] quality_n={n} is more than the {available} test (and training) images: using {available}",
+              flush=True)
         n = available
     if classifier is None:
-        source = datamodule if datamodule is not None else setup_datamodule(None, module.image_size, module.levels)
+        source = setup_datamodule(None, module.image_size, module.levels) if datamodule is None else datamodule
         classifier = load_or_train_classifier(source, module.device)
-    test_images, _ = random_subset(test_set, n, seed)
     labels = torch.arange(n) % module.num_classes if module.conditional else None
-    samples = module.sample(n, temperature, seed, labels, method)  # (n, H, W) on the module's device
-    sample_feats, predicted = classify(classifier, samples)
-    test_feats = classify(classifier, test_images)[0]
+    sample_feats, predicted = classify(classifier, module.sample(n, temperature, seed, labels, method))
+    test_feats = classify(classifier, random_subset(test_set, n, seed))[0]
     metrics: dict[str, float] = {"frechet_distance": frechet_distance(sample_feats, test_feats)}
     if datamodule is not None:
-        train_images, _ = random_subset(datamodule.train_set, n, seed + 1)
-        metrics["frechet_distance_floor"] = frechet_distance(classify(classifier, train_images)[0], test_feats)
+        train_feats = classify(classifier, random_subset(train_set, n, seed + 1))[0]
+        metrics["frechet_distance_floor"] = frechet_distance(train_feats, test_feats)
     if labels is not None:
         metrics["class_accuracy"] = (predicted == labels).float().mean().item()
-    metrics["quality_n"] = n
-    return metrics
+    return metrics | {"quality_n": n}

@@ -5,6 +5,7 @@ vs fast sampling, on whatever device is present. Medians over repetitions."""
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import statistics
@@ -34,31 +35,25 @@ def now(device: torch.device) -> float:
 
 
 class _Timer(L.Callback):
-    """Times training batches after a warm-up (compilation, autotuning) and whole epochs."""
+    """Times the training batches from batch `warmup` on (after compilation, autotuning) to the end
+    of the epoch, and each whole epoch (after its validation). Only these marks sync the GPU: a sync
+    per batch would hide the CPU/GPU overlap being measured."""
 
     def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.start = self.end = 0.0
-        self.images = 0  # images trained on inside the timed window
-        self.epoch_seconds: list[float] = []
+        self.warmup, self.images, self.epoch_seconds = warmup, 0, []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        if trainer.current_epoch != 0 or batch_idx < self.warmup:
-            return
         if batch_idx == self.warmup:
             self.start = now(module.device)
-        self.images += len(batch[0])
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
-        # Only the last batch syncs: a sync per batch would hide the CPU/GPU overlap being measured.
-        if trainer.current_epoch == 0 and batch_idx == trainer.num_training_batches - 1:
-            self.end = now(module.device)
+        if batch_idx >= self.warmup:
+            self.images += len(batch[0])  # images trained on inside the timed window
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self._epoch_start = now(module.device)
+        self.epoch_start = now(module.device)
 
     def on_train_epoch_end(self, trainer, module) -> None:  # runs after the epoch's validation
-        self.epoch_seconds.append(now(module.device) - self._epoch_start)
+        self.end = now(module.device)
+        self.epoch_seconds.append(self.end - self.epoch_start)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -98,7 +93,6 @@ def plain_loop_rate(cfg: DictConfig, datamodule: L.LightningDataModule, device: 
     images, labels = (t.to(device) for t in datamodule.train_set)
     batch_size = cfg.data.batch_size
     order = torch.randperm(len(images), device=device)
-    start = 0.0
     for step in range(warmup + steps):
         if step == warmup:
             start = now(device)
@@ -111,7 +105,7 @@ def plain_loop_rate(cfg: DictConfig, datamodule: L.LightningDataModule, device: 
     return steps * batch_size / (now(device) - start)
 
 
-def time_sampler(fn, device: torch.device, repeats: int) -> float:
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = now(device)
@@ -132,25 +126,26 @@ def run(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup()
     resolve_num_classes(cfg, datamodule)
-    batch_size = cfg.data.batch_size
+    if bench.warmup_batches >= (batches := math.ceil(len(datamodule.train_set[0]) / cfg.data.batch_size)):
+        raise UserError(f"bench.warmup_batches={bench.warmup_batches} leaves none of an epoch's {batches} batches to "
+                        "time: lower it")
     # Decided up front (Lightning moves the module back to the CPU when `fit` ends), as train.py
     # decides for the whole configured run, however few batches are timed here.
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     device = torch.device("cuda" if speed.cuda else "cpu")
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
-    result: dict = {"device": device_name, "torch": torch.__version__, "model": cfg.model.arch,
-                    "batch_size": batch_size, "speed": {}, "train": {}, "sampling": {}}
+    result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
+                    "torch": torch.__version__, "model": cfg.model.arch, "batch_size": cfg.data.batch_size,
+                    "speed": vars(speed), "sampling": {}}
 
-    # 1. training throughput: several short fits, median img/s after the warm-up batches.
-    rates, peak = [], 0.0
-    for _ in range(bench.repeats):
-        reset_peak(device)
-        timer = fit_once(cfg, datamodule, speed, bench.warmup_batches + bench.train_batches, 1, bench.warmup_batches)
-        rates.append(timer.images / (timer.end - timer.start))
-        peak = max(peak, peak_memory_mb(device))
-    result["speed"] = vars(speed)
-    result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates, "peak_memory_mb": peak}
+    # 1. training throughput: several short fits, median img/s after the warm-up batches; the peak
+    # memory of them all (reset once: the max of each fit's peak).
+    reset_peak(device)
+    timers = [fit_once(cfg, datamodule, speed, bench.warmup_batches + bench.train_batches, 1, bench.warmup_batches)
+              for _ in range(bench.repeats)]
+    rates = [timer.images / (timer.end - timer.start) for timer in timers]
+    result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates,
+                       "peak_memory_mb": peak_memory_mb(device)}
     plain = [plain_loop_rate(cfg, datamodule, device, bench.train_batches, bench.warmup_batches)
              for _ in range(bench.repeats)]
     result["train"] |= {"plain_fp32_img_per_s": statistics.median(plain), "plain_fp32_img_per_s_runs": plain,
@@ -170,15 +165,15 @@ def run(cfg: DictConfig) -> dict:
     for n in bench.sample_sizes:
         uniforms = draw_uniforms(n, size, size, seed=0, device=device, channels=net.image_channels)
         labels = torch.arange(n, device=device) % cfg.model.num_classes if cfg.model.num_classes else None
-        entry: dict = {}
+
+        def draw(sampler=sample_fast):
+            return sampler(net, uniforms, size, size, 1.0, labels)
+
         reset_peak(device)
-        sample_fast(net, uniforms, size, size, 1.0, labels)  # warm-up (and CUDA graph capture)
-        entry["fast_s"] = time_sampler(lambda: sample_fast(net, uniforms, size, size, 1.0, labels), device,
-                                       bench.repeats)
-        entry["fast_peak_memory_mb"] = peak_memory_mb(device)
+        draw()  # warm-up (and CUDA graph capture)
+        entry = {"fast_s": median_seconds(draw, device, bench.repeats), "fast_peak_memory_mb": peak_memory_mb(device)}
         if n <= bench.naive_max_n or device.type == "cuda":
-            entry["naive_s"] = time_sampler(lambda: sample_naive(net, uniforms, size, size, 1.0, labels), device,
-                                            bench.naive_repeats)
+            entry["naive_s"] = median_seconds(lambda: draw(sample_naive), device, bench.naive_repeats)
             entry["speedup"] = entry["naive_s"] / entry["fast_s"]
         result["sampling"][str(n)] = entry
     return result

@@ -34,41 +34,37 @@ TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surp
 # ---------------------------------------------------------------------------- reading user images
 
 
-def load_npy(path: Path, image_size: int, levels: int, channels: int = 1) -> Tensor:
-    """A .npy of integer levels (N, S, S) or (N, C, S, S) in [0, levels). -> (N, C, S, S) uint8"""
-    arrays = read_arrays(path, f"images={path} is not a readable .npy file")
-    if list(arrays) != ["images"]:
-        raise UserError(f"images={path} is a .npz archive ({', '.join(arrays)}): pass a .npy of levels")
-    array = arrays["images"]
-    if array.ndim == 3 and channels == 1:
-        array = array[:, None]
-    if array.ndim != 4 or array.shape[1:] != (channels, image_size, image_size) or len(array) == 0:
-        raise UserError(f"images={path} has shape {array.shape}: expected "
-                        + (f"(N, {image_size}, {image_size}) or " if channels == 1 else "")
-                        + f"(N, {channels}, {image_size}, {image_size}) levels, N >= 1, for this {image_size}px model")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise UserError(f"images={path} holds {array.dtype} values: expected integer levels 0..{levels - 1} "
-                        "(for 0..255 pictures, pass PNG files)")
-    if array.min() < 0 or array.max() >= levels:
-        raise UserError(f"images={path} holds values {array.min()}..{array.max()}: expected levels 0..{levels - 1} "
-                        f"(this model has {levels} grey levels; for 0..255 pictures, pass PNG files)")
-    return torch.from_numpy(array.astype(np.uint8))
-
-
 def load_images(path: str | Path, image_size: int, levels: int, channels: int = 1) -> tuple[Tensor, list[str]]:
-    """(level images (N, C, S, S) uint8, a name per image) from a .npy of levels, or an image file or a
-    folder of them (any size up to images.MAX_IMAGE_PIXELS, any mode: `load_image`), preprocessed as in training."""
+    """(level images (N, C, S, S) uint8, a name per image) from a .npy of integer levels (N, S, S) or
+    (N, C, S, S) in [0, levels), or an image file or a folder of them (any size up to
+    images.MAX_IMAGE_PIXELS, any mode: `load_image`), preprocessed as in training."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"images={path} does not exist: pass a .npy of levels, an image file, or a folder of them")
     if path.suffix.lower() == ".npy" and path.is_file():
-        images = load_npy(path, image_size, levels, channels)
-        return images, [f"{path.name}[{i}]" for i in range(len(images))]
+        arrays = read_arrays(path, f"images={path} is not a readable .npy file")
+        if list(arrays) != ["images"]:
+            raise UserError(f"images={path} is a .npz archive ({', '.join(arrays)}): pass a .npy of levels")
+        array = arrays["images"]
+        if array.ndim == 3 and channels == 1:
+            array = array[:, None]
+        if array.ndim != 4 or array.shape[1:] != (channels, image_size, image_size) or len(array) == 0:
+            raise UserError(f"images={path} has shape {array.shape}: expected "
+                            + (f"(N, {image_size}, {image_size}) or " if channels == 1 else "")
+                            + f"(N, {channels}, {image_size}, {image_size}) levels, N >= 1, "
+                            f"for this {image_size}px model")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise UserError(f"images={path} holds {array.dtype} values: expected integer levels 0..{levels - 1} "
+                            "(for 0..255 pictures, pass PNG files)")
+        if array.min() < 0 or array.max() >= levels:
+            raise UserError(f"images={path} holds values {array.min()}..{array.max()}: expected levels 0..{levels - 1} "
+                            f"(this model has {levels} grey levels; for 0..255 pictures, pass PNG files)")
+        return torch.from_numpy(array.astype(np.uint8)), [f"{path.name}[{i}]" for i in range(len(array))]
     pictures = image_files(path) if path.is_dir() else [path]  # a folder as data=folder reads it: class folders too
     if not pictures or pictures[0].suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"images={path} is not a .npy file, an image file, or a folder with image files "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-    from pixelcnn.data import preprocess  # late: each mode imports only what it uses (sample.py and evaluate.py start fast)
+    from pixelcnn.data import preprocess  # late: each mode imports only what it uses (tests/test_speed.py)
 
     names = [str(p.relative_to(path if path.is_dir() else path.parent)) for p in pictures]
     return preprocess([load_image(p, channels) for p in pictures], image_size, levels, channels), names
@@ -134,9 +130,10 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
         quality = quality_metrics(module, datamodule, cfg.quality_n, cfg.temperature, cfg.seed, classifier, cfg.method)
         metrics |= quality | {"quality_temperature": cfg.temperature,
                               "classifier_test_accuracy": classifier.test_accuracy}
-        print(f"sample quality ({quality['quality_n']} samples at T={cfg.temperature:g} vs test images): "
-              f"Fréchet distance {quality['frechet_distance']:.3f} (floor, train vs test: {quality['frechet_distance_floor']:.3f})"
-              + (f", class accuracy {quality['class_accuracy']:.1%}" if "class_accuracy" in quality else ""))
+        accuracy = f", class accuracy {quality['class_accuracy']:.1%}" if "class_accuracy" in quality else ""
+        print(f"sample quality ({quality['quality_n']} samples at T={cfg.temperature:g} vs test images): Fréchet "
+              f"distance {quality['frechet_distance']:.3f} (floor, train vs test: "
+              f"{quality['frechet_distance_floor']:.3f}){accuracy}")
     metrics["files"] = {name: str(path) for name, path in files.items()}
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(f"  metrics:      {out_dir / 'metrics.json'}")

@@ -42,12 +42,12 @@ def parse_labels(label: object, names: list[str], n: int) -> tuple[torch.Tensor 
     if label == "all":
         return torch.arange(num_classes).repeat_interleave(n), n
     # A name as typed: any case, _ for a space, and the part before a / ("t-shirt" for "t-shirt/top").
-    lookup = {name.lower(): i for i, name in enumerate(names)} | {name.split("/")[0].lower(): i for i, name in enumerate(names)}
+    lookup = {key.lower(): i for i, name in enumerate(names) for key in (name, name.split("/")[0])}
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
         return torch.full((n,), label), 8
-    for typed in (str(label).lower(), str(label).lower().replace("_", " ")):
-        if typed in lookup:
-            return torch.full((n,), lookup[typed]), 8
+    typed = str(label).lower()
+    if (index := lookup.get(typed, lookup.get(typed.replace("_", " ")))) is not None:
+        return torch.full((n,), index), 8
     raise UserError(f"label={label!r} is invalid: it must be a class index 0..{num_classes - 1}, all, or one of "
                     f"{', '.join(names)}")
 
@@ -85,18 +85,6 @@ def main(cfg: DictConfig) -> list[Path]:
     return [png, npy]
 
 
-def pick_test_images(test_set: tuple[torch.Tensor, torch.Tensor], n: int,
-                     label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n test images, or the first n of class `label`. -> (N, H, W) grey or (N, C, H, W) long, (N,)"""
-    images, labels = test_set[0].cpu(), test_set[1].cpu()
-    if label is not None:
-        images, labels = images[labels == label], labels[labels == label]
-        if len(images) == 0:
-            raise UserError(f"label={label}: the test split has no image of that class")
-    images = images[:n, 0] if images.shape[1] == 1 else images[:n]
-    return images.long(), labels[:n]
-
-
 def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     """mode=complete: complete the first min(n, 16) test images `completions` times each below
     row `rows`; write a PNG figure (one row per image: original | kept rows, hidden ones mid-grey |
@@ -113,8 +101,13 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     label = int(parse_labels(cfg.label, names, 1)[0][0]) if cfg.label is not None else None
     if cfg.n > MAX_COMPLETED:
         print(f"mode=complete shows at most {MAX_COMPLETED} test images (one figure row each): using {MAX_COMPLETED}")
-    originals, labels = pick_test_images(datamodule.test_set, min(cfg.n, MAX_COMPLETED), label)  # (N, H, W)
-    n = len(originals)
+    images, labels = datamodule.test_set[0].cpu(), datamodule.test_set[1].cpu()
+    if label is not None:  # the first n of that class
+        images, labels = images[labels == label], labels[labels == label]
+        if len(images) == 0:
+            raise UserError(f"label={label}: the test split has no image of that class")
+    n = min(cfg.n, MAX_COMPLETED, len(images))
+    originals, labels = (images[:n, 0] if images.shape[1] == 1 else images[:n]).long(), labels[:n]  # (N, [C,] H, W)
 
     device = module.device
     known = originals.repeat_interleave(completions, dim=0).to(device)  # (N*K, [C,] H, W): image k's copies together
@@ -132,7 +125,8 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     grid = side_by_side([levels_to_grid(pairs, module.levels, nrow=2, scale=cfg.scale),
                          levels_to_grid(completed.flatten(0, 1), module.levels, nrow=completions, scale=cfg.scale)])
     stem = f"completions_rows{rows}_n{n}_c{completions}_T{cfg.temperature:g}_seed{cfg.seed}"
-    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, class_tag(names, label) if label is not None else None)
+    tag = class_tag(names, label) if label is not None else None
+    png, npy = save_grid_and_levels(grid, completed, out_dir, stem, tag)
     print(f"{n} test images x {completions} completions below row {rows} ({seconds:.2f} s on {device.type})\n"
           f"  figure: {png}  (per row: original | kept rows | completions)\n"
           f"  levels: {npy}  shape {tuple(completed.shape)}, values 0..{module.levels - 1}")

@@ -23,8 +23,8 @@ def main(cfg: DictConfig) -> FashionClassifier:
     datamodule = setup_datamodule(**data_args)
     classifier = fit_and_cache(datamodule, device, cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     n = min(1000, len(datamodule.train_set[0]), len(datamodule.test_set[0]))
-    train_feats = classify(classifier, random_subset(datamodule.train_set, n, cfg.seed)[0])[0]
-    test_feats = classify(classifier, random_subset(datamodule.test_set, n, cfg.seed)[0])[0]
+    train_feats = classify(classifier, random_subset(datamodule.train_set, n, cfg.seed))[0]
+    test_feats = classify(classifier, random_subset(datamodule.test_set, n, cfg.seed))[0]
     print(f"[classifier] Fréchet distance floor ({n} train vs {n} test images): "
           f"{frechet_distance(train_feats, test_feats):.3f}", flush=True)
     return classifier

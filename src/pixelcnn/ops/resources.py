@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -44,11 +44,8 @@ def plan_resources(job_num: int, concurrent: int, cpus: int, gpus: int, thread_l
 
 
 def available_cpus() -> int:
-    """The cores this process may run on (its affinity mask: taskset, cpusets, SLURM binding)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The cores this process may run on (its affinity mask: taskset, cpusets, SLURM binding; not on macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def concurrent_jobs() -> tuple[int, int]:
@@ -75,7 +72,8 @@ def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
     multi-device setting is the user's and is kept (then `cuda_device` is None)."""
     job_num, concurrent = concurrent_jobs()
     slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    gpus = torch.cuda.device_count() if concurrent > 1 else 0  # creates no CUDA context
+    # Devices counted only for a parallel sweep; a CPU or multi-device trainer's job is left off its GPU.
+    gpus = torch.cuda.device_count() if concurrent > 1 and accelerator != "cpu" and devices in (1, "1", "auto") else 0
     resources = plan_resources(job_num, concurrent, available_cpus(), gpus, torch.get_num_threads(),
                                int(slurm_cpus) if slurm_cpus.isdigit() else None)
     if resources.threads is not None:
@@ -88,8 +86,6 @@ def claim_job_resources(accelerator: str = "auto", devices=1) -> JobResources:
         log.warning("%d jobs at once on %d cores time-share them (one thread each): hydra.launcher.n_jobs=%d or "
                     "fewer avoids that", concurrent, resources.cpus, resources.cpus)
     if resources.cuda_device is not None:
-        if accelerator == "cpu" or devices not in (1, "1", "auto"):
-            return replace(resources, cuda_device=None)
         # Before anything touches CUDA, so that this job's context (and plain `.to("cuda")`) is on its GPU.
         torch.cuda.set_device(resources.cuda_device)
         log.info("job %d: CUDA device %d of %d", job_num, resources.cuda_device, gpus)
@@ -106,6 +102,8 @@ def secondary_rank() -> bool:
     (so known before Lightning sets up): LOCAL_RANK (the processes Lightning itself starts),
     RANK (torchrun), SLURM_PROCID (srun), NODE_RANK (the other machines)."""
     return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
 # ---------------------------------------------------------------------------- does the model fit
 
 
@@ -123,27 +121,24 @@ def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditi
     """The footprint of `net` (built on the meta device) trained on (batch_size, channels, S, S) images.
     `activation_bytes`: 2 under 16-bit mixed precision, else 4. A lower bound of the real need:
     temporary buffers, the data and the framework itself come on top."""
-    values, flops = 0, 0.0
+    from torch.utils.flop_counter import FlopCounterMode  # late: it imports triton (0.06 s)
+
+    values = 0
 
     def count(module: nn.Module, inputs, output) -> None:
-        nonlocal values, flops
-        if isinstance(output, Tensor):
+        nonlocal values
+        if isinstance(output, Tensor) and not list(module.children()):  # a leaf layer's output
             values += output.numel()
-            if isinstance(module, nn.Conv2d):  # one multiply-add per output value and kernel tap
-                flops += 2 * output.numel() * module.weight[0].numel()
-            elif isinstance(module, nn.Linear):
-                flops += 2 * output.numel() * module.in_features
 
-    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]  # the leaf layers
-    try:
-        with torch.device("meta"), torch.no_grad():
+    hook = nn.modules.module.register_module_forward_hook(count)
+    try:  # torch's own count of the forward pass's FLOPs (matrix products and convolutions)
+        with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as flops:
             labels = torch.zeros(batch_size, dtype=torch.long) if conditional else None
             net(torch.zeros(batch_size, channels, image_size, image_size), labels)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     parameters = sum(p.numel() for p in net.parameters())
-    return Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops)
+    return Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops.get_total_flops())
 
 
 def available_memory(device: torch.device) -> int:

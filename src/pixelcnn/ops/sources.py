@@ -42,8 +42,8 @@ def content_key(path: Path) -> str:
     """A hash of what is under `path` (a file or a folder): names, sizes and modification times."""
     digest = hashlib.sha256(str(path.resolve()).encode())
     for file in [path] if path.is_file() else image_files(path):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if file != path else ''}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        stat, name = file.stat(), file.relative_to(path) if file != path else ""
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -144,7 +144,7 @@ def read_array(path: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     splits = {}
     for prefix in prefixes:
         images, labels = arrays[f"{prefix}images"], arrays.get(f"{prefix}labels")
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[3:] not in ((), (1,), (3,), (4,)):
             raise UserError(f"{path}: {prefix}images is {images.dtype} {images.shape}: expected uint8 (N, H, W) or "
                             "(N, H, W, C) with C = 1, 3 or 4")
         if images.size == 0:

@@ -12,17 +12,8 @@ import torchvision
 
 from fakes import IDX_NAMES, write_dataset, write_idx
 from pixelcnn import data
-from pixelcnn.data import (
-    BatchLoader,
-    CorruptDatasetError,
-    DatasetNotFoundError,
-    ImageDataModule,
-    default_data_dir,
-    preprocess,
-    quantize,
-    read_idx,
-    resize_images,
-)
+from pixelcnn.data import BatchLoader, ImageDataModule, preprocess, quantize, resize_images
+from pixelcnn.ops.datafiles import CorruptDatasetError, DatasetNotFoundError, default_data_dir, read_idx
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -45,10 +45,8 @@ SEAM = {
     "training_footprint": "resources",
     "run_dir_of": "run_dirs",
     "write_metrics": "sweep",
-    "sources": "sources",
-    "missing_dirs": "files",
-    "remove_if_empty": "files",
-    "torch_save": "files",
+    "default_data_dir": "datafiles",
+    "load_data": "datafiles",
 }
 
 

@@ -15,7 +15,8 @@ import torch
 
 from fakes import write_dataset
 from pixelcnn.ops.rules import validate
-from pixelcnn.training import build_datamodule, build_module, build_trainer, resolve_speed
+from pixelcnn.ops.resources import resolve_speed
+from pixelcnn.training import build_datamodule, build_module, build_trainer
 from test_cli import NO_QUALITY, TINY, compose_train, data_args, run
 
 

@@ -56,12 +56,6 @@ def quantize(images: Tensor, image_size: int, levels: int) -> Tensor:
 # ---------------------------------------------------------------------------- batching
 
 
-def limited(batches: int, limit: int | float | None) -> int:
-    """`batches` cut by a limit as Lightning's limit_train_batches means it: a float is a fraction
-    (rounded down), an int a number of batches, None none."""
-    return batches if limit is None else int(batches * limit) if isinstance(limit, float) else min(batches, limit)
-
-
 class BatchLoader:
     """Batches of in-memory (images, labels) tensors, each cut with one indexing op (Lightning takes
     any iterable with `__len__` as a dataloader).

@@ -8,14 +8,11 @@ model with its training. Guessing uniformly among L levels costs log2(L) bits (2
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from pixelcnn.ops import check_options, UserError
 
 from pixelcnn.gated_net import GatedPixelCNN
 from pixelcnn.pixelcnn_net import PixelCNN
@@ -29,13 +26,8 @@ TRAINING_KEYS = ("optim", "ema_decay", *LEGACY_OPTIM_KEYS)
 
 
 def build_network(arch: str, levels: int, num_classes: int, image_channels: int = 1, **arch_kwargs) -> nn.Module:
-    """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
-    # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
-    shared = {"levels", "num_classes", "image_channels"}
-    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - shared,
-                  "model", f"model.arch={arch}")
+    """The network `arch` with its own options (checked where a config or a checkpoint is read:
+    `pixelcnn.ops.rules.network_error`)."""
     return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
 
 
@@ -60,7 +52,7 @@ class ImageModel(nn.Module):
     @classmethod
     def from_hparams(cls, hparams: dict) -> ImageModel:
         """The model of a checkpoint's hyperparameters, those of the training (optimizer, schedule)
-        left out; any other key is the network's, and one it does not take is refused (`build_network`)."""
+        left out; any other key is the network's."""
         return cls(**{key: value for key, value in hparams.items() if key not in TRAINING_KEYS})
 
     @property
@@ -89,8 +81,9 @@ class ImageModel(nn.Module):
         maps = []
         with eval_mode(self):
             for start in range(0, len(images), batch_size):
-                batch_labels = labels[start : start + batch_size].to(self.device) if labels is not None else None
-                maps.append(self.nll_bits_per_pixel(images[start : start + batch_size].to(self.device), batch_labels).cpu())
+                batch = slice(start, start + batch_size)
+                batch_labels = labels[batch].to(self.device) if labels is not None else None
+                maps.append(self.nll_bits_per_pixel(images[batch].to(self.device), batch_labels).cpu())
         return torch.cat(maps)
 
     def image_bits_per_dim(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:

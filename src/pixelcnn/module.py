@@ -156,13 +156,6 @@ class ImageModule(ImageModel, L.LightningModule):
                   f"{optimizer.param_groups[0]['lr']:.4g}", flush=True)
 
 
-def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int) -> float:
-    """Optimizer steps a run takes at most (math.inf without a limit), before its Trainer exists: `epoch_batches`
-    batches an epoch, times max_epochs (-1 or None: none), <= max_steps."""
-    steps = math.inf if max_epochs is None or max_epochs < 0 else epoch_batches * max_epochs
-    return steps if max_steps < 0 else min(steps, max_steps)
-
-
 class WarmupCosine:
     """LambdaLR's lr factor of optimizer step s (0-based): a linear warm-up, (s+1)/(W+1) for
     s < W = warmup_steps, then a cosine from 1 at step W to `final_ratio` at the run's last step,

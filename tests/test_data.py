@@ -283,6 +283,15 @@ def test_corrupt_file_raises_naming_it(tmp_path, name, damage, problem):
     assert "reinstall" in str(error.value)
 
 
+def test_a_corrupt_mnist_file_is_named_as_mnist(tmp_path):
+    """The message names the file's dataset, and only Fashion-MNIST's suggests reinstalling its Debian package."""
+    write_dataset(tmp_path / "MNIST" / "raw")
+    truncate(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    with pytest.raises(CorruptDatasetError, match="Corrupt MNIST file .*t10k-images-idx3-ubyte: truncated") as error:
+        make_module(tmp_path, source="mnist").setup()
+    assert "Fashion" not in str(error.value) and "reinstall" not in str(error.value)
+
+
 def test_read_idx_rejects_empty_file(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(CorruptDatasetError, match="header"):

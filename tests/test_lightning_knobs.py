@@ -48,6 +48,7 @@ def fit(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[BatchSpy, L.Tr
                         "trainer.limit_train_batches=null", *overrides)
     validate(cfg, "train")
     datamodule = build_datamodule(cfg)
+    datamodule.setup()  # as train() does: the module takes the data's classes and fingerprints
     speed = resolve_speed(cfg)
     spy = BatchSpy()
     trainer = build_trainer(cfg, speed, False, [spy], tmp_path, {})

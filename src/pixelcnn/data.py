@@ -31,7 +31,6 @@ from pixelcnn.ops import default_data_dir, load_data, UserError
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
 IDX_SOURCES = ("fashion_mnist", "mnist")  # IDX files (`pixelcnn.ops.datafiles`); both have 10 classes
-SOURCES = (*IDX_SOURCES, "folder", "array")
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -51,6 +50,57 @@ def quantize(images: Tensor, image_size: int, levels: int) -> Tensor:
     preprocessing, for every source and channel)."""
     level = torch.floor(resize_images(images, image_size) / (256 / levels))
     return level.clamp_(0, levels - 1).to(torch.uint8)
+
+
+def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels: int) -> Tensor:
+    """Images of any sizes, (H, W) or (H, W, C) uint8 -> (N, C, S, S) uint8 levels by `quantize`,
+    batched by size, 2**24 values at most (the float copies of a 1 GB array would take ~7 GB), in order."""
+    out = torch.empty(len(images), channels, image_size, image_size, dtype=torch.uint8)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(k)
+    for shape, indices in by_shape.items():
+        step = max(1, 2**24 // math.prod(shape))
+        for start in range(0, len(indices), step):
+            batch = indices[start:start + step]
+            out[batch] = quantize(torch.from_numpy(np.stack([images[k] for k in batch])), image_size, levels)
+    return out
+
+
+# ---------------------------------------------------------------------------- splits
+
+Split = tuple[Tensor, Tensor]  # (images uint8 (N, C, S, S), labels int64 (N,))
+
+
+def fingerprint(split: Split) -> str:
+    """A split's image count and a short sha256 of its content (levels and labels), as a checkpoint records it."""
+    digest = hashlib.sha256(split[0].contiguous().numpy())
+    digest.update(split[1].contiguous().numpy())
+    return f"{len(split[0])} images, sha256 {digest.hexdigest()[:16]}"
+
+
+def changed_splits(saved: object, now: dict[str, str]) -> str | None:
+    """Which splits differ between the fingerprints a checkpoint holds (`saved`; None: saved before they were)
+    and `now`, with their image counts before -> now; None if none does."""
+    if not isinstance(saved, dict):
+        return None
+    counts = {split: (str(saved.get(split, "?")).partition(" ")[0], now[split].partition(" ")[0]) for split in now}
+    changed = [f"{split} {before} -> {count} images" if before != count else f"{split} {count} other images"
+               for split, (before, count) in counts.items() if saved.get(split) != now[split]]
+    return ", ".join(changed) or None
+
+
+def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Split, Split]:
+    """(rest, part): `size` images (a count, or a fraction of them) cut from `split` by a fixed
+    permutation from `seed`."""
+    images, labels = split
+    count = size if isinstance(size, int) else max(1, round(size * len(images)))
+    if not 0 <= count < len(images):
+        raise UserError(f"data.{what}={size} is invalid: the training file has {len(images)} images, so it must be "
+                        f"in 0..{len(images) - 1} (or a fraction in (0, 1))")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    part, rest = order[:count], order[count:]
+    return (images[rest], labels[rest]), (images[part], labels[part])
 
 
 # ---------------------------------------------------------------------------- batching
@@ -74,8 +124,6 @@ class BatchLoader:
         self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False, hflip: bool = False,
         seed: int | None = None, rank: int = 0, world_size: int = 1,
     ):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if not 0 <= rank < world_size <= max(len(images), 1):
             raise ValueError(f"rank {rank} of {world_size} processes does not fit {len(images)} images")
         self.rank, self.world_size = rank, world_size
@@ -152,60 +200,13 @@ class BatchLoader:
 
 # ---------------------------------------------------------------------------- data module
 
-Split = tuple[Tensor, Tensor]  # (images uint8 (N, C, S, S), labels int64 (N,))
-
-
-def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels: int) -> Tensor:
-    """Images of any sizes, (H, W) or (H, W, C) uint8 -> (N, C, S, S) uint8 levels by `quantize`,
-    batched by size, 2**24 values at most (the float copies of a 1 GB array would take ~7 GB), in order."""
-    out = torch.empty(len(images), channels, image_size, image_size, dtype=torch.uint8)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for k, image in enumerate(images):
-        by_shape.setdefault(image.shape, []).append(k)
-    for shape, indices in by_shape.items():
-        step = max(1, 2**24 // math.prod(shape))
-        for start in range(0, len(indices), step):
-            batch = indices[start:start + step]
-            out[batch] = quantize(torch.from_numpy(np.stack([images[k] for k in batch])), image_size, levels)
-    return out
-
-
-def fingerprint(split: Split) -> str:
-    """A split's image count and a short sha256 of its content (levels and labels), as a checkpoint records it."""
-    digest = hashlib.sha256(split[0].contiguous().numpy())
-    digest.update(split[1].contiguous().numpy())
-    return f"{len(split[0])} images, sha256 {digest.hexdigest()[:16]}"
-
-
-def changed_splits(saved: object, now: dict[str, str]) -> str | None:
-    """Which splits differ between the fingerprints a checkpoint holds (`saved`; None: saved before they were)
-    and `now`, with their image counts before -> now; None if none does."""
-    if not isinstance(saved, dict):
-        return None
-    counts = {split: (str(saved.get(split, "?")).partition(" ")[0], now[split].partition(" ")[0]) for split in now}
-    changed = [f"{split} {before} -> {count} images" if before != count else f"{split} {count} other images"
-               for split, (before, count) in counts.items() if saved.get(split) != now[split]]
-    return ", ".join(changed) or None
-
-
-def split_off(split: Split, size: int | float, seed: int, what: str) -> tuple[Split, Split]:
-    """(rest, part): `size` images (a count, or a fraction of them) cut from `split` by a fixed
-    permutation from `seed`."""
-    images, labels = split
-    count = size if isinstance(size, int) else max(1, round(size * len(images)))
-    if not 0 <= count < len(images):
-        raise UserError(f"data.{what}={size} is invalid: the training file has {len(images)} images, so it must be "
-                        f"in 0..{len(images) - 1} (or a fraction in (0, 1))")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    part, rest = order[:count], order[count:]
-    return (images[rest], labels[rest]), (images[part], labels[part])
-
 
 class ImageDataModule(L.LightningDataModule):
     """Images of `source` quantized to `levels` levels per channel (2..256: uint8) at `image_size` x
     `image_size`, with `channels` 1 (grey) or 3 (RGB).
 
-    Sources (`SOURCES`): fashion_mnist, mnist (IDX files, `pixelcnn.ops.datafiles`), folder and array
+    Sources (data.source, checked by `pixelcnn.ops.rules`): fashion_mnist, mnist (IDX files,
+    `pixelcnn.ops.datafiles`), folder and array
     (`path`, see `pixelcnn.ops.sources`). Test is the source's test split (Fashion-MNIST: the 10k t10k
     set), else `test_size` (a count or a fraction) cut from the training images first; val likewise
     (`val_size`); each cut by a fixed permutation from `split_seed`. `class_names` are the source's
@@ -235,11 +236,10 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_seed: int | None = None,
     ):
         super().__init__()
-        if source not in SOURCES:
-            raise UserError(f"data.source={source!r} is unknown: choose one of {', '.join(SOURCES)}")
         if (path is None) != (source in IDX_SOURCES):
+            needs = "folder" if source == "folder" else ".npy or .npz file"
             raise UserError(f"data.path is for data=folder / data=array only (data.source={source})" if path
-                            else f"data={source} needs data.path=<{'folder' if source == 'folder' else '.npy or .npz file'}>")
+                            else f"data={source} needs data.path=<{needs}>")
         self.source, self.channels, self.test_size = source, channels, test_size
         self.path = Path(path).expanduser().absolute() if path is not None else None
         self.root = Path(root).expanduser() if root else default_data_dir()  # a config's ~ is not expanded by the shell
@@ -315,8 +315,8 @@ class ImageDataModule(L.LightningDataModule):
         # Lightning cuts overfit_batches; the same batches every epoch: no shuffle, no random flips (its own
         # unshuffling replaces a DataLoader's sampler, which this loader has not).
         overfit = train and self.trainer is not None and bool(self.trainer.overfit_batches)
-        return BatchLoader(*split, batch_size, shuffle=train and not overfit, hflip=train and self.hflip and not overfit,
-                           seed=seed, rank=rank, world_size=world_size)
+        return BatchLoader(*split, batch_size, shuffle=train and not overfit,
+                           hflip=train and self.hflip and not overfit, seed=seed, rank=rank, world_size=world_size)
 
     def train_dataloader(self) -> BatchLoader:
         loader = self.loader("train_set", self.batch_size, train=True)

@@ -141,7 +141,8 @@ class ImageModule(ImageModel, L.LightningModule):
         for group in optimizer.param_groups:
             group["weight_decay"], group["initial_lr"] = optim["weight_decay"], optim["lr"]
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # cosine; its lambda held the saved settings
-                self._cosine.warmup_steps, self._cosine.final_ratio = settings["warmup_steps"], settings["final_lr_ratio"]
+                self._cosine.warmup_steps = settings["warmup_steps"]
+                self._cosine.final_ratio = settings["final_lr_ratio"]
                 scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
                 group["lr"] = optim["lr"] * self._cosine(scheduler.last_epoch)
             elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -42,8 +42,9 @@ def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> N
     its footprint, the logged hparams) sees a number; the saved Hydra config keeps `auto`."""
     if cfg.model.num_classes == "auto":
         if not datamodule.num_classes:
-            raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use model."
-                            "num_classes=0 (unconditional), or give the images classes (one sub-folder each, docs/data.md)")
+            raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use "
+                            "model.num_classes=0 (unconditional), or give the images classes (one sub-folder each, "
+                            "docs/data.md)")
         cfg.model.num_classes = datamodule.num_classes
         # A resume's network check took auto for the checkpoint's count (checkpoints.check_same_network).
         saved = read_checkpoint(Path(cfg.ckpt_path), "ckpt_path")["hyper_parameters"] if cfg.get("ckpt_path") else {}

@@ -198,7 +198,8 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: nn.Module, train
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
     footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
                                    activation_bytes=4 if speed.precision == "32-true" else 2)
-    batches = run_steps(epoch_batches(cfg, images, batch_size), 1, cfg.trainer.max_steps)  # one epoch's, <= max_steps
+    batches = epoch_batches(cfg, images, batch_size)  # one epoch's, at most max_steps
+    batches = batches if cfg.trainer.max_steps < 0 else min(batches, cfg.trainer.max_steps)
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
                             if key in cfg.model)
     check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)
@@ -239,20 +240,16 @@ def epoch_batches(cfg: DictConfig, train_images: int, batch_size: int) -> int:
     return batches if limit is None else int(batches * limit) if isinstance(limit, float) else min(batches, limit)
 
 
-def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int) -> float:
-    """Optimizer steps a run takes at most (math.inf without a limit), before its Trainer exists: `epoch_batches`
-    batches an epoch, times max_epochs (-1 or None: none), <= max_steps."""
-    steps = math.inf if max_epochs is None or max_epochs < 0 else epoch_batches * max_epochs
-    return steps if max_steps < 0 else min(steps, max_steps)
-
-
 def planned_steps(cfg: DictConfig, train_images: int) -> float:
-    """Optimizer steps the configured run will take at most, before its trainer exists (the module counts
-    its schedule's steps again from the trainer's own counts)."""
+    """Optimizer steps the configured run will take at most (math.inf without a limit), before its trainer exists:
+    an epoch's batches times trainer.max_epochs (-1 or None: none), <= trainer.max_steps (the module counts its
+    schedule's steps again from the trainer's own counts)."""
     if fast_dev_run := cfg.trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
         return int(fast_dev_run)
+    max_epochs, max_steps = cfg.trainer.max_epochs, cfg.trainer.max_steps
     batches = epoch_batches(cfg, train_images, cfg.data.batch_size)
-    return run_steps(batches, cfg.trainer.max_epochs, cfg.trainer.max_steps)
+    steps = math.inf if max_epochs is None or max_epochs < 0 else batches * max_epochs
+    return steps if max_steps < 0 else min(steps, max_steps)
 
 
 def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoices:

@@ -1,7 +1,7 @@
-"""A trained autoregressive image model without its training: the network (`build_network`, one
+"""A trained autoregressive image model without its training: the network (one
 of `ARCHITECTURES`), the likelihood it gives images, in bits, and its samples.
 
-It imports neither Lightning nor the data module, so that `sample.py` and `evaluate.py` load a
+It imports neither Lightning, nor the data module, nor the ops wing, so that `sample.py` and `evaluate.py` load a
 checkpoint quickly (`pixelcnn.ops.checkpoints.load_module`); `pixelcnn.module.ImageModule` is this
 model with its training. Guessing uniformly among L levels costs log2(L) bits (2.0 for 4 levels).
 """
@@ -25,12 +25,6 @@ LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler")  # hyperparameters befor
 TRAINING_KEYS = ("optim", "ema_decay", *LEGACY_OPTIM_KEYS)
 
 
-def build_network(arch: str, levels: int, num_classes: int, image_channels: int = 1, **arch_kwargs) -> nn.Module:
-    """The network `arch` with its own options (checked where a config or a checkpoint is read:
-    `pixelcnn.ops.rules.network_error`)."""
-    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
-
-
 class ImageModel(nn.Module):
     """The network `arch` for `image_size` x `image_size` images of `image_channels` channels (1 grey,
     3 RGB) with `levels` levels each, and `num_classes` classes to condition on (0: unconditional),
@@ -44,7 +38,9 @@ class ImageModel(nn.Module):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        self.net = build_network(arch, levels, num_classes, image_channels, **arch_kwargs)
+        # The network's options are checked where a config or a checkpoint is read (`pixelcnn.ops.rules.network_error`).
+        network = ARCHITECTURES[arch]
+        self.net = network(levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
         self.levels, self.image_size, self.num_classes = levels, image_size, num_classes
         self.image_channels, self.class_names, self.data = image_channels, class_names, data
         self.conditional = num_classes > 0

@@ -53,7 +53,7 @@ class ImageModule(ImageModel, L.LightningModule):
         so that a checkpoint says which weights it holds."""
         super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, **arch_kwargs)
         self.save_hyperparameters()
-        self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
+        self.loss_fn = self.mean_bits_per_dim  # or its compiled version (`training.build_module`)
         # Mean bits/dim over the whole split, per image: the sum and the count are each summed over
         # DDP ranks, so it equals one process's mean. (self.log's sync_dist averages the count as an
         # integer, which truncates when the ranks' shares differ.) "disable": NaN stays NaN, and no
@@ -63,11 +63,6 @@ class ImageModule(ImageModel, L.LightningModule):
         self._resumed_optim: dict | None = None  # the optim settings a resumed checkpoint was saved with
 
     # --- the objective: ImageModel.mean_bits_per_dim ----------------------------------------------
-    def compile_loss(self, **compile_kwargs) -> None:
-        """Compile the whole loss (input scaling, network, cross-entropy) as one graph; the
-        parameters stay in `self.net`, so checkpoints are unchanged."""
-        self.loss_fn = torch.compile(self.mean_bits_per_dim, **compile_kwargs)
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss_fn(*batch)
         # on_step values are read back only every `log_every_n_steps`: no per-step host sync.

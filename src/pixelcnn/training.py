@@ -92,8 +92,8 @@ def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDa
                   "a fresh optimizer", flush=True)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    if speed.compile:
-        module.compile_loss(mode=cfg.speed.compile_mode, dynamic=False)
+    if speed.compile:  # the whole loss (input scaling, network, cross-entropy) as one graph; weights stay in .net
+        module.loss_fn = torch.compile(module.mean_bits_per_dim, mode=cfg.speed.compile_mode, dynamic=False)
     return module
 
 

@@ -26,7 +26,8 @@ from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.ops.rules import as_override, validate
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.sweep import collect_runs, summary_table
-from pixelcnn.training import SpeedChoices, build_callbacks, build_datamodule, build_module, resolve_speed
+from pixelcnn.ops.resources import SpeedChoices, resolve_speed
+from pixelcnn.training import build_callbacks, build_datamodule, build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

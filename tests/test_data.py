@@ -12,17 +12,8 @@ import torchvision
 
 from fakes import IDX_NAMES, write_dataset, write_idx
 from pixelcnn import data
-from pixelcnn.data import (
-    BatchLoader,
-    CorruptDatasetError,
-    DatasetNotFoundError,
-    ImageDataModule,
-    default_data_dir,
-    preprocess,
-    quantize,
-    read_idx,
-    resize_images,
-)
+from pixelcnn.data import BatchLoader, ImageDataModule, preprocess, quantize, resize_images
+from pixelcnn.ops.datafiles import CorruptDatasetError, DatasetNotFoundError, default_data_dir, read_idx
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -290,6 +281,15 @@ def test_corrupt_file_raises_naming_it(tmp_path, name, damage, problem):
         make_module(tmp_path).setup()
     assert str(tmp_path / name) in str(error.value)
     assert "reinstall" in str(error.value)
+
+
+def test_a_corrupt_mnist_file_is_named_as_mnist(tmp_path):
+    """The message names the file's dataset, and only Fashion-MNIST's suggests reinstalling its Debian package."""
+    write_dataset(tmp_path / "MNIST" / "raw")
+    truncate(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    with pytest.raises(CorruptDatasetError, match="Corrupt MNIST file .*t10k-images-idx3-ubyte: truncated") as error:
+        make_module(tmp_path, source="mnist").setup()
+    assert "Fashion" not in str(error.value) and "reinstall" not in str(error.value)
 
 
 def test_read_idx_rejects_empty_file(tmp_path):

@@ -138,7 +138,8 @@ def test_a_sweep_with_several_devices_needs_slurm(tmp_path: Path):
 
 def test_devices_lightning_refuses_are_one_line(tmp_path: Path):
     from pixelcnn.ops.errors import UserError
-    from pixelcnn.training import build_trainer, resolve_speed
+    from pixelcnn.ops.resources import resolve_speed
+    from pixelcnn.training import build_trainer
     from test_cli import compose_train
 
     cfg = compose_train("trainer.accelerator=cpu", "trainer.devices=[0,1]")  # CPUs are counted, not picked

@@ -26,7 +26,7 @@ from pixelcnn.ops import sources
 from pixelcnn.ops.checkpoints import read_checkpoint
 from pixelcnn.commands.evaluate import load_images
 from pixelcnn.ops.errors import UserError
-from pixelcnn.data import CorruptDatasetError, read_idx
+from pixelcnn.ops.datafiles import CorruptDatasetError, read_idx
 from pixelcnn.ops.files import atomic_write, write_bytes
 from pixelcnn.ops.images import load_image
 from pixelcnn.ops.resources import Footprint, check_training_fits

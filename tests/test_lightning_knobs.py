@@ -15,7 +15,8 @@ import torch
 
 from fakes import write_dataset
 from pixelcnn.ops.rules import validate
-from pixelcnn.training import build_datamodule, build_module, build_trainer, resolve_speed
+from pixelcnn.ops.resources import resolve_speed
+from pixelcnn.training import build_datamodule, build_module, build_trainer
 from test_cli import NO_QUALITY, TINY, compose_train, data_args, run
 
 
@@ -47,6 +48,7 @@ def fit(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[BatchSpy, L.Tr
                         "trainer.limit_train_batches=null", *overrides)
     validate(cfg, "train")
     datamodule = build_datamodule(cfg)
+    datamodule.setup()  # as train() does: the module takes the data's classes and fingerprints
     speed = resolve_speed(cfg)
     spy = BatchSpy()
     trainer = build_trainer(cfg, speed, False, [spy], tmp_path, {})

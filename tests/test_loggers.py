@@ -106,9 +106,9 @@ def test_an_mlflow_store_that_cannot_be_used_is_one_line_at_once(tmp_path: Path,
     """Checked before MLflow opens it: a file that is not a database was Hydra's many-line error, and an
     unwritable path was retried by MLflow for 2 min 23 s first."""
     from pixelcnn.ops.errors import UserError
-    from pixelcnn.training import build_loggers
+    from pixelcnn.ops.reports import build_loggers
 
     (tmp_path / "garbage.db").write_bytes(b"not a database " * 10)
     cfg = compose_train("logger=mlflow", f"logger.mlflow.tracking_uri={uri.format(tmp=tmp_path)}")
     with pytest.raises(UserError, match=f"^{message.format(tmp=tmp_path)}"):
-        build_loggers(cfg, tmp_path)
+        build_loggers(cfg)

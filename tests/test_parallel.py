@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import pixelcnn.ops.resources as resources
-from pixelcnn.data import cache_path
-from pixelcnn.data import load_idx_dataset as load_fashion_mnist
+from pixelcnn.data import preprocess
+from pixelcnn.ops.datafiles import cache_path, load_idx_dataset
 from pixelcnn.ops.resources import cuda_device_args, plan_resources
 from fakes import write_dataset
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - a fixture
@@ -93,6 +93,7 @@ def _start_like_a_job(barrier, root: Path, builds: Path, results) -> None:
     load the data (the cache) and the classifier, counting how often each was really built."""
     import pixelcnn.quality as classifier
     import pixelcnn.data as data
+    import pixelcnn.ops.datafiles as datafiles
 
     def counted(build, name: str, **extra):
         def wrapper(*args, **kwargs):
@@ -102,7 +103,7 @@ def _start_like_a_job(barrier, root: Path, builds: Path, results) -> None:
             return build(*args, **kwargs, **extra)
         return wrapper
 
-    data.locate_dataset = counted(data.locate_dataset, "data")  # runs only when the cache is built
+    datafiles.locate_dataset = counted(datafiles.locate_dataset, "data")  # runs only when the cache is built
     classifier.fit_and_cache = counted(classifier.fit_and_cache, "classifier", epochs=1)
     barrier.wait()
     datamodule = data.setup_datamodule(root, 16, 4, val_size=20, system_dir=root / "no-system-dataset",
@@ -143,14 +144,14 @@ def test_a_folder_that_cannot_hold_a_lock_still_loads(tmp_path: Path, monkeypatc
         raise PermissionError(13, "Permission denied", self.lock_file)
 
     monkeypatch.setattr(FileLock, "acquire", refuse)
-    data = load_fashion_mnist(root, root / "no-system-dataset", False, 16, 4)
+    data = load_idx_dataset(root, root / "no-system-dataset", False, 16, 4, preprocess)
     assert data["train_images"].shape == (100, 1, 16, 16)
 
 
 def test_a_failed_first_build_leaves_no_empty_data_folder(tmp_path: Path):
-    from pixelcnn.data import DatasetNotFoundError
+    from pixelcnn.ops.datafiles import DatasetNotFoundError
 
     root = tmp_path / "typo" / "data"
     with pytest.raises(DatasetNotFoundError):
-        load_fashion_mnist(root, tmp_path / "no-system-dataset", False, 16, 4)
+        load_idx_dataset(root, tmp_path / "no-system-dataset", False, 16, 4, preprocess)
     assert not (tmp_path / "typo").exists()

@@ -16,7 +16,8 @@ from PIL import Image
 
 from fakes import write_dataset
 from pixelcnn.ops.errors import UserError
-from pixelcnn.data import DatasetNotFoundError, ImageDataModule, changed_splits, quantize, setup_datamodule
+from pixelcnn.data import ImageDataModule, changed_splits, quantize, setup_datamodule
+from pixelcnn.ops.datafiles import DatasetNotFoundError
 from pixelcnn.ops.images import levels_to_grid
 from pixelcnn.module import ImageModule
 from pixelcnn.ops.sources import has_classes

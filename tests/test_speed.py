@@ -15,7 +15,7 @@ import torch
 
 from pixelcnn.ops.checkpoints import load_module
 from pixelcnn.module import ImageModule
-from pixelcnn.training import CPU_COMPILE_MIN_STEPS, SpeedChoices, cpu_has_native_bf16, planned_steps, resolve_speed
+from pixelcnn.ops.resources import CPU_COMPILE_MIN_STEPS, SpeedChoices, cpu_has_native_bf16, planned_steps, resolve_speed
 from test_cli import ROOT, compose_train
 
 BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's CPUID checks

@@ -1,21 +1,18 @@
-"""A trained autoregressive image model without its training: the network (`build_network`, one
+"""A trained autoregressive image model without its training: the network (one
 of `ARCHITECTURES`), the likelihood it gives images, in bits, and its samples.
 
-It imports neither Lightning nor the data module, so that `sample.py` and `evaluate.py` load a
+It imports neither Lightning, nor the data module, nor the ops wing, so that `sample.py` and `evaluate.py` load a
 checkpoint quickly (`pixelcnn.ops.checkpoints.load_module`); `pixelcnn.module.ImageModule` is this
 model with its training. Guessing uniformly among L levels costs log2(L) bits (2.0 for 4 levels).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from pixelcnn.ops import check_options, UserError
 
 from pixelcnn.gated_net import GatedPixelCNN
 from pixelcnn.pixelcnn_net import PixelCNN
@@ -26,17 +23,6 @@ LEGACY_OPTIM_KEYS = ("lr", "weight_decay", "scheduler")  # hyperparameters befor
 # Hyperparameters of the training, not of the network: the optim group, and the decay of the weight
 # average whose weights a checkpoint holds (`model.ema_decay`).
 TRAINING_KEYS = ("optim", "ema_decay", *LEGACY_OPTIM_KEYS)
-
-
-def build_network(arch: str, levels: int, num_classes: int, image_channels: int = 1, **arch_kwargs) -> nn.Module:
-    """The network `arch` with its own options; an unknown arch or option is a UserError (one line)."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}")
-    # Typically a preset written for the other architecture, e.g. experiment=quick with model=gated.
-    shared = {"levels", "num_classes", "image_channels"}
-    check_options(arch_kwargs, set(inspect.signature(ARCHITECTURES[arch]).parameters) - shared,
-                  "model", f"model.arch={arch}")
-    return ARCHITECTURES[arch](levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
 
 
 class ImageModel(nn.Module):
@@ -52,7 +38,9 @@ class ImageModel(nn.Module):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        self.net = build_network(arch, levels, num_classes, image_channels, **arch_kwargs)
+        # The network's options are checked where a config or a checkpoint is read (`pixelcnn.ops.rules.network_error`).
+        network = ARCHITECTURES[arch]
+        self.net = network(levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
         self.levels, self.image_size, self.num_classes = levels, image_size, num_classes
         self.image_channels, self.class_names, self.data = image_channels, class_names, data
         self.conditional = num_classes > 0
@@ -60,7 +48,7 @@ class ImageModel(nn.Module):
     @classmethod
     def from_hparams(cls, hparams: dict) -> ImageModel:
         """The model of a checkpoint's hyperparameters, those of the training (optimizer, schedule)
-        left out; any other key is the network's, and one it does not take is refused (`build_network`)."""
+        left out; any other key is the network's."""
         return cls(**{key: value for key, value in hparams.items() if key not in TRAINING_KEYS})
 
     @property
@@ -89,8 +77,9 @@ class ImageModel(nn.Module):
         maps = []
         with eval_mode(self):
             for start in range(0, len(images), batch_size):
-                batch_labels = labels[start : start + batch_size].to(self.device) if labels is not None else None
-                maps.append(self.nll_bits_per_pixel(images[start : start + batch_size].to(self.device), batch_labels).cpu())
+                batch = slice(start, start + batch_size)
+                batch_labels = labels[batch].to(self.device) if labels is not None else None
+                maps.append(self.nll_bits_per_pixel(images[batch].to(self.device), batch_labels).cpu())
         return torch.cat(maps)
 
     def image_bits_per_dim(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 500) -> Tensor:

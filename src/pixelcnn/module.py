@@ -53,7 +53,7 @@ class ImageModule(ImageModel, L.LightningModule):
         so that a checkpoint says which weights it holds."""
         super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, **arch_kwargs)
         self.save_hyperparameters()
-        self.loss_fn = self.mean_bits_per_dim  # replaced by a compiled version in `compile_loss`
+        self.loss_fn = self.mean_bits_per_dim  # or its compiled version (`training.build_module`)
         # Mean bits/dim over the whole split, per image: the sum and the count are each summed over
         # DDP ranks, so it equals one process's mean. (self.log's sync_dist averages the count as an
         # integer, which truncates when the ranks' shares differ.) "disable": NaN stays NaN, and no
@@ -63,11 +63,6 @@ class ImageModule(ImageModel, L.LightningModule):
         self._resumed_optim: dict | None = None  # the optim settings a resumed checkpoint was saved with
 
     # --- the objective: ImageModel.mean_bits_per_dim ----------------------------------------------
-    def compile_loss(self, **compile_kwargs) -> None:
-        """Compile the whole loss (input scaling, network, cross-entropy) as one graph; the
-        parameters stay in `self.net`, so checkpoints are unchanged."""
-        self.loss_fn = torch.compile(self.mean_bits_per_dim, **compile_kwargs)
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss_fn(*batch)
         # on_step values are read back only every `log_every_n_steps`: no per-step host sync.
@@ -141,7 +136,8 @@ class ImageModule(ImageModel, L.LightningModule):
         for group in optimizer.param_groups:
             group["weight_decay"], group["initial_lr"] = optim["weight_decay"], optim["lr"]
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # cosine; its lambda held the saved settings
-                self._cosine.warmup_steps, self._cosine.final_ratio = settings["warmup_steps"], settings["final_lr_ratio"]
+                self._cosine.warmup_steps = settings["warmup_steps"]
+                self._cosine.final_ratio = settings["final_lr_ratio"]
                 scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
                 group["lr"] = optim["lr"] * self._cosine(scheduler.last_epoch)
             elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -154,13 +150,6 @@ class ImageModule(ImageModel, L.LightningModule):
             changes = [f"optim.{k}={optim[k]} (was {saved.get(k)})" for k in optim if optim[k] != saved.get(k)]
             print(f"[pixelcnn] resumed with other optimizer settings, now used: {', '.join(changes)}; the lr is now "
                   f"{optimizer.param_groups[0]['lr']:.4g}", flush=True)
-
-
-def run_steps(epoch_batches: float, max_epochs: int | None, max_steps: int) -> float:
-    """Optimizer steps a run takes at most (math.inf without a limit), before its Trainer exists: `epoch_batches`
-    batches an epoch, times max_epochs (-1 or None: none), <= max_steps."""
-    steps = math.inf if max_epochs is None or max_epochs < 0 else epoch_batches * max_epochs
-    return steps if max_steps < 0 else min(steps, max_steps)
 
 
 class WarmupCosine:

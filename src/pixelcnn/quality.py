@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import _compute_fid
 
-from pixelcnn.data import NUM_CLASSES, ImageDataModule, Split, cached, save_cache, setup_datamodule
+from pixelcnn.data import NUM_CLASSES, ImageDataModule, Split, setup_datamodule
+from pixelcnn.ops.datafiles import cached, save_cache
 
 EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
 
@@ -112,7 +113,7 @@ def load_or_train_classifier(datamodule: ImageDataModule,
     """The classifier cached in the data module's root for its image size and level count,
     trained on its training split first if there is none (or it is unreadable). Eval mode, on
     `device`, with a `test_accuracy` attribute. Jobs that start together train it once: the
-    others wait for it (`data.cached`)."""
+    others wait for it (`datafiles.cached`)."""
     path = classifier_path(datamodule.root, datamodule.image_size, datamodule.levels)
 
     def load() -> FashionClassifier | None:  # `cached` checks that the file is there
@@ -174,7 +175,7 @@ def quality_metrics(module, data: ImageDataModule | Split, n: int = 1000, temper
 
     `data` is an `ImageDataModule` (set up here if need be; its tensors on any device) or a bare
     test split (images, labels). The classifier defaults to the one `load_or_train_classifier`
-    gives for the data module, or for the default data dir (`data.default_data_dir`).
+    gives for the data module, or for the default data dir (`datafiles.default_data_dir`).
     """
     datamodule = data if isinstance(data, ImageDataModule) else None
     if datamodule is not None:

@@ -23,7 +23,8 @@ from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.files import write_text
 from pixelcnn.ops.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
-from pixelcnn.training import SpeedChoices, build_module, planned_steps, resolve_num_classes, resolve_speed
+from pixelcnn.ops.resources import SpeedChoices, planned_steps, resolve_speed
+from pixelcnn.training import build_module, resolve_num_classes
 
 register_resolvers()  # conf/bench.yaml composes the training config, which uses them
 

@@ -8,7 +8,8 @@ LightningModule, data module and `train()` at the package's top level). Each roo
     callbacks    Lightning callbacks: sample grids, step checkpoints, preemption, RNG states, EMA
     files        every write whole or not at all
     datafiles    IDX files, the data dir and its cache;  sources: image folders and arrays;  images: image files
-    resources    threads and GPU of a job that shares the machine; what fits the device
+    resources    threads and GPU of a job that shares the machine; what fits the device; the `auto` speed choices
+    reports      a run's loggers, what it logs there, its console lines
     sweep, sweep_check   a sweep's summary (and every run's metrics.json); every job checked before any runs
 
 The lab imports this package only as `pixelcnn.ops`, and only the names of SEAM (the one narrow seam);
@@ -20,10 +21,7 @@ from importlib import import_module
 # name -> the ops module that defines it (tests/test_budget.py reads this table for the import graph)
 SEAM = {
     "UserError": "errors",
-    "WRITE_ERRNOS": "errors",
-    "check_options": "rules",
     "as_override": "rules",
-    "check_sqlite": "rules",
     "validate": "rules",
     "STOPPED_EXIT_CODE": "callbacks",
     "AtomicCheckpointIO": "callbacks",
@@ -38,17 +36,20 @@ SEAM = {
     "STEP_CHECKPOINT": "checkpoints",
     "read_checkpoint": "checkpoints",
     "read_same_network": "checkpoints",
-    "check_training_fits": "resources",
+    "check_model_fits": "resources",
     "claim_job_resources": "resources",
     "cuda_device_args": "resources",
+    "planned_steps": "resources",
+    "resolve_speed": "resources",
+    "SpeedChoices": "resources",
     "secondary_rank": "resources",
-    "training_footprint": "resources",
+    "build_loggers": "reports",
+    "log_failure": "reports",
+    "report_end": "reports",
+    "report_start": "reports",
     "run_dir_of": "run_dirs",
-    "write_run_metrics": "sweep",
-    "sources": "sources",
-    "missing_dirs": "files",
-    "remove_if_empty": "files",
-    "torch_save": "files",
+    "default_data_dir": "datafiles",
+    "load_data": "datafiles",
 }
 
 

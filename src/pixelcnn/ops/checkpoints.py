@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.ops.rules import DATA
+from pixelcnn.ops.rules import DATA, network_error
 
 from pixelcnn.ops.errors import UserError
 from pixelcnn.likelihood import TRAINING_KEYS, ImageModel
@@ -146,7 +146,7 @@ def load_module(path: Path, map_location: str | torch.device = "cpu") -> ImageMo
     """The model of a checkpoint file (`resolve_checkpoint` finds a run dir's), in eval mode: its network,
     likelihood and sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
     checkpoint = read_checkpoint(path)
-    if error := saved_data_error(checkpoint["hyper_parameters"]):
+    if error := saved_data_error(checkpoint["hyper_parameters"]) or network_error(checkpoint["hyper_parameters"]):
         raise UserError(f"ckpt={path} is damaged: {error}")
     try:
         module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out

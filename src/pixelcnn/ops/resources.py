@@ -11,12 +11,16 @@ machine instead of fighting over it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
+
+from pixelcnn.ops.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +172,6 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
     """Refuse, in one line and before anything is allocated, a model whose training cannot fit
     `device`'s free memory or cannot finish one epoch within MAX_EPOCH_SECONDS at peak speed.
     Both are lower bounds (`training_footprint`), so a model that fits is never refused."""
-    from pixelcnn.ops.errors import UserError
-
     free, needed = available_memory(device), footprint.state_bytes + footprint.activation_bytes
     if needed > free:
         raise UserError(f"this model needs at least {needed / 1e9:.1f} GB to train at data.batch_size="
@@ -182,3 +184,87 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
         raise UserError(f"one epoch of this model ({images_per_epoch:,} images) takes at least {seconds / 3600:.0f} h "
                         f"on {device.type}, even at a peak {peak:.0e} FLOP/s: lower {size_keys}, or shorten the epoch "
                         "with trainer.limit_train_batches")
+
+
+def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: nn.Module, trainer, train_images: int) -> None:
+    """Refuse a model too large for the trainer's device, or too slow for an epoch to end
+    (`check_training_fits`), from `net` built on the meta device (no memory)."""
+    images = train_images // trainer.world_size  # one device's share
+    batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
+    footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
+                                   activation_bytes=4 if speed.precision == "32-true" else 2)
+    batches = epoch_batches(cfg, images, batch_size)  # one epoch's, at most max_steps
+    batches = batches if cfg.trainer.max_steps < 0 else min(batches, cfg.trainer.max_steps)
+    size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
+                            if key in cfg.model)
+    check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)
+
+
+# ---------------------------------------------------------------------------- speed: the `auto` choices
+
+
+@dataclass
+class SpeedChoices:
+    cuda: bool
+    compile: bool
+    precision: str
+    channels_last: bool
+
+
+# speed.compile=auto on a CPU: compile the loss only for runs of at least this many optimizer steps.
+# Measured on the 2-core EPYC (AVX-512 BF16), seed model, batch 128, bf16 autocast: the first compiled
+# step takes ~50 s, and a run compiles about 3 graphs (the training batch, the epoch's shorter last
+# batch, the evaluation batch), ~150 s; then a step takes ~0.144 s instead of ~0.170 s (890 vs 755
+# img/s, issue 18), saving ~0.026 s, so compiling pays off after ~6,000 steps. Twice that, 12,000
+# (28 epochs of 128), leaves a margin: the seed run (64,500 steps) compiles, experiment=quick (4,300) not.
+CPU_COMPILE_MIN_STEPS = 12_000
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as torch's CPUID probes
+    report it; elsewhere bf16 autocast is emulated and slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's (private, so looked up)
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def epoch_batches(cfg: DictConfig, train_images: int, batch_size: int) -> int:
+    """Batches of `batch_size` in one training epoch of `train_images`, after overfit_batches or
+    limit_train_batches (Lightning's meaning: a float is a fraction, rounded down; an int a number of batches)."""
+    batches = math.ceil(train_images / batch_size)
+    limit = cfg.trainer.get("overfit_batches") or cfg.trainer.limit_train_batches
+    return batches if limit is None else int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+
+
+def planned_steps(cfg: DictConfig, train_images: int) -> float:
+    """Optimizer steps the configured run will take at most (math.inf without a limit), before its trainer exists:
+    an epoch's batches times trainer.max_epochs (-1 or None: none), <= trainer.max_steps (the module counts its
+    schedule's steps again from the trainer's own counts)."""
+    if fast_dev_run := cfg.trainer.get("fast_dev_run"):  # true: 1 batch; an int: that many
+        return int(fast_dev_run)
+    max_epochs, max_steps = cfg.trainer.max_epochs, cfg.trainer.max_steps
+    batches = epoch_batches(cfg, train_images, cfg.data.batch_size)
+    steps = math.inf if max_epochs is None or max_epochs < 0 else batches * max_epochs
+    return steps if max_steps < 0 else min(steps, max_steps)
+
+
+def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoices:
+    """Turn the `auto` values of the speed group and of trainer.precision into concrete choices for
+    the device in use and a run of `train_steps` optimizer steps (any other precision is Lightning's)."""
+    accelerator, speed = cfg.trainer.accelerator, cfg.speed
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} but no CUDA device is available: use "
+                        "trainer.accelerator=auto (or cpu)")
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    # bf16 autocast where the device computes bf16 natively (emulated, it would be slower than fp32).
+    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if bf16 else "32-true"
+    # Compiling pays off on CUDA at once; on a CPU only with bf16 autocast (where it was measured) in a long run.
+    compile_auto = cuda or (precision == "bf16-mixed" and train_steps >= CPU_COMPILE_MIN_STEPS)
+    return SpeedChoices(
+        cuda=cuda,
+        compile=bool(compile_auto if speed.compile == "auto" else speed.compile),
+        precision=str(precision),
+        channels_last=bool(cuda if speed.channels_last == "auto" else speed.channels_last),
+    )

@@ -6,6 +6,7 @@ value's range and type, each command its own keys (`RULES`, `validate`), in one 
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import tempfile
@@ -16,6 +17,7 @@ from typing import Any, get_args
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
 from pixelcnn.ops.errors import UserError
+from pixelcnn.likelihood import ARCHITECTURES, TRAINING_KEYS, ImageModel
 from pixelcnn.pixelcnn_net import INPUT_KERNEL_MIN, odd_kernel
 from pixelcnn.sampling import METHODS, valid_temperature
 
@@ -220,6 +222,19 @@ def check_options(given: Iterable[str], accepted: Iterable[str], prefix: str, ow
         raise UserError(f"{prefix}.{unknown[0]} is not an option of {owner}: its options are {', '.join(accepted)}")
 
 
+def network_error(model: dict) -> str | None:
+    """What is wrong with the network options of a config's model group or a checkpoint's hyperparameters: an
+    unknown arch, or an option its architecture does not take (typically a preset written for the other), or None."""
+    if (arch := model.get("arch")) not in ARCHITECTURES:
+        return f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}"
+    shared = {"levels", "num_classes", "image_channels"}  # the model's, given to every network
+    options = sorted(set(inspect.signature(ARCHITECTURES[arch]).parameters) - shared)
+    own = {*inspect.signature(ImageModel).parameters, *TRAINING_KEYS}  # the model's, not its network's
+    if unknown := sorted(set(model) - own - set(options)):
+        return f"model.{unknown[0]} is not an option of model.arch={arch}: its options are {', '.join(options)}"
+    return None
+
+
 def non_finite_key(node: Any, key: str = "") -> tuple[str, float] | None:
     """The first key (dotted, with [i] for list items) whose value is an inf or NaN float."""
     if isinstance(node, float) and not math.isfinite(node):
@@ -243,6 +258,8 @@ def combination_error(cfg: DictConfig, command: str) -> str | None:
             return "mode=complete takes label=<one class> (test images of that class) or no label, not label=all"
     if command not in ("train", "bench"):
         return None
+    if error := network_error({k: v for k, v in OmegaConf.to_container(cfg.model).items() if not k.startswith("_")}):
+        return error  # Hydra's _target_ and such are not the model's
     if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
         return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
     if select("optim.scheduler.name") == "plateau" and select("trainer.limit_val_batches") == 0:

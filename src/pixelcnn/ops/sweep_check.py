@@ -31,7 +31,8 @@ def check_job(cfg: DictConfig, here: bool) -> None:
     from hydra.utils import instantiate
 
     from pixelcnn.ops.sources import has_classes
-    from pixelcnn.training import data_hparams, resolve_num_classes, resolve_speed
+    from pixelcnn.ops.resources import resolve_speed
+    from pixelcnn.training import data_hparams, resolve_num_classes
 
     validate(cfg, "train")
     if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run

@@ -45,12 +45,12 @@ def complete(config: DictConfig) -> tuple[Path, bool]:
         swept = {o.key_or_group for o in overrides if o.is_sweep_override()}
         swept |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})  # e.g. the Optuna search space
         paths = {k: p for k, p in absolute_paths(config).items() if k not in swept and p != OmegaConf.select(config, k)}
-        excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
-        excluded += [o.key_or_group for o in overrides if o.key_or_group not in swept | set(excluded)]
+        kept = list(config.hydra.job.config.override_dirname.exclude_keys)
+        excluded = ",".join(kept + [o.key_or_group for o in overrides if o.key_or_group not in swept | set(kept)])
         with read_write(config.hydra.overrides):  # as_override without the shell's quotes: Hydra's
             config.hydra.overrides.task = ([o for o in task if o.lstrip("+~").partition("=")[0] not in paths]
                                            + [shlex.split(as_override(key, path))[0] for key, path in paths.items()])
-            config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]")
+            config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{excluded}]")
         return Path(str(config.hydra.sweep.dir)), False
     job = "hydra" not in config  # a sweep job's own config (Hydra composed it with the sweep's completed overrides)
     run_dir = Path(str(config.output_dir if job else config.hydra.run.dir))
@@ -75,7 +75,7 @@ def complete(config: DictConfig) -> tuple[Path, bool]:
                       flush=True)
         for key, path in absolute_paths(config).items():
             OmegaConf.update(config, key, path)
-        if default_name and not resuming and not secondary_rank():  # the default outputs/<date>/<time>, or with a suffix
+        if default_name and not resuming and not secondary_rank():  # outputs/<date>/<time>, or with a suffix
             config.hydra.run.dir = str(run_dir := Path(fresh_dir(str(run_dir))))
     return run_dir, resuming
 
@@ -114,7 +114,8 @@ def finished_run(run_dir: Path, checkpoint: dict, trainer: DictConfig) -> str | 
         return None
     max_epochs, max_steps = trainer.get("max_epochs", -1), trainer.get("max_steps", -1)
     if isinstance(epochs, int) and max_epochs != -1 and epochs >= max_epochs:
-        return f"it trained {epochs} epochs, trainer.max_epochs={max_epochs}: pass trainer.max_epochs=<more> to extend it"
+        return (f"it trained {epochs} epochs, trainer.max_epochs={max_epochs}: pass trainer.max_epochs=<more> to "
+                "extend it")
     if max_steps != -1 and checkpoint.get("global_step", 0) >= max_steps:
         return f"it took trainer.max_steps={max_steps} optimizer steps: pass trainer.max_steps=<more> to extend it"
     callbacks = checkpoint.get("callbacks", {})

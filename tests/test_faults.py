@@ -31,7 +31,8 @@ from pixelcnn.ops.checkpoints import SAVED_DATA_KEYS
 from pixelcnn.ops.rules import PATH_KEYS, validate
 from pixelcnn.ops.errors import UserError
 from pixelcnn.data import BatchLoader
-from pixelcnn.commands.train import absolute_paths, record_job_failure, sweep_job_dir
+from pixelcnn.commands.train import record_job_failure, sweep_job_dir
+from pixelcnn.ops.final_config import absolute_paths
 from pixelcnn.ops.run_dirs import fresh_dir, hold_run_dir
 from test_cli import data_args
 

@@ -4,6 +4,7 @@ LightningModule, data module and `train()` at the package's top level). Each roo
     errors       UserError and the one-line report of any failure
     rules        every config value's check (`validate`), once, where the config becomes final
     run_dirs     run and sweep dirs: reserved atomically, locked, found again on a resume
+    final_config train.py's config completed once (`complete`): a resume's, a requeued job's, paths, sweep names
     checkpoints  find, read (weights_only) and check checkpoints; load a trained model
     callbacks    Lightning callbacks: sample grids, step checkpoints, preemption, RNG states, EMA
     files        every write whole or not at all

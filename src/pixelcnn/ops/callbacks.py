@@ -178,7 +178,8 @@ class RunTimeEstimate(L.Callback):
     def _run_time(trainer: L.Trainer, epoch_s: float) -> str:
         if not trainer.max_epochs or trainer.max_epochs < 0:
             return f"{_human(epoch_s)} per epoch, with no epoch limit"
-        return f"{_human(epoch_s * trainer.max_epochs)} for {trainer.max_epochs} epochs (less if early stopping or max_time ends it)"
+        return (f"{_human(epoch_s * trainer.max_epochs)} for {trainer.max_epochs} epochs (less if early stopping or "
+                "max_time ends it)")
 
 
 def cpu_preset_hint(run_s: float | None, has_gpu: bool, preset: str | None = None) -> str | None:
@@ -333,7 +334,8 @@ class StepCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             name = signal.Signals(self.signal).name if self.signal else "another process's signal"
             resume = f"python train.py ckpt_path={self.path.parent.parent}"
-            then = f"the requeued job continues from it (if not requeued: {resume})" if requeue else f"resume with: {resume}"
+            then = (f"the requeued job continues from it (if not requeued: {resume})" if requeue
+                    else f"resume with: {resume}")
             print(f"[pixelcnn] stopped by {name}{' (SLURM requeue)' * bool(requeue)} at optimizer step "
                   f"{trainer.global_step}: saved {self.path}; {then}", flush=True)
         if requeue:
@@ -366,7 +368,8 @@ def slurm_requeue_signals(trainer: L.Trainer) -> list[int]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see `pixelcnn.ops.files`)."""
+    """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see
+    `pixelcnn.ops.files`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         torch_save(checkpoint, path)

@@ -20,46 +20,38 @@ from pixelcnn.likelihood import TRAINING_KEYS, ImageModel
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
 
-def best_score(path: Path) -> float:
-    """The val bits/dim in a `best-epochNNN-val_bpdX.ckpt` name (inf if it has none)."""
-    match = re.search(r"val_bpd(\d+(?:\.\d+)?)", path.name)
-    return float(match.group(1)) if match else math.inf
-
-
 def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt") -> Path:
     """A checkpoint file, or a run dir / its checkpoints dir (then `prefer`: best or last).
     `key` is the config key the path came from, for the error message."""
     if not str(path).strip():
         raise UserError(f"{key} is empty: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
     path = Path(path)
-    if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        # Lowest val bits/dim, newest first among equals (a resumed run can add best-...-v1.ckpt).
-        best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (best_score(p), -p.stat().st_mtime))[:1]
-        latest = latest_checkpoint([folder / "last.ckpt", folder / f"{STEP_CHECKPOINT}.ckpt"])
-        candidates = (best if prefer == "best" else []) + latest + best
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise UserError(f"{key}={path} is a folder without checkpoints: pass a .ckpt file or a run dir "
-                            f"that has checkpoints/last.ckpt")
-        return found
-    if not path.is_file():
-        raise UserError(f"{key}={path} does not exist: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
-    return path
+    if not path.is_dir():
+        if not path.is_file():
+            raise UserError(f"{key}={path} does not exist: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
+    def val_bpd(path: Path) -> float:  # that in a `best-epochNNN-val_bpdX.ckpt` name
+        match = re.search(r"val_bpd(\d+(?:\.\d+)?)", path.name)
+        return float(match.group(1)) if match else math.inf
 
-def latest_checkpoint(paths: list[Path]) -> list[Path]:
-    """Those of `paths` that exist, the one furthest into training first: by saved global step,
-    and at equal steps last.ckpt (saved after the epoch's validation, so later than a step checkpoint)."""
-
-    def progress(path: Path) -> tuple[int, bool]:
-        try:
-            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1)  # mmap: no weights read
+    def progress(path: Path) -> tuple[int, bool]:  # by saved global step; at equal steps last.ckpt (saved later)
+        try:  # mmap: no weights read
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1)
         except Exception:  # noqa: BLE001 - an unreadable file is tried last (read_checkpoint then says why)
             step = -1
         return step, path.name == "last.ckpt"
 
-    return sorted((p for p in paths if p.is_file()), key=progress, reverse=True)
+    # Lowest val bits/dim, newest first among equals (a resumed run can add best-...-v1.ckpt).
+    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (val_bpd(p), -p.stat().st_mtime))[:1]
+    # The latest: the one furthest into training of last.ckpt and the step checkpoint.
+    latest = sorted((p for p in (folder / "last.ckpt", folder / f"{STEP_CHECKPOINT}.ckpt") if p.is_file()),
+                    key=progress, reverse=True)
+    if found := next(iter((best if prefer == "best" else []) + latest + best), None):
+        return found
+    raise UserError(f"{key}={path} is a folder without checkpoints: pass a .ckpt file or a run dir "
+                    f"that has checkpoints/last.ckpt")
 
 
 def read_checkpoint(path: Path, key: str = "ckpt") -> dict:

@@ -18,10 +18,8 @@ from contextlib import suppress
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import OmegaConf
 
 from pixelcnn.ops.rules import as_override, check_out_dir
 
@@ -149,7 +147,7 @@ def removable_on_error(output_dir: str | Path) -> bool:
 
 def resume_run_dir(ckpt_path: str | None, default: str) -> str:
     """Hydra resolver: a resumed run writes into the run dir its checkpoint came from; any other
-    run into `default`, which `pixelcnn.commands.train.RunDirGuard` then reserves (`fresh_dir`: with a suffix
+    run into `default`, which `final_config.complete` then reserves (`fresh_dir`: with a suffix
     if another run took the name). No side effect here: OmegaConf also evaluates a value that a
     config merge replaces (bench.yaml's run dir), and that must not create a folder."""
     return (run_dir_of(str(ckpt_path)) if ckpt_path else None) or default  # str: ckpt_path=3 is an int
@@ -162,29 +160,11 @@ def resume_output_subdir(ckpt_path: str | None, stamp: str) -> str:
 
 
 def sweep_subdir(job_num: int, override_dirname: str) -> str:
-    """Hydra resolver: a sweep job's folder, named by its swept overrides (`SweptDirNames`), cut
+    """Hydra resolver: a sweep job's folder, named by its swept overrides (`final_config.complete`), cut
     (with a hash to stay unique) past 120 characters, well within a file name's length limit."""
     if len(override_dirname) <= 120:
         return f"{job_num}_{override_dirname}" if override_dirname else str(job_num)
     return f"{job_num}_{override_dirname[:120]}..{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
-
-
-class SweptDirNames(Callback):
-    """Names each sweep job's dir after what the sweep varies (`3_optim.lr=0.0005,model.residual_blocks=5`),
-    not after every override. Hydra's `hydra.job.override_dirname` lists all of a job's overrides, and a
-    job's config no longer tells which were swept: the sweep's own command line does (values with
-    sweep syntax, `optim.lr=1e-4,5e-4`, plus the sweeper's `params`, e.g. the Optuna search space).
-    The other keys are added to Hydra's `hydra.job.config.override_dirname.exclude_keys` through the
-    sweep's Hydra overrides, from which every job is composed, whatever the launcher."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        swept = {o.key_or_group for o in overrides if o.is_sweep_override()}
-        swept |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})
-        excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
-        excluded += [o.key_or_group for o in overrides if o.key_or_group not in swept | set(excluded)]
-        with read_write(config.hydra.overrides):
-            config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(excluded)}]")
 
 
 def register_resolvers() -> None:

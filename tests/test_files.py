@@ -151,8 +151,8 @@ def test_full_out_dir_is_one_line_and_leaves_nothing(work: Path, small_run: Path
             Image.new("L", (16, 16), 40 * i).save(images / f"{i}.png")
     fill(disk, leave=1024)
     args = [a.format(work=work) for a in args]
-    if script == "evaluate.py":
-        args.append(f"data_root={work / 'eval_data'}")
+    if script == "evaluate.py":  # the data the run trained on (other data adds a warning line that it changed)
+        args.append(f"data_root={work / 'data'}")
     line = one_error_line(run(script, f"ckpt={small_run}", f"out={disk / 'out'}", *args, cwd=work))
     assert "No space left on device" in line and str(disk / "out") in line
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing written, not even the out folder

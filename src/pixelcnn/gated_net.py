@@ -157,8 +157,8 @@ class GatedPixelCNN(nn.Module):
 
     Input: pixel levels scaled to [0, 1) as `level / levels`, shape (B, C, H, W), C = `image_channels`.
     Output: logits over the `levels` levels of every pixel and channel, shape (B, C * levels, H, W)
-    (channel c's logits are [c * levels, (c + 1) * levels)). `dilations` is cycled over the layers, e.g. (1, 2, 1, 4). With the defaults it has
-    2,779,012 parameters.
+    (channel c's logits are [c * levels, (c + 1) * levels)). `dilations` is cycled over the layers, e.g.
+    (1, 2, 1, 4). With the defaults it has 2,779,012 parameters.
     """
 
     def __init__(

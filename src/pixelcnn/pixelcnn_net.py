@@ -203,13 +203,15 @@ class PixelCNN(nn.Module):
         if not odd_kernel(input_kernel, INPUT_KERNEL_MIN):
             raise ValueError(f"input_kernel must be odd and >= {INPUT_KERNEL_MIN}, got {input_kernel}")
         if image_channels > 1 and filters // 2 < image_channels:
-            raise ValueError(f"filters must be >= {2 * image_channels} for {image_channels} colour groups, got {filters}")
+            raise ValueError(f"filters must be >= {2 * image_channels} for {image_channels} colour groups, "
+                             f"got {filters}")
         self.levels, self.image_channels = levels, image_channels
         self.num_classes = num_classes
         colours = image_channels
         self.input_conv = MaskedConv2d(colours, filters, input_kernel, "A", colours)
         self.cond_input = ClassBias(num_classes, filters)
-        self.blocks = nn.ModuleList(ResidualBlock(filters, num_classes, colours=colours) for _ in range(residual_blocks))
+        self.blocks = nn.ModuleList(ResidualBlock(filters, num_classes, colours=colours)
+                                    for _ in range(residual_blocks))
         # The book's "masked 1x1 type B" convs: in grey a 1x1 type-B mask keeps the only tap (plain 1x1 convs).
         self.head = nn.ModuleList(MaskedConv2d(filters, filters, 1, "B", colours) for _ in range(2))
         self.cond_head = nn.ModuleList(ClassBias(num_classes, filters) for _ in range(2))

@@ -166,7 +166,8 @@ def sample(model: nn.Module, n: int, height: int, width: int, temperature: float
     if method not in METHODS:
         raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
     device = next(model.parameters()).device
-    uniforms = draw_uniforms(n, height, width, seed, device, model.image_channels)  # (n, H*W*C): all drawn first, so chunks change nothing
+    # (n, H*W*C): all drawn first, so chunks change nothing
+    uniforms = draw_uniforms(n, height, width, seed, device, model.image_channels)
     labels = labels.to(device) if labels is not None else None
     draw = sample_fast if method == "fast" else sample_naive
     with eval_mode(model):  # in chunks: the activations of a large n need not fit in memory at once

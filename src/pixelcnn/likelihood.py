@@ -34,13 +34,14 @@ class ImageModel(nn.Module):
 
     def __init__(self, arch: str = "pixelcnn", levels: int = 4, image_size: int = 16, num_classes: int = 0,
                  image_channels: int = 1, class_names: list[str] | None = None, data: dict | None = None,
-                 **arch_kwargs):
+                 net: nn.Module | None = None, **arch_kwargs):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         # The network's options are checked where a config or a checkpoint is read (`pixelcnn.ops.rules.network_error`).
-        network = ARCHITECTURES[arch]
-        self.net = network(levels=levels, num_classes=num_classes, image_channels=image_channels, **arch_kwargs)
+        # `net`: built from these same options by training.build_network; else built here (from a checkpoint).
+        self.net = net if net is not None else ARCHITECTURES[arch](levels=levels, num_classes=num_classes,
+                                                                   image_channels=image_channels, **arch_kwargs)
         self.levels, self.image_size, self.num_classes = levels, image_size, num_classes
         self.image_channels, self.class_names, self.data = image_channels, class_names, data
         self.conditional = num_classes > 0

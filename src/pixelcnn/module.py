@@ -28,7 +28,7 @@ def saved_optim(hparams: dict) -> dict:
 
 
 class ImageModule(ImageModel, L.LightningModule):
-    """Trains any network of `image_model.ARCHITECTURES` with cross-entropy over the pixel levels.
+    """Trains any network of `likelihood.ARCHITECTURES` with cross-entropy over the pixel levels.
     Batches are `(images uint8 (B, C, H, W) of levels 0..levels-1, labels long (B,))`, C =
     `image_channels` (1 grey, 3 RGB); the network sees `images / levels`. The other arguments
     (`class_names`, `data`: saved with the checkpoint) are `ImageModel`'s."""
@@ -46,13 +46,14 @@ class ImageModule(ImageModel, L.LightningModule):
         data: dict | None = None,
         optim: dict | None = None,
         ema_decay: float = 0.0,
+        net: torch.nn.Module | None = None,
         **arch_kwargs,
     ):
         """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
         `ema_decay` > 0: the training keeps a weight average (`training.build_callbacks`), which is saved
         so that a checkpoint says which weights it holds."""
-        super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, **arch_kwargs)
-        self.save_hyperparameters()
+        super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, net, **arch_kwargs)
+        self.save_hyperparameters(ignore=["net"])  # the network's own options are among them: a checkpoint rebuilds it
         self.loss_fn = self.mean_bits_per_dim  # or its compiled version (`training.build_module`)
         # Mean bits/dim over the whole split, per image: the sum and the count are each summed over
         # DDP ranks, so it equals one process's mean. (self.log's sync_dist averages the count as an

@@ -22,9 +22,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.data import changed_splits
+from pixelcnn.likelihood import ARCHITECTURES
 from pixelcnn.ops import (STEP_CHECKPOINT, STOPPED_EXIT_CODE, as_override, AtomicCheckpointIO, build_loggers,
                           check_model_fits, claim_job_resources, cuda_device_args, log_failure, planned_steps,
                           ProgressBar, RandomStates, read_checkpoint, read_same_network, report_end, report_start,
@@ -80,11 +81,24 @@ def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
             "data": {**datamodule.source_settings(), "splits": datamodule.fingerprints}}
 
 
+def build_network(cfg: DictConfig) -> torch.nn.Module:
+    """The network of the model group: each `model.<key>` is its constructor's argument (e.g. model.residual_blocks
+    -> `PixelCNN(residual_blocks=...)`), except the module's own keys (`MODULE_KEYS`)."""
+    options = {key: value for key, value in OmegaConf.to_container(cfg.model, resolve=True).items()
+               if key not in MODULE_KEYS}
+    return ARCHITECTURES[options.pop("arch")](**options)
+
+
+# Keys of the model group that are the LightningModule's, not the network's.
+MODULE_KEYS = ("_target_", "image_size", "ema_decay")
+
+
 def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDataModule) -> L.LightningModule:
     """The configured LightningModule for `datamodule`'s data (`data_hparams`), with the optim group and the
     speed choices; `init_from`'s weights if given."""
     # _convert_: plain lists and dicts in hparams, so checkpoints load with weights_only.
-    module = instantiate(cfg.model, _convert_="all", optim=cfg.optim, **data_hparams(cfg.model.num_classes, datamodule))
+    module = instantiate(cfg.model, _convert_="all", net=build_network(cfg), optim=cfg.optim,
+                         **data_hparams(cfg.model.num_classes, datamodule))
     if cfg.init_from:  # fine-tuning: these weights, a fresh optimizer (the run starts at step 0)
         path, checkpoint = read_same_network(cfg.init_from, cfg, "init_from", prefer="best")
         module.load_state_dict(checkpoint["state_dict"])
@@ -169,7 +183,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_same_data(cfg, datamodule)
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
-        meta_net = instantiate(cfg.model, _convert_="all").net
+        meta_net = build_network(cfg)
 
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, speed, loggers, build_callbacks(cfg, output_dir, speed), output_dir,

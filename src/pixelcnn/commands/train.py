@@ -93,6 +93,8 @@ class RunDirGuard(Callback):
     the same config, unchecked; bench.py (no record) is not checked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.output_subdir is None and not secondary_rank():  # bench.py: it keeps no record, no run dir
+            return
         with exit_on_user_error():  # nothing created yet: complete reserves a new run dir last
             run_dir, resuming = complete(config)
         if secondary_rank():  # DDP ranks started by Lightning, srun or torchrun: rank 0 checks and holds the dir

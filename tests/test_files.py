@@ -245,6 +245,10 @@ def test_zip_bomb_is_refused_without_inflating_it(tmp_path: Path, monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 2**20, peak
+    # Under the limit too: 64 MB from 64 kB inflates ~1000x, which no image array does.
+    monkeypatch.setattr(sources, "MAX_DATA_BYTES", 2**30)
+    with pytest.raises(UserError, match=r"images.npy inflates \d+ bytes to 67108992, more than 100x: a zip bomb"):
+        sources.read_array(bomb, 1)
 
 
 @pytest.mark.parametrize("args, message", [

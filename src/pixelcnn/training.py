@@ -41,28 +41,25 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
     """model.num_classes=auto becomes the loaded data's class count, so that everything after (the model,
-    its footprint, the logged hparams) sees a number; the saved Hydra config keeps `auto`."""
-    if cfg.model.num_classes == "auto":
-        if not datamodule.num_classes:
-            raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use "
-                            "model.num_classes=0 (unconditional), or give the images classes (one sub-folder each, "
-                            "docs/data.md)")
+    its footprint, the logged hparams) sees a number; the saved Hydra config keeps `auto`. A resume continues on
+    the data it trained on: its class count (auto: the network check took the checkpoint's) and each split's
+    fingerprint (`data.fingerprint`; none in older checkpoints: not compared) against its checkpoint's."""
+    auto = cfg.model.num_classes == "auto"
+    if auto and not datamodule.num_classes:
+        raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use "
+                        "model.num_classes=0 (unconditional), or give the images classes (one sub-folder each, "
+                        "docs/data.md)")
+    if auto:
         cfg.model.num_classes = datamodule.num_classes
-        # A resume's network check took auto for the checkpoint's count (checkpoints.check_same_network).
-        saved = read_checkpoint(Path(cfg.ckpt_path), "ckpt_path")["hyper_parameters"] if cfg.get("ckpt_path") else {}
-        if saved and saved.get("num_classes") != datamodule.num_classes:
-            raise UserError(f"ckpt_path={cfg.ckpt_path} holds a network for {saved.get('num_classes')} classes, but "
-                            f"the data ({datamodule.source}) has {datamodule.num_classes} (model.num_classes=auto): "
-                            "resume on the data it was trained on, or train a new network from scratch")
-
-
-def check_same_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
-    """A resume (ckpt_path, a requeued job) continues on the data it trained on: the fingerprints of the splits
-    (`data.fingerprint`) against those its checkpoint holds (none in older checkpoints: not checked)."""
     if not cfg.get("ckpt_path"):
         return
-    saved = read_checkpoint(Path(cfg.ckpt_path), "ckpt_path")["hyper_parameters"].get("data")
-    if change := changed_splits(saved.get("splits") if isinstance(saved, dict) else None, datamodule.fingerprints):
+    saved = read_checkpoint(Path(cfg.ckpt_path), "ckpt_path")["hyper_parameters"]
+    if auto and saved.get("num_classes") != datamodule.num_classes:
+        raise UserError(f"ckpt_path={cfg.ckpt_path} holds a network for {saved.get('num_classes')} classes, but "
+                        f"the data ({datamodule.source}) has {datamodule.num_classes} (model.num_classes=auto): "
+                        "resume on the data it was trained on, or train a new network from scratch")
+    data = saved.get("data")
+    if change := changed_splits(data.get("splits") if isinstance(data, dict) else None, datamodule.fingerprints):
         run = run_dir_of(cfg.ckpt_path) or cfg.ckpt_path
         raise UserError(f"ckpt_path={cfg.ckpt_path} was trained on other data than the {datamodule.source} data now "
                         f"(changed: {change}): resume on the data it was trained on, or start a new run on this data "
@@ -179,8 +176,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
     datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
-    resolve_num_classes(cfg, datamodule)
-    check_same_data(cfg, datamodule)
+    resolve_num_classes(cfg, datamodule)  # and a resume's data: the same as its checkpoint's
     speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
         meta_net = build_network(cfg)

@@ -57,5 +57,4 @@ SEAM = {
 def __getattr__(name: str):
     if name not in SEAM:
         raise AttributeError(f"pixelcnn.ops has no {name!r} for the lab (its seam: pixelcnn.ops.SEAM)")
-    module = import_module(f"{__name__}.{SEAM[name]}")
-    return module if SEAM[name] == name else getattr(module, name)
+    return getattr(import_module(f"{__name__}.{SEAM[name]}"), name)

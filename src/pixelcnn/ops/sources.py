@@ -25,6 +25,9 @@ SPLITS = ("train", "val", "test")
 # Bytes of data an IDX or array file may hold (by its header): 20x Fashion-MNIST's largest (47 MB), so a
 # header (or a gzip or zip bomb behind one) cannot make a read take all memory; it becomes ~4x that as float.
 MAX_DATA_BYTES = 2**30
+# A .npz member that inflates more than this many times (past a few MB) is a zip bomb: image arrays deflate
+# 2-10x (Fashion-MNIST 6x), all zeros ~1000x. Under MAX_DATA_BYTES alone, 1 MB inflating to 1 GB took 5 GB.
+MAX_INFLATION, INFLATION_FLOOR = 100, 2**24
 # Classes labels may name: more than any data set has (ImageNet-21k: 21,841), so one wild label cannot make
 # the model's class table, or the list of class names, take all memory and time.
 MAX_CLASSES = 2**16
@@ -114,6 +117,10 @@ def read_arrays(path: Path, problem: str) -> dict[str, np.ndarray]:
                 if (total := sum(member.file_size for member in archive.infolist())) > MAX_DATA_BYTES:
                     raise ValueError(f"its members inflate to {total} bytes, more than the {MAX_DATA_BYTES} "
                                      "a data file may hold (pixelcnn.ops.sources.MAX_DATA_BYTES)")
+                for member in archive.infolist():
+                    if member.file_size > max(INFLATION_FLOOR, MAX_INFLATION * member.compress_size):
+                        raise ValueError(f"{member.filename} inflates {member.compress_size} bytes to {member.file_size}"
+                                         f", more than {MAX_INFLATION}x: a zip bomb, not image data")
                 arrays = {}
                 for member in archive.infolist():
                     with archive.open(member) as stream:

@@ -119,8 +119,8 @@ def read_arrays(path: Path, problem: str) -> dict[str, np.ndarray]:
                                      "a data file may hold (pixelcnn.ops.sources.MAX_DATA_BYTES)")
                 for member in archive.infolist():
                     if member.file_size > max(INFLATION_FLOOR, MAX_INFLATION * member.compress_size):
-                        raise ValueError(f"{member.filename} inflates {member.compress_size} bytes to {member.file_size}"
-                                         f", more than {MAX_INFLATION}x: a zip bomb, not image data")
+                        raise ValueError(f"{member.filename} inflates {member.compress_size} bytes to "
+                                         f"{member.file_size}, more than {MAX_INFLATION}x: a zip bomb, not image data")
                 arrays = {}
                 for member in archive.infolist():
                     with archive.open(member) as stream:

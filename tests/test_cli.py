@@ -404,6 +404,12 @@ def test_bad_values_are_named_by_validate(override: str, key: str):
         validate(compose_train(*override.split()), "train")
 
 
+def test_the_network_object_is_not_a_setting():
+    """`net` is ImageModel's argument for the built network: as a config key it is refused like any unknown option."""
+    with pytest.raises(UserError, match=r"^model.net is not an option of model.arch=pixelcnn"):
+        validate(compose_train("+model.net=5"), "train")
+
+
 def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     result = run("train.py", *TINY, *NO_QUALITY, f"data.root={tmp_path / 'empty'}", f"data.system_dir={tmp_path / 'none'}",

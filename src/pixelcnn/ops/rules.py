@@ -229,7 +229,8 @@ def network_error(model: dict) -> str | None:
         return f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}"
     shared = {"levels", "num_classes", "image_channels"}  # the model's, given to every network
     options = sorted(set(inspect.signature(ARCHITECTURES[arch]).parameters) - shared)
-    own = {*inspect.signature(ImageModel).parameters, *TRAINING_KEYS}  # the model's, not its network's
+    # The model's, not its network's; `net` is the built network itself, never a setting (config or checkpoint).
+    own = {*inspect.signature(ImageModel).parameters, *TRAINING_KEYS} - {"net"}
     if unknown := sorted(set(model) - own - set(options)):
         return f"model.{unknown[0]} is not an option of model.arch={arch}: its options are {', '.join(options)}"
     return None

@@ -153,12 +153,15 @@ class GatedMaskedConv(nn.Module):
 
 
 class GatedPixelCNN(nn.Module):
-    """Input convs (hiding the current pixel) -> `layers` gated layers -> ReLU, 1x1, ReLU, 1x1 to logits.
+    """Input convs (hiding the current pixel) -> `layers` gated layers -> a head to logits.
 
-    Input: pixel levels scaled to [0, 1) as `level / levels`, shape (B, C, H, W), C = `image_channels`.
+    Input: pixel levels scaled to [0, 1) as `level / levels`, shape (B, C, H, W), C = `image_channels`;
+    with `centre_input` the network first maps them to [-1, 1] (level 0 -> -1, the last -> 1).
     Output: logits over the `levels` levels of every pixel and channel, shape (B, C * levels, H, W)
     (channel c's logits are [c * levels, (c + 1) * levels)). `dilations` is cycled over the layers, e.g.
-    (1, 2, 1, 4). With the defaults it has 2,779,012 parameters.
+    (1, 2, 1, 4). `head` "relu": ReLU, 1x1, ReLU, 1x1 (the first ReLU drops the residual stream's
+    negative half); "elu": ELU and one 1x1. The defaults here are the first design's, which a checkpoint
+    without an option was trained with; conf/model/gated.yaml holds the ones to train with (docs/gated_ablation.md).
     """
 
     def __init__(
@@ -172,9 +175,13 @@ class GatedPixelCNN(nn.Module):
         dropout: float = 0.0,
         num_classes: int = 0,
         image_channels: int = 1,
+        centre_input: bool = False,
+        head: str = "relu",
     ):
         super().__init__()
         dilations = tuple(dilations)  # Hydra passes a ListConfig
+        if head not in ("relu", "elu"):
+            raise ValueError(f"head must be relu or elu, got {head!r}")
         if not odd_kernel(kernel_size):
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
         if not odd_kernel(input_kernel, INPUT_KERNEL_MIN):
@@ -182,7 +189,7 @@ class GatedPixelCNN(nn.Module):
         if channels < image_channels:
             raise ValueError(f"channels must be >= {image_channels} for {image_channels} colour groups, got {channels}")
         self.levels, self.image_channels = levels, image_channels
-        self.num_classes = num_classes
+        self.num_classes, self.centre_input, self.head_kind = num_classes, centre_input, head
         colours = image_channels
         self.input_vertical = VerticalStackConv(colours, channels, input_kernel, mask_center=True)
         self.input_horizontal = HorizontalStackConv(colours, channels, input_kernel, mask_center=True, colours=colours)
@@ -192,17 +199,30 @@ class GatedPixelCNN(nn.Module):
             GatedMaskedConv(channels, kernel_size, dilations[n % len(dilations)], dropout, num_classes, colours)
             for n in range(layers)
         )
-        self.head = MaskedConv2d(channels, channels, 1, "B", colours)  # grey: plain 1x1 convs
-        self.cond_head = ClassBias(num_classes, channels)
+        if head == "relu":
+            self.head = MaskedConv2d(channels, channels, 1, "B", colours)  # grey: plain 1x1 convs
+            self.cond_head = ClassBias(num_classes, channels)
         self.to_logits = MaskedConv2d(channels, colours * levels, 1, "B", colours)
 
+    def scale(self, x: Tensor) -> Tensor:
+        """The network's own input scale: `level / levels`, or [-1, 1] with `centre_input`. (any shape)"""
+        return x * (2 * self.levels / (self.levels - 1)) - 1 if self.centre_input else x
+
+    def output(self, h: Tensor, labels: Tensor | None, conv1x1=lambda conv, x: conv(x), bias=spatial) -> Tensor:
+        """The head on the last horizontal stream: (B, C, H, W) -> (B, C*L, H, W), or at one pixel (B, C) ->
+        (B, C*L) with `conv1x1=conv1x1_at` and `bias` the identity (the incremental sampler's)."""
+        if self.head_kind == "elu":
+            return conv1x1(self.to_logits, F.elu(h))
+        h = F.relu(conv1x1(self.head, F.relu(h)) + bias(self.cond_head(labels)))
+        return conv1x1(self.to_logits, h)
+
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:  # (B, C, H, W) -> (B, C*L, H, W)
+        x = self.scale(x)
         v = self.input_vertical(x) + spatial(self.cond_input_vertical(labels))  # (B, C, H, W): rows above
         h = self.input_horizontal(x) + spatial(self.cond_input_horizontal(labels))  # (B, C, H, W): pixels left
         for layer in self.gated_layers:
             v, h = layer(v, h, labels)
-        h = F.relu(self.head(F.relu(h)) + spatial(self.cond_head(labels)))  # (B, C, H, W)
-        return self.to_logits(h)
+        return self.output(h, labels)
 
     def start_incremental(self, batch_size: int, height: int, width: int,
                           labels: Tensor | None = None) -> IncrementalGatedPixelCNN:
@@ -265,9 +285,8 @@ class IncrementalGatedPixelCNN:
         for layer, row, link in zip(net.gated_layers, self.horizontal_inputs, self.links):
             row[:, :, j + layer.horizontal.pad_left] = h
             h = layer.horizontal_at(row, j, link[:, :, j], labels)  # (B, C)
-        h = F.relu(conv1x1_at(net.head, F.relu(h)) + net.cond_head(labels))  # (B, C)
-        return conv1x1_at(net.to_logits, h)[:, channel * net.levels : (channel + 1) * net.levels]  # (B, C*L) -> (B, L)
+        return net.output(h, labels, conv1x1_at, bias=lambda b: b)[:, channel * net.levels : (channel + 1) * net.levels]  # (B, C*L) -> (B, L)
 
     def set_pixel(self, i: int, j: int, values: Tensor, channel: int = 0) -> None:
         p = self.net.input_vertical.pad_side
-        self.image[:, channel, i + p, j + p] = values.to(self.image.dtype) / self.net.levels
+        self.image[:, channel, i + p, j + p] = self.net.scale(values.to(self.image.dtype) / self.net.levels)

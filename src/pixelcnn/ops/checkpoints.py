@@ -3,6 +3,7 @@ unpickled), with one clear error when that fails; whether a checkpoint holds the
 
 from __future__ import annotations
 
+import inspect
 import math
 import pickle
 import re
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pixelcnn.ops.rules import DATA, network_error
 
 from pixelcnn.ops.errors import UserError
-from pixelcnn.likelihood import TRAINING_KEYS, ImageModel
+from pixelcnn.likelihood import ARCHITECTURES, TRAINING_KEYS, ImageModel
 
 STEP_CHECKPOINT = "step"  # checkpoints/step.ckpt: the every-N-steps checkpoint (checkpoint_every_n_steps)
 
@@ -83,10 +84,14 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
     from pixelcnn.module import saved_optim  # late import: keeps config/CLI errors fast
 
     def network(values: dict) -> dict:
-        # Class names and the data source come from the data (`training.data_hparams`), not the model config;
-        # configs and checkpoints from before colour were grey.
-        return {"image_channels": 1, **{k: v for k, v in values.items() if not k.startswith("_") and k not in (
-            "dropout", "class_names", "data", *TRAINING_KEYS)}}
+        # Class names and the data source come from the data (`training.data_hparams`), not the model config. An
+        # option missing (a checkpoint or config from before it: grey before colour, the gated model's first head)
+        # means its default, which is the design such a network was trained with.
+        net = ARCHITECTURES.get(values.get("arch"), ImageModel)
+        defaults = {name: list(p.default) if isinstance(p.default, tuple) else p.default for cls in (ImageModel, net)
+                    for name, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
+        return {k: v for k, v in {**defaults, **values}.items() if not k.startswith("_") and k not in (
+            "dropout", "class_names", "data", "net", *TRAINING_KEYS)}
 
     saved, wanted = network(hparams), network(OmegaConf.to_container(cfg.model, resolve=True))
     if wanted.get("num_classes") == "auto" and saved.get("num_classes"):  # the data's count: checked once it is read

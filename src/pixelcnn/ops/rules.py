@@ -101,6 +101,8 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "model.residual_blocks": _int(0),
     "model.input_kernel": (lambda v: odd_kernel(v, INPUT_KERNEL_MIN), f"an odd integer >= {INPUT_KERNEL_MIN}"),
     "model.dilations": _int_list("[1, 2, 1, 4]"),
+    "model.centre_input": _one_of(True, False),
+    "model.head": _one_of("relu", "elu"),
     "model.channels": _int(1),
     "model.layers": _int(1),
     "model.kernel_size": (odd_kernel, "an odd integer >= 1"),

@@ -6,6 +6,8 @@
   causality tests do (tests/test_model.py, tests/test_gated.py): backprop from the logits of one pixel to
   the input; a nonzero gradient puts an input pixel in the receptive field. Pixels that come earlier in
   raster order but get no gradient are the blind spot: the seed PixelCNN has one, the Gated PixelCNN none.
+  Each panel's title also counts, over the whole image, the (output pixel, earlier pixel) pairs it cannot see
+  (`unseen_pairs`): a gated stack too shallow for the image misses far pixels without a blind spot's wedge.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pixelcnn.gated_net import GatedPixelCNN  # noqa: E402
@@ -30,23 +33,56 @@ LATER, SEEN, BLIND, TARGET = 0, 1, 2, 3
 COLOURS = ListedColormap(["white", "#4c72b0", "#dd8452", "#c44e52"])
 
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SHAPE_KEYS = ("layers", "kernel_size", "input_kernel", "dilations", "residual_blocks")  # what shapes the field
+
+
+def configured(group_file: str, overrides: dict | None = None) -> dict:
+    """The options of a config file's model that shape the receptive field (conf/model/*.yaml, or an
+    experiment's overrides on top), so that the figure shows what `python train.py model=...` trains."""
+    group = OmegaConf.load(CONF / group_file)
+    model = OmegaConf.to_container(group.get("model", group))  # a global-package group nests it under model:
+    return {key: value for key, value in {**model, **(overrides or {})}.items() if key in SHAPE_KEYS}
+
+
 def models() -> dict[str, nn.Module]:
-    """The two architectures with their default depth and kernels (what shapes the receptive field);
-    the width is cut to 16 channels, which does not change it and keeps this fast."""
-    return {"seed PixelCNN (model=pixelcnn)": PixelCNN(filters=16),
-            "Gated PixelCNN (model=gated)": GatedPixelCNN(channels=16)}
+    """The two architectures as their config groups set them up (depth, kernels, dilations: what shapes the
+    receptive field); the width is cut to 16 channels, which does not change it and keeps this fast."""
+    return {"seed PixelCNN (model=pixelcnn)": PixelCNN(filters=16, **configured("model/pixelcnn.yaml")),
+            "Gated PixelCNN (model=gated)": GatedPixelCNN(channels=16, **configured("model/gated.yaml"))}
 
 
-def receptive_field(net: nn.Module, size: int, pixel: tuple[int, int]) -> np.ndarray:
-    """(size, size) bool: the input pixels that the logits at `pixel` depend on. Random weights (normal,
-    std 0.3) and a batch of random images, so that no dependence is hidden by a dead unit or a zero weight."""
+def randomized(net: nn.Module) -> nn.Module:
+    """`net` with random weights (normal, std 0.3), so that no dependence is hidden by a dead unit or a
+    zero weight (the weights of a network passed in are overwritten)."""
     torch.manual_seed(0)
     with torch.no_grad():
         for param in net.parameters():
             param.normal_(0.0, 0.3)
+    return net
+
+
+def receptive_field(net: nn.Module, size: int, pixel: tuple[int, int]) -> np.ndarray:
+    """(size, size) bool: the input pixels that the logits at `pixel` depend on, for a batch of random images."""
+    net = randomized(net)
     x = torch.rand(8, 1, size, size, requires_grad=True)  # (B, 1, H, W)
     net(x)[:, :, pixel[0], pixel[1]].sum().backward()  # logits (B, L, H, W) at one pixel
     return (x.grad.abs().sum(dim=(0, 1)) > 0).numpy()
+
+
+def unseen_pairs(net: nn.Module, size: int) -> int:
+    """How many (output pixel, earlier input pixel) pairs of a size x size image the network cannot see (zero
+    gradient), of size^2 (size^2 - 1) / 2. One backward pass: image b of the batch asks only for pixel b's logits,
+    and images do not mix, so image b's input gradient is pixel b's receptive field."""
+    n, net = size * size, randomized(net)
+    pixels = torch.arange(n)
+    seen = torch.zeros(n, n, dtype=torch.bool)  # row b: pixel b's field, over a few batches (a ReLU may hide one)
+    for _ in range(3):
+        x = torch.rand(n, 1, size, size, requires_grad=True)  # (n, 1, H, W): one image per output pixel
+        net(x)[pixels, :, pixels // size, pixels % size].sum().backward()  # (n, L) logits
+        seen |= x.grad.flatten(1) != 0
+    earlier = pixels[None, :] < pixels[:, None]
+    return int((earlier & ~seen).sum())
 
 
 def classify(field: np.ndarray, pixel: tuple[int, int]) -> np.ndarray:
@@ -79,11 +115,13 @@ def draw_masks(path: Path) -> None:
     plt.close(fig)
 
 
-def draw_receptive_fields(fields: dict[str, np.ndarray], pixel: tuple[int, int], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(fields), figsize=(3.4 * len(fields), 4.0), layout="constrained")
+def draw_receptive_fields(fields: dict[str, np.ndarray], unseen: dict[str, int], pixel: tuple[int, int],
+                          path: Path) -> None:
+    fig, axes = plt.subplots(1, len(fields), figsize=(3.4 * len(fields), 4.3), layout="constrained")
     for ax, (name, field) in zip(axes, fields.items()):
-        cells = classify(field, pixel)
-        draw_grid(ax, cells, COLOURS, f"{name}\n{int((cells == BLIND).sum())} blind-spot pixels")
+        cells, n = classify(field, pixel), field.size
+        draw_grid(ax, cells, COLOURS, f"{name}\n{int((cells == BLIND).sum())} blind-spot pixels here; over the image,\n"
+                                      f"{unseen[name]:,} of {n * (n - 1) // 2:,} earlier pixels unseen")
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS(c)) for c in (TARGET, SEEN, BLIND)]
     fig.legend(handles, ["predicted pixel", "seen (nonzero gradient)", "earlier but unseen: blind spot"],
                loc="outside lower center", ncol=3, fontsize=8, frameon=False)
@@ -96,8 +134,9 @@ def main(out: Path, size: int) -> dict[str, np.ndarray]:
     out.mkdir(parents=True, exist_ok=True)
     pixel = (size // 2, size // 2)
     fields = {name: receptive_field(net, size, pixel) for name, net in models().items()}
+    unseen = {name: unseen_pairs(net, size) for name, net in models().items()}
     draw_masks(out / "masks.png")
-    draw_receptive_fields(fields, pixel, out / "receptive_field.png")
+    draw_receptive_fields(fields, unseen, pixel, out / "receptive_field.png")
     return fields
 
 

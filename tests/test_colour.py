@@ -34,6 +34,8 @@ NETS = {
     "gated": lambda: GatedPixelCNN(levels=LEVELS, channels=9, layers=3, image_channels=C),
     "gated-conditional-dilated": lambda: GatedPixelCNN(levels=LEVELS, channels=8, layers=3, dilations=(1, 2),
                                                        num_classes=3, image_channels=C),
+    "gated-centred-elu": lambda: GatedPixelCNN(levels=LEVELS, channels=9, layers=3, centre_input=True, head="elu",
+                                               image_channels=C),
 }
 
 

@@ -21,6 +21,8 @@ CAUSAL_CONFIGS = [
     dict(layers=4),
     dict(layers=4, dilations=(1, 2)),
     dict(layers=3, kernel_size=5, input_kernel=5, num_classes=3),
+    dict(layers=4, dilations=(1, 2), centre_input=True, head="elu"),  # the options of the ablation (issue 28)
+    dict(layers=4, head="elu", num_classes=3),
 ]
 
 
@@ -42,6 +44,8 @@ INCREMENTAL_CONFIGS = [
     dict(size=(6, 9), dilations=(1, 2, 4), kernel_size=5, input_kernel=5),
     dict(size=(7, 5), num_classes=3),
     dict(size=(5, 6), dropout=0.5, dilations=(2, 1)),
+    dict(size=(6, 7), centre_input=True, head="elu", dilations=(1, 2, 1, 4), num_classes=3),
+    dict(size=(5, 5), centre_input=True),
 ]
 
 
@@ -75,6 +79,7 @@ def test_incremental_logits_match_the_full_forward_pass(config):
         (dict(kernel_size=0), "kernel_size must be odd"),
         (dict(input_kernel=6), "input_kernel must be odd"),
         (dict(input_kernel=1), "input_kernel must be odd and >= 3"),
+        (dict(head="gelu"), "head must be relu or elu"),
     ],
 )
 def test_invalid_arguments_raise(bad, message):

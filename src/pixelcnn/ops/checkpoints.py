@@ -87,9 +87,10 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
         # Class names and the data source come from the data (`training.data_hparams`), not the model config. An
         # option missing (a checkpoint or config from before it: grey before colour, the gated model's first head)
         # means its default, which is the design such a network was trained with.
-        net = ARCHITECTURES.get(values.get("arch"), ImageModel)
-        defaults = {name: list(p.default) if isinstance(p.default, tuple) else p.default for cls in (ImageModel, net)
-                    for name, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
+        network_class = ARCHITECTURES.get(values.get("arch"), ImageModel)
+        signatures = inspect.signature(ImageModel), inspect.signature(network_class)
+        defaults = {name: list(p.default) if isinstance(p.default, tuple) else p.default for signature in signatures
+                    for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
         return {k: v for k, v in {**defaults, **values}.items() if not k.startswith("_") and k not in (
             "dropout", "class_names", "data", "net", *TRAINING_KEYS)}
 

@@ -115,7 +115,8 @@ def seed_table(groups: list[dict[str, Any]]) -> list[str]:
     rows = []
     for i, group in enumerate(groups, 1):
         failed = [r for r in group["runs"] if r["status"] != "ok"]
-        named = "; ".join(f"job {r['job']} ({_params_text(r, list(SEED_KEYS))}): {_error(r)}" for r in failed)
+        named = "; ".join(f"job {r['job']} ({_params_text(r, list(SEED_KEYS))}): {r.get('error') or 'unknown reason'}"
+                          for r in failed)
         rows.append([i if group["val_bpd"][0] is not None else "-", group["config"], group["seeds"],
                      *(_mean_std(group[k]) for k in metrics), f"{len(failed)}{': ' + named if named else ''}"])
     return ["## Configurations over seeds", "",
@@ -147,7 +148,7 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
     lines += _table(header, [[rank, *([run["trial"], run.get("sweep") or "?"] if study else []), _job(run),
                               _params_text(run, swept), _bpd(run.get("val_bpd")), _bpd(run.get("test_bpd")),
                               run.get("epochs", ""), run.get("parameters", ""),
-                              "ok" if run["status"] == "ok" else f"failed: {_error(run)}"]
+                              "ok" if run["status"] == "ok" else f"failed: {run.get('error') or 'unknown reason'}"]
                              for rank, run in [*enumerate(ok, 1), *(("-", r) for r in failed)]])
     return "\n".join(lines) + "\n"
 
@@ -158,10 +159,6 @@ def _bpd(value: Any) -> str:
 
 def _job(run: dict[str, Any]) -> str:
     return str(run["job"]) if run["job"] is not None else "?"
-
-
-def _error(run: dict[str, Any]) -> str:
-    return run.get("error") or "unknown reason"
 
 
 def _params_text(run: dict[str, Any], keys: list[str]) -> str:

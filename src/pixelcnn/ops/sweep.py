@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,8 @@ def write_run_metrics(path: Path, metrics: dict[str, Any]) -> None:
 def parse_value(text: str) -> int | float | str:
     """An override's value as a number where it is one (for sorting and plotting)."""
     for kind in (int, float):
-        try:
+        with suppress(ValueError):
             return kind(text)
-        except ValueError:
-            pass
     return text
 
 
@@ -74,18 +73,11 @@ def swept_keys(runs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({run["params"].get(k) for run in runs}) > 1]
 
 
-def rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs best first (lowest val bits/dim), each ok run with its `rank` (1 = best); failed
-    runs last, by job number."""
-    ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["val_bpd"])
-    return [{**r, "rank": i} for i, r in enumerate(ok, 1)] + [{**r, "rank": None} for r in runs if r["status"] != "ok"]
-
-
 def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The sweep's configurations over seeds, best first (lowest mean best val bits/dim; those
     with no ok job last), if some jobs differ only in their seeds; else []. Each has `config`
-    (the swept non-seed overrides), `runs`, `seeds`, `failed` (its failed runs), and per
-    AGGREGATED metric the mean, std (None below 2 values) and count over its ok runs."""
+    (the swept non-seed overrides), `params`, `runs`, `seeds`, and per AGGREGATED metric the mean,
+    std (None below 2 values) and count over its ok runs."""
     swept = swept_keys(runs)
     config_keys = [k for k in swept if k not in SEED_KEYS]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -96,13 +88,12 @@ def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     result = []
     for members in groups.values():
         values = {key: [r[key] for r in members if r["status"] == "ok" and _number(r.get(key))] for key in AGGREGATED}
-        stats = {key: (statistics.fmean(v) if v else None, statistics.stdev(v) if len(v) > 1 else None, len(v))
-                 for key, v in values.items()}
         params = {k: members[0]["params"][k] for k in config_keys if k in members[0]["params"]}
-        result.append({"config": " ".join(f"{k}={v}" for k, v in params.items()) or "(all jobs)", "params": params,
-                       "runs": members, "failed": [r for r in members if r["status"] != "ok"],
+        result.append({"config": " ".join(f"{k}={v}" for k, v in params.items()) or "(all jobs)",
+                       "params": params, "runs": members,
                        "seeds": " ".join(_params_text(r, [k for k in swept if k in SEED_KEYS]) for r in members),
-                       **stats})
+                       **{key: (statistics.fmean(v) if v else None, statistics.stdev(v) if len(v) > 1 else None, len(v))
+                          for key, v in values.items()}})
     return sorted(result, key=lambda g: (g["val_bpd"][0] is None, g["val_bpd"][0] or 0.0))
 
 
@@ -111,32 +102,38 @@ def _mean_std(stat: tuple[float | None, float | None, int]) -> str:
     return "-" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" (n={n})"
 
 
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table; a `|` inside a cell (an error message's) becomes `/`."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(cell).replace("|", "/") for cell in row) + " |" for row in rows]
+
+
 def seed_table(groups: list[dict[str, Any]]) -> list[str]:
     """summary.md's table of configurations over seeds (mean ± std and count of ok seeds; failed
     seeds counted and named, never averaged in)."""
     metrics = [k for k in AGGREGATED if any(g[k][2] for g in groups) or k != "frechet_distance"]
-    lines = ["## Configurations over seeds", "",
-             f"Jobs that differ only in {' / '.join(SEED_KEYS)}, ranked by the mean best val bits/dim over their "
-             "ok seeds (mean ± sample standard deviation, n = ok seeds); a failed seed is named, not averaged in.", "",
-             "| rank | configuration | seeds | " + " | ".join(AGGREGATED[k] for k in metrics) + " | failed |",
-             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    rows = []
     for i, group in enumerate(groups, 1):
-        failed = "; ".join(f"job {r['job']} ({_params_text(r, list(SEED_KEYS))}): {r.get('error') or 'unknown reason'}"
-                           for r in group["failed"]).replace("|", "/")
-        lines.append(f"| {i if group['val_bpd'][0] is not None else '-'} | {group['config']} | {group['seeds']} | "
-                     + " | ".join(_mean_std(group[k]) for k in metrics)
-                     + f" | {len(group['failed'])}{': ' + failed if failed else ''} |")
-    return lines
+        failed = [r for r in group["runs"] if r["status"] != "ok"]
+        named = "; ".join(f"job {r['job']} ({_params_text(r, list(SEED_KEYS))}): {r.get('error') or 'unknown reason'}"
+                          for r in failed)
+        rows.append([i if group["val_bpd"][0] is not None else "-", group["config"], group["seeds"],
+                     *(_mean_std(group[k]) for k in metrics), f"{len(failed)}{': ' + named if named else ''}"])
+    return ["## Configurations over seeds", "",
+            f"Jobs that differ only in {' / '.join(SEED_KEYS)}, ranked by the mean best val bits/dim over their "
+            "ok seeds (mean ± sample standard deviation, n = ok seeds); a failed seed is named, not averaged in.", "",
+            *_table(["rank", "configuration", "seeds", *(AGGREGATED[k] for k in metrics), "failed"], rows)]
 
 
 def summary_table(runs: list[dict[str, Any]]) -> str:
     """summary.md: jobs ranked by best val bits/dim, failed ones last with their reason; above
     them, when jobs repeat a configuration with other seeds, the configurations ranked by mean."""
-    swept, ranked, groups = swept_keys(runs), rank(runs), seed_groups(runs)
+    swept, groups = swept_keys(runs), seed_groups(runs)
     common = [f"{k}={v}" for k, v in (runs[0]["params"].items() if runs else []) if k not in swept]
-    ok = [r for r in ranked if r["status"] == "ok"]
+    ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["val_bpd"])
+    failed = [r for r in runs if r["status"] != "ok"]
     study = any("trial" in run for run in runs)  # study_runs: every trial of an Optuna study, from its sweeps
-    lines = [f"{len(runs)} jobs: {len(ok)} ok, {len(runs) - len(ok)} failed."]
+    lines = [f"{len(runs)} jobs: {len(ok)} ok, {len(failed)} failed."]
     if groups and groups[0]["val_bpd"][0] is not None:
         lines.append(f"Best configuration: {groups[0]['config']}, best val {_mean_std(groups[0]['val_bpd'])} "
                      "bits/dim over seeds.")
@@ -146,14 +143,13 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
     lines += [f"Overrides of every job: {' '.join(common) or '(none)'}", ""]
     if groups:
         lines += seed_table(groups) + ["", "## Jobs", ""]
-    lines += ["| rank | " + "trial | sweep | " * study + "job | overrides | best val bits/dim | test bits/dim | epochs "
-              "| parameters | status |", "|" + "---|" * (8 + 2 * study)]
-    for run in ranked:
-        status = "ok" if run["status"] == "ok" else f"failed: {run.get('error') or 'unknown reason'}"
-        trial = f"{run['trial']} | {run.get('sweep') or '?'} | " if study else ""
-        lines.append(f"| {run['rank'] or '-'} | {trial}{_job(run)} | {_params_text(run, swept)} "
-                     f"| {_bpd(run.get('val_bpd'))} | {_bpd(run.get('test_bpd'))} "
-                     f"| {run.get('epochs', '')} | {run.get('parameters', '')} | {status.replace('|', '/')} |")
+    header = ["rank", *(["trial", "sweep"] if study else []), "job", "overrides", "best val bits/dim",
+              "test bits/dim", "epochs", "parameters", "status"]
+    lines += _table(header, [[rank, *([run["trial"], run.get("sweep") or "?"] if study else []), _job(run),
+                              _params_text(run, swept), _bpd(run.get("val_bpd")), _bpd(run.get("test_bpd")),
+                              run.get("epochs", ""), run.get("parameters", ""),
+                              "ok" if run["status"] == "ok" else f"failed: {run.get('error') or 'unknown reason'}"]
+                             for rank, run in [*enumerate(ok, 1), *(("-", r) for r in failed)]])
     return "\n".join(lines) + "\n"
 
 
@@ -165,21 +161,22 @@ def _job(run: dict[str, Any]) -> str:
     return str(run["job"]) if run["job"] is not None else "?"
 
 
-def _params_text(run: dict[str, Any], swept: list[str]) -> str:
-    return " ".join(f"{k}={run['params'][k]}" for k in swept if k in run["params"]) or run["overrides"]
+def _params_text(run: dict[str, Any], keys: list[str]) -> str:
+    return " ".join(f"{k}={run['params'][k]}" for k in keys if k in run["params"]) or run["overrides"]
 
 
 def best_results(runs: list[dict[str, Any]], sweeper: str) -> dict[str, Any] | None:
     """The best job's swept parameters and value, in the Optuna sweeper's optimization_results.yaml
     format (so every sweep has its best in the same file); None if no job succeeded. Over seeds:
     the best configuration's parameters and its mean (with its std and ok jobs)."""
-    if not runs or (best := rank(runs)[0])["status"] != "ok":  # ranked first: the best ok job, if any
+    if not (ok := [r for r in runs if r["status"] == "ok"]):
         return None
     if groups := seed_groups(runs):  # with an ok job, the first configuration has a mean
         mean, std, n = groups[0]["val_bpd"]
         return {"name": sweeper, "best_params": {k: parse_value(v) for k, v in groups[0]["params"].items()},
                 "best_value": mean, "best_value_std": std, "best_value_n": n,
                 "best_jobs": [r["job"] for r in groups[0]["runs"] if r["status"] == "ok"]}
+    best = min(ok, key=lambda r: r["val_bpd"])
     return {"name": sweeper, "best_params": {k: parse_value(best["params"][k]) for k in swept_keys(runs)
                                              if k in best["params"]},
             "best_value": best["val_bpd"], "best_job": best["job"], "best_dir": best["dir"]}
@@ -203,10 +200,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     failed = len(runs) - len(ok)
     columns, rows = min(len(keys), 4), math.ceil(len(keys) / min(len(keys), 4))
     fig = Figure(figsize=(4 * columns, 3.5 * rows))
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes[len(keys):]:
-        ax.set_visible(False)
-    for ax, key in zip(axes, keys):
+    for i, key in enumerate(keys, 1):
+        ax = fig.add_subplot(rows, columns, i)
         shown = [r for r in ok if key in r["params"] or key == "configuration"]
         numbers = all(isinstance(parse_value(r["params"].get(key, "")), (int, float)) for r in shown)
 
@@ -222,11 +217,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
         ax.plot(xs, [r["val_bpd"] for r in shown], "o", alpha=0.4 if groups else 1.0,
                 label="one seed" if groups else None)
-        for i, group in enumerate(groups):
-            mean, std, _ = group["val_bpd"]
-            ax.errorbar(x(group["params"]), mean, yerr=std or 0.0, fmt="s", color="C1", capsize=4,
-                        label=None if i else "mean ± std over seeds")
         if groups:
+            stats = [g["val_bpd"] for g in groups]
+            ax.errorbar([x(g["params"]) for g in groups], [mean for mean, _, _ in stats],
+                        yerr=[std or 0.0 for _, std, _ in stats], fmt="s", color="C1", capsize=4,
+                        label="mean ± std over seeds")
             ax.legend(fontsize=7)
         ax.set(xlabel=key, ylabel="best val bits/dim")
         ax.set_title(key + (f" ({failed} failed job{'s' * (failed > 1)} not shown)" if failed else ""), fontsize=9)
@@ -234,7 +229,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     fig.tight_layout()
     with atomic_write(path) as file:
         fig.savefig(file, dpi=100, format="png")
-    return [ax.get_title() for ax in axes[:len(keys)]]
+    return [ax.get_title() for ax in fig.axes]
 
 
 def open_study(config: DictConfig):
@@ -282,11 +277,9 @@ def study_runs(study) -> list[dict[str, Any]]:
     """Every trial of an Optuna `study`, as collect_runs gives a job, plus `trial` and `sweep`
     (1 = the study's first sweep): the job's own record where its sweep dir still holds it, else
     what the study knows. A trial's state decides: only a complete one is ok."""
-    jobs = {}
-    for n, (first, sweep_dir) in enumerate(study_sweeps(study), 1):
-        for run in collect_runs(sweep_dir) if sweep_dir.is_dir() else []:
-            if run["job"] is not None:
-                jobs[first + run["job"]] = {**run, "sweep": n, "dir": str(sweep_dir / run["dir"])}
+    jobs = {first + run["job"]: {**run, "sweep": n, "dir": str(sweep_dir / run["dir"])}
+            for n, (first, sweep_dir) in enumerate(study_sweeps(study), 1)  # a moved sweep dir: no jobs
+            for run in collect_runs(sweep_dir) if run["job"] is not None}
     runs = []
     for trial in study.trials:
         run = jobs.get(trial.number)
@@ -295,11 +288,10 @@ def study_runs(study) -> list[dict[str, Any]]:
             run = {"job": None, "dir": "", "params": {k: str(v) for k, v in trial.params.items()},
                    "overrides": " ".join(f"{k}={v}" for k, v in trial.params.items()), "status": "ok",
                    "val_bpd": trial.value}
-        state = trial.state.name
-        if state == "FAIL":
-            run = {**run, "status": "failed", "error": run.get("error") or "the trial failed"}
-        elif state != "COMPLETE":
-            run = {**run, "status": "failed", "error": f"trial {state.lower()}: its sweep ended before it did"}
+        if (state := trial.state.name) != "COMPLETE":
+            error = ((run.get("error") or "the trial failed") if state == "FAIL"
+                     else f"trial {state.lower()}: its sweep ended before it did")
+            run = {**run, "status": "failed", "error": error}
         runs.append({**run, "trial": trial.number})
     return runs
 
@@ -322,7 +314,7 @@ def write_summary(config: DictConfig) -> int:
         table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
     write_text(sweep_dir / "summary.md", table)
     results_file = sweep_dir / "optimization_results.yaml"  # where the Optuna sweeper writes its best trial
-    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="sweeper")).rsplit(".", 1)[-1]
+    sweeper = str(config.hydra.sweeper._target_).rsplit(".", 1)[-1]
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
         write_text(results_file, OmegaConf.to_yaml(best))
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)

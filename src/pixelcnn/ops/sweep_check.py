@@ -53,10 +53,10 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     """The one-line error of the job with these overrides, or None if it passes the checks."""
     loader = GlobalHydra.instance().hydra.config_loader  # the loader the sweep composes its jobs with
     try:
-        check_job(loader.load_sweep_config(master, list(overrides)),
+        check_job(loader.load_sweep_config(master, overrides),
                   here=OmegaConf.select(master, "hydra.launcher._target_") in LOCAL_LAUNCHERS)
     except ConfigCompositionException as err:  # e.g. a key the job's model does not have
-        return override_error(err, list(overrides), master.hydra.job.config_name)
+        return override_error(err, overrides, master.hydra.job.config_name)
     except UserError as err:
         return str(err)
     return None
@@ -89,7 +89,7 @@ def sweep_errors(config: DictConfig) -> list[str]:
         # The jobs' overrides, as Hydra's BasicSweeper expands them (its own code).
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
         [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
-        common = set.intersection(*map(set, jobs)) if jobs else set()  # in every job: a job is named by the others
+        common = set.intersection(*map(set, jobs))  # in every job: a job is named by the others (never no job)
         checks = [(f"job {n} ({' '.join(o for o in job if o not in common) or ' '.join(job)})", job)
                   for n, job in enumerate(jobs)]
     elif sweeper == OPTUNA_SWEEPER:

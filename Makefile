@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data slurm-deps train quick test bench sample figures clean
+.PHONY: setup data slurm-deps train quick test bench sample figures lab weights clean
 
 # The venv is rebuilt only when pyproject.toml changes, so every target is idempotent.
 $(VENV)/.installed: pyproject.toml
@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 # The tests also need pytest and the optional extras they exercise (mlflow: logger=mlflow).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[test,mlflow]'
+	$(PY) -m pip install --quiet -e '.[test,mlflow,notebook]'
+	touch $@
+
+$(VENV)/.installed-lab: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[notebook,lab]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -63,6 +67,16 @@ bench: setup data
 # docs/masks.png and docs/receptive_field.png, drawn from the real model classes (tests/test_figures.py runs it).
 figures: setup
 	$(PY) scripts/figures.py
+
+# The lab notebook (notebooks/pixelcnn_lab.ipynb), opened in Jupyter from the venv.
+lab: setup $(VENV)/.installed-lab data
+	$(PY) -m jupyter lab notebooks/pixelcnn_lab.ipynb
+
+# How weights/quick_gated.ckpt was made: the conditional gated CPU preset (~13 min on 2 cores), exported to
+# weights only. It writes outputs/quick_gated.ckpt (never over an existing file); the shipped one is a copy.
+weights: setup data
+	run=outputs/weights-$$(date +%Y%m%d-%H%M%S) && $(PY) train.py experiment=quick_gated hydra.run.dir=$$run \
+		&& $(PY) scripts/export_weights.py $$run outputs/quick_gated.ckpt
 
 clean:
 	rm -rf $(VENV) outputs multirun bench.json

@@ -121,7 +121,7 @@ def draw_receptive_fields(fields: dict[str, np.ndarray], unseen: dict[str, int],
     for ax, (name, field) in zip(axes, fields.items()):
         cells, n = classify(field, pixel), field.size
         draw_grid(ax, cells, COLOURS, f"{name}\n{int((cells == BLIND).sum())} blind-spot pixels here; over the image,\n"
-                                      f"{unseen[name]:,} of {n * (n - 1) // 2:,} earlier pixels unseen")
+                                      f"{unseen[name]:,} of {n * (n - 1) // 2:,} (pixel, earlier pixel) pairs unseen")
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS(c)) for c in (TARGET, SEEN, BLIND)]
     fig.legend(handles, ["predicted pixel", "seen (nonzero gradient)", "earlier but unseen: blind spot"],
                loc="outside lower center", ncol=3, fontsize=8, frameon=False)

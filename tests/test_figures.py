@@ -43,3 +43,20 @@ def test_receptive_fields_show_the_seed_blind_spot_and_none_for_the_gated_model(
     blind = np.argwhere(seed == figures.BLIND)
     assert len(blind) > 0 and (blind[:, 0] < pixel[0]).all() and (blind[:, 1] > pixel[1]).all()  # up and right
     assert (gated != figures.BLIND).all()  # the gated model sees every earlier pixel
+
+
+def test_unseen_pairs_count_the_earlier_pixels_the_configured_gated_model_misses():
+    """Issue 28: the receptive field of the gated defaults. Over a 16x16 image there are 32,640 (output pixel,
+    earlier pixel) pairs; the first design (dilations [1]) missed 4,920 at 8 layers and 15,840 at the CPU
+    preset's 4; the configured dilations miss none at 8 layers and 4,920 at 4."""
+    figures = load_script()
+    from pixelcnn.gated_net import GatedPixelCNN
+
+    configured = figures.configured("model/gated.yaml")
+    preset = figures.configured("model/gated.yaml", {"layers": 4})  # experiment=quick_gated's depth
+    assert figures.unseen_pairs(GatedPixelCNN(channels=16, **configured), 16) == 0
+    assert figures.unseen_pairs(GatedPixelCNN(channels=16, **preset), 16) == 4_920
+    assert figures.unseen_pairs(GatedPixelCNN(channels=16, layers=8, dilations=[1]), 16) == 4_920
+    assert figures.unseen_pairs(GatedPixelCNN(channels=16, layers=4, dilations=[1]), 16) == 15_840
+    seed = figures.unseen_pairs(figures.models()["seed PixelCNN (model=pixelcnn)"], 16)
+    assert 10_000 < seed < 20_000  # the blind spot: a wedge for every pixel

@@ -3,7 +3,7 @@
 Issue 28's ablation: the Gated PixelCNN at the CPU preset's size (experiment=quick_gated: 32 channels, 4 layers),
 with each candidate change alone and all together, on the same batches in the same order, fp32, Adam:
   old        the defaults before the ablation: dilations [1], input level / L in [0, 1), ReLU-1x1-ReLU-1x1 head
-  dilated    + model.dilations=[1, 2, 1, 4] (the receptive field: the report counts the earlier pixels each variant cannot see)
+  dilated    + model.dilations=[1, 2, 1, 4] (the receptive field: the report counts the unseen pixels)
   centred    + model.centre_input=true (the input in [-1, 1])
   elu_head   + model.head=elu (ELU then one 1x1: no ReLU drops the stream's negative half)
   all        the three together

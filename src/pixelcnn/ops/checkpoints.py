@@ -101,8 +101,9 @@ def check_same_network(hparams: dict, cfg: DictConfig, path: Path, key: str) -> 
         if saved.get(name, "<unset>") != wanted.get(name, "<unset>"):
             shown = f"data.{name}" if name in ("levels", "image_size") else f"model.{name}"  # the model's follow data's
             raise UserError(f"{key}={path} holds a network with {shown}={saved.get(name, '<unset>')!r}, this config "
-                            f"has {wanted.get(name, '<unset>')!r}: its weights only fit the same network, so drop "
-                            f"that override (or train a new network from scratch)")
+                            f"has {wanted.get(name, '<unset>')!r}: its weights only fit the same network, so pass "
+                            f"the saved value (a default may have changed since it was trained), or train a new "
+                            f"network from scratch")
     schedule, now = saved_optim(hparams)["scheduler"]["name"], cfg.optim.scheduler.name
     if key == "ckpt_path" and schedule != now:
         raise UserError(f"{key}={path} was trained with optim/scheduler={schedule}, this config has {now}: a resume "

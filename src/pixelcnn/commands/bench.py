@@ -9,11 +9,11 @@ import math
 import platform
 import resource
 import statistics
+import timeit
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.rules import check_out_dir, validate
@@ -24,7 +24,7 @@ from pixelcnn.ops.files import write_text
 from pixelcnn.ops.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
 from pixelcnn.ops.resources import SpeedChoices
-from pixelcnn.training import build_module, prepare_run
+from pixelcnn.training import build_module, build_network, prepare_run
 
 register_resolvers()  # conf/bench.yaml composes the training config, which uses them
 
@@ -66,12 +66,11 @@ def plain_loop_rate(cfg: DictConfig, datamodule: L.LightningDataModule, device: 
     optimizer = torch.optim.AdamW(module.parameters(), **({"fused": True} if plain.cuda else {"foreach": True}))
     images, labels = (t.to(device) for t in datamodule.train_set)
     batch_size = cfg.data.batch_size
-    order = torch.randperm(len(images), device=device)
+    batches = torch.randperm(len(images), device=device).split(batch_size)[: max(len(images) // batch_size, 1)]  # full
     for step in range(warmup + steps):
         if step == warmup:
             start = synced_time(device)
-        first = step * batch_size % max(len(images) - batch_size, 1)
-        index = order[first : first + batch_size]
+        index = batches[step % len(batches)]
         loss = module.mean_bits_per_dim(images[index], labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -80,12 +79,9 @@ def plain_loop_rate(cfg: DictConfig, datamodule: L.LightningDataModule, device: 
 
 
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = synced_time(device)
-        fn()
-        times.append(synced_time(device) - start)
-    return statistics.median(times)
+    """The median time of `repeats` calls of `fn`, each timed alone (a GPU's queued work included; timeit pauses
+    the garbage collector meanwhile)."""
+    return statistics.median(timeit.repeat(fn, timer=lambda: synced_time(device), repeat=repeats, number=1))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -128,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
                         "est_run_min": epoch_s * cfg.trainer.max_epochs / 60}
 
     # 3. sampling: the model's own size, fresh weights (speed does not depend on them).
-    net = instantiate(cfg.model, _convert_="all").net.to(device).eval()
+    net = build_network(cfg).to(device).eval()
     size = cfg.data.image_size
     for n in bench.sample_sizes:
         uniforms = draw_uniforms(n, size, size, seed=0, device=device, channels=net.image_channels)

@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> dict:
                         "time: lower it")
     device = torch.device("cuda" if speed.cuda else "cpu")
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
+    result: dict = {"device": torch.cuda.get_device_name(device) if speed.cuda else cpu,
                     "torch": torch.__version__, "model": cfg.model.arch, "batch_size": cfg.data.batch_size,
                     "speed": vars(speed), "sampling": {}}
 

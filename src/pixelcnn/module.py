@@ -50,7 +50,7 @@ class ImageModule(ImageModel, L.LightningModule):
         **arch_kwargs,
     ):
         """`optim` is the optim group as a dict: lr, weight_decay, scheduler (one of conf/optim/scheduler/).
-        `ema_decay` > 0: the training keeps a weight average (`training.build_callbacks`), which is saved
+        `ema_decay` > 0: the training keeps a weight average (`ops.callbacks.build_callbacks`), which is saved
         so that a checkpoint says which weights it holds."""
         super().__init__(arch, levels, image_size, num_classes, image_channels, class_names, data, net, **arch_kwargs)
         self.save_hyperparameters(ignore=["net"])  # the network's own options are among them: a checkpoint rebuilds it

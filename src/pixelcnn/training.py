@@ -19,19 +19,16 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.data import changed_splits
 from pixelcnn.likelihood import ARCHITECTURES
-from pixelcnn.ops import (STEP_CHECKPOINT, STOPPED_EXIT_CODE, as_override, AtomicCheckpointIO, build_loggers,
+from pixelcnn.ops import (STOPPED_EXIT_CODE, as_override, AtomicCheckpointIO, build_callbacks, build_loggers,
                           check_model_fits, claim_job_resources, cuda_device_args, log_failure, planned_steps,
-                          ProgressBar, RandomStates, read_checkpoint, read_same_network, report_end, report_start,
-                          resolve_speed, run_dir_of, RunDirCheckpoint, RunTimeEstimate, SampleGridCallback,
-                          secondary_rank, SpeedChoices, StepCheckpoint, StopOnNonFiniteLoss, UserError, validate,
-                          WeightAverage)
+                          read_checkpoint, read_same_network, report_end, report_start, resolve_speed, run_dir_of,
+                          secondary_rank, SpeedChoices, StepCheckpoint, UserError, validate)
 from pixelcnn.quality import quality_metrics, unscorable
 
 
@@ -109,35 +106,6 @@ def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDa
     return module
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path, speed: SpeedChoices) -> list[L.Callback]:
-    # The experiment preset this run was composed with (None outside a Hydra app).
-    preset = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
-    callbacks: list[L.Callback] = [
-        RunDirCheckpoint(  # first: `trainer.checkpoint_callback` is this one
-            dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
-            monitor="val/bpd", mode="min", save_last=True, auto_insert_metric_name=False,
-        ),
-        RandomStates(),
-        SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
-                           cfg.sample.method),
-        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=preset),
-        StopOnNonFiniteLoss(),
-    ]
-    if cfg.model.ema_decay:
-        callbacks.append(WeightAverage(decay=cfg.model.ema_decay, device="cuda" if speed.cuda else "cpu"))
-    if cfg.trainer.enable_progress_bar:
-        # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
-        callbacks.append(ProgressBar(refresh_rate=cfg.progress_bar_refresh))
-    if cfg.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
-    # A constant lr is not worth a GPU read-back every log_every_n_steps; without a logger, Lightning refuses it.
-    if cfg.optim.scheduler.name != "none" and cfg.get("logger"):
-        callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
-    # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
-    callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
-    return callbacks
-
-
 def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], callbacks: list[L.Callback],
                   output_dir: Path, device_args: dict) -> L.Trainer:
     """The configured Trainer (`device_args`: a parallel sweep job's GPU); devices it cannot have,
@@ -164,20 +132,25 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     return trainer
 
 
+def prepare_run(cfg: DictConfig) -> tuple[L.LightningDataModule, SpeedChoices]:
+    """The start of train.py and bench.py: seeded, the data read and set up (model.num_classes=auto resolved),
+    and the speed choices for the whole configured run."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
+    datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
+    resolve_num_classes(cfg, datamodule)  # and a resume's data: the same as its checkpoint's
+    return datamodule, resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test the configured model; returns {"val_bpd": best, "test_bpd": ..., ...}."""
     validate(cfg, "train")
     # Threads (and GPU) of a job that shares the machine with others: before any torch work.
     resources = claim_job_resources(cfg.trainer.accelerator, cfg.trainer.devices)
     output_dir = Path(cfg.output_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
-
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
-    datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
-    resolve_num_classes(cfg, datamodule)  # and a resume's data: the same as its checkpoint's
-    speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
+    datamodule, speed = prepare_run(cfg)
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
         meta_net = build_network(cfg)
 
@@ -187,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_model_fits(cfg, speed, meta_net, trainer, len(datamodule.train_set[0]))  # before the model takes memory
     module = build_module(cfg, speed, datamodule)
     n_params = sum(p.numel() for p in module.parameters())
-    report_start(cfg, output_dir, n_params, speed, loggers)
+    report_start(cfg, output_dir, n_params, speed, trainer)
 
     started, checkpoint = time.perf_counter(), trainer.checkpoint_callback
     try:

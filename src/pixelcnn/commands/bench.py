@@ -9,52 +9,24 @@ import math
 import platform
 import resource
 import statistics
-import time
+import timeit
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.rules import check_out_dir, validate
 
+from pixelcnn.ops.callbacks import RunTimeEstimate, synced_time
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.files import write_text
 from pixelcnn.ops.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
-from pixelcnn.ops.resources import SpeedChoices, planned_steps, resolve_speed
-from pixelcnn.training import build_module, resolve_num_classes
+from pixelcnn.ops.resources import SpeedChoices
+from pixelcnn.training import build_module, build_network, prepare_run
 
 register_resolvers()  # conf/bench.yaml composes the training config, which uses them
-
-
-def now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-class _Timer(L.Callback):
-    """Times the training batches from batch `warmup` on (after compilation, autotuning) to the end
-    of the epoch, and each whole epoch (after its validation). Only these marks sync the GPU: a sync
-    per batch would hide the CPU/GPU overlap being measured."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.images, self.epoch_seconds = warmup, 0, []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        if batch_idx == self.warmup:
-            self.start = now(module.device)
-        if batch_idx >= self.warmup:
-            self.images += len(batch[0])  # images trained on inside the timed window
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self.epoch_start = now(module.device)
-
-    def on_train_epoch_end(self, trainer, module) -> None:  # runs after the epoch's validation
-        self.end = now(module.device)
-        self.epoch_seconds.append(self.end - self.epoch_start)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -69,16 +41,17 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, speed: SpeedChoices, batches: int | None,
-             epochs: int, warmup: int) -> _Timer:
-    """One `Trainer.fit` with the run's real module, data and speed settings, minus I/O."""
+def fit_once(cfg: DictConfig, datamodule: L.LightningDataModule, speed: SpeedChoices, batches: int | None = None,
+             timed_epoch: int = 0) -> RunTimeEstimate:
+    """One `Trainer.fit` with the run's real module, data and speed settings, minus I/O, up to `timed_epoch`,
+    timed by train.py's run-time estimate: the bench.train_batches after bench.warmup_batches, and that epoch."""
     module = build_module(cfg, speed, datamodule)
-    timer = _Timer(warmup)
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=speed.precision, max_epochs=epochs,
-                        limit_train_batches=batches, limit_val_batches=None if batches is None else 0,
-                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                        log_every_n_steps=cfg.trainer.log_every_n_steps)
+    timer = RunTimeEstimate(timed_epoch, warmup=cfg.bench.warmup_batches, measure=cfg.bench.train_batches, report=False)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=speed.precision,
+                        max_epochs=timed_epoch + 1, limit_train_batches=batches,
+                        limit_val_batches=None if batches is None else 0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer], log_every_n_steps=cfg.trainer.log_every_n_steps)
     trainer.fit(module, datamodule=datamodule)
     return timer
 
@@ -93,26 +66,22 @@ def plain_loop_rate(cfg: DictConfig, datamodule: L.LightningDataModule, device: 
     optimizer = torch.optim.AdamW(module.parameters(), **({"fused": True} if plain.cuda else {"foreach": True}))
     images, labels = (t.to(device) for t in datamodule.train_set)
     batch_size = cfg.data.batch_size
-    order = torch.randperm(len(images), device=device)
+    batches = torch.randperm(len(images), device=device).split(batch_size)[: max(len(images) // batch_size, 1)]  # full
     for step in range(warmup + steps):
         if step == warmup:
-            start = now(device)
-        first = step * batch_size % max(len(images) - batch_size, 1)
-        index = order[first : first + batch_size]
+            start = synced_time(device)
+        index = batches[step % len(batches)]
         loss = module.mean_bits_per_dim(images[index], labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return steps * batch_size / (now(device) - start)
+    return steps * batch_size / (synced_time(device) - start)
 
 
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = now(device)
-        fn()
-        times.append(now(device) - start)
-    return statistics.median(times)
+    """The median time of `repeats` calls of `fn`, each timed alone (a GPU's queued work included; timeit pauses
+    the garbage collector meanwhile)."""
+    return statistics.median(timeit.repeat(fn, timer=lambda: synced_time(device), repeat=repeats, number=1))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -120,31 +89,25 @@ def run(cfg: DictConfig) -> dict:
     if Path(cfg.bench.out).is_dir():  # fail now, not after minutes of measuring
         raise UserError(f"bench.out={cfg.bench.out} is a folder: pass a file name")
     check_out_dir(Path(cfg.bench.out).parent, key="bench.out")
-    L.seed_everything(cfg.seed, verbose=False)
-    torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
+    # The speed choices are made up front (Lightning moves the module back to the CPU when `fit` ends), as
+    # train.py makes them for the whole configured run, however few batches are timed here.
+    datamodule, speed = prepare_run(cfg)
     bench = cfg.bench
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup()
-    resolve_num_classes(cfg, datamodule)
     if bench.warmup_batches >= (batches := math.ceil(len(datamodule.train_set[0]) / cfg.data.batch_size)):
         raise UserError(f"bench.warmup_batches={bench.warmup_batches} leaves none of an epoch's {batches} batches to "
                         "time: lower it")
-    # Decided up front (Lightning moves the module back to the CPU when `fit` ends), as train.py
-    # decides for the whole configured run, however few batches are timed here.
-    speed = resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
     device = torch.device("cuda" if speed.cuda else "cpu")
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
+    result: dict = {"device": torch.cuda.get_device_name(device) if speed.cuda else cpu,
                     "torch": torch.__version__, "model": cfg.model.arch, "batch_size": cfg.data.batch_size,
                     "speed": vars(speed), "sampling": {}}
 
     # 1. training throughput: several short fits, median img/s after the warm-up batches; the peak
     # memory of them all (reset once: the max of each fit's peak).
     reset_peak(device)
-    timers = [fit_once(cfg, datamodule, speed, bench.warmup_batches + bench.train_batches, 1, bench.warmup_batches)
+    timers = [fit_once(cfg, datamodule, speed, bench.warmup_batches + bench.train_batches)
               for _ in range(bench.repeats)]
-    rates = [timer.images / (timer.end - timer.start) for timer in timers]
+    rates = [timer.images / timer.seconds for timer in timers]
     result["train"] = {"img_per_s": statistics.median(rates), "img_per_s_runs": rates,
                        "peak_memory_mb": peak_memory_mb(device)}
     plain = [plain_loop_rate(cfg, datamodule, device, bench.train_batches, bench.warmup_batches)
@@ -155,13 +118,13 @@ def run(cfg: DictConfig) -> dict:
     # 2. a whole epoch with validation, measured on the second epoch (the first compiles), or estimated:
     # training images / throughput.
     measured = bench.epoch == "measure" or (bench.epoch == "auto" and device.type == "cuda")
-    epoch_s = (fit_once(cfg, datamodule, speed, None, 2, 0).epoch_seconds[-1] if measured
+    epoch_s = (fit_once(cfg, datamodule, speed, timed_epoch=1).epoch_seconds if measured
                else len(datamodule.train_set[0]) / result["train"]["img_per_s"])
     result["train"] |= {"epoch_s": epoch_s, "epoch_s_measured": measured,
                         "est_run_min": epoch_s * cfg.trainer.max_epochs / 60}
 
     # 3. sampling: the model's own size, fresh weights (speed does not depend on them).
-    net = instantiate(cfg.model, _convert_="all").net.to(device).eval()
+    net = build_network(cfg).to(device).eval()
     size = cfg.data.image_size
     for n in bench.sample_sizes:
         uniforms = draw_uniforms(n, size, size, seed=0, device=device, channels=net.image_channels)

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-import torch
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -21,6 +20,7 @@ from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.ops.rules import as_override, check_out_dir
 from pixelcnn.ops.errors import UserError, WriteError, error_line, override_error, user_errors_unwrapped
 from pixelcnn.likelihood import ImageModel
+from pixelcnn.ops.resources import pick_device
 from pixelcnn.ops.run_dirs import holds_checkpoints, removable_on_error, remove_own_dir, run_dir_of
 
 # A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
@@ -90,15 +90,6 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
 def fail(message: str, status: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
-
-
-def pick_device(name: str) -> torch.device:
-    """The `device=` key of sample.py, evaluate.py and train_classifier.py (checked by `validate`)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def load_checkpoint_model(cfg: DictConfig, outputs: str) -> tuple[Path, ImageModel, Path]:

@@ -8,7 +8,7 @@ import inspect
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.quality import FashionClassifier, classify, fit_and_cache, frechet_distance, random_subset
-from pixelcnn.commands.cli import pick_device
+from pixelcnn.ops.resources import pick_device
 from pixelcnn.ops.rules import check_options, validate
 from pixelcnn.data import ImageDataModule, setup_datamodule
 

@@ -6,7 +6,8 @@ LightningModule, data module and `train()` at the package's top level). Each roo
     run_dirs     run and sweep dirs: reserved atomically, locked, found again on a resume
     final_config train.py's config completed once (`complete`): a resume's, a requeued job's, paths, sweep names
     checkpoints  find, read (weights_only) and check checkpoints; load a trained model
-    callbacks    Lightning callbacks: sample grids, step checkpoints, preemption, RNG states, EMA
+    callbacks    a training run's Lightning callbacks: sample grids, step checkpoints, preemption, RNG states,
+                 EMA, the run-time estimate
     files        every write whole or not at all
     datafiles    IDX files, the data dir and its cache;  sources: image folders and arrays;  images: image files
     resources    threads and GPU of a job that shares the machine; what fits the device; the `auto` speed choices
@@ -26,15 +27,8 @@ SEAM = {
     "validate": "rules",
     "STOPPED_EXIT_CODE": "callbacks",
     "AtomicCheckpointIO": "callbacks",
-    "ProgressBar": "callbacks",
-    "RandomStates": "callbacks",
-    "RunDirCheckpoint": "callbacks",
-    "RunTimeEstimate": "callbacks",
-    "SampleGridCallback": "callbacks",
+    "build_callbacks": "callbacks",
     "StepCheckpoint": "callbacks",
-    "StopOnNonFiniteLoss": "callbacks",
-    "WeightAverage": "callbacks",
-    "STEP_CHECKPOINT": "checkpoints",
     "read_checkpoint": "checkpoints",
     "read_same_network": "checkpoints",
     "check_model_fits": "resources",

@@ -1,7 +1,7 @@
-"""Lightning callbacks: sample grids in every logger, a run-time estimate at start, a stop as soon
-as the training loss is not finite, what makes a resumed run continue exactly (random states,
-checkpoint paths of a moved run dir), and the step checkpoint that a run killed or stopped by
-SIGTERM resumes from."""
+"""A training run's Lightning callbacks (`build_callbacks`, from its config): sample grids in every logger,
+a run-time estimate at start (whose timing bench.py shares), a stop as soon as the training loss is not
+finite, what makes a resumed run continue exactly (random states, checkpoint paths of a moved run dir),
+and the step checkpoint that a run killed or stopped by SIGTERM resumes from."""
 
 from __future__ import annotations
 
@@ -16,14 +16,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Checkpoint, EMAWeightAveraging, ModelCheckpoint, Timer, TQDMProgressBar
+from lightning.pytorch.callbacks import (Checkpoint, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
+                                         ModelCheckpoint, Timer, TQDMProgressBar)
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
 
+from pixelcnn.ops.checkpoints import STEP_CHECKPOINT
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.files import torch_save
 from pixelcnn.ops.images import levels_to_grid, save_grid
@@ -61,9 +65,10 @@ class SampleGridCallback(L.Callback):
         epoch = trainer.current_epoch + 1
         if not trainer.is_global_zero or not self.due(epoch, trainer.max_epochs, trainer.should_stop):
             return
-        # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold.
-        module = next((c.average for c in trainer.callbacks
-                       if isinstance(c, WeightAverage) and c.average is not None), module)
+        # With model.ema_decay, the weight average draws the grid, as it is what the checkpoints hold (a copy of
+        # the trained module once fit has begun; Lightning has no public accessor for it).
+        module = next((c._average_model.module for c in trainer.callbacks
+                       if isinstance(c, WeightAverage) and c._average_model is not None), module)
         labels, nrow = None, 8
         if module.conditional:  # one row per class, as `sample.py label=all` draws them
             nrow = max(self.n // module.num_classes, 1)
@@ -79,11 +84,6 @@ class WeightAverage(EMAWeightAveraging):
     """Lightning's exponential moving average of the weights (`model.ema_decay`), updated after each optimizer
     step. It validates in place of the weights, and checkpoints hold it as their state_dict (the raw weights
     go under current_model_state, for a resume), so sample.py and evaluate.py use it."""
-
-    @property
-    def average(self) -> L.LightningModule | None:
-        """The averaged module (a copy of the trained one), once fit has begun."""
-        return self._average_model.module if self._average_model is not None else None  # no public accessor
 
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         # Lightning calls this for trainer.test(ckpt_path=...) too, where the parent would put the raw
@@ -125,61 +125,72 @@ class ProgressBar(TQDMProgressBar):
                 bar.close()
 
 
+def synced_time(device: torch.device) -> float:
+    """`time.perf_counter()` once `device` has done the work queued on it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class RunTimeEstimate(L.Callback):
-    """Prints, a few batches into the run, how long training should take on this machine, and
-    refines it once a whole epoch with validation has run. With torch.compile the first epoch
-    carries the compilation, so the refinement then waits for the second epoch."""
+    """Times `measure` training batches after `warmup` ones (which carry compilation and cuDNN autotuning),
+    or fewer where the epoch ends first, and the whole epoch `timed_epoch` with its validation (with
+    torch.compile train.py times the second: the first carries the compilation). Only these marks sync the
+    GPU: a sync per batch would hide the CPU/GPU overlap being measured. With `report` (train.py), rank 0
+    prints how long training should take on this machine as soon as the batches are timed, and again from
+    the timed epoch; bench.py reads the measures (`images`, `seconds`, `epoch_seconds`)."""
 
-    WARMUP_BATCHES, MEASURE_BATCHES = 3, 10  # the warm-up skips compilation / cuDNN autotuning
-
-    def __init__(self, timed_epoch: int = 0, preset: str | None = None):
-        self.timed_epoch, self.preset = timed_epoch, preset  # preset: the experiment preset of the run, if any
-        self._t0 = self._epoch_t0 = 0.0
-        self._printed = self._hinted = False
+    def __init__(self, timed_epoch: int = 0, preset: str | None = None, warmup: int = 4, measure: int = 10,
+                 report: bool = True):
+        self.timed_epoch, self.warmup, self.measure, self.report = timed_epoch, warmup, measure, report
+        self.preset = preset  # the experiment preset of the run, if any
+        self.batches = self.images = 0  # training batches run; images in the timed ones
+        self.seconds = self.epoch_seconds = None  # of the timed batches; of the timed epoch, with its validation
+        self._hinted = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._epoch_t0 = time.perf_counter()
+        self._epoch_start = synced_time(module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.batches == self.warmup:
+            self._start = synced_time(module.device)
+        if self.batches >= self.warmup and self.seconds is None:
+            self.images += len(batch[0])
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._printed or trainer.sanity_checking or not trainer.is_global_zero:  # one estimate, not one per rank
+        self.batches += 1
+        timed = self.batches - self.warmup
+        epoch_ends = batch_idx + 1 >= trainer.num_training_batches
+        if self.seconds is not None or timed < 1 or (timed < self.measure and not epoch_ends):
             return
-        end = self.WARMUP_BATCHES + self.MEASURE_BATCHES
-        if batch_idx in (self.WARMUP_BATCHES, end) and module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)  # time the GPU's work, not its launch
-        if batch_idx == self.WARMUP_BATCHES:
-            self._t0 = time.perf_counter()
-        elif batch_idx == end:
-            per_batch = (time.perf_counter() - self._t0) / self.MEASURE_BATCHES
-            epoch_s = per_batch * trainer.num_training_batches
-            print(f"[pixelcnn] {per_batch * 1e3:.1f} ms/batch -> training alone takes about "
-                  f"{self._run_time(trainer, epoch_s)} here", flush=True)
-            self._printed = True
-            self._hint(trainer, epoch_s)
+        self.seconds = synced_time(module.device) - self._start
+        per_batch = self.seconds / timed
+        self._report(trainer, per_batch * trainer.num_training_batches,
+                     f"{per_batch * 1e3:.1f} ms/batch -> training alone takes about {{}} here")
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.current_epoch != self.timed_epoch or not trainer.is_global_zero:
-            return  # any other validation comes after on_train_epoch_start, which set _epoch_t0
-        epoch_s = time.perf_counter() - self._epoch_t0
-        print(f"[pixelcnn] epoch {self.timed_epoch + 1} incl. validation: {epoch_s:.1f} s -> whole run about "
-              f"{self._run_time(trainer, epoch_s)}", flush=True)
-        self._hint(trainer, epoch_s)
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:  # after its validation
+        if trainer.current_epoch == self.timed_epoch:
+            self.epoch_seconds = synced_time(module.device) - self._epoch_start
+            self._report(trainer, self.epoch_seconds, f"epoch {self.timed_epoch + 1} incl. validation: "
+                         f"{self.epoch_seconds:.1f} s -> whole run about {{}}")
 
-    def _hint(self, trainer: L.Trainer, epoch_s: float) -> None:
-        limits = [epoch_s * trainer.max_epochs] if trainer.max_epochs and trainer.max_epochs > 0 else []
+    def _report(self, trainer: L.Trainer, epoch_s: float, line: str) -> None:
+        """`line` with the run time that `epoch_s` per epoch gives in place of its {}; once, for a long
+        run, the CPU preset's line (`cpu_preset_hint`)."""
+        if not self.report or not trainer.is_global_zero:  # one estimate, not one per rank
+            return
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None  # -1: no limit
+        run_time = (f"{_human(epoch_s * epochs)} for {epochs} epochs (less if early stopping or max_time ends it)"
+                    if epochs else f"{_human(epoch_s)} per epoch, with no epoch limit")
+        print("[pixelcnn] " + line.format(run_time), flush=True)
+        limits = [epoch_s * epochs] if epochs else []
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time's
         if timer is not None and (left := timer.time_remaining()) is not None:
             limits.append(timer.time_elapsed() + left)
-        run_s = min(limits, default=None)
-        if not self._hinted and (hint := cpu_preset_hint(run_s, torch.cuda.is_available(), self.preset)):
+        if not self._hinted and (hint := cpu_preset_hint(min(limits, default=None), torch.cuda.is_available(),
+                                                         self.preset)):
             print(hint, flush=True)
             self._hinted = True
-
-    @staticmethod
-    def _run_time(trainer: L.Trainer, epoch_s: float) -> str:
-        if not trainer.max_epochs or trainer.max_epochs < 0:
-            return f"{_human(epoch_s)} per epoch, with no epoch limit"
-        return (f"{_human(epoch_s * trainer.max_epochs)} for {trainer.max_epochs} epochs (less if early stopping or "
-                "max_time ends it)")
 
 
 def cpu_preset_hint(run_s: float | None, has_gpu: bool, preset: str | None = None) -> str | None:
@@ -373,3 +384,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         torch_save(checkpoint, path)
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path, speed) -> list[L.Callback]:
+    """The callbacks of a training run, as its config (and `speed`, `resources.resolve_speed`'s choices) asks."""
+    # The experiment preset this run was composed with (None outside a Hydra app).
+    preset = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    callbacks: list[L.Callback] = [
+        RunDirCheckpoint(  # first: `trainer.checkpoint_callback` is this one
+            dirpath=output_dir / "checkpoints", filename="best-epoch{epoch:03d}-val_bpd{val/bpd:.4f}",
+            monitor="val/bpd", mode="min", save_last=True, auto_insert_metric_name=False,
+        ),
+        RandomStates(),
+        SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
+                           cfg.sample.method),
+        RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=preset),
+        StopOnNonFiniteLoss(),
+    ]
+    if cfg.model.ema_decay:
+        callbacks.append(WeightAverage(decay=cfg.model.ema_decay, device="cuda" if speed.cuda else "cpu"))
+    if cfg.trainer.enable_progress_bar:
+        # Each refresh reads the logged loss back from the GPU (a sync), so not every batch.
+        callbacks.append(ProgressBar(refresh_rate=cfg.progress_bar_refresh))
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor="val/bpd", mode="min", patience=cfg.early_stopping_patience))
+    # A constant lr is not worth a GPU read-back every log_every_n_steps; without a logger, Lightning refuses it.
+    if cfg.optim.scheduler.name != "none" and cfg.get("logger"):
+        callbacks.append(LearningRateMonitor())  # as the scheduler steps: per log_every_n_steps, or per epoch
+    # checkpoints/step.ckpt, replaced each time: a resume point mid-epoch, every N steps and on SIGTERM
+    callbacks.append(StepCheckpoint(output_dir / "checkpoints", STEP_CHECKPOINT, cfg.checkpoint_every_n_steps))
+    return callbacks

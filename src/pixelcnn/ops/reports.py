@@ -15,7 +15,6 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.errors import WRITE_ERRNOS, UserError
-from pixelcnn.ops.resources import secondary_rank
 from pixelcnn.ops.rules import as_override, check_sqlite
 from pixelcnn.ops.sweep import write_run_metrics
 
@@ -80,11 +79,11 @@ def log_failure(trainer, cfg: DictConfig) -> None:
             logger.finalize("failed")
 
 
-def report_start(cfg: DictConfig, output_dir: Path, parameters: int, speed, loggers: list[Logger]) -> None:
-    if secondary_rank():  # each DDP process runs this; the ranks are not set up yet
+def report_start(cfg: DictConfig, output_dir: Path, parameters: int, speed, trainer) -> None:
+    if not trainer.is_global_zero:  # each DDP process runs this (the trainer knows its rank from its start)
         return
     logs = ", ".join(f"{type(logger).__name__} {getattr(logger, 'log_dir', None) or logger.save_dir or ''}"
-                     for logger in loggers) or "none"
+                     for logger in trainer.loggers) or "none"
     print(f"[pixelcnn] run dir: {output_dir.resolve()}\n[pixelcnn] {cfg.model.arch}: {parameters:,} parameters"
           f"{f', {cfg.model.num_classes} classes' if cfg.model.num_classes else ''}; "
           f"{speed}; loggers: {logs}", flush=True)

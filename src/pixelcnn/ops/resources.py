@@ -193,8 +193,7 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: nn.Module, train
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
     footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
                                    activation_bytes=4 if speed.precision == "32-true" else 2)
-    batches = epoch_batches(cfg, images, batch_size)  # one epoch's, at most max_steps
-    batches = batches if cfg.trainer.max_steps < 0 else min(batches, cfg.trainer.max_steps)
+    batches = min(epoch_batches(cfg, images, batch_size), planned_steps(cfg, images))  # one epoch's, at most the run's
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
                             if key in cfg.model)
     check_training_fits(footprint, trainer.strategy.root_device, batches * batch_size, batch_size, size_keys)
@@ -227,6 +226,15 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def pick_device(name: str, key: str = "device") -> torch.device:
+    """The device of the setting `key`=`name`: `device=` of sample.py, evaluate.py and train_classifier.py
+    (auto, cpu, cuda), or trainer.accelerator (gpu and cuda are CUDA; Lightning's other choices are not):
+    CUDA where asked for (refused in one line on a machine without it), or by auto where there is one."""
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"{key}={name} but no CUDA device is available: use {key}=auto or {key}=cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and name in ("auto", "gpu", "cuda") else "cpu")
+
+
 def epoch_batches(cfg: DictConfig, train_images: int, batch_size: int) -> int:
     """Batches of `batch_size` in one training epoch of `train_images`, after overfit_batches or
     limit_train_batches (Lightning's meaning: a float is a fraction, rounded down; an int a number of batches)."""
@@ -250,11 +258,8 @@ def planned_steps(cfg: DictConfig, train_images: int) -> float:
 def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoices:
     """Turn the `auto` values of the speed group and of trainer.precision into concrete choices for
     the device in use and a run of `train_steps` optimizer steps (any other precision is Lightning's)."""
-    accelerator, speed = cfg.trainer.accelerator, cfg.speed
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={accelerator} but no CUDA device is available: use "
-                        "trainer.accelerator=auto (or cpu)")
-    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    speed = cfg.speed
+    cuda = pick_device(cfg.trainer.accelerator, "trainer.accelerator").type == "cuda"
     # bf16 autocast where the device computes bf16 natively (emulated, it would be slower than fp32).
     bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
     precision = cfg.trainer.precision

@@ -14,7 +14,10 @@ from omegaconf import OmegaConf
 from pixelcnn.ops.checkpoints import check_same_network, load_module
 from pixelcnn.ops.errors import UserError
 from pixelcnn.data import BatchLoader
+from pixelcnn.gated_net import GatedPixelCNN
 from pixelcnn.module import DEFAULT_OPTIM, ImageModule
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LR = 1e-2
 
@@ -239,3 +242,30 @@ def test_training_step_returns_its_loss():
     spy = Outputs()
     fit(tiny(), BatchLoader(*data(40), 8), callbacks=[spy])
     assert spy.shapes == [()] * 5
+
+
+def test_a_gated_checkpoint_from_before_the_new_defaults_is_the_first_design(tmp_path: Path):
+    """Issue 28 changed model=gated's defaults (dilations, centre_input, head). A checkpoint saved before
+    centre_input and head existed holds neither: it loads as the design it was trained with (a missing option
+    means the network's own default, the first design's), and a config with today's defaults is refused by name."""
+    hparams = {"arch": "gated", "levels": 4, "image_size": 8, "num_classes": 0, "channels": 8, "layers": 2,
+               "kernel_size": 3, "input_kernel": 7, "dilations": [1], "dropout": 0.0}
+    torch.manual_seed(0)
+    old = GatedPixelCNN(channels=8, layers=2).eval()  # the first design: ReLU head, input level / L
+    torch.save({"hyper_parameters": hparams, "state_dict": {f"net.{k}": v for k, v in old.state_dict().items()}},
+               tmp_path / "old.ckpt")
+    loaded = load_module(tmp_path / "old.ckpt")
+    assert not loaded.net.centre_input and loaded.net.head_kind == "relu"
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(loaded.net(x), old(x))
+    first_design = {"arch": "gated", "image_size": 8, "channels": 8, "layers": 2, "dilations": [1],
+                    "centre_input": False, "head": "relu"}
+    today = OmegaConf.load(ROOT / "conf" / "model" / "gated.yaml").model
+    for model, fits in ((first_design, True), ({**first_design, "centre_input": today.centre_input}, False),
+                        ({**first_design, "head": today.head}, False)):
+        config = OmegaConf.create({"model": model, "optim": {"lr": 1e-3, "scheduler": {"name": "none"}}})
+        if fits:
+            check_same_network(hparams, config, tmp_path / "old.ckpt", key="ckpt_path")
+        else:
+            with pytest.raises(UserError, match=r"holds a network with model\.(centre_input|head)=.*pass the saved"):
+                check_same_network(hparams, config, tmp_path / "old.ckpt", key="ckpt_path")

@@ -37,17 +37,24 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
-    """model.num_classes=auto becomes the loaded data's class count, so that everything after (the model,
-    its footprint, the logged hparams) sees a number; the saved Hydra config keeps `auto`. A resume continues on
-    the data it trained on: its class count (auto: the network check took the checkpoint's) and each split's
-    fingerprint (`data.fingerprint`; none in older checkpoints: not compared) against its checkpoint's."""
-    auto = cfg.model.num_classes == "auto"
-    if auto and not datamodule.num_classes:
+    """The one check of the class count against the data. model.num_classes=auto becomes the loaded data's class
+    count, so that everything after (the model, its footprint, the logged hparams) sees a number; the saved Hydra
+    config keeps `auto`; a count (> 0: conditional) must be the data's. A resume continues on the data it trained
+    on: its class count (auto: the network check took the checkpoint's) and each split's fingerprint
+    (`data.fingerprint`; none in older checkpoints: not compared) against its checkpoint's."""
+    auto, count = cfg.model.num_classes == "auto", datamodule.num_classes
+    if auto and not count:
         raise UserError(f"model.num_classes=auto but the data ({datamodule.source}) has no classes: use "
                         "model.num_classes=0 (unconditional), or give the images classes (one sub-folder each, "
                         "docs/data.md)")
     if auto:
-        cfg.model.num_classes = datamodule.num_classes
+        cfg.model.num_classes = count
+    if cfg.model.num_classes and cfg.model.num_classes != count:
+        found = (f"{count} classes ({', '.join(datamodule.class_names[:4])}{', ...' if count > 4 else ''})"
+                 if count else "no classes")
+        fix = f"model.num_classes={count} or 0" if count else "model.num_classes=0"
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the data ({datamodule.source}) has {found}: "
+                        f"use {fix}")
     if not cfg.get("ckpt_path"):
         return
     saved = read_checkpoint(Path(cfg.ckpt_path), "ckpt_path")["hyper_parameters"]
@@ -64,13 +71,8 @@ def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> N
 
 
 def data_hparams(num_classes: int, datamodule: L.LightningDataModule) -> dict:
-    """What the model takes from the data (saved with it): the class names and the source. A
-    conditional model (model.num_classes > 0) must have as many classes as the data."""
-    if num_classes and num_classes != datamodule.num_classes:
-        found = (f"{datamodule.num_classes} classes ({', '.join(datamodule.class_names[:4])}"
-                 f"{', ...' if datamodule.num_classes > 4 else ''})" if datamodule.num_classes else "no classes")
-        fix = f"model.num_classes={datamodule.num_classes} or 0" if datamodule.num_classes else "model.num_classes=0"
-        raise UserError(f"model.num_classes={num_classes} but the data ({datamodule.source}) has {found}: use {fix}")
+    """What the model takes from the data (saved with it): the class names and the source (the class count was
+    checked against the data in `resolve_num_classes`)."""
     return {"class_names": list(datamodule.class_names) if num_classes else None,
             "data": {**datamodule.source_settings(), "splits": datamodule.fingerprints}}
 

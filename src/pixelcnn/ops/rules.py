@@ -108,7 +108,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "model.kernel_size": (odd_kernel, "an odd integer >= 1"),
     "model.dropout": _in("[0, 1)"),
     "model.ema_decay": _in("[0, 1)", "a number in [0, 1) (0: no weight average)"),
-    # auto: the data's class count; > 0: checked against the data's classes once it is read (training.data_hparams)
+    # auto: the data's class count; > 0: checked against the data's once it is read (training.resolve_num_classes)
     "model.num_classes": (lambda v: v == "auto" or _int(0)[0](v), "an integer >= 0 (0: unconditional) or auto "
                           "(one class per class of the data)"),
     "optim.lr": POSITIVE,

@@ -32,7 +32,7 @@ def check_job(cfg: DictConfig, here: bool) -> None:
 
     from pixelcnn.ops.sources import has_classes
     from pixelcnn.ops.resources import resolve_speed
-    from pixelcnn.training import data_hparams, resolve_num_classes
+    from pixelcnn.training import resolve_num_classes
 
     validate(cfg, "train")
     if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
@@ -45,8 +45,7 @@ def check_job(cfg: DictConfig, here: bool) -> None:
             instantiate(cfg.model, _convert_="all", num_classes=0)
     if cfg.model.num_classes and not has_classes(cfg.data.source, cfg.data.path):  # the job's own error, from names
         no_classes = SimpleNamespace(num_classes=0, source=cfg.data.source)
-        resolve_num_classes(cfg, no_classes)  # model.num_classes=auto
-        data_hparams(cfg.model.num_classes, no_classes)  # a count
+        resolve_num_classes(cfg, no_classes)  # model.num_classes=auto or a count
 
 
 def job_error(master: DictConfig, overrides: list[str]) -> str | None:

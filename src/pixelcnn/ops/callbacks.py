@@ -147,6 +147,7 @@ class RunTimeEstimate(L.Callback):
         self.batches = self.images = 0  # training batches run; images in the timed ones
         self.seconds = self.epoch_seconds = None  # of the timed batches; of the timed epoch, with its validation
         self._hinted = False
+        self._epoch_start = None  # a resume may start at an epoch's end (its on_train_epoch_start ran before the save)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._epoch_start = synced_time(module.device)
@@ -169,7 +170,7 @@ class RunTimeEstimate(L.Callback):
                      f"{per_batch * 1e3:.1f} ms/batch -> training alone takes about {{}} here")
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:  # after its validation
-        if trainer.current_epoch == self.timed_epoch:
+        if trainer.current_epoch == self.timed_epoch and self._epoch_start is not None:
             self.epoch_seconds = synced_time(module.device) - self._epoch_start
             self._report(trainer, self.epoch_seconds, f"epoch {self.timed_epoch + 1} incl. validation: "
                          f"{self.epoch_seconds:.1f} s -> whole run about {{}}")

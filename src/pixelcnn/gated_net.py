@@ -285,8 +285,8 @@ class IncrementalGatedPixelCNN:
         for layer, row, link in zip(net.gated_layers, self.horizontal_inputs, self.links):
             row[:, :, j + layer.horizontal.pad_left] = h
             h = layer.horizontal_at(row, j, link[:, :, j], labels)  # (B, C)
-        logits = net.output(h, labels, conv1x1_at, bias=lambda b: b)  # (B, C*L)
-        return logits[:, channel * net.levels : (channel + 1) * net.levels]  # (B, L)
+        # (B, C*L) -> (B, C, L) -> (B, L): channel c's logits
+        return net.output(h, labels, conv1x1_at, bias=lambda b: b).unflatten(1, (-1, net.levels))[:, channel]
 
     def set_pixel(self, i: int, j: int, values: Tensor, channel: int = 0) -> None:
         p = self.net.input_vertical.pad_side

@@ -21,7 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import (Checkpoint, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                          ModelCheckpoint, Timer, TQDMProgressBar)
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,23 +33,10 @@ from pixelcnn.ops.files import torch_save
 from pixelcnn.ops.images import levels_to_grid, save_grid
 
 
-def log_grid_image(logger: Logger, grid: torch.Tensor, temperature: float, epoch: int) -> None:
-    """Put the (3, H, W) sample grid of `epoch` where `logger` keeps images: TensorBoard's images
-    tab, an MLflow image artifact (samples/epochNNN_T<t>.png), or (CSV and any other logger with a
-    log_dir) a PNG in <log_dir>/samples/."""
-    name = f"epoch{epoch:03d}_T{temperature:g}.png"
-    if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_image(f"samples/T={temperature:g}", grid, epoch)
-    elif isinstance(logger, MLFlowLogger):
-        pixels = grid.permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()  # (H, W, 3) as MLflow takes it
-        logger.experiment.log_image(logger.run_id, pixels, artifact_file=f"samples/{name}")
-    elif getattr(logger, "log_dir", None):
-        save_grid(grid, Path(logger.log_dir) / "samples" / name)
-
-
 class SampleGridCallback(L.Callback):
-    """Every `every_n_epochs` epochs (and the last), a grid of samples in every logger, drawn with a fixed
-    seed: successive grids use the same random numbers, so they show how the model changes rather than
+    """Every `every_n_epochs` epochs (and the last), a grid of samples in every logger (TensorBoard's images
+    tab, an MLflow image artifact samples/epochNNN_T<t>.png, or a PNG in <log_dir>/samples/), drawn with a
+    fixed seed: successive grids use the same random numbers, so they show how the model changes rather than
     sampling noise. Conditional models get one row per class."""
 
     def __init__(self, every_n_epochs: int, n: int, temperature: float, seed: int, method: str):  # the sample group
@@ -75,9 +62,16 @@ class SampleGridCallback(L.Callback):
             labels = torch.arange(module.num_classes).repeat_interleave(nrow)
         n = len(labels) if labels is not None else self.n
         images = module.sample(n, self.temperature, self.seed, labels, self.method)
-        grid = levels_to_grid(images, module.levels, nrow=nrow, scale=4)
-        for logger in trainer.loggers:
-            log_grid_image(logger, grid, self.temperature, epoch)
+        grid = levels_to_grid(images, module.levels, nrow=nrow, scale=4)  # (3, H, W)
+        name = f"epoch{epoch:03d}_T{self.temperature:g}.png"
+        for logger in trainer.loggers:  # where each keeps images (CSV and any other with a log_dir: PNGs)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"samples/T={self.temperature:g}", grid, epoch)
+            elif isinstance(logger, MLFlowLogger):
+                pixels = grid.permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()  # (H, W, 3) as MLflow takes it
+                logger.experiment.log_image(logger.run_id, pixels, artifact_file=f"samples/{name}")
+            elif getattr(logger, "log_dir", None):
+                save_grid(grid, Path(logger.log_dir) / "samples" / name)
 
 
 class WeightAverage(EMAWeightAveraging):
@@ -218,8 +212,7 @@ class RandomStates(L.Callback):
     an uninterrupted run: in `on_train_start`, after what only a resumed run does before training
     (building the loaders, the sanity check). numpy's state is a tensor, for `weights_only=True`."""
 
-    def __init__(self):
-        self._to_restore: dict | None = None
+    _to_restore: dict | None = None  # a resumed checkpoint's states, until training starts
 
     def state_dict(self) -> dict:
         keys, position, has_gauss, cached_gaussian = np.random.get_state()[1:]
@@ -264,9 +257,8 @@ class RunDirCheckpoint(ModelCheckpoint):
                 moved = isinstance(path, str) and path and Path(path).parent == Path(old_dir)
                 return str(Path(self.dirpath) / Path(path).name) if moved else path
 
-            state_dict = {**state_dict, "dirpath": self.dirpath,
-                          **{key: here(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path",
-                                                                        "last_model_path") if key in state_dict},
+            # Every path in the old folder (best, kth best, last), then the best k's keys; no other value is one.
+            state_dict = {**{key: here(value) for key, value in state_dict.items()}, "dirpath": self.dirpath,
                           "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
         super().load_state_dict(state_dict)
 
@@ -397,8 +389,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, speed) -> list[L.Callback
             monitor="val/bpd", mode="min", save_last=True, auto_insert_metric_name=False,
         ),
         RandomStates(),
-        SampleGridCallback(cfg.sample.every_n_epochs, cfg.sample.n, cfg.sample.temperature, cfg.sample.seed,
-                           cfg.sample.method),
+        SampleGridCallback(**cfg.sample),
         RunTimeEstimate(timed_epoch=1 if speed.compile else 0, preset=preset),
         StopOnNonFiniteLoss(),
     ]

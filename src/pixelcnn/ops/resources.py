@@ -120,31 +120,6 @@ class Footprint:
     step_flops: float         # one optimizer step: the backward pass costs about twice the forward
 
 
-def training_footprint(net: nn.Module, batch_size: int, image_size: int, conditional: bool, channels: int = 1,
-                       activation_bytes: int = 4) -> Footprint:
-    """The footprint of `net` (built on the meta device) trained on (batch_size, channels, S, S) images.
-    `activation_bytes`: 2 under 16-bit mixed precision, else 4. A lower bound of the real need:
-    temporary buffers, the data and the framework itself come on top."""
-    from torch.utils.flop_counter import FlopCounterMode  # late: it imports triton (0.06 s)
-
-    values = 0
-
-    def count(module: nn.Module, inputs, output) -> None:
-        nonlocal values
-        if isinstance(output, Tensor) and not list(module.children()):  # a leaf layer's output
-            values += output.numel()
-
-    hook = nn.modules.module.register_module_forward_hook(count)
-    try:  # torch's own count of the forward pass's FLOPs (matrix products and convolutions)
-        with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as flops:
-            labels = torch.zeros(batch_size, dtype=torch.long) if conditional else None
-            net(torch.zeros(batch_size, channels, image_size, image_size), labels)
-    finally:
-        hook.remove()
-    parameters = sum(p.numel() for p in net.parameters())
-    return Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops.get_total_flops())
-
-
 def available_memory(device: torch.device) -> int:
     """Bytes free for a job on `device`: CUDA's free memory, or the host's MemAvailable."""
     if device.type == "cuda":
@@ -171,7 +146,7 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
                         size_keys: str) -> None:
     """Refuse, in one line and before anything is allocated, a model whose training cannot fit
     `device`'s free memory or cannot finish one epoch within MAX_EPOCH_SECONDS at peak speed.
-    Both are lower bounds (`training_footprint`), so a model that fits is never refused."""
+    Both are lower bounds (`check_model_fits`), so a model that fits is never refused."""
     free, needed = available_memory(device), footprint.state_bytes + footprint.activation_bytes
     if needed > free:
         raise UserError(f"this model needs at least {needed / 1e9:.1f} GB to train at data.batch_size="
@@ -188,11 +163,30 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
 
 def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: nn.Module, trainer, train_images: int) -> None:
     """Refuse a model too large for the trainer's device, or too slow for an epoch to end
-    (`check_training_fits`), from `net` built on the meta device (no memory)."""
+    (`check_training_fits`), from `net` built on the meta device (no memory): its `Footprint` at the largest
+    batch one device takes, a lower bound of the real need (temporary buffers, the data and the framework
+    itself come on top)."""
+    from torch.utils.flop_counter import FlopCounterMode  # late: it imports triton (0.06 s)
+
     images = train_images // trainer.world_size  # one device's share
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
-    footprint = training_footprint(net, batch_size, cfg.data.image_size, cfg.model.num_classes > 0, cfg.data.channels,
-                                   activation_bytes=4 if speed.precision == "32-true" else 2)
+    values = 0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal values
+        if isinstance(output, Tensor) and not list(module.children()):  # a leaf layer's output
+            values += output.numel()
+
+    hook = nn.modules.module.register_module_forward_hook(count)
+    try:  # torch's own count of the forward pass's FLOPs (matrix products and convolutions)
+        with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as flops:
+            labels = torch.zeros(batch_size, dtype=torch.long) if cfg.model.num_classes > 0 else None
+            net(torch.zeros(batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), labels)
+    finally:
+        hook.remove()
+    parameters = sum(p.numel() for p in net.parameters())
+    activation_bytes = 4 if speed.precision == "32-true" else 2  # 16-bit mixed precision keeps 16-bit activations
+    footprint = Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops.get_total_flops())
     batches = min(epoch_batches(cfg, images, batch_size), planned_steps(cfg, images))  # one epoch's, at most the run's
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
                             if key in cfg.model)

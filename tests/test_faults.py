@@ -174,6 +174,25 @@ def test_sigterm_saves_at_the_next_step_and_resumes_bit_for_bit(work: Path, refe
     assert_same_training(reference, run_dir)
 
 
+def test_with_gradient_accumulation_step_checkpoints_wait_for_the_optimizer_step(work: Path, tmp_path: Path):
+    """trainer.accumulate_grad_batches=2 (5 batches an epoch: steps after batches 2, 4 and 5): a step
+    checkpoint or a SIGTERM save waits for the end of the accumulation group, whose gradients no checkpoint
+    holds, so that step.ckpt is always an optimizer step's state and the resume is the uninterrupted run."""
+    args = [*TINY, "trainer.max_epochs=3", "trainer.accumulate_grad_batches=2", "checkpoint_every_n_steps=1",
+            *data_args(work)]
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    straight = run("train.py", *args, f"hydra.run.dir={reference}", cwd=work)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # SIGTERM at the end of step 4's group (epoch 2, batch 2): the next batch starts a group and has no step
+    stopped = run("train.py", *args, f"hydra.run.dir={run_dir}", cwd=work, env=kill_env(4, "SIGTERM"))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "optimizer step 5" in stopped.stdout, stopped.stdout[-2000:]
+    assert torch.load(run_dir / "checkpoints" / "step.ckpt", weights_only=True, mmap=True)["global_step"] == 5
+    resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)
+    assert resumed.returncode == 0 and "step.ckpt" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert_same_training(reference, run_dir)
+
+
 def test_a_weight_average_resumes_bit_for_bit_after_sigterm_then_sigkill(work: Path, tmp_path: Path):
     """model.ema_decay: SIGTERM mid-epoch (step.ckpt at the next step), then SIGKILL of the resumed run
     after a later step.ckpt, then a resume to the end: the average, the raw weights and the average's own

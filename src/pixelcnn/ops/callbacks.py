@@ -285,7 +285,10 @@ class StepCheckpoint(Checkpoint):
     mid-step (and submitit's saves no model), so they run at the next step boundary, after step.ckpt is
     saved (Lightning's then saves hpc_ckpt_N.ckpt and calls `scontrol requeue`; submitit's requeues the
     job and exits); the requeued job continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the
-    ranks decide together (one reduction per batch): all save the same step and stop together."""
+    ranks decide together (one reduction per batch): all save the same step and stop together.
+
+    With `trainer.accumulate_grad_batches` > 1 a batch that ends no optimizer step is no boundary: the
+    gradients it accumulated are in no checkpoint, so a save there would not resume bit for bit."""
 
     def __init__(self, dirpath: str | Path, filename: str, every_n_steps: int | None = None):
         self.path = Path(dirpath) / f"{filename}.ckpt"
@@ -293,9 +296,11 @@ class StepCheckpoint(Checkpoint):
         self.signal: int | None = None  # the stop signal received (SIGTERM or a requeue signal)
         self.stopped = False  # this callback saved and stopped the run
         self._due_at_epoch_end = False
+        self._step_seen = 0  # trainer.global_step at the last batch's end: it moves when a batch ends a step
         self._requeue_handlers: dict[int, Any] = {}  # requeue signal -> the handler deferred to a step boundary
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._step_seen = trainer.global_step
         if trainer.received_sigterm:  # one that came since `fit` began (Lightning's handler)
             self.signal = signal.SIGTERM
         if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
@@ -314,9 +319,10 @@ class StepCheckpoint(Checkpoint):
         return trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False)  # any rank's signal
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        stop = self._stop_now(trainer)
+        stop = self._stop_now(trainer)  # on every batch: under DDP each rank takes part in the reduction
+        stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
         due = stop or (self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0)
-        if not due or trainer.fast_dev_run:
+        if not due or not stepped or trainer.fast_dev_run:
             return
         if batch_idx + 1 >= trainer.num_training_batches:  # the epoch's last batch: see the class doc
             self._due_at_epoch_end = True

@@ -9,7 +9,7 @@ import atexit
 import logging
 import os
 import sys
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,12 @@ def sweep_job_dir(cfg: DictConfig):
     refused meanwhile, and a second process on the same job dir too), whatever the launcher; Hydra's
     on_job_start cannot refuse a job (it turns a callback's exception into a warning)."""
     job_dir = Path(cfg.output_dir)
-    lock = None if secondary_rank() else hold_run_dir(job_dir, f"the job dir {job_dir}")
-    try:
+    with ExitStack() as stack:
+        # Released as the job ends (closing it releases the flock): the process (a serial sweep's, a joblib
+        # worker) goes on to other jobs.
+        if not secondary_rank():
+            stack.callback(os.close, hold_run_dir(job_dir, f"the job dir {job_dir}"))
         yield
-    finally:
-        if lock is not None:  # the process (a serial sweep's, a joblib worker) goes on to other jobs
-            os.close(lock)  # releases the flock
 
 
 @contextmanager

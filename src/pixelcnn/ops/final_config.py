@@ -69,10 +69,8 @@ def complete(config: DictConfig) -> tuple[Path, bool]:
             config.ckpt_path = resume(config, ckpt_path, resume_dir, resuming, job)
         if requeued:
             config.init_from = None
-            if not secondary_rank():
-                print(f"[pixelcnn] SLURM requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): "
-                      + (f"continuing it from {config.ckpt_path}" if job else f"continuing its run in {run_dir}"),
-                      flush=True)
+            say(f"SLURM requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): "
+                + (f"continuing it from {config.ckpt_path}" if job else f"continuing its run in {run_dir}"))
         for key, path in absolute_paths(config).items():
             OmegaConf.update(config, key, path)
         if default_name and not resuming and not secondary_rank():  # outputs/<date>/<time>, or with a suffix
@@ -92,14 +90,12 @@ def resume(config: DictConfig, ckpt_path: str, resume_dir: Path | None, in_place
         if not (in_place and Path(ckpt_path).is_dir() and (resume_dir / ".hydra").is_dir()
                 and not (resume_dir / "metrics.json").exists() and not any(resume_dir.rglob("*.ckpt"))):
             raise
-        if not secondary_rank():
-            print(f"[pixelcnn] {resume_dir} has no checkpoint (it stopped before its first one): training it "
-                  "from the start, with its saved config", flush=True)
+        say(f"{resume_dir} has no checkpoint (it stopped before its first one): training it from the start, "
+            "with its saved config")
         return None
     # Every process of an srun job reads the same files: all exit (a sweep job is never finished: SLURM requeued it).
     if in_place and not job and (reason := finished_run(resume_dir, checkpoint, config.trainer)):
-        if not secondary_rank():
-            print(f"[pixelcnn] {resume_dir} has already finished ({reason}); nothing was changed", flush=True)
+        say(f"{resume_dir} has already finished ({reason}); nothing was changed")
         sys.exit(0)
     return str(path)
 
@@ -163,7 +159,7 @@ def restore_saved_config(config: DictConfig, run_dir: Path) -> None:
             name = f"{prefix}{key}"
             if (not prefix and key in NOT_RESTORED) or name in given or any(name.startswith(g + ".") for g in given):
                 continue
-            if not isinstance(own, dict) or key not in own:
+            if key not in own:  # `own` is a dict: copy recurses only into dicts
                 ignored.append(name)
             elif isinstance(value, dict) and isinstance(own[key], dict):
                 copy(value, own[key], f"{name}.")
@@ -182,12 +178,16 @@ def restore_saved_config(config: DictConfig, run_dir: Path) -> None:
             if key != "hydra":
                 config[key] = value
         config.hydra.runtime.choices = composed.hydra.runtime.choices
+    say(f"resuming {run_dir}: re-applying the run's overrides, read from {record} as data: "
+        f"{' '.join(groups + restored) or '(none)'}")
+    if ignored:
+        say(f"ignored in {record}: {', '.join(ignored)} (not plain values of this project's config keys)")
+
+
+def say(message: str) -> None:
+    """One `[pixelcnn]` line, printed by rank 0 only (every rank completes the same config)."""
     if not secondary_rank():
-        print(f"[pixelcnn] resuming {run_dir}: re-applying the run's overrides, read from {record} as data: "
-              f"{' '.join(groups + restored) or '(none)'}", flush=True)
-        if ignored:
-            print(f"[pixelcnn] ignored in {record}: {', '.join(ignored)} (not plain values of this "
-                  "project's config keys)", flush=True)
+        print(f"[pixelcnn] {message}", flush=True)
 
 
 def read_saved_yaml(path: Path) -> dict:

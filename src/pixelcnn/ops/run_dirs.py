@@ -42,7 +42,7 @@ def fresh_dir(base: str) -> str:
     dir (registered with use_cache=True: resolved once, and Hydra copies the cache into every job's
     config, so all jobs of a sweep get the same dir)."""
     base_path = Path(base)
-    try:
+    with suppress(OSError):  # an unwritable parent or disk: RunDirGuard reports it in one line
         _CREATED_PARENTS.extend(missing_dirs(base_path.resolve().parent))
         for suffix in range(MAX_SUFFIX):
             candidate = base_path if suffix == 0 else base_path.with_name(f"{base_path.name}_{suffix}")
@@ -50,8 +50,6 @@ def fresh_dir(base: str) -> str:
                 os.makedirs(candidate)  # its parents as needed; the name itself only if it is new
                 _CREATED.add(candidate.resolve())
                 return str(candidate)
-    except OSError:  # an unwritable parent or disk: RunDirGuard reports it in one line
-        pass
     return base
 
 
@@ -71,9 +69,7 @@ def check_run_dir(path: Path, key: str, resuming: bool) -> None:
     if (free := shutil.disk_usage(existing).free) < MIN_RUN_DIR_FREE:
         raise UserError(f"{key}={path} is on a disk with {free // 1024} kB free, less than a run needs to start: "
                         "free some space there or pass a folder on another disk")
-    if resuming:
-        return
-    if path.is_dir() and any(path.iterdir()):
+    if not resuming and path.is_dir() and any(path.iterdir()):
         raise UserError(f"{key}={path} already holds files (an earlier run?): pass a new folder, or resume that "
                         f"run with {as_override('ckpt_path', path)}")
     claim_if_new(path)
@@ -170,6 +166,5 @@ def sweep_subdir(job_num: int, override_dirname: str) -> str:
 def register_resolvers() -> None:
     """Make the resolvers above known to OmegaConf, before Hydra composes a config that uses them."""
     # use_cache: a sweep dir is reserved once per config (Hydra copies the cache into each job's config).
-    for resolver in (resume_run_dir, fresh_dir, resume_output_subdir, sweep_subdir):
-        if not OmegaConf.has_resolver(resolver.__name__):
-            OmegaConf.register_new_resolver(resolver.__name__, resolver, use_cache=resolver is fresh_dir)
+    for resolver in (resume_run_dir, fresh_dir, resume_output_subdir, sweep_subdir):  # replace: bench.py registers too
+        OmegaConf.register_new_resolver(resolver.__name__, resolver, use_cache=resolver is fresh_dir, replace=True)

@@ -203,23 +203,19 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     for i, key in enumerate(keys, 1):
         ax = fig.add_subplot(rows, columns, i)
         shown = [r for r in ok if key in r["params"] or key == "configuration"]
-        numbers = all(isinstance(parse_value(r["params"].get(key, "")), (int, float)) for r in shown)
-
-        def x(params: dict[str, str]) -> int | float | str:  # text: matplotlib's categories, in the sweep's order
-            value = parse_value(params.get(key, "(all jobs)"))
-            return value if numbers else str(value)
-
-        xs = [x(r["params"]) for r in shown]
-        if not numbers:
+        # The jobs' values, then the configurations' (both have `params`).
+        xs = [parse_value(item["params"].get(key, "(all jobs)")) for item in shown + groups]
+        if not all(isinstance(value, (int, float)) for value in xs):
+            xs = [str(value) for value in xs]  # text: matplotlib's categories, in the sweep's order
             ax.tick_params("x", labelrotation=30)
         elif min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
-        ax.plot(xs, [r["val_bpd"] for r in shown], "o", alpha=0.4 if groups else 1.0,
+        ax.plot(xs[:len(shown)], [r["val_bpd"] for r in shown], "o", alpha=0.4 if groups else 1.0,
                 label="one seed" if groups else None)
         if groups:
             stats = [g["val_bpd"] for g in groups]
-            ax.errorbar([x(g["params"]) for g in groups], [mean for mean, _, _ in stats],
+            ax.errorbar(xs[len(shown):], [mean for mean, _, _ in stats],
                         yerr=[std or 0.0 for _, std, _ in stats], fmt="s", color="C1", capsize=4,
                         label="mean ± std over seeds")
             ax.legend(fontsize=7)

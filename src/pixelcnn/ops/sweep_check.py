@@ -44,8 +44,7 @@ def check_job(cfg: DictConfig, here: bool) -> None:
         with torch.device("meta"):  # the class count (auto: the data's, unknown here) is not in the model's checks
             instantiate(cfg.model, _convert_="all", num_classes=0)
     if cfg.model.num_classes and not has_classes(cfg.data.source, cfg.data.path):  # the job's own error, from names
-        no_classes = SimpleNamespace(num_classes=0, source=cfg.data.source)
-        resolve_num_classes(cfg, no_classes)  # model.num_classes=auto or a count
+        resolve_num_classes(cfg, SimpleNamespace(num_classes=0, source=cfg.data.source))  # auto or a count
 
 
 def job_error(master: DictConfig, overrides: list[str]) -> str | None:
@@ -95,11 +94,8 @@ def sweep_errors(config: DictConfig) -> list[str]:
         checks = search_space_checks(arguments)
     else:  # another sweeper: its jobs are checked as they start
         return []
-    errors, seen = [], set()
+    errors = {}  # one line per job; Optuna: per error, as a bad fixed override shows in every check of the space
     for label, overrides in checks:
-        error = job_error(config, overrides)
-        # A bad fixed override shows in every check of the search space: named once.
-        if error is not None and not (sweeper == OPTUNA_SWEEPER and error in seen):
-            seen.add(error)
-            errors.append(f"error: {label}: {error}")
-    return errors
+        if (error := job_error(config, overrides)) is not None:
+            errors.setdefault(error if sweeper == OPTUNA_SWEEPER else label, f"error: {label}: {error}")
+    return list(errors.values())

@@ -40,8 +40,6 @@ def resize_images(images: Tensor, image_size: int) -> Tensor:
     """(N, H, W) grey or (N, H, W, C) channels-last uint8 -> (N, C, S, S) float32 in 0..255, bilinear
     with half-pixel centres, each channel on its own."""
     pixels = images[:, None].float() if images.dim() == 3 else images.permute(0, 3, 1, 2).float()
-    if pixels.shape[-1] == image_size and pixels.shape[-2] == image_size:
-        return pixels
     return F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False)
 
 

@@ -68,7 +68,19 @@ def load_data(source: str, path: Path | None, root: Path, system_dir: str | os.P
         data = load_idx_dataset(root, system_dir, download, image_size, levels, preprocess, source)
         # Grey as RGB: the same levels in every channel.
         return {k: v.repeat(1, channels, 1, 1) if k.endswith("_images") else v for k, v in data.items()}
-    return load_own_images(root, source, path, image_size, levels, channels, preprocess)
+    # A folder or array source (`pixelcnn.ops.sources`), with its class_names (a list).
+    cache = root / (f"{source}-{path.name or 'root'}-{sources.content_key(path)}"  # named by its content
+                    f"_{image_size}px_{levels}lv_{channels}ch.pt")
+
+    def build() -> dict:
+        splits, names = (sources.read_folder if source == "folder" else sources.read_array)(path, channels)
+        data = {"class_names": names}
+        for split, (images, labels) in splits.items():
+            data[f"{split}_images"] = preprocess(images, image_size, levels, channels)
+            data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+        return save_cache(cache, data)
+
+    return cached(cache, lambda: load_cache(cache, image_size, levels, channels, ("train",)), build)
 
 
 # ---------------------------------------------------------------------------- IDX files
@@ -107,17 +119,6 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
 
 
-def read_split(images_path: Path, labels_path: Path, name: str) -> tuple[Tensor, Tensor]:
-    """One split's images (N, H, W) uint8 and labels (N,) int64 of the dataset `name`, checked to belong together."""
-    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1).long()
-    if len(images) != len(labels):
-        raise CorruptDatasetError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-    if len(labels) and labels.max() >= IDX_CLASSES:
-        raise CorruptDatasetError(f"{labels_path}: label {labels.max().item()} is not a {name} class "
-                                  f"(0..{IDX_CLASSES - 1})")
-    return images, labels
-
-
 def find_idx_files(directory: Path) -> dict[str, Path] | None:
     """The four IDX files in `directory` (each raw or .gz: the raw one if both, as torchvision keeps both),
     or None if any is missing."""
@@ -135,9 +136,8 @@ def locate_dataset(root: Path, system_dir: Path | None, download: bool, dataset:
     for directory in (*root_dirs, *([system_dir] if system_dir is not None else [])):
         if files := find_idx_files(directory):
             return files
-    if not download:
-        download_outcome = "download disabled (data.download=false)"
-    else:
+    download_outcome = "download disabled (data.download=false)"
+    if download:
         try:
             import torchvision  # late: only the download uses it, and importing it takes seconds
 
@@ -173,7 +173,14 @@ def load_idx_dataset(root: str | os.PathLike, system_dir: str | os.PathLike | No
         data = {}
         try:
             for split, (images_name, labels_name) in SPLIT_FILES.items():
-                images, labels = read_split(files[images_name], files[labels_name], name)
+                images_path, labels_path = files[images_name], files[labels_name]
+                images, labels = read_idx(images_path, 3), read_idx(labels_path, 1).long()
+                if len(images) != len(labels):  # the two files of a split belong together
+                    raise CorruptDatasetError(f"{images_path} has {len(images)} images but {labels_path} has "
+                                              f"{len(labels)} labels")
+                if len(labels) and labels.max() >= IDX_CLASSES:
+                    raise CorruptDatasetError(f"{labels_path}: label {labels.max().item()} is not a {name} class "
+                                              f"(0..{IDX_CLASSES - 1})")
                 data[f"{split}_images"] = preprocess(images.numpy(), image_size, levels, 1)
                 data[f"{split}_labels"] = labels
         except CorruptDatasetError as err:  # named with its dataset, and how to get it again
@@ -184,27 +191,6 @@ def load_idx_dataset(root: str | os.PathLike, system_dir: str | os.PathLike | No
         return save_cache(cache, data)
 
     return cached(cache, lambda: load_cache(cache, image_size, levels), build)
-
-
-# ---------------------------------------------------------------------------- own images
-
-
-def load_own_images(root: Path, source: str, path: Path, image_size: int, levels: int, channels: int,
-                    preprocess: Preprocess) -> dict:
-    """A folder or array source (`pixelcnn.ops.sources`) preprocessed: {<split>_images (N, C, S, S) uint8,
-    <split>_labels (N,) int64} for the splits it has, and class_names (a list), from the cache if possible."""
-    cache = root / (f"{source}-{path.name or 'root'}-{sources.content_key(path)}"  # named by its content
-                    f"_{image_size}px_{levels}lv_{channels}ch.pt")
-
-    def build() -> dict:
-        splits, names = (sources.read_folder if source == "folder" else sources.read_array)(path, channels)
-        data = {"class_names": names}
-        for split, (images, labels) in splits.items():
-            data[f"{split}_images"] = preprocess(images, image_size, levels, channels)
-            data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
-        return save_cache(cache, data)
-
-    return cached(cache, lambda: load_cache(cache, image_size, levels, channels, ("train",)), build)
 
 
 # ---------------------------------------------------------------------------- cache

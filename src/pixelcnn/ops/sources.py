@@ -12,6 +12,7 @@ import hashlib
 import math
 import zipfile
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -182,7 +183,7 @@ def has_classes(source: str, path: str | None) -> bool:
     """False where data=folder or data=array at `path` surely has no classes, told from names alone (no image or
     array is read: a sweep's pre-check); True where it has them or this cannot tell (the job reads the data)."""
     path = Path(path or "")
-    try:
+    with suppress(OSError, ValueError, zipfile.BadZipFile):  # unreadable: the job says why
         if source == "folder" and path.is_dir():  # classes are sub-folders (of the split folders, if any)
             roots = [path / split for split in SPLITS if (path / split).is_dir()] or [path]
             return any(len(file.relative_to(root).parts) > 1 for root in roots for file in image_files(root))
@@ -191,6 +192,4 @@ def has_classes(source: str, path: str | None) -> bool:
         if source == "array" and path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as arrays:  # its member names, from the zip's directory
                 return any(key == "class_names" or key.endswith("labels") for key in arrays.files)
-    except (OSError, ValueError, zipfile.BadZipFile):  # unreadable: the job says why
-        pass
     return True

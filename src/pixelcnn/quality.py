@@ -79,17 +79,15 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
     accuracy, and save the weights into the cache file in `datamodule.root` (for its image size
     and level count). Returns the classifier in eval mode."""
     datamodule.setup()  # a no-op when already set up
-    image_size, levels = datamodule.image_size, datamodule.levels
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    classifier = FashionClassifier(levels).to(device)
+    torch.manual_seed(seed)  # the initial weights, dropout and the batches' order
+    classifier = FashionClassifier(datamodule.levels).to(device)
     images, labels = (t.to(device) for t in datamodule.train_set)
     steps = epochs * math.ceil(len(images) / batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    generator = torch.Generator(device=images.device).manual_seed(seed)
     for _ in range(epochs):
-        for index in torch.randperm(len(images), generator=generator, device=images.device).split(batch_size):
+        for index in torch.randperm(len(images), device=images.device).split(batch_size):
             if len(index) < 2:  # batch norm cannot train on one image (at 2px its maps are 1x1)
                 continue
             loss = F.cross_entropy(classifier(images[index]), labels[index])
@@ -100,11 +98,11 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
     classifier.eval()
     test_images, test_labels = datamodule.test_set
     classifier.test_accuracy = (classify(classifier, test_images)[1] == test_labels.cpu()).float().mean().item()
-    path = classifier_path(datamodule.root, image_size, levels)
+    path = classifier_path(datamodule.root, datamodule.image_size, datamodule.levels)
     save_cache(path, {"state_dict": classifier.state_dict(), "test_accuracy": torch.tensor(classifier.test_accuracy)})
-    print(f"[classifier] {image_size}px/{levels} levels: test accuracy {classifier.test_accuracy:.2%} after {epochs} "
-          f"epochs on {len(images)} images ({time.perf_counter() - started:.0f} s on "
-          f"{torch.device(device).type}); saved {path}", flush=True)
+    print(f"[classifier] {datamodule.image_size}px/{datamodule.levels} levels: test accuracy "
+          f"{classifier.test_accuracy:.2%} after {epochs} epochs on {len(images)} images "
+          f"({time.perf_counter() - started:.0f} s on {torch.device(device).type}); saved {path}", flush=True)
     return classifier
 
 

@@ -106,8 +106,7 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
     per_image = maps.double().mean((1, 2))  # (N,) bits/dim of each test image
     seconds = time.perf_counter() - started
     order = per_image.argsort()
-    extremes = min(cfg.extremes, len(order))
-    files = {name: save_grid(levels_to_grid(images[ranked[:extremes]], module.levels, scale=cfg.scale),
+    files = {name: save_grid(levels_to_grid(images[ranked[:cfg.extremes]], module.levels, scale=cfg.scale),
                              out_dir / f"{name}.png")
              for name, ranked in (("most_likely", order), ("least_likely", order.flip(0)))}
     metrics = {

@@ -67,8 +67,6 @@ class ImageModel(nn.Module):
         (B, C, H, W) uint8 level images -> (B, H, W)"""
         x = images.float() / self.levels  # (B, C, H, W) model input
         logits = self.net(x, labels if self.conditional else None)  # (B, C*L, H, W)
-        if images.shape[1] == 1:  # grey: the logits are already (B, L, H, W)
-            return F.cross_entropy(logits.float(), images[:, 0].long(), reduction="none") / math.log(2)
         logits = logits.unflatten(1, (images.shape[1], self.levels)).transpose(1, 2)  # (B, L, C, H, W)
         return F.cross_entropy(logits.float(), images.long(), reduction="none").mean(1) / math.log(2)
 

@@ -90,11 +90,10 @@ class ImageModule(ImageModel, L.LightningModule):
         optim = self.optim
         optimizer = torch.optim.AdamW(self.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"],
                                       **({"fused": True} if fused else {"foreach": True}))
-        scheduler = dict(optim["scheduler"])
-        name, self._cosine = scheduler.pop("name"), None
-        if name == "none":
+        scheduler, self._cosine = optim["scheduler"], None
+        if scheduler["name"] == "none":
             return optimizer
-        if name == "cosine":  # its run length is known once the train loader is: see on_train_start
+        if scheduler["name"] == "cosine":  # its run length is known once the train loader is: see on_train_start
             self._cosine = WarmupCosine(scheduler["warmup_steps"], scheduler["final_lr_ratio"])
             config = {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, self._cosine), "interval": "step"}
         else:  # plateau (config.RULES allow these three)

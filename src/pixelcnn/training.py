@@ -156,8 +156,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with torch.device("meta"):  # the model's own option checks, before Lightning prints; no memory
         meta_net = build_network(cfg)
 
-    loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, speed, loggers, build_callbacks(cfg, output_dir, speed), output_dir,
+    trainer = build_trainer(cfg, speed, build_loggers(cfg), build_callbacks(cfg, output_dir, speed), output_dir,
                             cuda_device_args(resources) if speed.cuda else {})
     check_model_fits(cfg, speed, meta_net, trainer, len(datamodule.train_set[0]))  # before the model takes memory
     module = build_module(cfg, speed, datamodule)

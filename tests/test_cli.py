@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fakes import write_dataset
 from pixelcnn.ops.callbacks import SampleGridCallback
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
+from pixelcnn.commands.cli import check_command_line
 from pixelcnn.ops.rules import as_override, validate
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.sweep import collect_runs, summary_table
@@ -402,6 +403,47 @@ def test_bad_values_are_named_by_validate(override: str, key: str):
     """The same UserError path as above (exit 2, one line), checked in-process for each rule."""
     with pytest.raises(UserError, match=rf"^{key}="):
         validate(compose_train(*override.split()), "train")
+
+
+@pytest.mark.parametrize("script, config, arg, addable", [
+    ("train.py", "train", "+data.foo=1", True),  # the data module would fail on it as an unforeseen TypeError
+    ("train.py", "train", "+sample.foo=1", True),
+    ("train.py", "train", "+optim.betas=[0.9,0.99]", True),  # read by nothing: silently ignored before
+    ("train.py", "train", "+optim.scheduler.foo=1", True),
+    ("train.py", "train", "+speed.foo=1", True),
+    ("train.py", "train", "+foo=1", True),
+    ("bench.py", "bench", "+bench.foo=1", True),
+    ("sample.py", "sample", "+foo=1", False),
+    ("evaluate.py", "evaluate", "+quality.n=5", False),
+])
+def test_a_key_added_where_nothing_reads_it_is_refused(capsys, script: str, config: str, arg: str, addable: bool):
+    """Hydra adds any key with +key=value; one that no code reads is a typo gone silent: one line, exit 2.
+    Keys of trainer and model stay addable (Lightning's Trainer and the network check them, below)."""
+    conf = ROOT / "conf" / ("entry" if config in ("sample", "evaluate") else "")
+    with pytest.raises(SystemExit) as exit_:
+        check_command_line([script, arg], conf, config)
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    key = arg[1:].partition("=")[0]
+    assert line.startswith(f"error: {key} is not an option: +{key} adds a key that nothing reads")
+    assert ("only keys of trainer and model can be added" if addable else "no key can be added here") in line
+    assert line.endswith(f"python {script} --cfg job lists the keys")
+    check_command_line([script, "+hydra.job.env_set.X=1", *(["+trainer.max_time=null", "+model.foo=1",
+                                                             "+experiment=quick"] if addable else [])], conf, config)
+
+
+def test_an_added_trainer_key_must_be_a_lightning_trainer_argument():
+    with pytest.raises(UserError, match=r"^trainer.max_epoch is not an argument of Lightning's Trainer: did you mean "
+                                        r"trainer.max_epochs"):
+        validate(compose_train("+trainer.max_epoch=3"), "train")
+    validate(compose_train("+trainer.overfit_batches=2"), "train")  # a Lightning knob is welcome
+
+
+def test_a_group_added_that_the_config_has_already_says_to_drop_the_plus(workdir: Path):
+    result = run("train.py", "+experiment=quick", f"hydra.run.dir={workdir / 'added'}", cwd=workdir)
+    assert result.returncode == 2 and not (workdir / "added").exists()
+    assert result.stderr.strip() == ("error: experiment is chosen by the config already: pass experiment=quick "
+                                     "(without +) to change it")
 
 
 def test_the_network_object_is_not_a_setting():

@@ -51,7 +51,7 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
 def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> None:
     """The `__main__` of every entry point: `check_command_line`, then the Hydra app `main`, whose failures
     outside the task function (composing the config, or any other of Hydra's) are one line too."""
-    check_command_line(sys.argv, config_dir)
+    check_command_line(sys.argv, config_dir, config_name)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises them, instead of printing them in many lines
     with exit_on_user_error():
         try:
@@ -62,11 +62,17 @@ def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> N
                 raise UserError(override_error(err, args, config_name)) from None
 
 
-def check_command_line(argv: list[str], config_dir: Path) -> None:
+# The groups a key may be added to (+group.key=value), by config: their owners check the added keys (Lightning's
+# Trainer, the network's constructor, the classifier's data module); a key added anywhere else is read by nothing.
+ADDABLE = {"train": ("trainer", "model"), "bench": ("trainer", "model"), "classifier": ("data",)}
+
+
+def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> None:
     """Before Hydra, whose own messages are a dozen lines: an override its grammar cannot read (a path
-    with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote it, and a
+    with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote it, a
     `group=option` (model=gated, sweeps like model=pixelcnn,gated, lists like logger=[tensorboard,csv])
-    naming an option that `config_dir/group/` lacks gets one with the choices; exit 2."""
+    naming an option that `config_dir/group/` lacks gets one with the choices, and a key added with `+`
+    outside the groups of `ADDABLE` (it would be silently ignored) gets one; exit 2."""
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or arg.startswith("-"):  # flags (-m, --config-name x) and their values
@@ -76,6 +82,11 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
         except OverrideParseException as err:
             fail(f"Hydra cannot read {arg!r} ({str(err).splitlines()[0]}): quote the value, single quotes for "
                  f"the shell and double quotes for Hydra, e.g. {as_override(key, value)}")
+        addable = ADDABLE.get(config_name, ())
+        if arg.startswith("+") and not (config_dir / key).is_dir() and key.split(".")[0] not in ("hydra", *addable):
+            where = f"only keys of {' and '.join(addable)} can be added" if addable else "no key can be added here"
+            fail(f"{key} is not an option: {arg.partition('=')[0]} adds a key that nothing reads ({where}); "
+                 f"python {Path(argv[0]).name} --cfg job lists the keys")
         group = config_dir / key
         if value.startswith("[") and value.endswith("]"):  # several options at once: logger=[tensorboard,csv]
             value = value[1:-1]

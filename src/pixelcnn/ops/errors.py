@@ -91,7 +91,10 @@ def override_error(err: ConfigCompositionException, overrides: list[str], config
     for group in groups:  # the list grows as it goes: nested groups (optim/scheduler) too
         groups += [f"{group}/{g}" for g in loader.list_groups(group)]
     chosen = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_sweep_override()]
-    config = OmegaConf.to_container(loader.load_configuration(config_name, chosen, RunMode.RUN), resolve=False)
+    try:
+        config = OmegaConf.to_container(loader.load_configuration(config_name, chosen, RunMode.RUN), resolve=False)
+    except ConfigCompositionException:  # the group choices themselves fail (+experiment=x twice): Hydra's line says why
+        config = {}
 
     def paths(node: dict, prefix: str = "") -> list[str]:
         return [path for k, v in node.items() if k != "hydra"
@@ -101,6 +104,8 @@ def override_error(err: ConfigCompositionException, overrides: list[str], config
     leaves = [key for key in keys if not any(k.startswith(key + ".") for k in keys)] + groups
     for override in parsed:
         key, value = override.key_or_group, override.input_line.partition("=")[2]
+        if override.is_add() and f"Multiple values for {key}." in str(err):  # Hydra's advice is for a defaults list
+            return f"{key} is chosen by the config already: pass {key}={value} (without +) to change it"
         if override.is_add() or override.is_force_add() or key.startswith("hydra") or key in keys + groups:
             continue
         close = [MOVED[key]] if key in MOVED else []

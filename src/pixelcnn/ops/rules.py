@@ -6,6 +6,7 @@ value's range and type, each command its own keys (`RULES`, `validate`), in one 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
@@ -263,6 +264,13 @@ def combination_error(cfg: DictConfig, command: str) -> str | None:
         return None
     if error := network_error({k: v for k, v in OmegaConf.to_container(cfg.model).items() if not k.startswith("_")}):
         return error  # Hydra's _target_ and such are not the model's
+    from lightning import Trainer  # late: sample.py and evaluate.py validate no Trainer
+
+    arguments = set(inspect.signature(Trainer).parameters)  # +trainer.<key>: a Lightning knob, or nothing reads it
+    if unknown := sorted(k for k in cfg.trainer if not k.startswith("_") and k not in arguments):
+        close = difflib.get_close_matches(unknown[0], arguments, n=3)
+        return (f"trainer.{unknown[0]} is not an argument of Lightning's Trainer"
+                + (f": did you mean {' or '.join(f'trainer.{c}' for c in close)}?" if close else ""))
     if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
         return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
     if select("optim.scheduler.name") == "plateau" and select("trainer.limit_val_batches") == 0:

@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # test) a SIGTERM saves nothing.
         if trainer.is_global_zero and not any(isinstance(c, StepCheckpoint) and c.stopped for c in trainer.callbacks):
             print(f"[pixelcnn] stopped by SIGTERM outside training (nothing new saved); resume with: python train.py "
-                  f"ckpt_path={output_dir}", flush=True)
+                  f"{as_override('ckpt_path', output_dir)}", flush=True)
         raise SystemExit(STOPPED_EXIT_CODE) from None
     except Exception:
         log_failure(trainer, cfg)

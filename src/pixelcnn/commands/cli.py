@@ -42,7 +42,8 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
         if cleanup_dir is not None and Path(cleanup_dir).is_dir():
             if holds_checkpoints(cleanup_dir):
                 if isinstance(err, WriteError):
-                    message += f"; the run resumes from its last complete checkpoint with ckpt_path={cleanup_dir}"
+                    resume = as_override("ckpt_path", cleanup_dir)
+                    message += f"; the run resumes from its last complete checkpoint with {resume}"
             elif removable_on_error(cleanup_dir):
                 remove_own_dir(cleanup_dir)
         fail(message, 2 if isinstance(err, UserError) else 1)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from pixelcnn.ops.checkpoints import STEP_CHECKPOINT
 from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.rules import as_override
 from pixelcnn.ops.files import torch_save
 from pixelcnn.ops.images import levels_to_grid, save_grid
 
@@ -343,7 +344,7 @@ class StepCheckpoint(Checkpoint):
         requeue = self._requeue_handlers.get(self.signal)
         if trainer.is_global_zero:
             name = signal.Signals(self.signal).name if self.signal else "another process's signal"
-            resume = f"python train.py ckpt_path={self.path.parent.parent}"
+            resume = f"python train.py {as_override('ckpt_path', self.path.parent.parent)}"  # pastes as printed
             then = (f"the requeued job continues from it (if not requeued: {resume})" if requeue
                     else f"resume with: {resume}")
             print(f"[pixelcnn] stopped by {name}{' (SLURM requeue)' * bool(requeue)} at optimizer step "

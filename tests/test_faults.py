@@ -365,6 +365,12 @@ def test_finished_run_is_left_alone(work: Path, reference: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "has already finished" in result.stdout and "nothing was changed" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
+    # A bad run length on that resume is named, as on any run (it was compared with the checkpoint unchecked:
+    # max_time=abc was an unforeseen TypeError, max_epochs=0 "finished").
+    for bad, message in (("trainer.max_time=abc", "trainer.max_time='abc' is invalid"),
+                         ("trainer.max_epochs=0", "trainer.max_epochs=0 is invalid")):
+        assert one_error_line(run("train.py", f"ckpt_path={reference}", bad, cwd=work)).startswith(f"error: {message}")
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
 
 
 def test_run_ended_by_max_time_is_left_alone(work: Path, tmp_path: Path):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pixelcnn.ops.checkpoints import read_same_network
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.resources import secondary_rank
-from pixelcnn.ops.rules import PATH_KEYS, as_override
+from pixelcnn.ops.rules import PATH_KEYS, as_override, validate
 from pixelcnn.ops.run_dirs import fresh_dir, requeued_job, run_dir_of
 
 # Never taken back from a saved config: where this run writes and what it continues or starts from.
@@ -94,6 +94,8 @@ def resume(config: DictConfig, ckpt_path: str, resume_dir: Path | None, in_place
             "with its saved config")
         return None
     # Every process of an srun job reads the same files: all exit (a sweep job is never finished: SLURM requeued it).
+    if in_place and not job:
+        validate(config, "train")  # first: finished_run compares the checkpoint with trainer.max_* as given
     if in_place and not job and (reason := finished_run(resume_dir, checkpoint, config.trainer)):
         say(f"{resume_dir} has already finished ({reason}); nothing was changed")
         sys.exit(0)

@@ -428,7 +428,7 @@ def test_a_key_added_where_nothing_reads_it_is_refused(capsys, script: str, conf
     assert line.startswith(f"error: {key} is not an option: +{key} adds a key that nothing reads")
     assert ("only keys of trainer and model can be added" if addable else "no key can be added here") in line
     assert line.endswith(f"python {script} --cfg job lists the keys")
-    check_command_line([script, "+hydra.job.env_set.X=1", *(["+trainer.max_time=null", "+model.foo=1",
+    check_command_line([script, "+hydra.job.env_set.X=1", "++seed=3", *(["+trainer.max_time=null", "+model.foo=1",
                                                              "+experiment=quick"] if addable else [])], conf, config)
 
 

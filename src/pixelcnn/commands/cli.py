@@ -84,7 +84,8 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
             fail(f"Hydra cannot read {arg!r} ({str(err).splitlines()[0]}): quote the value, single quotes for "
                  f"the shell and double quotes for Hydra, e.g. {as_override(key, value)}")
         addable = ADDABLE.get(config_name, ())
-        if arg.startswith("+") and not (config_dir / key).is_dir() and key.split(".")[0] not in ("hydra", *addable):
+        added = arg.startswith("+") and not arg.startswith("++")  # ++ also overrides a key the config has
+        if added and not (config_dir / key).is_dir() and key.split(".")[0] not in ("hydra", *addable):
             where = f"only keys of {' and '.join(addable)} can be added" if addable else "no key can be added here"
             fail(f"{key} is not an option: {arg.partition('=')[0]} adds a key that nothing reads ({where}); "
                  f"python {Path(argv[0]).name} --cfg job lists the keys")

@@ -6,7 +6,6 @@ run); one extra cell at the end reads back the numbers a student is told about."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +37,12 @@ def test_the_committed_notebook_carries_the_outputs_of_a_run():
 
 @needs_data
 @pytest.mark.dataset
-def test_the_notebook_runs_top_to_bottom_and_teaches_true_numbers(monkeypatch):
+def test_the_notebook_runs_top_to_bottom_and_teaches_true_numbers():
     nbclient = pytest.importorskip("nbclient", reason="the notebook extra: pip install -e '.[notebook]'")
     import nbformat
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell(CHECK))
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # beside another worker: one thread, as conftest gives the others
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute()  # raises CellExecutionError naming the cell on any error

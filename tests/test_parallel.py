@@ -69,7 +69,8 @@ def test_the_launchers_compose_from_the_plugins_configs():
 
 
 # --- a parallel sweep -------------------------------------------------------------------------------
-def test_a_parallel_sweep_runs_its_jobs_with_a_share_of_the_threads(workdir: Path):
+def test_a_parallel_sweep_runs_its_jobs_with_a_share_of_the_threads(workdir: Path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the sweep's own share, not conftest's one thread per worker
     sweep = workdir / "multirun-parallel"
     result = run("train.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *TINY, *NO_QUALITY,
                  *data_args(workdir), "trainer.max_epochs=1", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}",

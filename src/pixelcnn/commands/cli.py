@@ -74,6 +74,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
     `group=option` (model=gated, sweeps like model=pixelcnn,gated, lists like logger=[tensorboard,csv])
     naming an option that `config_dir/group/` lacks gets one with the choices, and a key added with `+`
     outside the groups of `ADDABLE` (it would be silently ignored) gets one; exit 2."""
+    addable = ADDABLE.get(config_name, ())
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or arg.startswith("-"):  # flags (-m, --config-name x) and their values
@@ -83,7 +84,6 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
         except OverrideParseException as err:
             fail(f"Hydra cannot read {arg!r} ({str(err).splitlines()[0]}): quote the value, single quotes for "
                  f"the shell and double quotes for Hydra, e.g. {as_override(key, value)}")
-        addable = ADDABLE.get(config_name, ())
         added = arg.startswith("+") and not arg.startswith("++")  # ++ also overrides a key the config has
         if added and not (config_dir / key).is_dir() and key.split(".")[0] not in ("hydra", *addable):
             where = f"only keys of {' and '.join(addable)} can be added" if addable else "no key can be added here"

@@ -4,11 +4,8 @@ sample.py on the resulting checkpoint, and one clear error line for every bad in
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from commands import run, run_here
 from fakes import write_dataset
 from pixelcnn.ops.callbacks import SampleGridCallback
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
@@ -42,12 +40,6 @@ NO_QUALITY = ["quality_n=0"]  # the end-of-run sample-quality check is covered o
 def compose_train(*overrides: str):
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         return compose("train", overrides=list(overrides))
-
-
-def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +189,7 @@ def test_resume_from_the_run_dir_alone_reapplies_its_overrides(workdir: Path, tr
 ])
 def test_resume_with_another_model_fails_cleanly(workdir: Path, trained_run: Path, override: str, saved: str):
     records = sorted((trained_run / ".hydra").iterdir())
-    result = run("train.py", f"ckpt_path={trained_run}", override, cwd=workdir)
+    result = run_here("train.py", f"ckpt_path={trained_run}", override, cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ckpt_path=") and saved in line
@@ -259,7 +251,7 @@ def test_a_run_dir_with_spaces_and_accents_pastes_as_printed(workdir: Path, trai
     result = run("sample.py", *sample_command[2:], "n=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((copy / "samples").glob("*.png"))
-    result = run("sample.py", f"ckpt={copy}", cwd=tmp_path)
+    result = run_here("sample.py", f"ckpt={copy}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: Hydra cannot read") and as_override("ckpt", copy) in line
@@ -269,7 +261,7 @@ def test_a_failed_resume_never_deletes_the_folder(tmp_path: Path):
     folder = tmp_path / "my_runs"
     (folder / "keep").mkdir(parents=True)
     (folder / "keep" / "notes.txt").write_text("precious")
-    result = run("train.py", f"ckpt_path={folder}", cwd=tmp_path)
+    result = run_here("train.py", f"ckpt_path={folder}", cwd=tmp_path)
     assert result.returncode == 2 and "folder without checkpoints" in result.stderr
     assert (folder / "keep" / "notes.txt").read_text() == "precious"
 
@@ -342,7 +334,7 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
 ])
 def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
     run_dir = workdir / "outputs" / f"bad-{key}"
-    result = run("train.py", *TINY, *NO_QUALITY, *data_args(workdir), override, f"hydra.run.dir={run_dir}", cwd=workdir)
+    result = run_here("train.py", *TINY, *NO_QUALITY, *data_args(workdir), override, f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode != 0
     assert key in result.stderr.splitlines()[0] or key in result.stderr.splitlines()[1]
     assert "Traceback" not in result.stderr
@@ -356,7 +348,7 @@ def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
 ])
 def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str], message: str):
     run_dir = workdir / "outputs" / "bad-arch"
-    result = run("train.py", *overrides, *NO_QUALITY, *data_args(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)
+    result = run_here("train.py", *overrides, *NO_QUALITY, *data_args(workdir), f"hydra.run.dir={run_dir}", cwd=workdir)
     assert result.returncode == 2 and not run_dir.exists()
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: " + message)
@@ -440,7 +432,7 @@ def test_an_added_trainer_key_must_be_a_lightning_trainer_argument():
 
 
 def test_a_group_added_that_the_config_has_already_says_to_drop_the_plus(workdir: Path):
-    result = run("train.py", "+experiment=quick", f"hydra.run.dir={workdir / 'added'}", cwd=workdir)
+    result = run_here("train.py", "+experiment=quick", f"hydra.run.dir={workdir / 'added'}", cwd=workdir)
     assert result.returncode == 2 and not (workdir / "added").exists()
     assert result.stderr.strip() == ("error: experiment is chosen by the config already: pass experiment=quick "
                                      "(without +) to change it")
@@ -454,7 +446,7 @@ def test_the_network_object_is_not_a_setting():
 
 def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    result = run("train.py", *TINY, *NO_QUALITY, f"data.root={tmp_path / 'empty'}", f"data.system_dir={tmp_path / 'none'}",
+    result = run_here("train.py", *TINY, *NO_QUALITY, f"data.root={tmp_path / 'empty'}", f"data.system_dir={tmp_path / 'none'}",
                  f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2 and not run_dir.exists() and "Traceback" not in result.stderr
     message = result.stderr.strip()
@@ -469,7 +461,7 @@ def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):
     (lambda d: torch.save({"state_dict": {}}, d / "other.ckpt") or d / "other.ckpt", "not a checkpoint of this"),
 ])
 def test_bad_checkpoint_fails_cleanly(tmp_path: Path, make_ckpt, message):
-    result = run("sample.py", f"ckpt={make_ckpt(tmp_path)}", f"out={tmp_path / 'out'}", cwd=tmp_path)
+    result = run_here("sample.py", f"ckpt={make_ckpt(tmp_path)}", f"out={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ckpt") and message in line
@@ -494,7 +486,7 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
 
 
 def test_bench_py_refuses_a_warmup_as_long_as_the_epoch(workdir: Path, tmp_path: Path):
-    result = run("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",
+    result = run_here("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",
                  "bench.warmup_batches=5", f"bench.out={tmp_path / 'bench.json'}", cwd=tmp_path)  # 80 images: 5 batches
     assert result.returncode == 2 and result.stderr.strip() == ("error: bench.warmup_batches=5 leaves none of an "
                                                                 "epoch's 5 batches to time: lower it")
@@ -510,12 +502,12 @@ def test_bench_py_refuses_a_warmup_as_long_as_the_epoch(workdir: Path, tmp_path:
 def test_sample_py_input_errors(trained_run: Path, tmp_path: Path, args: list[str], message: str):
     (tmp_path / "a_file").write_text("")
     args = [a.format(run=trained_run, file=tmp_path / "a_file") for a in args]
-    result = run("sample.py", *args, cwd=tmp_path)
+    result = run_here("sample.py", *args, cwd=tmp_path)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert message in line
 
 
 def test_bad_sample_temperature_fails_cleanly(trained_run: Path, tmp_path: Path):
-    result = run("sample.py", f"ckpt={trained_run}", "temperature=[1.0,-1]", f"out={tmp_path / 'out'}", cwd=tmp_path)
+    result = run_here("sample.py", f"ckpt={trained_run}", "temperature=[1.0,-1]", f"out={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 2 and "temperature" in result.stderr and not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ import json
 
 import lightning as L
 import torch
+from commands import run_here
 from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - a fixture
 from test_training_knobs import data, fit, tiny
 
@@ -106,7 +107,7 @@ def test_train_py_reports_the_average_and_the_scripts_read_the_run(workdir: Path
     torch.save(checkpoint, tmp_path / "plain.ckpt")
     for path, message in ((tmp_path / "plain.ckpt", "holds no raw weights (current_model_state)"),
                           (tmp_path / "missing", "does not exist")):  # the checkpoint readers' own errors: one line
-        refused = run("scripts/ema_vs_raw.py", str(path), cwd=workdir)
+        refused = run_here("scripts/ema_vs_raw.py", str(path), cwd=workdir)
         [line] = refused.stderr.strip().splitlines()
         assert refused.returncode == 1 and line.startswith("error: ") and message in line, refused.stderr[-2000:]
     curve = run("scripts/val_curve.py", str(run_dir), "--out", str(tmp_path / "curve.png"), cwd=workdir)

@@ -25,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from commands import run, run_here
 from fakes import write_dataset
 from pixelcnn.ops.callbacks import RunDirCheckpoint
 from pixelcnn.ops.checkpoints import SAVED_DATA_KEYS
@@ -49,12 +50,6 @@ TINY = [
     "quality_n=0",
 ]
 EPOCHS = ["trainer.max_epochs=4", "checkpoint_every_n_steps=4"]  # step.ckpt at steps 4, 8, 12, 16, 20
-
-
-def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -282,7 +277,7 @@ def test_sigterm_in_a_sweep_is_not_done(work: Path, tmp_path: Path):
         assert os.WIFSTOPPED(status), status
         [job] = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
         before = {p: p.stat().st_mtime_ns for p in job.rglob("*")}
-        line = one_error_line(run("train.py", f"ckpt_path={job}", cwd=work))
+        line = one_error_line(run_here("train.py", f"ckpt_path={job}", cwd=work))
         assert "is in use" in line and f"pid {holder.pid}" in line, line
         assert {p: p.stat().st_mtime_ns for p in job.rglob("*")} == before
         holder.send_signal(signal.SIGTERM)  # handled once it runs again
@@ -325,7 +320,7 @@ def test_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(work: Path
         _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once it has stopped itself
         assert os.WIFSTOPPED(status), status
         before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-        line = one_error_line(run("train.py", f"ckpt_path={run_dir}", cwd=work))
+        line = one_error_line(run_here("train.py", f"ckpt_path={run_dir}", cwd=work))
         assert "is in use" in line and f"pid {holder.pid}" in line, line
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
     finally:
@@ -361,7 +356,7 @@ def test_batch_loader_state_continues_the_epoch_and_the_next():
 
 def test_finished_run_is_left_alone(work: Path, reference: Path):
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
-    result = run("train.py", f"ckpt_path={reference}", cwd=work)
+    result = run_here("train.py", f"ckpt_path={reference}", cwd=work)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "has already finished" in result.stdout and "nothing was changed" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
@@ -369,7 +364,7 @@ def test_finished_run_is_left_alone(work: Path, reference: Path):
     # max_time=abc was an unforeseen TypeError, max_epochs=0 "finished").
     for bad, message in (("trainer.max_time=abc", "trainer.max_time='abc' is invalid"),
                          ("trainer.max_epochs=0", "trainer.max_epochs=0 is invalid")):
-        assert one_error_line(run("train.py", f"ckpt_path={reference}", bad, cwd=work)).startswith(f"error: {message}")
+        assert one_error_line(run_here("train.py", f"ckpt_path={reference}", bad, cwd=work)).startswith(f"error: {message}")
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
 
 
@@ -436,7 +431,7 @@ def test_malicious_checkpoint_never_runs(work: Path, tmp_path: Path):
                         ("evaluate.py", f"ckpt={downloads / 'model.ckpt'}"),
                         ("train.py", f"ckpt_path={downloads / 'model.ckpt'}"),
                         ("train.py", f"ckpt_path={run_dir}")):  # resuming a run dir someone sent
-        result = run(script, arg, *(data_args(work) if script == "train.py" else []), cwd=tmp_path)
+        result = run_here(script, arg, *(data_args(work) if script == "train.py" else []), cwd=tmp_path)
         assert not marker.exists(), f"{script} ran the checkpoint's code"
         assert "could run code" in one_error_line(result), script
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "downloads", "last.ckpt", "model.ckpt", "run"]
@@ -481,11 +476,11 @@ def test_a_run_dir_from_someone_else_never_runs_code(work: Path, reference: Path
     [ignored] = [line for line in result.stdout.splitlines() if line.startswith("[pixelcnn] ignored in")]
     assert all(key in ignored for key in ("model._target_", "model._args_", "data._target_", "seed", "evil"))
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 5
-    line = one_error_line(run("sample.py", f"ckpt={tmp_path / 'payload.ckpt'}", cwd=tmp_path))
+    line = one_error_line(run_here("sample.py", f"ckpt={tmp_path / 'payload.ckpt'}", cwd=tmp_path))
     assert "is not an option of model.arch=gated" in line
     for record in hydra_dir.rglob("config.yaml"):  # the first one and the resume's (the one read: the newest)
         record.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
-    assert "cannot be read as a saved config" in one_error_line(run("train.py", f"ckpt_path={run_dir}", cwd=tmp_path))
+    assert "cannot be read as a saved config" in one_error_line(run_here("train.py", f"ckpt_path={run_dir}", cwd=tmp_path))
     assert not marker.exists() and not made_dir.exists()
 
 
@@ -495,7 +490,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_dir(work: 
            "PIXELCNN_KILL_AT_STEP": "1"}
     killed = run("train.py", *TINY, *EPOCHS, *data_args(work), f"hydra.run.dir={run_dir}", cwd=work, env=env)
     assert killed.returncode == -signal.SIGKILL and not list(run_dir.rglob("*.ckpt"))
-    line = one_error_line(run("train.py", *TINY, *EPOCHS, *data_args(work), f"hydra.run.dir={run_dir}", cwd=work))
+    line = one_error_line(run_here("train.py", *TINY, *EPOCHS, *data_args(work), f"hydra.run.dir={run_dir}", cwd=work))
     assert f"ckpt_path={run_dir}" in line  # the way forward it names is the one below
     resumed = run("train.py", f"ckpt_path={run_dir}", cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -508,7 +503,7 @@ def test_truncated_checkpoint_and_cache(work: Path, reference: Path, tmp_path: P
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes((reference / "checkpoints" / "last.ckpt").read_bytes()[:5000])
     for script, key in (("sample.py", "ckpt"), ("evaluate.py", "ckpt"), ("train.py", "ckpt_path")):
-        assert "truncated" in one_error_line(run(script, f"{key}={truncated}", cwd=tmp_path)), script
+        assert "truncated" in one_error_line(run_here(script, f"{key}={truncated}", cwd=tmp_path)), script
     data = tmp_path / "data"
     shutil.copytree(work / "data", data)
     cache = data / "fashion_mnist_16px_4lv.pt"
@@ -557,14 +552,14 @@ def test_user_files_in_the_run_dir_are_never_deleted(work: Path, tmp_path: Path)
     folder = tmp_path / "d"
     folder.mkdir()
     (folder / "notes.log").write_text("x")
-    line = one_error_line(run("train.py", "data.levels=300", f"hydra.run.dir={folder}", cwd=tmp_path))
+    line = one_error_line(run_here("train.py", "data.levels=300", f"hydra.run.dir={folder}", cwd=tmp_path))
     assert "already holds files" in line
     assert sorted(p.name for p in folder.iterdir()) == ["notes.log"] and (folder / "notes.log").read_text() == "x"
 
 
 def test_finished_run_dir_is_not_reused_by_a_new_run(work: Path, reference: Path):
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
-    line = one_error_line(run("train.py", *TINY, *data_args(work), f"hydra.run.dir={reference}", cwd=work))
+    line = one_error_line(run_here("train.py", *TINY, *data_args(work), f"hydra.run.dir={reference}", cwd=work))
     assert "already holds files" in line and f"ckpt_path={reference}" in line
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
 
@@ -580,7 +575,7 @@ def test_finished_run_dir_is_not_reused_by_a_new_run(work: Path, reference: Path
 def test_failed_run_leaves_no_run_dir(work: Path, tmp_path: Path, args: list[str], message: str):
     """With the default run dir (outputs/<date>/<time>), which the run itself reserved."""
     args = [a.format(tmp=tmp_path) for a in args]
-    assert message in one_error_line(run("train.py", *TINY, *data_args(work), *args, cwd=tmp_path))
+    assert message in one_error_line(run_here("train.py", *TINY, *data_args(work), *args, cwd=tmp_path))
     assert list(tmp_path.iterdir()) == []  # not even outputs/<date>/
 
 
@@ -605,7 +600,7 @@ def test_unwritable_outputs_are_refused_before_any_work(work: Path, reference: P
                          ("evaluate.py", [f"ckpt={reference}", f"out={folder}", f"data_root={work / 'data'}"])]
         for script, args in commands:
             started = time.perf_counter()
-            line = one_error_line(run(script, *args, cwd=tmp_path))
+            line = one_error_line(run_here(script, *args, cwd=tmp_path))
             assert str(folder) in line or str(folder.parent) in line, (script, line)
             assert time.perf_counter() - started < 60
 
@@ -621,7 +616,7 @@ def test_read_only_run_dir_on_resume_is_one_line(work: Path, reference: Path, tm
         if path.is_dir():
             path.chmod(0o555)
     try:
-        line = one_error_line(run("train.py", f"ckpt_path={copy}", "trainer.max_epochs=5", cwd=tmp_path))
+        line = one_error_line(run_here("train.py", f"ckpt_path={copy}", "trainer.max_epochs=5", cwd=tmp_path))
         assert str(copy) in line
     finally:
         for path in [copy, *copy.rglob("*")]:
@@ -701,7 +696,7 @@ def test_sample_sizes_are_bounded(overrides: list[str], message: str):
     (["n=10000", "scale=64"], "megapixel grid"),  # each bound allowed, not both together
 ])
 def test_sample_py_bounds(reference: Path, tmp_path: Path, args: list[str], message: str):
-    line = one_error_line(run("sample.py", f"ckpt={reference}", f"out={tmp_path / 'out'}", *args, cwd=tmp_path))
+    line = one_error_line(run_here("sample.py", f"ckpt={reference}", f"out={tmp_path / 'out'}", *args, cwd=tmp_path))
     assert message in line and not (tmp_path / "out").exists()
 
 
@@ -710,7 +705,7 @@ def test_checkpoint_whose_hyperparameters_do_not_fit_its_weights(reference: Path
     checkpoint["hyper_parameters"]["channels"] = 16  # the weights have 8
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     for script in ("sample.py", "evaluate.py"):
-        assert "do not match its weights" in one_error_line(run(script, f"ckpt={tmp_path / 'edited.ckpt'}", cwd=tmp_path))
+        assert "do not match its weights" in one_error_line(run_here(script, f"ckpt={tmp_path / 'edited.ckpt'}", cwd=tmp_path))
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -731,7 +726,7 @@ def test_checkpoint_whose_data_settings_are_edited(reference: Path, tmp_path: Pa
     checkpoint["hyper_parameters"].update(edit)
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     for script in ("sample.py", "evaluate.py"):
-        line = one_error_line(run(script, f"ckpt={tmp_path / 'edited.ckpt'}", f"out={tmp_path / 'out'}", cwd=tmp_path))
+        line = one_error_line(run_here(script, f"ckpt={tmp_path / 'edited.ckpt'}", f"out={tmp_path / 'out'}", cwd=tmp_path))
         assert line.startswith(f"error: ckpt={tmp_path / 'edited.ckpt'} is damaged: {message}"), line
         assert not (tmp_path / "out").exists()
 
@@ -743,7 +738,7 @@ def test_checkpoint_whose_data_settings_are_edited(reference: Path, tmp_path: Pa
 ])
 def test_unknown_config_option_is_one_line(tmp_path: Path, args: list[str], choices: str):
     for script in ("train.py", "bench.py") if args == ["model=nonexistent"] else ("train.py",):
-        line = one_error_line(run(script, *args, cwd=tmp_path))
+        line = one_error_line(run_here(script, *args, cwd=tmp_path))
         assert "nonexistent is not an option" in line and choices in line
     assert list(tmp_path.iterdir()) == []
 
@@ -810,14 +805,14 @@ def test_an_unforeseen_failure_of_sample_and_evaluate_is_one_line(tmp_path: Path
 ])
 def test_an_unknown_key_or_group_names_the_closest_ones(tmp_path: Path, args: list[str], message: str):
     """Hydra's advice (`To append to your config use +scheduler=cosine`) would add a key nothing reads."""
-    assert message in one_error_line(run("train.py", *args, cwd=tmp_path))
+    assert message in one_error_line(run_here("train.py", *args, cwd=tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_key_names_the_closest_ones_in_every_command_and_sweep(tmp_path: Path):
     for script, arg, close in [("sample.py", "temprature=0.5", "temperature=0.5"), ("evaluate.py", "qualty_n=5", "quality_n=5"),
                                ("bench.py", "model.lr=1e-3", "optim.lr=1e-3"), ("train_classifier.py", "epoch=2", "epochs=2")]:
-        assert f"did you mean {close}" in one_error_line(run(script, arg, cwd=tmp_path))
+        assert f"did you mean {close}" in one_error_line(run_here(script, arg, cwd=tmp_path))
     result = run("train.py", "-m", "model.lr=1e-3,1e-4", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[0] == ("error: job 0 (model.lr=0.001): model.lr is not a key or group of the "
@@ -916,7 +911,7 @@ def test_a_resume_on_changed_data_is_refused(folder_run: Path, tmp_path: Path, c
     naming the splits that changed (counts before -> now) and init_from= for a new run; nothing written."""
     before = files_of(folder_run)
     with changed_pictures(folder_run.parent / "pictures", change):
-        line = one_error_line(run("train.py", f"ckpt_path={folder_run}", "trainer.max_epochs=2", cwd=tmp_path))
+        line = one_error_line(run_here("train.py", f"ckpt_path={folder_run}", "trainer.max_epochs=2", cwd=tmp_path))
     counts = "train 32 -> 41 images" if change == "add" else "train 32 -> 28 images"
     assert line.startswith(f"error: ckpt_path={folder_run}") and counts in line, line
     assert f"init_from={folder_run}" in line and files_of(folder_run) == before

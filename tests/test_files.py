@@ -31,6 +31,7 @@ from pixelcnn.ops.files import atomic_write, write_bytes
 from pixelcnn.ops.images import load_image
 from pixelcnn.ops.resources import Footprint, check_training_fits
 from test_cli import data_args
+from commands import run_here
 from test_faults import one_error_line, run
 
 pytestmark = pytest.mark.faults
@@ -153,7 +154,7 @@ def test_full_out_dir_is_one_line_and_leaves_nothing(work: Path, small_run: Path
     args = [a.format(work=work) for a in args]
     if script == "evaluate.py":  # the data the run trained on (other data adds a warning line that it changed)
         args.append(f"data_root={work / 'data'}")
-    line = one_error_line(run(script, f"ckpt={small_run}", f"out={disk / 'out'}", *args, cwd=work))
+    line = one_error_line(run_here(script, f"ckpt={small_run}", f"out={disk / 'out'}", *args, cwd=work))
     assert "No space left on device" in line and str(disk / "out") in line
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing written, not even the out folder
 
@@ -258,7 +259,7 @@ def test_zip_bomb_is_refused_without_inflating_it(tmp_path: Path, monkeypatch):
 def test_model_too_big_for_the_device_is_refused_before_it_is_built(work: Path, tmp_path: Path, args: list[str],
                                                                       message: str):
     data = [f"data.root={work / 'eval_data'}", f"data.system_dir={tmp_path / 'none'}"]
-    line = error_line(run("train.py", *TINY, *data, *args, cwd=tmp_path))
+    line = error_line(run_here("train.py", *TINY, *data, *args, cwd=tmp_path))
     assert "needs at least" in line and message in line and "free" in line
     assert list(tmp_path.iterdir()) == []  # no run dir left
 
@@ -290,7 +291,7 @@ def test_huge_image_is_refused_from_its_header(tmp_path: Path, side: int):
 
 def test_huge_png_in_evaluate_is_one_line(small_run: Path, tmp_path: Path):
     (tmp_path / "huge.png").write_bytes(png_header(20000, 20000))
-    line = one_error_line(run("evaluate.py", f"ckpt={small_run}", f"images={tmp_path / 'huge.png'}",
+    line = one_error_line(run_here("evaluate.py", f"ckpt={small_run}", f"images={tmp_path / 'huge.png'}",
                               f"out={tmp_path / 'out'}", cwd=tmp_path))
     assert "huge.png" in line and "pixels" in line and not (tmp_path / "out").exists()
 
@@ -404,6 +405,6 @@ def test_exif_orientation_reads_as_the_image_shows(tmp_path: Path, orientation: 
 def test_run_dir_on_a_full_disk_is_refused_before_hydra_writes(work: Path, disk: Path):
     """Hydra's own record of the run could not be written: refused before it tries, in one line."""
     fill(disk, leave=0)
-    line = one_error_line(run("train.py", *TINY, *data_args(work), f"hydra.run.dir={disk / 'run'}", cwd=work))
+    line = one_error_line(run_here("train.py", *TINY, *data_args(work), f"hydra.run.dir={disk / 'run'}", cwd=work))
     assert "kB free" in line and str(disk / "run") in line
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]

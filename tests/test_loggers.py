@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from commands import run_here
 from test_cli import NO_QUALITY, ROOT, TINY, compose_train, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 
@@ -27,7 +28,7 @@ def test_tensorboard_is_the_default_and_several_loggers_combine():
 
 
 def test_an_unknown_logger_in_a_list_is_one_error_line(tmp_path: Path):
-    result = run("train.py", "logger=[tensorboard,wandb]", cwd=tmp_path)
+    result = run_here("train.py", "logger=[tensorboard,wandb]", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: logger=wandb is not an option: choose one of csv, mlflow, tensorboard (files in {ROOT / 'conf/logger'})")
 

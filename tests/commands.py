@@ -1,0 +1,105 @@
+"""How the tests run a command: `run` starts it in a fresh Python, as a user does; `run_here` runs it in this
+process, for a command refused before it trains, where a fresh process shows nothing more but costs ~6 s of
+imports (torch, Lightning, torchmetrics) per call."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import runpy
+import signal
+import subprocess
+import sys
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout, suppress
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+
+def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env={**os.environ, **QUIET, **(env or {})},
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`run`, in this process: the same exit status, stdout and stderr (an exception that escapes the command is
+    exit 1 with its traceback, as Python's would be). What the command changes in the process is put back after,
+    as its end would: the environment, the working dir, the files it left open (a run dir's lock), signal
+    handlers, warning filters, torch's threads and random state, Hydra's global state and the loggers Hydra
+    configures. Not for a run that trains (Lightning's threads stay) nor a sweep (its summary is registered to
+    be written at exit): those use `run`."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    environ, loggers, fds, threads = dict(os.environ), logger_states(), open_fds(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(), redirect_stdout(out), redirect_stderr(err):
+            patch.chdir(cwd)
+            patch.setattr(sys, "argv", [str(ROOT / script), *args])
+            os.environ.update({**QUIET, **(env or {})})
+            try:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if not isinstance(exit_.code, int | None):
+                    print(exit_.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - what Python prints for an uncaught exception, and its status
+                traceback.print_exc()
+                code = 1
+    finally:
+        restore_loggers(loggers)  # first: it closes the log files the run opened
+        for fd in open_fds() - fds:
+            with suppress(OSError):
+                os.close(fd)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+        os.environ.clear()
+        os.environ.update(environ)
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def open_fds() -> set[int]:
+    """This process's open file descriptors (less the one that listed them: closed by then)."""
+    def is_open(fd: int) -> bool:
+        try:
+            return os.fstat(fd) is not None
+        except OSError:
+            return False
+    return {int(fd) for fd in os.listdir("/proc/self/fd") if is_open(int(fd))}
+
+
+def logger_states() -> dict:
+    everyone = [logging.root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    return {log: (log.level, log.handlers[:], log.filters[:], log.disabled, log.propagate) for log in everyone}
+
+
+def restore_loggers(states: dict) -> None:
+    """Hydra's job logging reconfigures the root logger (and any logger it names) for each run."""
+    for log in [logging.root, *logging.root.manager.loggerDict.values()]:
+        if not isinstance(log, logging.Logger):
+            continue
+        for handler in log.handlers:
+            if handler not in states.get(log, (0, []))[1]:
+                handler.close()  # e.g. the run's log file
+        if log in states:
+            log.level, log.handlers[:], log.filters[:], log.disabled, log.propagate = states[log]
+        else:  # a logger the command created: as a fresh one is
+            log.handlers.clear()
+            log.filters.clear()
+            log.setLevel(logging.NOTSET)
+            log.disabled, log.propagate = False, True

@@ -4,6 +4,7 @@ imports (torch, Lightning, torchmetrics) per call."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
@@ -12,6 +13,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from contextlib import redirect_stderr, redirect_stdout, suppress
@@ -34,11 +36,11 @@ def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subproce
 def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`run`, in this process: the same exit status, stdout and stderr (an exception that escapes the command is
     exit 1 with its traceback, as Python's would be). What the command changes in the process is put back after,
-    as its end would: the environment, the working dir, the files it left open (a run dir's lock), signal
-    handlers, warning filters, torch's threads and random state, Hydra's global state and the loggers Hydra
-    configures. Not for a run that trains (Lightning's threads stay) nor a sweep (its summary is registered to
-    be written at exit): those use `run`."""
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    as its end would: the environment, the working dir, the files it left open in the temp dir (a run dir's
+    lock), signal handlers, warning filters, torch's threads and random state, Hydra's global state and the
+    loggers Hydra configures; what it registers with `atexit` runs as it ends. Not for a run that trains
+    (Lightning's threads stay): it uses `run`."""
+    out, err, code, at_exit = io.StringIO(), io.StringIO(), 0, ExitHandlers()
     environ, loggers, fds, threads = dict(os.environ), logger_states(), open_fds(), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
@@ -46,6 +48,8 @@ def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> sub
         with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(), redirect_stdout(out), redirect_stderr(err):
             patch.chdir(cwd)
             patch.setattr(sys, "argv", [str(ROOT / script), *args])
+            patch.setattr(atexit, "register", at_exit.register)
+            patch.setattr(atexit, "unregister", at_exit.unregister)
             os.environ.update({**QUIET, **(env or {})})
             try:
                 runpy.run_path(str(ROOT / script), run_name="__main__")
@@ -56,11 +60,13 @@ def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> sub
             except Exception:  # noqa: BLE001 - what Python prints for an uncaught exception, and its status
                 traceback.print_exc()
                 code = 1
+            at_exit.run()
     finally:
         restore_loggers(loggers)  # first: it closes the log files the run opened
-        for fd in open_fds() - fds:
+        for fd in open_fds() - fds:  # the run's own files (a lock), not a library's cache (matplotlib's fonts)
             with suppress(OSError):
-                os.close(fd)
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(tempfile.gettempdir() + os.sep):
+                    os.close(fd)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         torch.set_num_threads(threads)
@@ -71,6 +77,24 @@ def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> sub
         os.environ.update(environ)
         GlobalHydra.instance().clear()
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+class ExitHandlers:
+    """`atexit` for one command run in-process: what it registers runs as it ends, as at a process's exit."""
+
+    def __init__(self):
+        self.handlers = []
+
+    def register(self, func, *args, **kwargs):
+        self.handlers.append((func, args, kwargs))
+        return func
+
+    def unregister(self, func) -> None:
+        self.handlers = [entry for entry in self.handlers if entry[0] != func]
+
+    def run(self) -> None:
+        for func, args, kwargs in reversed(self.handlers):
+            func(*args, **kwargs)
 
 
 def open_fds() -> set[int]:

@@ -248,7 +248,7 @@ def test_a_run_dir_with_spaces_and_accents_pastes_as_printed(workdir: Path, trai
     [printed] = [line for line in result.stdout.splitlines() if line.startswith("[pixelcnn] samples: ")]
     sample_command = shlex.split(printed.split("samples: ", 1)[1].split(";")[0])
     assert sample_command[:2] == ["python", "sample.py"]
-    result = run("sample.py", *sample_command[2:], "n=2", cwd=tmp_path)
+    result = run_here("sample.py", *sample_command[2:], "n=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((copy / "samples").glob("*.png"))
     result = run_here("sample.py", f"ckpt={copy}", cwd=tmp_path)
@@ -284,7 +284,7 @@ def test_sample_grid_schedule(every: int, max_epochs: int, due_epochs: list[int]
 
 def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
     out = workdir / "samples"
-    result = run("sample.py", f"ckpt={trained_run}", "n=6", "temperature=[0.5,1.0]", f"out={out}", "scale=4",
+    result = run_here("sample.py", f"ckpt={trained_run}", "n=6", "temperature=[0.5,1.0]", f"out={out}", "scale=4",
                  cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     [png], [npy] = list(out.glob("*.png")), list(out.glob("*.npy"))

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from commands import run_here
 from pixelcnn.ops.checkpoints import load_module
 from pixelcnn.commands.sample import complete
 from pixelcnn.commands.sample import main as sample_run
@@ -109,9 +108,8 @@ def test_rows_above_the_image_height_name_the_allowed_range(tmp_path):
 
 def test_sample_entry_point_complete_mode(tmp_path, data_root):
     ckpt = save_checkpoint(tmp_path / "tiny.ckpt", num_classes=10)
-    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", "mode=complete", "n=40",
-                           "completions=2", "rows=4", f"data_root={data_root}", f"out={tmp_path / 'out'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = run_here("sample.py", f"ckpt={ckpt}", "mode=complete", "n=40", "completions=2", "rows=4",
+                    f"data_root={data_root}", f"out={tmp_path / 'out'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "completions below row 4" in done.stdout
     assert np.load(next((tmp_path / "out").glob("completions_*.npy"))).shape == (16, 2, SIZE, SIZE)  # n capped at 16

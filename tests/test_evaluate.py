@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.io import write_png
 
+from commands import run_here
 from pixelcnn.ops.checkpoints import load_module
 from pixelcnn.ops.errors import UserError
 from pixelcnn.data import quantize
@@ -204,9 +205,8 @@ def test_bad_paths_are_user_errors(tmp_path):
 
 def test_evaluate_entry_point(tmp_path, data_root):
     ckpt = save_checkpoint(tmp_path / "tiny.ckpt", arch="gated")
-    command = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"data_root={data_root}", "quality=false",
-               "heatmaps=3", f"out={tmp_path / 'eval'}"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = run_here("evaluate.py", f"ckpt={ckpt}", f"data_root={data_root}", "quality=false", "heatmaps=3",
+                    f"out={tmp_path / 'eval'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "test bits/dim" in done.stdout and (tmp_path / "eval" / "metrics.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "tiny.ckpt"]  # nothing else written

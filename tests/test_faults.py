@@ -813,7 +813,7 @@ def test_an_unknown_key_names_the_closest_ones_in_every_command_and_sweep(tmp_pa
     for script, arg, close in [("sample.py", "temprature=0.5", "temperature=0.5"), ("evaluate.py", "qualty_n=5", "quality_n=5"),
                                ("bench.py", "model.lr=1e-3", "optim.lr=1e-3"), ("train_classifier.py", "epoch=2", "epochs=2")]:
         assert f"did you mean {close}" in one_error_line(run_here(script, arg, cwd=tmp_path))
-    result = run("train.py", "-m", "model.lr=1e-3,1e-4", cwd=tmp_path)
+    result = run_here("train.py", "-m", "model.lr=1e-3,1e-4", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[0] == ("error: job 0 (model.lr=0.001): model.lr is not a key or group of the "
                                              "config: did you mean optim.lr=0.001 or model.arch=0.001 or model=0.001 or "
@@ -921,14 +921,14 @@ def test_evaluate_says_when_the_data_changed(folder_run: Path, tmp_path: Path):
     """evaluate.py (and sample.py mode=complete) read the checkpoint's data again: one line says which splits
     changed, then it scores the data as it is now; on the same data, no such line."""
     args = [f"ckpt={folder_run}", "quality=false", "heatmaps=0"]
-    same = run("evaluate.py", *args, f"out={tmp_path / 'same'}", cwd=tmp_path)
+    same = run_here("evaluate.py", *args, f"out={tmp_path / 'same'}", cwd=tmp_path)
     assert same.returncode == 0 and "warning" not in same.stderr, same.stderr[-2000:]
     checkpoint = torch.load(folder_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     del checkpoint["hyper_parameters"]["data"]["splits"]  # as saved before runs recorded their data
     torch.save(checkpoint, tmp_path / "older.ckpt")
     with changed_pictures(folder_run.parent / "pictures", "add"):
-        changed = run("evaluate.py", *args, f"out={tmp_path / 'eval'}", cwd=tmp_path)
-        older = run("evaluate.py", f"ckpt={tmp_path / 'older.ckpt'}", *args[1:], f"out={tmp_path / 'older'}",
+        changed = run_here("evaluate.py", *args, f"out={tmp_path / 'eval'}", cwd=tmp_path)
+        older = run_here("evaluate.py", f"ckpt={tmp_path / 'older.ckpt'}", *args[1:], f"out={tmp_path / 'older'}",
                     cwd=tmp_path)
     assert changed.returncode == 0 and older.returncode == 0, changed.stderr[-2000:] + older.stderr[-2000:]
     assert "warning" not in older.stderr  # nothing to compare with: it loads and scores as before

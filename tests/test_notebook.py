@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from commands import run_here
 from pixelcnn.pixelcnn_net import causal_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,7 @@ def test_the_shipped_weights_are_small_and_weights_only():
 @pytest.mark.dataset
 def test_sample_and_evaluate_work_on_the_shipped_weights(tmp_path: Path):
     def run(script: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / script), f"ckpt={WEIGHTS}", f"out={tmp_path / script}",
-                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        return run_here(script, f"ckpt={WEIGHTS}", f"out={tmp_path / script}", *args, cwd=tmp_path)
 
     sampled = run("sample.py", "label=sandal", "n=8")
     assert sampled.returncode == 0, sampled.stderr[-2000:]

@@ -4,9 +4,7 @@ cached by content, carry their classes to the model, and real colour icons train
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from commands import run, run_here
 from fakes import write_dataset
 from pixelcnn.ops.errors import UserError
 from pixelcnn.data import ImageDataModule, changed_splits, quantize, setup_datamodule
@@ -24,7 +23,6 @@ from pixelcnn.module import ImageModule
 from pixelcnn.ops.sources import has_classes
 from pixelcnn.training import data_hparams, resolve_num_classes
 
-ROOT = Path(__file__).resolve().parents[1]
 ICONS = Path("/usr/share/icons/oxygen/base/16x16")
 
 
@@ -263,11 +261,9 @@ def test_num_classes_auto_is_the_datas(tmp_path):
     saved config, and is one error line on unlabelled data."""
     np.savez(tmp_path / "a.npz", images=random_image((40, 6, 6), 0), labels=np.arange(40) % 4)
     np.save(tmp_path / "unlabelled.npy", random_image((40, 6, 6), 1))
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
 
-    def train(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+    def train(*args: str, refused: bool = False) -> subprocess.CompletedProcess:
+        return (run_here if refused else run)("train.py", *args, cwd=tmp_path)
 
     new_run = ["data=array", "data.image_size=6", "data.val_size=8", "data.test_size=8", "data.batch_size=8",
                f"data.root={tmp_path / 'data'}", "model.filters=8", "model.residual_blocks=1", "quality_n=0",
@@ -281,13 +277,13 @@ def test_num_classes_auto_is_the_datas(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
     np.savez(tmp_path / "a.npz", images=random_image((40, 6, 6), 0), labels=np.arange(40) % 5)  # a class more
-    done = train("ckpt_path=run", "trainer.max_epochs=3")
+    done = train("ckpt_path=run", "trainer.max_epochs=3", refused=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"error: ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} holds a network for 4 classes, but the data "
         "(array) has 5 (model.num_classes=auto): resume on the data it was trained on, or train a new network from "
         "scratch"], done.stderr
 
-    done = train(*new_run, f"data.path={tmp_path / 'unlabelled.npy'}", "hydra.run.dir=run2")
+    done = train(*new_run, f"data.path={tmp_path / 'unlabelled.npy'}", "hydra.run.dir=run2", refused=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: model.num_classes=auto but the data (array) has no classes: use model.num_classes=0 (unconditional), "
         "or give the images classes (one sub-folder each, docs/data.md)"], done.stderr
@@ -306,28 +302,26 @@ def test_colour_grid():
 def test_colour_icons_end_to_end(tmp_path):
     """train.py on Debian's 16x16 colour icons (a few batches, tiny model), then sample.py (new images and
     completions) and evaluate.py."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
 
-    def run(script: str, *args: str) -> str:
-        done = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=600)
+    def succeeds(script: str, *args: str) -> str:
+        done = (run if script == "train.py" else run_here)(script, *args, cwd=tmp_path)  # sample, evaluate: no training
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    run("train.py", "data=folder", f"data.path={ICONS}", "data.channels=3", "data.image_size=8", "model.num_classes=auto",
+    succeeds("train.py", "data=folder", f"data.path={ICONS}", "data.channels=3", "data.image_size=8", "model.num_classes=auto",
         f"data.root={tmp_path / 'data'}", "model.filters=8", "model.residual_blocks=1", "trainer.limit_train_batches=3",
         "trainer.max_epochs=1", "sample.n=2", "trainer.enable_progress_bar=false", "hydra.run.dir=run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < metrics["test_bpd"] < 8 and "frechet_distance" not in metrics  # Fashion-MNIST's classifier: skipped
-    out = run("sample.py", "ckpt=run", "n=2", "label=emotes", "out=samples")
+    out = succeeds("sample.py", "ckpt=run", "n=2", "label=emotes", "out=samples")
     levels = np.load(next((tmp_path / "samples").glob("*_label-emotes.npy")))
     assert levels.shape == (2, 3, 8, 8) and levels.max() < 4 and "grid:" in out
     png = Image.open(next((tmp_path / "samples").glob("*_label-emotes.png")))
     assert png.mode == "RGB"
-    run("sample.py", "ckpt=run", "mode=complete", "n=2", "completions=1", "rows=4", f"data_root={tmp_path / 'data'}",
+    succeeds("sample.py", "ckpt=run", "mode=complete", "n=2", "completions=1", "rows=4", f"data_root={tmp_path / 'data'}",
         "out=complete")  # the checkpoint's own test split: the icons
     assert np.load(next((tmp_path / "complete").glob("completions_*.npy"))).shape == (2, 1, 3, 8, 8)
-    out = run("evaluate.py", "ckpt=run", f"data_root={tmp_path / 'data'}", "heatmaps=2", "extremes=2", "out=eval")
+    out = succeeds("evaluate.py", "ckpt=run", f"data_root={tmp_path / 'data'}", "heatmaps=2", "extremes=2", "out=eval")
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["test_bpd"] == pytest.approx(metrics["test_bpd"], abs=1e-4) and "quality skipped" in out
     assert evaluated["test_images"] == 178  # 10% of the 1,775 icons

@@ -22,6 +22,7 @@ from pixelcnn.ops.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from pixelcnn.ops.errors import failure_reason
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_run_metrics
+from commands import run_here
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 # TINY for the gated model, which hparams_search=optuna searches (its width and depth are searched).
@@ -36,7 +37,7 @@ def jobs_metrics(sweep: Path) -> dict[int, dict]:
 # --- before anything trains ---------------------------------------------------------------------------
 def test_bad_jobs_are_listed_before_any_trains(workdir: Path):
     sweep = workdir / "multirun-bad"
-    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "model.residual_blocks=0,-1,1",
+    result = run_here("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "model.residual_blocks=0,-1,1",
                  "optim.lr=1e-3,-2", f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -58,7 +59,7 @@ def test_bad_jobs_are_listed_before_any_trains(workdir: Path):
 ])
 def test_model_constructor_errors_are_found_before_any_trains(workdir: Path, overrides: list[str], message: str):
     sweep = workdir / "multirun-bad-model"
-    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), *overrides, f"hydra.sweep.dir={sweep}",
+    result = run_here("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), *overrides, f"hydra.sweep.dir={sweep}",
                  cwd=workdir)
     assert result.returncode == 2 and not sweep.exists()
     [line] = result.stderr.strip().splitlines()
@@ -72,7 +73,7 @@ def test_a_conditional_model_on_data_without_classes_is_found_before_any_trains(
     for i in range(30):
         Image.new("L", (16, 16), 8 * i).save(images / f"{i}.png")
     sweep = workdir / "multirun-no-classes"
-    result = run("train.py", "-m", *TINY, *NO_QUALITY, "data=folder", f"data.path={images}",
+    result = run_here("train.py", "-m", *TINY, *NO_QUALITY, "data=folder", f"data.path={images}",
                  "model.num_classes=auto,0,3", f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and not sweep.exists(), result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
@@ -85,7 +86,7 @@ def test_a_conditional_model_on_data_without_classes_is_found_before_any_trains(
 def test_a_sweep_does_not_resume_a_run(workdir: Path):
     """A resume continues one run in its own dir; several runs from its weights are init_from's."""
     sweep = workdir / "multirun-resume"
-    result = run("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), f"ckpt_path={workdir}", "seed=0,1",
+    result = run_here("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), f"ckpt_path={workdir}", "seed=0,1",
                  f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and not sweep.exists() and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -94,7 +95,7 @@ def test_a_sweep_does_not_resume_a_run(workdir: Path):
 
 def test_optuna_search_space_ends_are_checked(workdir: Path):
     sweep = workdir / "optuna-bad"
-    result = run("train.py", "-m", "hparams_search=optuna", *TINY_GATED, *data_args(workdir), "model.channels=choice(0,8)",
+    result = run_here("train.py", "-m", "hparams_search=optuna", *TINY_GATED, *data_args(workdir), "model.channels=choice(0,8)",
                  "model.dropout=interval(0.0,1.0)", "data.levels=range(200,260,30)", f"hydra.sweep.dir={sweep}",
                  cwd=workdir)
     assert result.returncode == 2 and not sweep.exists()
@@ -404,7 +405,7 @@ def test_a_study_db_that_is_not_one_is_one_line_and_leaves_no_sweep_dir(tmp_path
     """Was two tracebacks (the summary's callback, then the sweeper) and an empty sweep dir."""
     (tmp_path / "multirun" / "optuna").mkdir(parents=True)
     (tmp_path / "multirun" / "optuna" / "pixelcnn.db").write_bytes(b"not a database " * 10)
-    result = run("train.py", "-m", "hparams_search=optuna", cwd=tmp_path)
+    result = run_here("train.py", "-m", "hparams_search=optuna", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == ["error: hydra.sweeper.storage: multirun/optuna/pixelcnn.db is not an "
                                                   "SQLite database: pass another file (a new one is created)"]

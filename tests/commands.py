@@ -29,8 +29,9 @@ QUIET = {"HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
 
 
 def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env={**os.environ, **QUIET, **(env or {})},
-                          capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **QUIET, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -45,7 +46,8 @@ def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> sub
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
     try:
-        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(), redirect_stdout(out), redirect_stderr(err):
+        with (pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(), redirect_stdout(out),
+              redirect_stderr(err)):
             patch.chdir(cwd)
             patch.setattr(sys, "argv", [str(ROOT / script), *args])
             patch.setattr(atexit, "register", at_exit.register)

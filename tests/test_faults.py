@@ -1,7 +1,8 @@
 """The fault suite (`pytest -m faults`): what a hostile or clumsy user, or a crash, does to the
-commands. Each test runs the real command in a subprocess on tiny fake data: a run killed with a
-real signal resumes bit for bit; files from others never run code; nothing the run did not create
-is deleted or overwritten; every bad input is one `error:` line with exit status 2."""
+commands, each run on tiny fake data: a run killed with a real signal resumes bit for bit; files from
+others never run code; nothing the run did not create is deleted or overwritten; every bad input is one
+`error:` line with exit status 2. A run that trains is a real process (`commands.run`); a command refused
+before it trains runs in this one (`commands.run_here`: the same status and output, without ~6 s of imports)."""
 
 from __future__ import annotations
 

@@ -285,7 +285,7 @@ def test_sample_grid_schedule(every: int, max_epochs: int, due_epochs: list[int]
 def test_sample_py_writes_png_and_levels(workdir: Path, trained_run: Path):
     out = workdir / "samples"
     result = run_here("sample.py", f"ckpt={trained_run}", "n=6", "temperature=[0.5,1.0]", f"out={out}", "scale=4",
-                 cwd=workdir)
+                      cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     [png], [npy] = list(out.glob("*.png")), list(out.glob("*.npy"))
     assert str(png) in result.stdout and str(npy) in result.stdout
@@ -334,7 +334,8 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(workdir: Path):
 ])
 def test_bad_train_input_fails_cleanly(workdir: Path, override: str, key: str):
     run_dir = workdir / "outputs" / f"bad-{key}"
-    result = run_here("train.py", *TINY, *NO_QUALITY, *data_args(workdir), override, f"hydra.run.dir={run_dir}", cwd=workdir)
+    result = run_here("train.py", *TINY, *NO_QUALITY, *data_args(workdir), override, f"hydra.run.dir={run_dir}",
+                      cwd=workdir)
     assert result.returncode != 0
     assert key in result.stderr.splitlines()[0] or key in result.stderr.splitlines()[1]
     assert "Traceback" not in result.stderr
@@ -446,8 +447,8 @@ def test_the_network_object_is_not_a_setting():
 
 def test_missing_dataset_names_all_three_sources(workdir: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    result = run_here("train.py", *TINY, *NO_QUALITY, f"data.root={tmp_path / 'empty'}", f"data.system_dir={tmp_path / 'none'}",
-                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_here("train.py", *TINY, *NO_QUALITY, f"data.root={tmp_path / 'empty'}",
+                      f"data.system_dir={tmp_path / 'none'}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2 and not run_dir.exists() and "Traceback" not in result.stderr
     message = result.stderr.strip()
     assert message.startswith("error: Fashion-MNIST not found")
@@ -486,8 +487,9 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
 
 
 def test_bench_py_refuses_a_warmup_as_long_as_the_epoch(workdir: Path, tmp_path: Path):
+    # 80 training images: 5 batches
     result = run_here("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",
-                 "bench.warmup_batches=5", f"bench.out={tmp_path / 'bench.json'}", cwd=tmp_path)  # 80 images: 5 batches
+                      "bench.warmup_batches=5", f"bench.out={tmp_path / 'bench.json'}", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == ("error: bench.warmup_batches=5 leaves none of an "
                                                                 "epoch's 5 batches to time: lower it")
     assert list(tmp_path.iterdir()) == []
@@ -509,5 +511,6 @@ def test_sample_py_input_errors(trained_run: Path, tmp_path: Path, args: list[st
 
 
 def test_bad_sample_temperature_fails_cleanly(trained_run: Path, tmp_path: Path):
-    result = run_here("sample.py", f"ckpt={trained_run}", "temperature=[1.0,-1]", f"out={tmp_path / 'out'}", cwd=tmp_path)
+    result = run_here("sample.py", f"ckpt={trained_run}", "temperature=[1.0,-1]", f"out={tmp_path / 'out'}",
+                      cwd=tmp_path)
     assert result.returncode == 2 and "temperature" in result.stderr and not (tmp_path / "out").exists()

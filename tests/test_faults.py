@@ -365,7 +365,8 @@ def test_finished_run_is_left_alone(work: Path, reference: Path):
     # max_time=abc was an unforeseen TypeError, max_epochs=0 "finished").
     for bad, message in (("trainer.max_time=abc", "trainer.max_time='abc' is invalid"),
                          ("trainer.max_epochs=0", "trainer.max_epochs=0 is invalid")):
-        assert one_error_line(run_here("train.py", f"ckpt_path={reference}", bad, cwd=work)).startswith(f"error: {message}")
+        line = one_error_line(run_here("train.py", f"ckpt_path={reference}", bad, cwd=work))
+        assert line.startswith(f"error: {message}")
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
 
 
@@ -481,7 +482,8 @@ def test_a_run_dir_from_someone_else_never_runs_code(work: Path, reference: Path
     assert "is not an option of model.arch=gated" in line
     for record in hydra_dir.rglob("config.yaml"):  # the first one and the resume's (the one read: the newest)
         record.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
-    assert "cannot be read as a saved config" in one_error_line(run_here("train.py", f"ckpt_path={run_dir}", cwd=tmp_path))
+    line = one_error_line(run_here("train.py", f"ckpt_path={run_dir}", cwd=tmp_path))
+    assert "cannot be read as a saved config" in line
     assert not marker.exists() and not made_dir.exists()
 
 
@@ -706,7 +708,8 @@ def test_checkpoint_whose_hyperparameters_do_not_fit_its_weights(reference: Path
     checkpoint["hyper_parameters"]["channels"] = 16  # the weights have 8
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     for script in ("sample.py", "evaluate.py"):
-        assert "do not match its weights" in one_error_line(run_here(script, f"ckpt={tmp_path / 'edited.ckpt'}", cwd=tmp_path))
+        line = one_error_line(run_here(script, f"ckpt={tmp_path / 'edited.ckpt'}", cwd=tmp_path))
+        assert "do not match its weights" in line
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -727,7 +730,8 @@ def test_checkpoint_whose_data_settings_are_edited(reference: Path, tmp_path: Pa
     checkpoint["hyper_parameters"].update(edit)
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     for script in ("sample.py", "evaluate.py"):
-        line = one_error_line(run_here(script, f"ckpt={tmp_path / 'edited.ckpt'}", f"out={tmp_path / 'out'}", cwd=tmp_path))
+        line = one_error_line(run_here(script, f"ckpt={tmp_path / 'edited.ckpt'}", f"out={tmp_path / 'out'}",
+                                       cwd=tmp_path))
         assert line.startswith(f"error: ckpt={tmp_path / 'edited.ckpt'} is damaged: {message}"), line
         assert not (tmp_path / "out").exists()
 
@@ -930,7 +934,7 @@ def test_evaluate_says_when_the_data_changed(folder_run: Path, tmp_path: Path):
     with changed_pictures(folder_run.parent / "pictures", "add"):
         changed = run_here("evaluate.py", *args, f"out={tmp_path / 'eval'}", cwd=tmp_path)
         older = run_here("evaluate.py", f"ckpt={tmp_path / 'older.ckpt'}", *args[1:], f"out={tmp_path / 'older'}",
-                    cwd=tmp_path)
+                         cwd=tmp_path)
     assert changed.returncode == 0 and older.returncode == 0, changed.stderr[-2000:] + older.stderr[-2000:]
     assert "warning" not in older.stderr  # nothing to compare with: it loads and scores as before
     [line] = [line for line in changed.stderr.splitlines() if "warning" in line]

@@ -292,7 +292,7 @@ def test_huge_image_is_refused_from_its_header(tmp_path: Path, side: int):
 def test_huge_png_in_evaluate_is_one_line(small_run: Path, tmp_path: Path):
     (tmp_path / "huge.png").write_bytes(png_header(20000, 20000))
     line = one_error_line(run_here("evaluate.py", f"ckpt={small_run}", f"images={tmp_path / 'huge.png'}",
-                              f"out={tmp_path / 'out'}", cwd=tmp_path))
+                                   f"out={tmp_path / 'out'}", cwd=tmp_path))
     assert "huge.png" in line and "pixels" in line and not (tmp_path / "out").exists()
 
 

@@ -38,7 +38,7 @@ def jobs_metrics(sweep: Path) -> dict[int, dict]:
 def test_bad_jobs_are_listed_before_any_trains(workdir: Path):
     sweep = workdir / "multirun-bad"
     result = run_here("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), "model.residual_blocks=0,-1,1",
-                 "optim.lr=1e-3,-2", f"hydra.sweep.dir={sweep}", cwd=workdir)
+                      "optim.lr=1e-3,-2", f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     # Jobs in Hydra's order: (0, 1e-3), (0, -2), (-1, 1e-3), (-1, -2), (1, 1e-3), (1, -2).
@@ -60,7 +60,7 @@ def test_bad_jobs_are_listed_before_any_trains(workdir: Path):
 def test_model_constructor_errors_are_found_before_any_trains(workdir: Path, overrides: list[str], message: str):
     sweep = workdir / "multirun-bad-model"
     result = run_here("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), *overrides, f"hydra.sweep.dir={sweep}",
-                 cwd=workdir)
+                      cwd=workdir)
     assert result.returncode == 2 and not sweep.exists()
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(message)
@@ -74,7 +74,7 @@ def test_a_conditional_model_on_data_without_classes_is_found_before_any_trains(
         Image.new("L", (16, 16), 8 * i).save(images / f"{i}.png")
     sweep = workdir / "multirun-no-classes"
     result = run_here("train.py", "-m", *TINY, *NO_QUALITY, "data=folder", f"data.path={images}",
-                 "model.num_classes=auto,0,3", f"hydra.sweep.dir={sweep}", cwd=workdir)
+                      "model.num_classes=auto,0,3", f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and not sweep.exists(), result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         "error: job 0 (model.num_classes=auto): model.num_classes=auto but the data (folder) has no classes: use "
@@ -87,7 +87,7 @@ def test_a_sweep_does_not_resume_a_run(workdir: Path):
     """A resume continues one run in its own dir; several runs from its weights are init_from's."""
     sweep = workdir / "multirun-resume"
     result = run_here("train.py", "-m", *TINY, *NO_QUALITY, *data_args(workdir), f"ckpt_path={workdir}", "seed=0,1",
-                 f"hydra.sweep.dir={sweep}", cwd=workdir)
+                      f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and not sweep.exists() and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and all("ckpt_path continues one run" in line and "init_from" in line for line in lines)
@@ -95,9 +95,9 @@ def test_a_sweep_does_not_resume_a_run(workdir: Path):
 
 def test_optuna_search_space_ends_are_checked(workdir: Path):
     sweep = workdir / "optuna-bad"
-    result = run_here("train.py", "-m", "hparams_search=optuna", *TINY_GATED, *data_args(workdir), "model.channels=choice(0,8)",
-                 "model.dropout=interval(0.0,1.0)", "data.levels=range(200,260,30)", f"hydra.sweep.dir={sweep}",
-                 cwd=workdir)
+    result = run_here("train.py", "-m", "hparams_search=optuna", *TINY_GATED, *data_args(workdir),
+                      "model.channels=choice(0,8)", "model.dropout=interval(0.0,1.0)", "data.levels=range(200,260,30)",
+                      f"hydra.sweep.dir={sweep}", cwd=workdir)
     assert result.returncode == 2 and not sweep.exists()
     assert result.stderr.strip().splitlines() == [
         "error: search space choice(0,8) of model.channels, at model.channels=0: model.channels=0 is invalid: "

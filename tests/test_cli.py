@@ -475,7 +475,7 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
     result = run("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",
                  "model.filters=8", "model.residual_blocks=1", "model.num_classes=10", "bench.repeats=1",
                  "bench.warmup_batches=1", "bench.train_batches=2", "bench.sample_sizes=[3]", "bench.epoch=estimate",
-                 f"bench.out={out}", cwd=tmp_path)
+                 "trainer.max_epochs=-1", f"bench.out={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(out.read_text())
     assert measured["train"]["img_per_s"] > 0 and measured["config"]["model"]["num_classes"] == 10
@@ -483,6 +483,9 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
     assert "| train img/s (Lightning loop, median) |" in result.stdout and "| sample 3: naive / fast |" in result.stdout
     assert measured["train"]["plain_fp32_img_per_s"] > 0 and "| train img/s, plain PyTorch fp32 loop" in result.stdout
     assert "| ratio: Lightning loop (" in result.stdout and "| ratio: fast / naive sampling, n=3 |" in result.stdout
+    # trainer.max_epochs=-1: no run length to estimate (it was a negative number of minutes)
+    assert measured["train"]["est_run_min"] is None
+    assert "| full run at max_epochs (min) | no epoch limit |" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no log file, no run dir
 
 

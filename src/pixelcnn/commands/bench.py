@@ -120,8 +120,8 @@ def run(cfg: DictConfig) -> dict:
     measured = bench.epoch == "measure" or (bench.epoch == "auto" and device.type == "cuda")
     epoch_s = (fit_once(cfg, datamodule, speed, timed_epoch=1).epoch_seconds if measured
                else len(datamodule.train_set[0]) / result["train"]["img_per_s"])
-    result["train"] |= {"epoch_s": epoch_s, "epoch_s_measured": measured,
-                        "est_run_min": epoch_s * cfg.trainer.max_epochs / 60}
+    result["train"] |= {"epoch_s": epoch_s, "epoch_s_measured": measured,  # max_epochs -1: no run length to estimate
+                        "est_run_min": epoch_s * cfg.trainer.max_epochs / 60 if cfg.trainer.max_epochs > 0 else None}
 
     # 3. sampling: the model's own size, fresh weights (speed does not depend on them).
     net = build_network(cfg).to(device).eval()
@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def bench_table(result: dict) -> str:
-    train, speed = result["train"], result["speed"]
+    train, speed, run_min = result["train"], result["speed"], result["train"]["est_run_min"]
     lines = [
         f"device: {result['device']}  (torch {result['torch']}, model {result['model']}, batch {result['batch_size']}, "
         f"speed {result['speed']})",
@@ -155,7 +155,7 @@ def bench_table(result: dict) -> str:
         f"| {train['vs_plain_fp32']:.2f}x |",
         f"| epoch s {'incl. validation' if train['epoch_s_measured'] else '(estimate: train images / img/s)'} "
         f"| {train['epoch_s']:.2f} |",
-        f"| full run at max_epochs (min) | {train['est_run_min']:.1f} |",
+        f"| full run at max_epochs (min) | {'no epoch limit' if run_min is None else f'{run_min:.1f}'} |",
         f"| train peak memory (MiB) | {train['peak_memory_mb']:,.0f} |",
     ]
     for n, entry in result["sampling"].items():

@@ -425,6 +425,26 @@ def test_a_key_added_where_nothing_reads_it_is_refused(capsys, script: str, conf
                                                              "+experiment=quick"] if addable else [])], conf, config)
 
 
+def test_a_key_forced_with_plus_plus_is_refused_unless_the_config_has_it(capsys):
+    """`++key=value` adds the key, or overrides it where the config has it: only the addition of a key nothing
+    reads is refused (it was silently ignored), judged on the config the rest of the command line composes."""
+    for argv, config, key in ((["train.py", "++optim.lrr=1"], "train", "optim.lrr"),
+                              (["train.py", "-m", "seed=0,1", "++foo.bar=1"], "train", "foo.bar"),  # a sweep
+                              (["sample.py", "++tempratur=0.5"], "sample", "tempratur")):
+        conf = ROOT / "conf" / ("entry" if config == "sample" else "")
+        with pytest.raises(SystemExit) as exit_:
+            check_command_line(argv, conf, config)
+        assert exit_.value.code == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: {key} is not an option: ++{key} adds a key that nothing reads")
+    check_command_line(["train.py", "-m", "seed=0,1", "++optim.lr=1e-3", "model=gated", "++model.dropout=0.1"],
+                       ROOT / "conf", "train")
+    check_command_line(["sample.py", "++ckpt=x"], ROOT / "conf" / "entry", "sample")  # ckpt: ??? in the config
+    with pytest.raises(SystemExit):  # the config does not compose: the reason is named, not the ++ key
+        check_command_line(["train.py", "++foo=1", "model=nonexistent"], ROOT / "conf", "train")
+    assert "model=nonexistent is not an option" in capsys.readouterr().err
+
+
 def test_an_added_trainer_key_must_be_a_lightning_trainer_argument():
     with pytest.raises(UserError, match=r"^trainer.max_epoch is not an argument of Lightning's Trainer: did you mean "
                                         r"trainer.max_epochs"):

@@ -7,14 +7,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NoReturn
 
-from hydra import initialize_config_dir
+from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, OverrideParseException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.ops.rules import as_override, check_out_dir
@@ -73,7 +73,8 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
     with non-ASCII letters, commas, brackets...) gets one `error:` line saying how to quote it, a
     `group=option` (model=gated, sweeps like model=pixelcnn,gated, lists like logger=[tensorboard,csv])
     naming an option that `config_dir/group/` lacks gets one with the choices, and a key added with `+`
-    outside the groups of `ADDABLE` (it would be silently ignored) gets one; exit 2."""
+    (or `++`, unless the config has it) outside the groups of `ADDABLE` (it would be silently ignored) gets one;
+    exit 2."""
     addable = ADDABLE.get(config_name, ())
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
@@ -84,8 +85,9 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
         except OverrideParseException as err:
             fail(f"Hydra cannot read {arg!r} ({str(err).splitlines()[0]}): quote the value, single quotes for "
                  f"the shell and double quotes for Hydra, e.g. {as_override(key, value)}")
-        added = arg.startswith("+") and not arg.startswith("++")  # ++ also overrides a key the config has
-        if added and not (config_dir / key).is_dir() and key.split(".")[0] not in ("hydra", *addable):
+        if arg.startswith("+") and not (config_dir / key).is_dir() and key.split(".")[0] not in ("hydra", *addable):
+            if arg.startswith("++") and has_key(argv, config_dir, config_name, key):
+                continue  # ++ also overrides a key the config has
             where = f"only keys of {' and '.join(addable)} can be added" if addable else "no key can be added here"
             fail(f"{key} is not an option: {arg.partition('=')[0]} adds a key that nothing reads ({where}); "
                  f"python {Path(argv[0]).name} --cfg job lists the keys")
@@ -98,6 +100,20 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
         for option in (v.strip() for v in value.split(",")):
             if option and option != "null" and option not in choices:
                 fail(f"{key}={option} is not an option: choose one of {', '.join(choices)} (files in {group})")
+
+
+def has_key(argv: list[str], config_dir: Path, config_name: str, key: str) -> bool:
+    """Whether the config of the command line, less its added (+, ++) keys and with its sweeps' first values, has
+    `key` (one without a value yet, ???, too); True if it does not compose: Hydra then says why."""
+    with suppress(ConfigCompositionException, OverrideParseException), initialize_config_dir(
+            version_base="1.3", config_dir=str(config_dir.resolve())):
+        overrides = OverridesParser.create().parse_overrides([a for a in argv[1:] if "=" in a and a[0] not in "+-"])
+        config = compose(config_name, [f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
+                                       if o.is_sweep_override() else o.input_line for o in overrides])
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(config, parent, throw_on_resolution_failure=False) if parent else config
+        return isinstance(node, DictConfig) and name in node.keys()
+    return True
 
 
 def fail(message: str, status: int = 2) -> NoReturn:

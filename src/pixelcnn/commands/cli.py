@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.ops.rules import as_override, check_out_dir
-from pixelcnn.ops.errors import UserError, WriteError, error_line, override_error, user_errors_unwrapped
+from pixelcnn.ops.errors import UserError, WriteError, error_line, key_paths, override_error, user_errors_unwrapped
 from pixelcnn.likelihood import ImageModel
 from pixelcnn.ops.resources import pick_device
 from pixelcnn.ops.run_dirs import holds_checkpoints, removable_on_error, remove_own_dir, run_dir_of
@@ -92,8 +92,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
             fail(f"{key} is not an option: {arg.partition('=')[0]} adds a key that nothing reads ({where}); "
                  f"python {Path(argv[0]).name} --cfg job lists the keys")
         group = config_dir / key
-        if value.startswith("[") and value.endswith("]"):  # several options at once: logger=[tensorboard,csv]
-            value = value[1:-1]
+        value = value.removeprefix("[").removesuffix("]")  # several options at once: logger=[tensorboard,csv]
         if key.startswith("hydra") or not group.is_dir() or any(c in value for c in "()[]{}$"):
             continue
         choices = sorted(p.stem for p in group.glob("*.yaml"))
@@ -110,9 +109,7 @@ def has_key(argv: list[str], config_dir: Path, config_name: str, key: str) -> bo
         overrides = OverridesParser.create().parse_overrides([a for a in argv[1:] if "=" in a and a[0] not in "+-"])
         config = compose(config_name, [f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
                                        if o.is_sweep_override() else o.input_line for o in overrides])
-        parent, _, name = key.rpartition(".")
-        node = OmegaConf.select(config, parent, throw_on_resolution_failure=False) if parent else config
-        return isinstance(node, DictConfig) and name in node.keys()
+        return key in key_paths(OmegaConf.to_container(config, resolve=False))
     return True
 
 

@@ -151,8 +151,7 @@ def locate_dataset(root: Path, system_dir: Path | None, download: bool, dataset:
     system = (f"Debian package dir {system_dir}: not there (install it with `{APT_COMMAND}`)"
               if system_dir is not None else "no system dir (data.system_dir: null)")
     raise DatasetNotFoundError(
-        f"{name} not found. Looked for train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each raw or .gz) in:\n"
+        f"{name} not found. Looked for {', '.join(sum(SPLIT_FILES.values(), ()))} (each raw or .gz) in:\n"
         f"  1. root dir {places}: not there\n"
         f"  2. {system}\n"
         f"  3. {download_outcome}\n"

@@ -1,6 +1,6 @@
 """The errors of the project: `UserError`, a mistake in what the user asked for (one line, exit status 2),
-and how any other failure becomes one line (`error_line`, `override_error`). Every command reports through
-`pixelcnn.commands.cli.exit_on_user_error`."""
+and how any other failure becomes one line (`error_line`, `override_error`, which names the closest of a
+config's keys, `key_paths`). Every command reports through `pixelcnn.commands.cli.exit_on_user_error`."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ def error_line(err: BaseException) -> str:
         return f"{reason} (unforeseen; its traceback could not be saved: {write_error.strerror})"
 
 
+def key_paths(node: dict, prefix: str = "") -> list[str]:
+    """Every key of a config as plain data (`OmegaConf.to_container`, unresolved: a ??? or ${...} value is a
+    string) as a dotted path, the keys holding others included; hydra's are left out."""
+    return [path for k, v in node.items() if k != "hydra"
+            for path in [prefix + k, *(key_paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [])]]
+
+
 # Keys and groups that moved (difflib may not find them): where each is now.
 MOVED = {"scheduler": "optim/scheduler", "model.lr": "optim.lr", "model.weight_decay": "optim.weight_decay"}
 
@@ -95,12 +102,7 @@ def override_error(err: ConfigCompositionException, overrides: list[str], config
         config = OmegaConf.to_container(loader.load_configuration(config_name, chosen, RunMode.RUN), resolve=False)
     except ConfigCompositionException:  # the group choices themselves fail (+experiment=x twice): Hydra's line says why
         config = {}
-
-    def paths(node: dict, prefix: str = "") -> list[str]:
-        return [path for k, v in node.items() if k != "hydra"
-                for path in [prefix + k, *(paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [])]]
-
-    keys = paths(config)
+    keys = key_paths(config)
     leaves = [key for key in keys if not any(k.startswith(key + ".") for k in keys)] + groups
     for override in parsed:
         key, value = override.key_or_group, override.input_line.partition("=")[2]

@@ -214,9 +214,6 @@ def absolute_paths(config: DictConfig) -> dict[str, str]:
     """The path keys of `config` as absolute paths. Every path a run records (its .hydra record, checkpoints,
     metrics.json) is absolute, so that a resume reads the same files from any working directory; a relative
     one in an older run's record is still taken from the working directory, as it was."""
-    paths = {}
-    for key in PATH_KEYS:
-        value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
-            paths[key] = os.path.abspath(os.path.expanduser(str(value)))
-    return paths
+    values = {key: OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False) for key in PATH_KEYS}
+    return {key: os.path.abspath(os.path.expanduser(str(value))) for key, value in values.items()
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip()}

@@ -52,8 +52,7 @@ def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float
     """This run's hyperparameters worth comparing (flattened to scalars as Lightning's loggers do, "." between
     levels, no Hydra `_key_`) with its final `metrics` (hparams/*), in every logger: TensorBoard takes them
     together (its HPARAMS tab), the others (CSV, MLflow) the hyperparameters as such and the metrics as metrics."""
-    keep = {"model": OmegaConf.to_container(cfg.model, resolve=True), "optim": OmegaConf.to_container(cfg.optim),
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
+    keep = {**{group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("model", "optim", "data")},
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
             "trainer": {key: cfg.trainer[key] for key in ("gradient_clip_val", "gradient_clip_algorithm",
                                                           "accumulate_grad_batches")}}

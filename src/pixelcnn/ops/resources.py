@@ -177,13 +177,12 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: nn.Module, train
         if isinstance(output, Tensor) and not list(module.children()):  # a leaf layer's output
             values += output.numel()
 
-    hook = nn.modules.module.register_module_forward_hook(count)
-    try:  # torch's own count of the forward pass's FLOPs (matrix products and convolutions)
-        with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as flops:
-            labels = torch.zeros(batch_size, dtype=torch.long) if cfg.model.num_classes > 0 else None
-            net(torch.zeros(batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), labels)
-    finally:
-        hook.remove()
+    # `count` on every module (the hook is removed as the block ends), and torch's own count of the forward pass's
+    # FLOPs (matrix products and convolutions).
+    with (nn.modules.module.register_module_forward_hook(count), torch.device("meta"), torch.no_grad(),
+          FlopCounterMode(display=False) as flops):
+        labels = torch.zeros(batch_size, dtype=torch.long) if cfg.model.num_classes > 0 else None
+        net(torch.zeros(batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), labels)
     parameters = sum(p.numel() for p in net.parameters())
     activation_bytes = 4 if speed.precision == "32-true" else 2  # 16-bit mixed precision keeps 16-bit activations
     footprint = Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops.get_total_flops())
@@ -252,7 +251,6 @@ def planned_steps(cfg: DictConfig, train_images: int) -> float:
 def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoices:
     """Turn the `auto` values of the speed group and of trainer.precision into concrete choices for
     the device in use and a run of `train_steps` optimizer steps (any other precision is Lightning's)."""
-    speed = cfg.speed
     cuda = pick_device(cfg.trainer.accelerator, "trainer.accelerator").type == "cuda"
     # bf16 autocast where the device computes bf16 natively (emulated, it would be slower than fp32).
     bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
@@ -263,7 +261,7 @@ def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoice
     compile_auto = cuda or (precision == "bf16-mixed" and train_steps >= CPU_COMPILE_MIN_STEPS)
     return SpeedChoices(
         cuda=cuda,
-        compile=bool(compile_auto if speed.compile == "auto" else speed.compile),
+        compile=bool(compile_auto if cfg.speed.compile == "auto" else cfg.speed.compile),
         precision=str(precision),
-        channels_last=bool(cuda if speed.channels_last == "auto" else speed.channels_last),
+        channels_last=bool(cuda if cfg.speed.channels_last == "auto" else cfg.speed.channels_last),
     )

@@ -1,6 +1,6 @@
 """The errors of the project: `UserError`, a mistake in what the user asked for (one line, exit status 2),
-and how any other failure becomes one line (`error_line`, `override_error`, which names the closest of a
-config's keys, `key_paths`). Every command reports through `pixelcnn.commands.cli.exit_on_user_error`."""
+and how any other failure becomes one line (`error_line`, `override_error`; `key_paths` lists a config's keys
+for it and for `cli.has_key`). Every command reports through `pixelcnn.commands.cli.exit_on_user_error`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """How the tests run a command: `run` starts it in a fresh Python, as a user does; `run_here` runs it in this
-process, for a command refused before it trains, where a fresh process shows nothing more but costs ~6 s of
-imports (torch, Lightning, torchmetrics) per call."""
+process, for a command that trains nothing (one refused before it trains, a sweep refused before its jobs,
+sample.py and evaluate.py), where a fresh process shows nothing more but costs ~6 s of imports (torch, Lightning,
+torchmetrics) per call. The fault tests' kills, signals and injected failures, and every run that trains, keep a
+real process."""
 
 from __future__ import annotations
 

@@ -439,6 +439,11 @@ def test_a_key_forced_with_plus_plus_is_refused_unless_the_config_has_it(capsys)
         assert line.startswith(f"error: {key} is not an option: ++{key} adds a key that nothing reads")
     check_command_line(["train.py", "-m", "seed=0,1", "++optim.lr=1e-3", "model=gated", "++model.dropout=0.1"],
                        ROOT / "conf", "train")
+    check_command_line(["train.py", "-m", "hparams_search=optuna", "model.dropout=interval(0.0,0.5)", "++optim.lr=1e-3"],
+                       ROOT / "conf", "train")  # a search interval: not a value Hydra composes with
+    # A sweep of a group's options: plateau's jobs have the key, cosine's do not (each job has keys of its own).
+    check_command_line(["train.py", "-m", "optim/scheduler=cosine,plateau", "++optim.scheduler.factor=0.5"],
+                       ROOT / "conf", "train")
     check_command_line(["sample.py", "++ckpt=x"], ROOT / "conf" / "entry", "sample")  # ckpt: ??? in the config
     with pytest.raises(SystemExit):  # the config does not compose: the reason is named, not the ++ key
         check_command_line(["train.py", "++foo=1", "model=nonexistent"], ROOT / "conf", "train")

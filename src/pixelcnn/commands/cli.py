@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
@@ -102,13 +102,14 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
 
 
 def has_key(argv: list[str], config_dir: Path, config_name: str, key: str) -> bool:
-    """Whether the config of the command line, less its added (+, ++) keys and with its sweeps' first values, has
-    `key` (one without a value yet, ???, too); True if it does not compose: Hydra then says why."""
-    with suppress(ConfigCompositionException, OverrideParseException), initialize_config_dir(
-            version_base="1.3", config_dir=str(config_dir.resolve())):
+    """Whether the config of the command line, less its added (+, ++) keys and its sweeps of keys' values (they
+    change no key), has `key` (one without a value yet, ???, too). True where it cannot tell: a config that does
+    not compose (Hydra then says why), or a sweep of a group's options (each job has keys of its own)."""
+    with suppress(HydraException), initialize_config_dir(version_base="1.3", config_dir=str(config_dir.resolve())):
         overrides = OverridesParser.create().parse_overrides([a for a in argv[1:] if "=" in a and a[0] not in "+-"])
-        config = compose(config_name, [f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
-                                       if o.is_sweep_override() else o.input_line for o in overrides])
+        if any(o.is_sweep_override() and (config_dir / o.key_or_group).is_dir() for o in overrides):
+            return True
+        config = compose(config_name, [o.input_line for o in overrides if not o.is_sweep_override()])
         return key in key_paths(OmegaConf.to_container(config, resolve=False))
     return True
 

@@ -125,6 +125,7 @@ class BatchLoader:
         if not 0 <= rank < world_size <= max(len(images), 1):
             raise ValueError(f"rank {rank} of {world_size} processes does not fit {len(images)} images")
         self.rank, self.world_size = rank, world_size
+        self.shortest_share = len(images) // world_size  # >= 1 with several ranks (checked above)
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.hflip = batch_size, shuffle, hflip
         if seed is None:
@@ -146,7 +147,7 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (this rank's; the same on every rank)."""
-        return math.ceil(self.shortest_share() / self.batch_size)
+        return math.ceil(self.shortest_share / self.batch_size)
 
     def shard(self) -> tuple[int, int]:
         """(first, stop) of this rank's part of the epoch's order; every rank gets a disjoint part.
@@ -156,19 +157,16 @@ class BatchLoader:
         ranks take the same number of batches, as DDP's collectives require. Unshuffled (evaluation)
         keeps every item exactly once, so the split's mean is exact: shares differ by at most one.
         """
-        count = self.shortest_share() * self.world_size if self.shuffle else len(self.images)
+        count = self.shortest_share * self.world_size if self.shuffle else len(self.images)
         return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
 
     def item_bounds(self) -> list[tuple[int, int]]:
         """(start, stop) in the epoch's order of each batch this rank yields. In evaluation, a share
         one item longer than the shortest puts that item into its last batch (which may then hold
         `batch_size` + 1 items), so that every rank has the same number of batches."""
-        (first, stop), shortest = self.shard(), self.shortest_share()
-        starts = list(range(first, first + shortest, self.batch_size))
+        first, stop = self.shard()
+        starts = list(range(first, first + self.shortest_share, self.batch_size))
         return list(zip(starts, [*starts[1:], stop]))
-
-    def shortest_share(self) -> int:
-        return len(self.images) // self.world_size  # >= 1 with several ranks (checked in __init__)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         count, device = len(self.images), self.images.device

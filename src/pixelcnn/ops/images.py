@@ -19,7 +19,6 @@ from pixelcnn.ops.files import atomic_write
 # megapixels, an 8000x4000 photo) is far more than any image this project models needs, and its
 # decoded RGBA copy takes 128 MB.
 MAX_IMAGE_PIXELS = 2**25
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows open 16-bit PNGs
 
 
 def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
@@ -54,23 +53,22 @@ def load_image(path: str | Path, channels: int = 1) -> np.ndarray:
 
 def _grey_or_rgb(image: Image.Image, path: str | Path) -> Image.Image:
     """`image` as a mode L or RGB image of the 0..255 values it shows (see `load_image`)."""
-    mode = image.mode
-    if mode == "F":
+    if image.mode == "F":
         raise UserError(f"{path} has 32-bit float pixels, whose range is not defined: save it with 8- or 16-bit pixels")
-    if mode in SIXTEEN_BIT_MODES:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # "I": how older Pillows open 16-bit PNGs
         values = np.asarray(image).astype(np.int64)  # (H, W)
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise UserError(f"{path} has 32-bit pixels {values.min()}..{values.max()}, outside 16 bits (0..65535): "
                             "save it with 8- or 16-bit pixels")
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # round(v / 257)
-    if mode in ("La", "RGBa"):  # premultiplied alpha (v * a / 255): on white, add 255 - a
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha (v * a / 255): on white, add 255 - a
         values = np.asarray(image).astype(np.int64)  # (H, W, 2 or 4)
         on_white = (values[..., :-1] + 255 - values[..., -1:]).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(on_white.squeeze(-1) if mode == "La" else on_white)
-    if mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
+        return Image.fromarray(on_white.squeeze(-1) if image.mode == "La" else on_white)
+    if image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4); palette and tRNS applied
         return Image.fromarray(to_channels(rgba[None], 3)[0])  # on white
-    return image.convert("L" if mode in ("1", "L") else "RGB")
+    return image.convert("L" if image.mode in ("1", "L") else "RGB")
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
     """uint8 (N, H, W) or (N, H, W, 1|3|4) -> (N, H, W) grey (channels=1) or (N, H, W, 3) RGB: alpha

@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException, HydraException, OverridePar
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.ops.rules import as_override, check_out_dir
+from pixelcnn.ops.rules import as_override, check_out_dir, validate
 from pixelcnn.ops.errors import UserError, WriteError, error_line, key_paths, override_error, user_errors_unwrapped
 from pixelcnn.likelihood import ImageModel
 from pixelcnn.ops.resources import pick_device
@@ -120,9 +120,11 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
-def load_checkpoint_model(cfg: DictConfig, outputs: str) -> tuple[Path, ImageModel, Path]:
-    """The checkpoint file of `ckpt` (a run dir: its best), its model on `device`, and the output folder:
-    `out`, else <run dir>/`outputs` (or next to the checkpoint), checked writable before any work."""
+def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> tuple[Path, ImageModel, Path]:
+    """After `validate`(cfg, `command`): the checkpoint file of `ckpt` (a run dir: its best), its model on
+    `device`, and the output folder: `out`, else <run dir>/`outputs` (or next to the checkpoint), checked
+    writable before any work."""
+    validate(cfg, command)
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, device)

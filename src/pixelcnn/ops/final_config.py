@@ -96,9 +96,9 @@ def resume(config: DictConfig, ckpt_path: str, resume_dir: Path | None, in_place
     # Every process of an srun job reads the same files: all exit (a sweep job is never finished: SLURM requeued it).
     if in_place and not job:
         validate(config, "train")  # first: finished_run compares the checkpoint with trainer.max_* as given
-    if in_place and not job and (reason := finished_run(resume_dir, checkpoint, config.trainer)):
-        say(f"{resume_dir} has already finished ({reason}); nothing was changed")
-        sys.exit(0)
+        if reason := finished_run(resume_dir, checkpoint, config.trainer):
+            say(f"{resume_dir} has already finished ({reason}); nothing was changed")
+            sys.exit(0)
     return str(path)
 
 

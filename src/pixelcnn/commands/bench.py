@@ -168,8 +168,7 @@ def bench_table(result: dict) -> str:
 
 def main(cfg: DictConfig) -> dict:
     result = run(cfg)
-    table = bench_table(result)
-    print(table)
+    print(bench_table(result))
     out = Path(cfg.bench.out)
     write_text(out, json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
     print(f"written: {out}")

@@ -17,11 +17,11 @@ from hydra.errors import ConfigCompositionException, HydraException, OverridePar
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
-from pixelcnn.ops.rules import as_override, check_out_dir
+from pixelcnn.ops.rules import as_override, check_out_dir, validate
 from pixelcnn.ops.errors import UserError, WriteError, error_line, key_paths, override_error, user_errors_unwrapped
 from pixelcnn.likelihood import ImageModel
 from pixelcnn.ops.resources import pick_device
-from pixelcnn.ops.run_dirs import holds_checkpoints, removable_on_error, remove_own_dir, run_dir_of
+from pixelcnn.ops.run_dirs import removable_on_error, remove_own_dir, run_dir_of
 
 # A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
 # traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).
@@ -40,7 +40,8 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
     except Exception as err:  # noqa: BLE001 - every failure is one line
         message = str(err) if isinstance(err, UserError) else error_line(err)
         if cleanup_dir is not None and Path(cleanup_dir).is_dir():
-            if holds_checkpoints(cleanup_dir):
+            # A checkpoint to resume from (each one is whole: `callbacks.AtomicCheckpointIO`).
+            if any((Path(cleanup_dir) / "checkpoints").glob("*.ckpt")):
                 if isinstance(err, WriteError):
                     resume = as_override("ckpt_path", cleanup_dir)
                     message += f"; the run resumes from its last complete checkpoint with {resume}"
@@ -119,9 +120,11 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
-def load_checkpoint_model(cfg: DictConfig, outputs: str) -> tuple[Path, ImageModel, Path]:
-    """The checkpoint file of `ckpt` (a run dir: its best), its model on `device`, and the output folder:
-    `out`, else <run dir>/`outputs` (or next to the checkpoint), checked writable before any work."""
+def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> tuple[Path, ImageModel, Path]:
+    """After `validate`(cfg, `command`): the checkpoint file of `ckpt` (a run dir: its best), its model on
+    `device`, and the output folder: `out`, else <run dir>/`outputs` (or next to the checkpoint), checked
+    writable before any work."""
+    validate(cfg, command)
     device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, device)

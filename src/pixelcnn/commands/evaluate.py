@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
-from pixelcnn.ops.rules import validate
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.files import atomic_write, write_text
 from pixelcnn.ops.images import levels_to_grid, load_image, save_grid
@@ -158,8 +157,7 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
 
 def main(cfg: DictConfig) -> dict:
     """The test-split evaluation, or with `images=` the outlier scores."""
-    validate(cfg, "evaluate")
-    ckpt, module, out_dir = load_checkpoint_model(cfg, "eval")
+    ckpt, module, out_dir = load_checkpoint_model(cfg, "evaluate", "eval")
     if cfg.images is not None:
         return score_images(module, cfg, out_dir)
     return evaluate_test_split(module, cfg, out_dir, ckpt)

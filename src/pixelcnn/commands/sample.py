@@ -10,7 +10,6 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
-from pixelcnn.ops.rules import validate
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.images import levels_to_grid, save_grid_and_levels, side_by_side
 from pixelcnn.sampling import complete_fast, draw_uniforms, eval_mode
@@ -58,8 +57,7 @@ def class_tag(names: list[str], index: int) -> str:
 
 
 def main(cfg: DictConfig) -> list[Path]:
-    validate(cfg, "sample")
-    ckpt, module, out_dir = load_checkpoint_model(cfg, "samples")
+    ckpt, module, out_dir = load_checkpoint_model(cfg, "sample", "samples")
     if cfg.mode == "complete":
         return complete(module, cfg, out_dir)
 
@@ -90,7 +88,7 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     row `rows`; write a PNG figure (one row per image: original | kept rows, hidden ones mid-grey |
     completions) and the completions as .npy (N, completions, H, W) uint8 levels. Conditional
     models use the images' true labels. Only what depends on the model is checked here (the
-    rest by `config.validate`)."""
+    rest by `rules.validate`)."""
     height = width = module.image_size
     rows, completions = cfg.rows, cfg.completions
     if rows > height:

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import sys
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pixelcnn.commands.cli import exit_on_user_error
+from pixelcnn.commands.cli import exit_on_user_error, fail
 from pixelcnn.ops.errors import error_line, user_errors_unwrapped
 from pixelcnn.ops.final_config import complete
 from pixelcnn.ops.resources import secondary_rank
@@ -56,11 +55,9 @@ def sweep_job_dir(cfg: DictConfig):
     refused meanwhile, and a second process on the same job dir too), whatever the launcher; Hydra's
     on_job_start cannot refuse a job (it turns a callback's exception into a warning)."""
     job_dir = Path(cfg.output_dir)
-    with ExitStack() as stack:
-        # Released as the job ends (closing it releases the flock): the process (a serial sweep's, a joblib
-        # worker) goes on to other jobs.
-        if not secondary_rank():
-            stack.callback(os.close, hold_run_dir(job_dir, f"the job dir {job_dir}"))
+    # Released as the job ends (closing the lock's file releases the flock): the process (a serial sweep's, a joblib
+    # worker) goes on to other jobs.
+    with nullcontext() if secondary_rank() else open(hold_run_dir(job_dir, f"the job dir {job_dir}"), "rb"):
         yield
 
 
@@ -143,7 +140,5 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         atexit.unregister(self.write_at_exit)
         if failed := write_summary(config):
-            print(f"error: {failed} jobs failed (see {Path(config.hydra.sweep.dir) / 'summary.md'})",
-                  file=sys.stderr, flush=True)
             # SystemExit passes through Hydra's callback and error handling (they catch Exception).
-            raise SystemExit(1)
+            fail(f"{failed} jobs failed (see {Path(config.hydra.sweep.dir) / 'summary.md'})", 1)

@@ -96,9 +96,9 @@ def resume(config: DictConfig, ckpt_path: str, resume_dir: Path | None, in_place
     # Every process of an srun job reads the same files: all exit (a sweep job is never finished: SLURM requeued it).
     if in_place and not job:
         validate(config, "train")  # first: finished_run compares the checkpoint with trainer.max_* as given
-    if in_place and not job and (reason := finished_run(resume_dir, checkpoint, config.trainer)):
-        say(f"{resume_dir} has already finished ({reason}); nothing was changed")
-        sys.exit(0)
+        if reason := finished_run(resume_dir, checkpoint, config.trainer):
+            say(f"{resume_dir} has already finished ({reason}); nothing was changed")
+            sys.exit(0)
     return str(path)
 
 
@@ -139,8 +139,7 @@ def restore_saved_config(config: DictConfig, run_dir: Path) -> None:
     record = records[-1].parent if records else run_dir / ".hydra"
     saved, choices = read_saved_yaml(record / "config.yaml"), read_saved_yaml(record / "hydra.yaml")
     for key in ("hydra", "runtime", "choices"):  # hydra.runtime.choices, where each level is a dict
-        choices = choices.get(key) if isinstance(choices, dict) else {}
-    choices = choices if isinstance(choices, dict) else {}
+        choices = choices.get(key) if isinstance(choices.get(key), dict) else {}
     task = [str(o) for o in config.hydra.overrides.task]
     given = {o.key_or_group.replace("/", ".") for o in OverridesParser.create().parse_overrides(task)}
     loader, now = GlobalHydra.instance().hydra.config_loader, config.hydra.runtime.choices
@@ -161,16 +160,15 @@ def restore_saved_config(config: DictConfig, run_dir: Path) -> None:
             name = f"{prefix}{key}"
             if (not prefix and key in NOT_RESTORED) or name in given or any(name.startswith(g + ".") for g in given):
                 continue
-            if key not in own:  # `own` is a dict: copy recurses only into dicts
-                ignored.append(name)
-            elif isinstance(value, dict) and isinstance(own[key], dict):
+            if isinstance(value, dict) and isinstance(own.get(key), dict):  # `own` is a dict: recurse into dicts only
                 copy(value, own[key], f"{name}.")
-            elif value != own[key]:
-                if str(key).startswith("_") or isinstance(own[key], dict) or not plain_value(value):
-                    ignored.append(name)
-                else:
-                    OmegaConf.update(composed, name, value, merge=False)
-                    restored.append(f"{name}={value}")
+            elif key in own and value == own[key]:
+                continue
+            elif key not in own or str(key).startswith("_") or isinstance(own[key], dict) or not plain_value(value):
+                ignored.append(name)
+            else:
+                OmegaConf.update(composed, name, value, merge=False)
+                restored.append(f"{name}={value}")
 
     copy(saved, OmegaConf.to_container(composed, resolve=False), "")
     with read_write(config), open_dict(config):

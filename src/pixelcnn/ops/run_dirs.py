@@ -128,11 +128,6 @@ def run_dir_of(ckpt_path: str | Path) -> str | None:
     return str(path.parent.parent) if path.parent.name == "checkpoints" else None
 
 
-def holds_checkpoints(run_dir: str | Path) -> bool:
-    """Whether `run_dir` has a checkpoint to resume from (each one is whole: `callbacks.AtomicCheckpointIO`)."""
-    return any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
-
-
 def removable_on_error(output_dir: str | Path) -> bool:
     """Whether a job that failed on bad input may remove its output dir: a dir this process created
     for its run (removing it deletes nothing anyone else wrote), or a sweep job's dir (RunDirGuard let

@@ -87,10 +87,9 @@ class ImageModule(ImageModel, L.LightningModule):
         # step, too late for clipping, so clipping under 16-mixed takes the foreach path.
         cuda = self.device.type == "cuda"  # on CUDA the module is always attached to a trainer
         fused = cuda and not (self.trainer.gradient_clip_val and self.trainer.precision == "16-mixed")
-        optim = self.optim
-        optimizer = torch.optim.AdamW(self.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"],
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.optim["lr"], weight_decay=self.optim["weight_decay"],
                                       **({"fused": True} if fused else {"foreach": True}))
-        scheduler, self._cosine = optim["scheduler"], None
+        scheduler, self._cosine = self.optim["scheduler"], None
         if scheduler["name"] == "none":
             return optimizer
         if scheduler["name"] == "cosine":  # its run length is known once the train loader is: see on_train_start
@@ -99,7 +98,7 @@ class ImageModule(ImageModel, L.LightningModule):
         else:  # plateau (config.RULES allow these three)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=scheduler["factor"], patience=scheduler["patience"],
-                min_lr=optim["lr"] * scheduler["min_lr_ratio"])
+                min_lr=self.optim["lr"] * scheduler["min_lr_ratio"])
             # Stepped by Lightning on val/bpd after each epoch that validates.
             config = {"scheduler": plateau, "interval": "epoch", "monitor": "val/bpd",
                       "frequency": self.trainer.check_val_every_n_epoch or 1}

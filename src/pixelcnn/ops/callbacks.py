@@ -102,12 +102,11 @@ class StopOnNonFiniteLoss(L.Callback):
         # next all-reduce): any rank's bad loss stops all. A no-op on one device.
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return
-        advice = f"training stopped; try a lower optim.lr (now {module.optim['lr']:g})"
-        if not bad_here:
-            raise NonFiniteLossError(f"the training loss is not finite on another process by optimizer step "
-                                     f"{trainer.global_step}: {advice}")
-        raise NonFiniteLossError(f"the training loss is {float(loss)} at optimizer step {trainer.global_step} (batch "
-                                 f"{batch_idx + 1} of epoch {trainer.current_epoch + 1}): {advice}")
+        where = (f"is {float(loss)} at optimizer step {trainer.global_step} "
+                 f"(batch {batch_idx + 1} of epoch {trainer.current_epoch + 1})" if bad_here
+                 else f"is not finite on another process by optimizer step {trainer.global_step}")
+        raise NonFiniteLossError(f"the training loss {where}: training stopped; try a lower optim.lr "
+                                 f"(now {module.optim['lr']:g})")
 
 
 class ProgressBar(TQDMProgressBar):
@@ -282,7 +281,7 @@ class StepCheckpoint(Checkpoint):
     SystemExit without a code). So while training this handler replaces it (Lightning restores the
     handlers of before `fit` when it ends), and the run exits with STOPPED_EXIT_CODE.
 
-    SLURM requeue signals (`slurm_requeue_signals`): Lightning's and submitit's handlers act at once,
+    SLURM requeue signals (`on_train_start` lists them): Lightning's and submitit's handlers act at once,
     mid-step (and submitit's saves no model), so they run at the next step boundary, after step.ckpt is
     saved (Lightning's then saves hpc_ckpt_N.ckpt and calls `scontrol requeue`; submitit's requeues the
     job and exits); the requeued job continues from step.ckpt (`run_dirs.requeued_job`). Under DDP the
@@ -306,7 +305,19 @@ class StepCheckpoint(Checkpoint):
             self.signal = signal.SIGTERM
         if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
             return
-        for signum in slurm_requeue_signals(trainer):
+        # The signals that ask this SLURM job to save and requeue: that of Lightning's SLURMEnvironment (SIGUSR1
+        # unless configured otherwise; set when Lightning detects a job started by srun), read where Lightning's own
+        # _SignalConnector reads it, and that of submitit when this is a job of hydra/launcher=slurm (SIGUSR2, or
+        # SUBMITIT_PREEMPT_SIGNAL), which its sbatch script asks SLURM to send before the time limit (--signal).
+        requeue_signals = []
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+            requeue_signals.append(environment.requeue_signal)
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            from submitit import JobEnvironment
+
+            requeue_signals.append(getattr(signal, "SIG" + JobEnvironment.USR_SIG))
+        for signum in requeue_signals:
             if callable(handler := signal.getsignal(signum)):
                 self._requeue_handlers[signum] = handler
                 signal.signal(signum, self._request_stop)
@@ -359,23 +370,6 @@ class StepCheckpoint(Checkpoint):
         # Lightning's own exception for this stop (it ends `fit` as an interruption); the train
         # command turns it into exit status STOPPED_EXIT_CODE.
         raise SIGTERMException
-
-
-def slurm_requeue_signals(trainer: L.Trainer) -> list[int]:
-    """The signals that ask this SLURM job to save and requeue: that of Lightning's SLURMEnvironment
-    (SIGUSR1 unless configured otherwise; set when Lightning detects a job started by srun), and that
-    of submitit when this is a job of hydra/launcher=slurm (SIGUSR2, or SUBMITIT_PREEMPT_SIGNAL),
-    which its sbatch script asks SLURM to send before the time limit (--signal)."""
-    signals = []
-    # Where Lightning's own _SignalConnector reads the environment from.
-    environment = trainer._accelerator_connector.cluster_environment
-    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
-        signals.append(environment.requeue_signal)
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-        from submitit import JobEnvironment
-
-        signals.append(getattr(signal, "SIG" + JobEnvironment.USR_SIG))
-    return signals
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

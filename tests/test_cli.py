@@ -425,6 +425,23 @@ def test_a_key_added_where_nothing_reads_it_is_refused(capsys, script: str, conf
                                                              "+experiment=quick"] if addable else [])], conf, config)
 
 
+@pytest.mark.parametrize("script, flags, expected", [
+    ("train.py", ["-m", "--cfg", "job"], "error: Only one of --run, --multirun, --cfg, --info and --shell_completion"),
+    ("train.py", ["-m", "seed=0,1", "--info"], "error: Only one of --run, --multirun, --cfg, --info"),
+    ("sample.py", ["--resolve"], "error: The --resolve flag can only be used in conjunction with --cfg or --help"),
+    ("evaluate.py", ["--config-dir", "nowhere", "--cfg", "job"], "error: Additional config directory '"),
+    ("bench.py", ["--cfg", "job", "--package", "nope"], "package 'nope' not found in config"),  # Hydra's own line
+])
+def test_hydra_flags_that_do_not_go_together_are_one_line_and_exit_2(tmp_path: Path, script, flags, expected):
+    """Hydra's checks of its own flags were unforeseen errors (exit 1, a traceback file); `--help` stays exit 0."""
+    result = run_here(script, *flags, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(expected) and "unforeseen" not in line
+    assert not list(tmp_path.iterdir())  # nothing written: no run dir, no outputs/
+    assert run_here(script, "--help", cwd=tmp_path).returncode == 0
+
+
 def test_a_key_forced_with_plus_plus_is_refused_unless_the_config_has_it(capsys):
     """`++key=value` adds the key, or overrides it where the config has it: only the addition of a key nothing
     reads is refused (it was silently ignored), judged on the config the rest of the command line composes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException, SearchPathException
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
@@ -62,6 +63,14 @@ def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> N
             with initialize_config_dir(version_base="1.3", config_dir=str(config_dir.resolve())):  # Hydra's has ended
                 args = [a for a in sys.argv[1:] if ("=" in a or a.startswith("~")) and not a.startswith("-")]
                 raise UserError(override_error(err, args, config_name)) from None
+        except (ValueError, SearchPathException, SystemExit) as err:
+            # Hydra's checks of its own flags (-m with --cfg, --resolve without --cfg, --config-dir, --package), made
+            # in its own code before any task runs, are usage errors.
+            if f"hydra{os.sep}_internal{os.sep}" not in traceback.extract_tb(err.__traceback__)[-1].filename:
+                raise
+            if isinstance(err, SystemExit):  # 1: after the line Hydra printed itself; 0: --help and such
+                sys.exit(2 if err.code else err.code)
+            raise UserError(f"{err}: see python {Path(sys.argv[0]).name} --help") from None
 
 
 # The groups a key may be added to (+group.key=value), by config: their owners check the added keys (Lightning's

@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-
-# Read once at import, while nothing else runs: os.umask can only be read by setting it.
-UMASK = os.umask(0o022)
-os.umask(UMASK)
 
 
 @contextmanager
@@ -30,20 +25,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     removed and `path` is left as it was. Creates the missing parent folders."""
     path = Path(path)
     new_dirs = missing_dirs(path.parent)
-    tmp_name = None
+    tmp_name = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, mode) as file:
+        # O_EXCL: a new file, this block's alone; 0o666 less the umask, as a plain open() makes it (mkstemp: 0600).
+        with os.fdopen(os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), mode) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())  # the data is on disk (or its error raised here) before the name points at it
-        os.chmod(tmp_name, 0o666 & ~UMASK)  # mkstemp makes it 0600; a plain open() honours the umask
         os.replace(tmp_name, path)
     except BaseException as err:
-        if tmp_name is not None:
-            with suppress(OSError):
-                os.remove(tmp_name)
+        with suppress(OSError):  # none if it was never created
+            os.remove(tmp_name)
         remove_if_empty(new_dirs)  # the folders made for it
         if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a write names no file
             raise OSError(err.errno, err.strerror, str(path)) from None

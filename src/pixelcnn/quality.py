@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import _compute_fid
 
-from pixelcnn.data import NUM_CLASSES, ImageDataModule, Split, setup_datamodule
+from pixelcnn.data import NUM_CLASSES, ImageDataModule, Split
 from pixelcnn.ops.datafiles import cached, save_cache
 
 EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
@@ -75,10 +75,9 @@ def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:
 
 def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu", epochs: int = EPOCHS,
                   batch_size: int = 128, lr: float = 3e-3, seed: int = 0) -> FashionClassifier:
-    """Train on the data module's training split (AdamW, one-cycle schedule), report its test
+    """Train on the (set-up) data module's training split (AdamW, one-cycle schedule), report its test
     accuracy, and save the weights into the cache file in `datamodule.root` (for its image size
     and level count). Returns the classifier in eval mode."""
-    datamodule.setup()  # a no-op when already set up
     started = time.perf_counter()
     torch.manual_seed(seed)  # the initial weights and dropout
     classifier = FashionClassifier(datamodule.levels).to(device)
@@ -174,16 +173,14 @@ def quality_metrics(module, data: ImageDataModule | Split, n: int = 1000, temper
       turn, that the classifier assigns to their class.
     - `quality_n` (an int): the n used, capped at the test (and a data module's training) images.
 
-    `data` is an `ImageDataModule` (set up here if need be; its tensors on any device) or a bare
-    test split (images, labels). The classifier defaults to the one `load_or_train_classifier`
-    gives for the data module, or for the default data dir (`datafiles.default_data_dir`).
+    `data` is a set-up `ImageDataModule` (its tensors on any device) or a bare test split (images,
+    labels) with its `classifier`. The classifier defaults to the one `load_or_train_classifier`
+    gives for the data module.
     """
     datamodule = data if isinstance(data, ImageDataModule) else None
-    if datamodule is not None:
-        datamodule.setup()  # a no-op when already set up
-        if (datamodule.image_size, datamodule.levels) != (module.image_size, module.levels):
-            raise ValueError(f"the data module has {datamodule.image_size}px images with {datamodule.levels} levels, "
-                             f"the model {module.image_size}px with {module.levels}")
+    if datamodule is not None and (datamodule.image_size, datamodule.levels) != (module.image_size, module.levels):
+        raise ValueError(f"the data module has {datamodule.image_size}px images with {datamodule.levels} levels, "
+                         f"the model {module.image_size}px with {module.levels}")
     test_set, train_set = (data, data) if datamodule is None else (datamodule.test_set, datamodule.train_set)
     available = min(len(test_set[0]), len(train_set[0]))
     if n < 2 or available < 2:
@@ -193,9 +190,8 @@ def quality_metrics(module, data: ImageDataModule | Split, n: int = 1000, temper
         print(f"[classifier] quality_n={n} is more than the {available} test (and training) images: using {available}",
               flush=True)
         n = available
-    if classifier is None:
-        source = setup_datamodule(None, module.image_size, module.levels) if datamodule is None else datamodule
-        classifier = load_or_train_classifier(source, module.device)
+    if classifier is None:  # a bare test split comes with its classifier
+        classifier = load_or_train_classifier(datamodule, module.device)
     labels = torch.arange(n) % module.num_classes if module.conditional else None
     sample_feats, predicted = classify(classifier, module.sample(n, temperature, seed, labels, method))
     test_feats = classify(classifier, random_subset(test_set, n, seed))[0]

@@ -169,7 +169,6 @@ def bench_table(result: dict) -> str:
 def main(cfg: DictConfig) -> dict:
     result = run(cfg)
     print(bench_table(result))
-    out = Path(cfg.bench.out)
-    write_text(out, json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
-    print(f"written: {out}")
+    write_text(cfg.bench.out, json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    print(f"written: {cfg.bench.out}")
     return result

@@ -134,9 +134,8 @@ def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> tuple[
     `device`, and the output folder: `out`, else <run dir>/`outputs` (or next to the checkpoint), checked
     writable before any work."""
     validate(cfg, command)
-    device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.ckpt)
-    module = load_module(ckpt, device)
+    module = load_module(ckpt, pick_device(cfg.device))
     return ckpt, module, check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / outputs)
 
 

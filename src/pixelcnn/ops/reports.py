@@ -91,9 +91,6 @@ def report_start(cfg: DictConfig, output_dir: Path, parameters: int, speed, trai
 def report_end(cfg: DictConfig, output_dir: Path, metrics: dict, trainer) -> None:
     """This run's hyperparameters with its final metrics (finite ones only) in every logger, e.g. TensorBoard's
     HPARAMS tab, the metrics in metrics.json, and the outcome with the commands that go on from it."""
-    if quality := {f"quality/{k}": v for k, v in metrics.items() if k in QUALITY_KEYS}:
-        for logger in trainer.loggers:
-            logger.log_metrics(quality, trainer.global_step)
     log_results(trainer.loggers, cfg, {f"hparams/{k}": v for k, v in metrics.items()
                                        if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)},
                 trainer.global_step)

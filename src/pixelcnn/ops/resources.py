@@ -58,9 +58,8 @@ def concurrent_jobs() -> tuple[int, int]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not HydraConfig.initialized() or (hydra_cfg := HydraConfig.get()).mode != RunMode.MULTIRUN:
         return 0, 1
-    hydra_cfg = HydraConfig.get()
     job_num = int(hydra_cfg.job.get("num", 0) or 0)
     if hydra_cfg.launcher.get("_target_") != JOBLIB_LAUNCHER:
         return job_num, 1
@@ -254,9 +253,7 @@ def resolve_speed(cfg: DictConfig, train_steps: float = math.inf) -> SpeedChoice
     cuda = pick_device(cfg.trainer.accelerator, "trainer.accelerator").type == "cuda"
     # bf16 autocast where the device computes bf16 natively (emulated, it would be slower than fp32).
     bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if bf16 else "32-true"
+    precision = ("bf16-mixed" if bf16 else "32-true") if cfg.trainer.precision == "auto" else cfg.trainer.precision
     # Compiling pays off on CUDA at once; on a CPU only with bf16 autocast (where it was measured) in a long run.
     compile_auto = cuda or (precision == "bf16-mixed" and train_steps >= CPU_COMPILE_MIN_STEPS)
     return SpeedChoices(

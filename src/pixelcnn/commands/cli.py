@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.ops.rules import as_override, check_out_dir, validate
-from pixelcnn.ops.errors import UserError, WriteError, error_line, key_paths, override_error, user_errors_unwrapped
+from pixelcnn.ops.errors import UserError, WriteError, config_items, error_line, override_error, user_errors_unwrapped
 from pixelcnn.likelihood import ImageModel
 from pixelcnn.ops.resources import pick_device
 from pixelcnn.ops.run_dirs import removable_on_error, remove_own_dir, run_dir_of
@@ -120,7 +120,7 @@ def has_key(argv: list[str], config_dir: Path, config_name: str, key: str) -> bo
         if any(o.is_sweep_override() and (config_dir / o.key_or_group).is_dir() for o in overrides):
             return True
         config = compose(config_name, [o.input_line for o in overrides if not o.is_sweep_override()])
-        return key in key_paths(OmegaConf.to_container(config, resolve=False))
+        return key in dict(config_items(OmegaConf.to_container(config, resolve=False)))
     return True
 
 

@@ -1,6 +1,7 @@
 """The errors of the project: `UserError`, a mistake in what the user asked for (one line, exit status 2),
-and how any other failure becomes one line (`error_line`, `override_error`; `key_paths` lists a config's keys
-for it and for `cli.has_key`). Every command reports through `pixelcnn.commands.cli.exit_on_user_error`."""
+and how any other failure becomes one line (`error_line`, `override_error`; `config_items` lists a config's keys
+for it, for `cli.has_key` and for `rules.validate`'s finite check). Every command reports through
+`pixelcnn.commands.cli.exit_on_user_error`."""
 
 from __future__ import annotations
 
@@ -77,11 +78,16 @@ def error_line(err: BaseException) -> str:
         return f"{reason} (unforeseen; its traceback could not be saved: {write_error.strerror})"
 
 
-def key_paths(node: dict, prefix: str = "") -> list[str]:
+def config_items(node: object, prefix: str = ""):
     """Every key of a config as plain data (`OmegaConf.to_container`, unresolved: a ??? or ${...} value is a
-    string) as a dotted path, the keys holding others included; hydra's are left out."""
-    return [path for k, v in node.items() if k != "hydra"
-            for path in [prefix + k, *(key_paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [])]]
+    string) with its value, as a dotted path (a list's items as [i]), the keys holding others included; hydra's
+    are left out."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, value in items:
+        if k != "hydra":
+            path = f"{prefix}[{k}]" if isinstance(node, list) else f"{prefix}.{k}" if prefix else str(k)
+            yield path, value
+            yield from config_items(value, path)
 
 
 # Keys and groups that moved (difflib may not find them): where each is now.
@@ -102,7 +108,7 @@ def override_error(err: ConfigCompositionException, overrides: list[str], config
         config = OmegaConf.to_container(loader.load_configuration(config_name, chosen, RunMode.RUN), resolve=False)
     except ConfigCompositionException:  # the group choices themselves fail (+experiment=x twice): Hydra's line says why
         config = {}
-    keys = key_paths(config)
+    keys = [key for key, _ in config_items(config) if "[" not in key]  # an override names no list item
     leaves = [key for key in keys if not any(k.startswith(key + ".") for k in keys)] + groups
     for override in parsed:
         key, value = override.key_or_group, override.input_line.partition("=")[2]

@@ -17,7 +17,7 @@ from typing import Any, get_args
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
-from pixelcnn.ops.errors import UserError
+from pixelcnn.ops.errors import UserError, config_items
 from pixelcnn.likelihood import ARCHITECTURES, TRAINING_KEYS, ImageModel
 from pixelcnn.pixelcnn_net import INPUT_KERNEL_MIN, odd_kernel
 from pixelcnn.sampling import METHODS, valid_temperature
@@ -239,17 +239,6 @@ def network_error(model: dict) -> str | None:
     return None
 
 
-def non_finite_key(node: Any, key: str = "") -> tuple[str, float] | None:
-    """The first key (dotted, with [i] for list items) whose value is an inf or NaN float."""
-    if isinstance(node, float) and not math.isfinite(node):
-        return key, node
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for k, value in items:
-        if found := non_finite_key(value, f"{key}[{k}]" if isinstance(node, list) else f"{key}.{k}" if key else str(k)):
-            return found
-    return None
-
-
 def combination_error(cfg: DictConfig, command: str) -> str | None:
     """What is wrong with values of `command`'s config that are each valid but do not go together, or None."""
     select = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
@@ -296,9 +285,9 @@ def validate(cfg: DictConfig, command: str) -> None:
     sample, evaluate, classifier) whose value is out of range. Every float key must be finite (inf
     and nan pass `> 0` style checks but mean nothing as a setting)."""
     # Unresolved: interpolations point at keys that are checked themselves (and ${hydra:...} needs a run).
-    container = OmegaConf.to_container(cfg, resolve=False)
-    if found := non_finite_key({k: v for k, v in container.items() if k != "hydra"}):
-        raise UserError(f"{found[0]}={found[1]} is invalid: it must be a finite number")
+    for key, value in config_items(OmegaConf.to_container(cfg, resolve=False)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value} is invalid: it must be a finite number")
     for key in PATH_KEYS:
         if isinstance(value := OmegaConf.select(cfg, key, default=None), bool):
             raise UserError(f"{key}={str(value).lower()} is invalid: it must be a path")

@@ -272,6 +272,37 @@ def test_an_epoch_that_cannot_end_in_a_day_is_refused():
     check_training_fits(replace(slow, step_flops=6e10), torch.device("cpu"), 55_000, 128, "model.residual_blocks")
 
 
+def test_a_system_that_does_not_say_its_free_memory_refuses_no_model(monkeypatch):
+    """macOS and Windows have neither /proc/meminfo nor SC_AVPHYS_PAGES: the memory check is skipped there (every
+    run failed with an unforeseen ValueError), and the time check still holds."""
+    from pixelcnn.ops import resources
+
+    real_open = open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_meminfo)
+    real_sysconf = os.sysconf
+
+    def mac_sysconf(name):  # as macOS's: no SC_AVPHYS_PAGES
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return real_sysconf(name)
+
+    monkeypatch.setattr(resources.os, "sysconf", mac_sysconf)
+    monkeypatch.setattr(resources.os, "sysconf_names", {"SC_PAGE_SIZE": 30})
+    assert resources.available_memory(torch.device("cpu")) is None
+    huge = Footprint(parameters=10**12, state_bytes=16 * 10**12, activation_bytes=10**12, step_flops=6e10)
+    check_training_fits(huge, torch.device("cpu"), 55_000, 128, "model.residual_blocks")
+    with pytest.raises(UserError, match=r"one epoch of this model \(55,000 images\) takes at least"):
+        check_training_fits(replace(huge, step_flops=1e18), torch.device("cpu"), 55_000, 128, "model.residual_blocks")
+    monkeypatch.undo()
+    assert resources.available_memory(torch.device("cpu")) > 0  # Linux: MemAvailable
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that says it is width x height grey pixels (no pixel data: only the header may be read)."""
     def chunk(kind: bytes, data: bytes) -> bytes:

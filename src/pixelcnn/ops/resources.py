@@ -119,16 +119,19 @@ class Footprint:
     step_flops: float         # one optimizer step: the backward pass costs about twice the forward
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes free for a job on `device`: CUDA's free memory, or the host's MemAvailable."""
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a job on `device`: CUDA's free memory, or the host's MemAvailable; None where the system
+    does not say (macOS and Windows have neither /proc/meminfo nor SC_AVPHYS_PAGES): then nothing is refused."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
         return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):  # not Linux: the free physical pages
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, KeyError, ValueError):  # not Linux: the free physical pages, where the system counts them
+        if "SC_AVPHYS_PAGES" in getattr(os, "sysconf_names", {}):
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return None
 
 
 # A lower bound of a step's time needs a device speed no real run beats: above the fp32 peak of a
@@ -147,7 +150,7 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
     `device`'s free memory or cannot finish one epoch within MAX_EPOCH_SECONDS at peak speed.
     Both are lower bounds (`check_model_fits`), so a model that fits is never refused."""
     free, needed = available_memory(device), footprint.state_bytes + footprint.activation_bytes
-    if needed > free:
+    if free is not None and needed > free:
         raise UserError(f"this model needs at least {needed / 1e9:.1f} GB to train at data.batch_size="
                         f"{batch_size} ({footprint.parameters:,} parameters: {footprint.state_bytes / 1e9:.1f} GB with "
                         f"gradients and optimizer state; activations {footprint.activation_bytes / 1e9:.1f} GB), but "

@@ -273,7 +273,7 @@ def test_an_epoch_that_cannot_end_in_a_day_is_refused():
 
 
 def test_a_system_that_does_not_say_its_free_memory_refuses_no_model(monkeypatch):
-    """macOS and Windows have neither /proc/meminfo nor SC_AVPHYS_PAGES: the memory check is skipped there (every
+    """macOS has neither /proc/meminfo nor SC_AVPHYS_PAGES: the memory check is skipped there (every
     run failed with an unforeseen ValueError), and the time check still holds."""
     from pixelcnn.ops import resources
 

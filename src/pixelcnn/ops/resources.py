@@ -121,7 +121,7 @@ class Footprint:
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for a job on `device`: CUDA's free memory, or the host's MemAvailable; None where the system
-    does not say (macOS and Windows have neither /proc/meminfo nor SC_AVPHYS_PAGES): then nothing is refused."""
+    does not say (macOS has neither /proc/meminfo nor SC_AVPHYS_PAGES): then nothing is refused."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:

@@ -149,22 +149,19 @@ class BatchLoader:
         """Batches per epoch (this rank's; the same on every rank)."""
         return math.ceil(self.shortest_share / self.batch_size)
 
-    def shard(self) -> tuple[int, int]:
-        """(first, stop) of this rank's part of the epoch's order; every rank gets a disjoint part.
+    def item_bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) in the epoch's order of each batch this rank yields, from its share (first, stop) of
+        the order; every rank gets a disjoint share.
 
         A shuffled (training) epoch drops the `count % world_size` items past the last full share
         (a different few of each epoch's permutation), so no item is seen twice in an epoch and all
         ranks take the same number of batches, as DDP's collectives require. Unshuffled (evaluation)
-        keeps every item exactly once, so the split's mean is exact: shares differ by at most one.
+        keeps every item exactly once, so the split's mean is exact: shares differ by at most one, and
+        a share one item longer than the shortest puts that item into its last batch (which may then
+        hold `batch_size` + 1 items), so that every rank has the same number of batches.
         """
         count = self.shortest_share * self.world_size if self.shuffle else len(self.images)
-        return self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
-
-    def item_bounds(self) -> list[tuple[int, int]]:
-        """(start, stop) in the epoch's order of each batch this rank yields. In evaluation, a share
-        one item longer than the shortest puts that item into its last batch (which may then hold
-        `batch_size` + 1 items), so that every rank has the same number of batches."""
-        first, stop = self.shard()
+        first, stop = self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size
         starts = list(range(first, first + self.shortest_share, self.batch_size))
         return list(zip(starts, [*starts[1:], stop]))
 
@@ -175,16 +172,16 @@ class BatchLoader:
             resume = None  # that epoch was over: this one draws a new order from the generator
         if resume is not None:  # replay the interrupted epoch's order, then continue its draws
             self.generator.set_state(resume["epoch_generator"])
-        self._epoch_state, self._items = self.generator.get_state(), 0
+        self._epoch_state = self.generator.get_state()
         order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
+        self._items = 0  # batches handed out in this epoch: on a resume, those before the interruption
         if resume is not None:
             self.generator.set_state(resume["generator"])
+            self._items = resume["items"]
         # Every rank draws the same permutation (same seed; equal shares keep the generators in
         # step, hflip draws included) and keeps its own share.
-        for item, (start, stop) in enumerate(self.item_bounds()):
-            if resume is not None and item < resume["items"]:
-                continue  # handed out before the interruption
-            self._items = item + 1
+        for start, stop in self.item_bounds()[self._items:]:
+            self._items += 1
             # A slice (a view, no copy) in order, else one gather per tensor.
             index = slice(start, stop) if order is None else order[start:stop]
             images, labels = self.images[index], self.labels[index]
@@ -247,26 +244,14 @@ class ImageDataModule(L.LightningDataModule):
         self._train_loader: BatchLoader | None = None
         self._train_generator_state: Tensor | None = None  # from a checkpoint, for the next train loader
         self.data: dict[str, Tensor] | None = None
-        self.class_names: list[str] = []  # known once loaded
+        self.class_names: list[str] = []  # known once set up
         self.train_set: Split | None = None
         self.val_set: Split | None = None
         self.test_set: Split | None = None
 
-    def prepare_data(self) -> None:
-        # Lightning calls this on one process only: the download and the cache file belong here.
-        self.load()
-
-    def load(self) -> dict[str, Tensor]:
-        if self.data is None:
-            self.data = load_data(self.source, self.path, self.root, self.system_dir, self.download, self.image_size,
-                                  self.levels, self.channels, preprocess)
-            idx_names = CLASS_NAMES if self.source == "fashion_mnist" else [str(k) for k in range(10)]
-            self.class_names = list(self.data.pop("class_names", idx_names))  # an own source's, from its folders
-        return self.data
-
     @property
     def num_classes(self) -> int:
-        """Classes of the source (0: unlabelled), known once loaded."""
+        """Classes of the source (0: unlabelled), known once set up."""
         return len(self.class_names)
 
     def source_settings(self) -> dict:
@@ -278,7 +263,12 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        data = self.load()
+        # Read on every process (not in Lightning's rank-0 prepare_data): the data dir's cache is built by one
+        # process under its lock while the others wait, then read.
+        data = self.data = load_data(self.source, self.path, self.root, self.system_dir, self.download,
+                                     self.image_size, self.levels, self.channels, preprocess)
+        idx_names = CLASS_NAMES if self.source == "fashion_mnist" else [str(k) for k in range(10)]
+        self.class_names = list(data.pop("class_names", idx_names))  # an own source's, from its folders
         train = data["train_images"], data["train_labels"]
         # Cut in this order, each with its own fixed permutation: Fashion-MNIST has a test split, so
         # its val split is cut exactly as it always was.

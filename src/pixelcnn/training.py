@@ -140,8 +140,9 @@ def prepare_run(cfg: DictConfig) -> tuple[L.LightningDataModule, SpeedChoices]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
     datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()  # fails here, before any training output, if the data is missing or corrupt
-    datamodule.setup()  # likewise for a split that does not fit (data.val_size); Lightning's call is then a no-op
+    # Fails here, before any training output, if the data is missing or corrupt or a split does not fit
+    # (data.val_size); Lightning's call is then a no-op.
+    datamodule.setup()
     resolve_num_classes(cfg, datamodule)  # and a resume's data: the same as its checkpoint's
     return datamodule, resolve_speed(cfg, planned_steps(cfg, len(datamodule.train_set[0])))
 

@@ -67,9 +67,12 @@ def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> sub
             at_exit.run()
     finally:
         restore_loggers(loggers)  # first: it closes the log files the run opened
-        for fd in open_fds() - fds:  # the run's own files (a lock), not a library's cache (matplotlib's fonts)
+        # The run's own files (a lock), not a library's cache (matplotlib's fonts): new descriptors, and numbers
+        # that the run closed and opened again (on another file).
+        for fd, file in open_fds().items():
             with suppress(OSError):
-                if os.readlink(f"/proc/self/fd/{fd}").startswith(tempfile.gettempdir() + os.sep):
+                in_temp = os.readlink(f"/proc/self/fd/{fd}").startswith(tempfile.gettempdir() + os.sep)
+                if fds.get(fd) != file and in_temp:
                     os.close(fd)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -101,14 +104,16 @@ class ExitHandlers:
             func(*args, **kwargs)
 
 
-def open_fds() -> set[int]:
-    """This process's open file descriptors (less the one that listed them: closed by then)."""
-    def is_open(fd: int) -> bool:
+def open_fds() -> dict[int, tuple[int, int]]:
+    """This process's open file descriptors, each with the (device, inode) of its file (less the one that listed
+    them: closed by then)."""
+    def file_of(fd: int) -> tuple[int, int] | None:
         try:
-            return os.fstat(fd) is not None
+            stat = os.fstat(fd)
         except OSError:
-            return False
-    return {int(fd) for fd in os.listdir("/proc/self/fd") if is_open(int(fd))}
+            return None
+        return stat.st_dev, stat.st_ino
+    return {fd: file for fd in map(int, os.listdir("/proc/self/fd")) if (file := file_of(fd)) is not None}
 
 
 def logger_states() -> dict:

@@ -442,6 +442,19 @@ def test_hydra_flags_that_do_not_go_together_are_one_line_and_exit_2(tmp_path: P
     assert run_here(script, "--help", cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.parametrize("args", [["logger=null"], ["-m", "logger=csv,null"], ["hparams_search=null"]])
+def test_a_group_set_to_null_names_the_options_and_how_to_leave_it_out(capsys, args: list[str]):
+    """Hydra takes no `group=null` on the command line (an unforeseen ValueError, exit 1): one line, exit 2."""
+    group = args[-1].partition("=")[0]
+    with pytest.raises(SystemExit) as exit_:
+        check_command_line(["train.py", *args], ROOT / "conf", "train")
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {group}=null is not an option: choose one of ")
+    assert line.endswith(f"or leave the group out with '~{group}'")
+    assert "csv, mlflow, tensorboard" in line if group == "logger" else "optuna" in line
+
+
 def test_a_key_forced_with_plus_plus_is_refused_unless_the_config_has_it(capsys):
     """`++key=value` adds the key, or overrides it where the config has it: only the addition of a key nothing
     reads is refused (it was silently ignored), judged on the config the rest of the command line composes."""

@@ -109,7 +109,7 @@ def test_a_lab_file_importing_an_ops_module_is_found(tmp_path):
 
 def test_the_seam_counts_as_importing_its_modules(tmp_path):
     from test_layout import find_cycle, write_package
-    root = write_package(tmp_path, {"pixelcnn/__init__.py": "", "pixelcnn/ops/__init__.py": 'SEAM = {"f": "run_dirs"}\n',
+    root = write_package(tmp_path, {"pixelcnn/__init__.py": "", "pixelcnn/ops/__init__.py": 'SEAM = {"run_dirs": ("f",)}\n',
                                     "pixelcnn/ops/run_dirs.py": "from pixelcnn import data\n",
                                     "pixelcnn/data.py": "from pixelcnn.ops import f\n"})
     graph = import_graph(root)

@@ -59,14 +59,14 @@ def pixelcnn_imports(path: Path, src: Path) -> list[tuple[str, int]]:
 
 
 def seam_imports(path: Path, src: Path) -> set[tuple[str, int]]:
-    """A package's lazy `SEAM = {name: module}` (pixelcnn/ops/__init__.py) imports each module on first use:
+    """A package's lazy `SEAM = {module: names}` (pixelcnn/ops/__init__.py) imports each module on first use:
     those imports count too, so that no cycle hides behind the seam."""
     if path.name != "__init__.py":
         return set()
     package = module_name(path, src)
     return {(f"{package}.{module.value}", node.lineno) for node in ast.parse(path.read_text()).body
             if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["SEAM"]
-            and isinstance(node.value, ast.Dict) for module in node.value.values if isinstance(module, ast.Constant)}
+            and isinstance(node.value, ast.Dict) for module in node.value.keys if isinstance(module, ast.Constant)}
 
 
 def import_graph(src: Path) -> Graph:

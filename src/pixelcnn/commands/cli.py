@@ -109,7 +109,8 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
         for option in (v.strip() for v in value.split(",")):
             if option and option not in choices:  # null too: Hydra takes no null for a group on the command line
                 leave_out = f" or leave the group out with '~{key}'" if option == "null" else ""
-                fail(f"{key}={option} is not an option: choose one of {', '.join(choices)} (files in {group}){leave_out}")
+                fail(f"{key}={option} is not an option: choose one of {', '.join(choices)} "
+                     f"(files in {group}){leave_out}")
 
 
 def has_key(argv: list[str], config_dir: Path, config_name: str, key: str) -> bool:

@@ -20,35 +20,22 @@ each is loaded on first use, so that a command that needs little (sample.py) imp
 
 from importlib import import_module
 
-# name -> the ops module that defines it (tests/test_budget.py reads this table for the import graph)
+# ops module -> the names the lab takes from it (tests/test_layout.py reads this table for the import graph)
 SEAM = {
-    "UserError": "errors",
-    "as_override": "rules",
-    "validate": "rules",
-    "STOPPED_EXIT_CODE": "callbacks",
-    "AtomicCheckpointIO": "callbacks",
-    "build_callbacks": "callbacks",
-    "StepCheckpoint": "callbacks",
-    "read_checkpoint": "checkpoints",
-    "read_same_network": "checkpoints",
-    "check_model_fits": "resources",
-    "claim_job_resources": "resources",
-    "cuda_device_args": "resources",
-    "planned_steps": "resources",
-    "resolve_speed": "resources",
-    "SpeedChoices": "resources",
-    "secondary_rank": "resources",
-    "build_loggers": "reports",
-    "log_failure": "reports",
-    "report_end": "reports",
-    "report_start": "reports",
-    "run_dir_of": "run_dirs",
-    "default_data_dir": "datafiles",
-    "load_data": "datafiles",
+    "errors": ("UserError",),
+    "rules": ("as_override", "validate"),
+    "callbacks": ("STOPPED_EXIT_CODE", "AtomicCheckpointIO", "build_callbacks", "StepCheckpoint"),
+    "checkpoints": ("read_checkpoint", "read_same_network"),
+    "resources": ("check_model_fits", "claim_job_resources", "cuda_device_args", "planned_steps", "resolve_speed",
+                  "SpeedChoices", "secondary_rank"),
+    "reports": ("build_loggers", "log_failure", "report_end", "report_start"),
+    "run_dirs": ("run_dir_of",),
+    "datafiles": ("default_data_dir", "load_data"),
 }
+OWNER = {name: module for module, names in SEAM.items() for name in names}  # name -> the module that defines it
 
 
 def __getattr__(name: str):
-    if name not in SEAM:
+    if name not in OWNER:
         raise AttributeError(f"pixelcnn.ops has no {name!r} for the lab (its seam: pixelcnn.ops.SEAM)")
-    return getattr(import_module(f"{__name__}.{SEAM[name]}"), name)
+    return getattr(import_module(f"{__name__}.{OWNER[name]}"), name)

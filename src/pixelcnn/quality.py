@@ -61,12 +61,8 @@ class FashionClassifier(nn.Module):
 def classify(classifier: FashionClassifier, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
     """(features (N, D) float64, predicted classes (N,)) of level images (N, [1,] S, S), on the CPU."""
     device = next(classifier.parameters()).device
-    features, predictions = [], []
-    for batch in images.split(batch_size):
-        feats = classifier.features(batch.to(device))
-        features.append(feats.double().cpu())
-        predictions.append(classifier.head(feats).argmax(-1).cpu())
-    return torch.cat(features), torch.cat(predictions)
+    features = torch.cat([classifier.features(batch.to(device)) for batch in images.split(batch_size)])  # (N, D)
+    return features.double().cpu(), classifier.head(features).argmax(-1).cpu()
 
 
 def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:

@@ -79,9 +79,8 @@ def heatmap_figure(images: Tensor, maps: Tensor, levels: int, path: Path) -> Pat
     count = len(images)
     figure = Figure(figsize=(1.5 * count + 1.2, 3.4))
     axes = figure.subplots(2, count, squeeze=False, subplot_kw={"frame_on": False, "xticks": [], "yticks": []})
-    for k in range(count):  # grey (1, H, W) as a grey map, RGB (3, H, W) as colours
-        shown = images[k, 0] if images.shape[1] == 1 else (images[k].permute(1, 2, 0).float() / (levels - 1))
-        axes[0, k].imshow(shown, cmap="gray", vmin=0, vmax=levels - 1)
+    for k in range(count):  # levels as intensities 0..1: grey (H, W) through the grey map, RGB (H, W, 3) as colours
+        axes[0, k].imshow(images[k].permute(1, 2, 0).squeeze(-1) / (levels - 1), cmap="gray", vmin=0, vmax=1)
         axes[0, k].set_title(f"{maps[k].mean():.2f} bits/dim", fontsize=8)
         heat = axes[1, k].imshow(maps[k], cmap="magma", vmin=0, vmax=maps.max().item())
     figure.colorbar(heat, ax=axes[1, :].tolist(), label="bits per pixel", shrink=0.9)

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import _compute_fid
 
@@ -78,9 +77,9 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
     torch.manual_seed(seed)  # the initial weights and dropout
     classifier = FashionClassifier(datamodule.levels).to(device)
     images, labels = (t.to(device) for t in datamodule.train_set)
-    steps = epochs * math.ceil(len(images) / batch_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
+                                                   steps_per_epoch=math.ceil(len(images) / batch_size))
     # The batches' order from a generator of its own: the classifier (and so every Fréchet distance reported
     # in the README) stays the one these seeds gave first.
     generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -88,7 +87,7 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
         for index in torch.randperm(len(images), generator=generator, device=images.device).split(batch_size):
             if len(index) < 2:  # batch norm cannot train on one image (at 2px its maps are 1x1)
                 continue
-            loss = F.cross_entropy(classifier(images[index]), labels[index])
+            loss = nn.functional.cross_entropy(classifier(images[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -230,3 +230,19 @@ def test_commands_share_one_data_dir_whatever_the_launch_dir(tmp_path):
         outputs.append(done.stdout)
     assert "no cached classifier" in outputs[0] and "no cached classifier" not in outputs[1]
     assert (data_dir / f"fashion_mnist_{SIZE}px_4lv.pt").is_file() and (data_dir / f"classifier_{SIZE}px_4lv.pt").is_file()
+
+
+def test_a_diverged_model_scores_nan_as_null_in_valid_json(tmp_path, data_root):
+    """A checkpoint whose weights hold NaN (a run that diverged) scores NaN bits/dim: metrics.json holds null
+    there (json.dumps would write NaN, which no strict JSON reader takes), and the figures are still drawn."""
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt")
+    checkpoint = torch.load(ckpt)
+    next(iter(checkpoint["state_dict"].values())).fill_(float("nan"))
+    torch.save(checkpoint, ckpt)
+    metrics = run(eval_config(ckpt, data_root, tmp_path / "eval", extremes=2))
+    assert np.isnan(metrics["test_bpd"])
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text(), parse_constant=strict)
+    assert saved["test_bpd"] is None and saved["test_images"] == N_TEST
+    assert (tmp_path / "eval" / "nll_heatmaps.png").stat().st_size > 0

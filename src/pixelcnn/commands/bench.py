@@ -84,7 +84,31 @@ def median_seconds(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(timeit.repeat(fn, timer=lambda: synced_time(device), repeat=repeats, number=1))
 
 
-def run(cfg: DictConfig) -> dict:
+def bench_table(result: dict) -> str:
+    train, speed, run_min = result["train"], result["speed"], result["train"]["est_run_min"]
+    lines = [
+        f"device: {result['device']}  (torch {result['torch']}, model {result['model']}, batch {result['batch_size']}, "
+        f"speed {result['speed']})",
+        "| measure | value |", "|---|---|",
+        f"| train img/s, plain PyTorch fp32 loop (reference, median) | {train['plain_fp32_img_per_s']:,.0f} |",
+        f"| train img/s (Lightning loop, median) | {train['img_per_s']:,.0f} |",
+        f"| ratio: Lightning loop ({speed['precision']}{', compiled' if speed['compile'] else ''}) / plain fp32 loop "
+        f"| {train['vs_plain_fp32']:.2f}x |",
+        f"| epoch s {'incl. validation' if train['epoch_s_measured'] else '(estimate: train images / img/s)'} "
+        f"| {train['epoch_s']:.2f} |",
+        f"| full run at max_epochs (min) | {'no epoch limit' if run_min is None else f'{run_min:.1f}'} |",
+        f"| train peak memory (MiB) | {train['peak_memory_mb']:,.0f} |",
+    ]
+    for n, entry in result["sampling"].items():
+        naive = f"{entry['naive_s']:.3f} s" if "naive_s" in entry else "skipped"
+        lines.append(f"| sample {n}: naive / fast | {naive} / {entry['fast_s']:.3f} s |")
+        if "speedup" in entry:
+            lines.append(f"| ratio: fast / naive sampling, n={n} | {entry['speedup']:.0f}x |")
+    return "\n".join(lines)
+
+
+def main(cfg: DictConfig) -> dict:
+    """Measure, print the table and write it with the config as JSON (bench.out); returns the measures."""
     validate(cfg, "bench")
     if Path(cfg.bench.out).is_dir():  # fail now, not after minutes of measuring
         raise UserError(f"bench.out={cfg.bench.out} is a folder: pass a file name")
@@ -140,34 +164,6 @@ def run(cfg: DictConfig) -> dict:
             entry["naive_s"] = median_seconds(lambda: draw(sample_naive), device, bench.naive_repeats)
             entry["speedup"] = entry["naive_s"] / entry["fast_s"]
         result["sampling"][str(n)] = entry
-    return result
-
-
-def bench_table(result: dict) -> str:
-    train, speed, run_min = result["train"], result["speed"], result["train"]["est_run_min"]
-    lines = [
-        f"device: {result['device']}  (torch {result['torch']}, model {result['model']}, batch {result['batch_size']}, "
-        f"speed {result['speed']})",
-        "| measure | value |", "|---|---|",
-        f"| train img/s, plain PyTorch fp32 loop (reference, median) | {train['plain_fp32_img_per_s']:,.0f} |",
-        f"| train img/s (Lightning loop, median) | {train['img_per_s']:,.0f} |",
-        f"| ratio: Lightning loop ({speed['precision']}{', compiled' if speed['compile'] else ''}) / plain fp32 loop "
-        f"| {train['vs_plain_fp32']:.2f}x |",
-        f"| epoch s {'incl. validation' if train['epoch_s_measured'] else '(estimate: train images / img/s)'} "
-        f"| {train['epoch_s']:.2f} |",
-        f"| full run at max_epochs (min) | {'no epoch limit' if run_min is None else f'{run_min:.1f}'} |",
-        f"| train peak memory (MiB) | {train['peak_memory_mb']:,.0f} |",
-    ]
-    for n, entry in result["sampling"].items():
-        naive = f"{entry['naive_s']:.3f} s" if "naive_s" in entry else "skipped"
-        lines.append(f"| sample {n}: naive / fast | {naive} / {entry['fast_s']:.3f} s |")
-        if "speedup" in entry:
-            lines.append(f"| ratio: fast / naive sampling, n={n} | {entry['speedup']:.0f}x |")
-    return "\n".join(lines)
-
-
-def main(cfg: DictConfig) -> dict:
-    result = run(cfg)
     print(bench_table(result))
     write_text(cfg.bench.out, json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
     print(f"written: {cfg.bench.out}")

@@ -117,9 +117,8 @@ def complete(module, cfg: DictConfig, out_dir: Path) -> list[Path]:
     seconds = time.perf_counter() - started
     completed = completed.view(n, completions, *originals.shape[1:])  # (N, K, [C,] H, W)
 
-    kept = originals.float()
-    kept[..., rows:, :] = (module.levels - 1) / 2  # hidden rows mid-grey: levels_to_grid divides by levels - 1
-    pairs = torch.stack([originals.float(), kept], dim=1).flatten(0, 1)  # (N*2, [C,] H, W): original, kept per row
+    pairs = originals.float().repeat_interleave(2, dim=0)  # (N*2, [C,] H, W): each original, then its kept rows
+    pairs[1::2, ..., rows:, :] = (module.levels - 1) / 2  # hidden rows mid-grey: levels_to_grid divides by levels - 1
     grid = side_by_side([levels_to_grid(pairs, module.levels, nrow=2, scale=cfg.scale),
                          levels_to_grid(completed.flatten(0, 1), module.levels, nrow=completions, scale=cfg.scale)])
     stem = f"completions_rows{rows}_n{n}_c{completions}_T{cfg.temperature:g}_seed{cfg.seed}"

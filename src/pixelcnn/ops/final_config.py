@@ -135,17 +135,17 @@ def restore_saved_config(config: DictConfig, run_dir: Path) -> None:
     folders, read the environment). `validate` then checks every value, as for any run."""
     # The run's newest config record: that of its last resume (.hydra/resume-<time>/, so a changed optim.lr
     # or max_epochs carries on), else the one it started with (.hydra/).
-    records = sorted((run_dir / ".hydra").glob("resume-*/config.yaml"))
-    record = records[-1].parent if records else run_dir / ".hydra"
+    record = max((p.parent for p in (run_dir / ".hydra").glob("resume-*/config.yaml")), default=run_dir / ".hydra")
     saved, choices = read_saved_yaml(record / "config.yaml"), read_saved_yaml(record / "hydra.yaml")
     for key in ("hydra", "runtime", "choices"):  # hydra.runtime.choices, where each level is a dict
         choices = choices.get(key) if isinstance(choices.get(key), dict) else {}
     task = [str(o) for o in config.hydra.overrides.task]
-    given = {o.key_or_group.replace("/", ".") for o in OverridesParser.create().parse_overrides(task)}
+    # Kept as they are now, with the keys under them: this command line's overrides, and NOT_RESTORED.
+    kept = {o.key_or_group.replace("/", ".") for o in OverridesParser.create().parse_overrides(task)} | {*NOT_RESTORED}
     loader, now = GlobalHydra.instance().hydra.config_loader, config.hydra.runtime.choices
     groups = [f"{group}={option}" for group, option in choices.items()
               if group in now and not group.startswith("hydra/") and group != "hparams_search"  # -m presets
-              and group.replace("/", ".") not in given and option != now[group] and isinstance(option, str)
+              and group.replace("/", ".") not in kept and option != now[group] and isinstance(option, str)
               and option in loader.get_group_options(group)]
     try:
         composed = loader.load_sweep_config(config, groups + task)
@@ -158,12 +158,10 @@ def restore_saved_config(config: DictConfig, run_dir: Path) -> None:
     def copy(values: dict, own: dict, prefix: str) -> None:
         for key, value in values.items():
             name = f"{prefix}{key}"
-            if (not prefix and key in NOT_RESTORED) or name in given or any(name.startswith(g + ".") for g in given):
+            if value == own.get(key, ...) or any(f"{name}.".startswith(f"{k}.") for k in kept):  # ...: not a key of own
                 continue
             if isinstance(value, dict) and isinstance(own.get(key), dict):  # `own` is a dict: recurse into dicts only
                 copy(value, own[key], f"{name}.")
-            elif key in own and value == own[key]:
-                continue
             elif key not in own or str(key).startswith("_") or isinstance(own[key], dict) or not plain_value(value):
                 ignored.append(name)
             else:

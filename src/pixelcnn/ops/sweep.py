@@ -188,7 +188,6 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     configuration's mean ± std. Failed jobs are not plotted; the panel title counts them. Returns
     the panels' titles (none, and no file, if nothing can be plotted)."""
     from matplotlib.figure import Figure  # not pyplot: a file only, no backend or display (servers, SLURM nodes)
-    from matplotlib.ticker import NullFormatter
 
     swept, ok = swept_keys(runs), [r for r in runs if r["status"] == "ok"]
     if not swept or not ok:
@@ -209,7 +208,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
             ax.tick_params("x", labelrotation=30)
         elif min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
+            ax.tick_params("x", which="minor", labelbottom=False)  # minor labels overlap on short spans
         ax.plot(xs[:len(shown)], [r["val_bpd"] for r in shown], "o", alpha=0.4 if groups else 1.0,
                 label="one seed" if groups else None)
         if groups:

@@ -294,6 +294,8 @@ def write_summary(config: DictConfig) -> int:
     into the sweep dir of `config`; print the table; return the number of failed jobs of this
     sweep. An Optuna sweep with a storage summarizes every trial of its study."""
     sweep_dir = Path(config.hydra.sweep.dir)
+    if not sweep_dir.is_dir():  # the sweep ended (at exit: SweepSummary) before it made its dir: nothing to summarize
+        return 0
     runs = this_sweep = collect_runs(sweep_dir)
     table = ""
     if (study := open_study(config)) is not None:

@@ -130,15 +130,10 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error(cleanup_dir=config.hydra.sweep.dir):  # e.g. a study DB that is not one
             start_study_sweep(config)
-        atexit.register(self.write_at_exit, config)  # Hydra calls no callback when the sweep raises
-
-    @staticmethod
-    def write_at_exit(config: DictConfig) -> None:
-        if Path(config.hydra.sweep.dir).is_dir():
-            write_summary(config)
+        atexit.register(write_summary, config)  # Hydra calls no callback when the sweep raises
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        atexit.unregister(self.write_at_exit)
+        atexit.unregister(write_summary)
         if failed := write_summary(config):
             # SystemExit passes through Hydra's callback and error handling (they catch Exception).
             fail(f"{failed} jobs failed (see {Path(config.hydra.sweep.dir) / 'summary.md'})", 1)

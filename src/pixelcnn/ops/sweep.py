@@ -80,17 +80,16 @@ def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     std (None below 2 values) and count over its ok runs."""
     swept = swept_keys(runs)
     config_keys = [k for k in swept if k not in SEED_KEYS]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+    groups: dict[tuple, list[dict[str, Any]]] = {}  # the configuration's (key, value) pairs -> its jobs
     for run in runs:
-        groups.setdefault(tuple(run["params"].get(k) for k in config_keys), []).append(run)
+        groups.setdefault(tuple((k, run["params"][k]) for k in config_keys if k in run["params"]), []).append(run)
     if len(groups) == len(runs):  # no seed was repeated: nothing to aggregate
         return []
     result = []
-    for members in groups.values():
+    for config, members in groups.items():
         values = {key: [r[key] for r in members if r["status"] == "ok" and _number(r.get(key))] for key in AGGREGATED}
-        params = {k: members[0]["params"][k] for k in config_keys if k in members[0]["params"]}
-        result.append({"config": " ".join(f"{k}={v}" for k, v in params.items()) or "(all jobs)",
-                       "params": params, "runs": members,
+        result.append({"config": " ".join(f"{k}={v}" for k, v in config) or "(all jobs)", "params": dict(config),
+                       "runs": members,
                        "seeds": " ".join(_params_text(r, [k for k in swept if k in SEED_KEYS]) for r in members),
                        **{key: (statistics.fmean(v) if v else None, statistics.stdev(v) if len(v) > 1 else None, len(v))
                           for key, v in values.items()}})
@@ -189,7 +188,6 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
     configuration's mean ± std. Failed jobs are not plotted; the panel title counts them. Returns
     the panels' titles (none, and no file, if nothing can be plotted)."""
     from matplotlib.figure import Figure  # not pyplot: a file only, no backend or display (servers, SLURM nodes)
-    from matplotlib.ticker import NullFormatter
 
     swept, ok = swept_keys(runs), [r for r in runs if r["status"] == "ok"]
     if not swept or not ok:
@@ -210,13 +208,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> list[str]:
             ax.tick_params("x", labelrotation=30)
         elif min(xs) > 0 and (key.endswith("lr") or max(xs) / min(xs) >= 20):
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
+            ax.tick_params("x", which="minor", labelbottom=False)  # minor labels overlap on short spans
         ax.plot(xs[:len(shown)], [r["val_bpd"] for r in shown], "o", alpha=0.4 if groups else 1.0,
                 label="one seed" if groups else None)
         if groups:
-            stats = [g["val_bpd"] for g in groups]
-            ax.errorbar(xs[len(shown):], [mean for mean, _, _ in stats],
-                        yerr=[std or 0.0 for _, std, _ in stats], fmt="s", color="C1", capsize=4,
+            ax.errorbar(xs[len(shown):], [g["val_bpd"][0] for g in groups],
+                        yerr=[g["val_bpd"][1] or 0.0 for g in groups], fmt="s", color="C1", capsize=4,
                         label="mean ± std over seeds")
             ax.legend(fontsize=7)
         ax.set(xlabel=key, ylabel="best val bits/dim")
@@ -297,6 +294,8 @@ def write_summary(config: DictConfig) -> int:
     into the sweep dir of `config`; print the table; return the number of failed jobs of this
     sweep. An Optuna sweep with a storage summarizes every trial of its study."""
     sweep_dir = Path(config.hydra.sweep.dir)
+    if not sweep_dir.is_dir():  # the sweep ended (at exit: SweepSummary) before it made its dir: nothing to summarize
+        return 0
     runs = this_sweep = collect_runs(sweep_dir)
     table = ""
     if (study := open_study(config)) is not None:

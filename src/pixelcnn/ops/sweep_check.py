@@ -22,9 +22,9 @@ LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
                    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
 
 
-def check_job(cfg: DictConfig, here: bool) -> None:
-    """Raise the UserError a job with this config would raise as it starts, without loading
-    data: the value checks, the accelerator (if the job runs `here`, on this machine), the model's own checks
+def job_error(master: DictConfig, overrides: list[str]) -> str | None:
+    """The one-line error the job with these overrides would fail with as it starts, or None, found without
+    loading data: the value checks, the accelerator (if the job runs on this machine), the model's own checks
     (built on the meta device, so no memory is used), and a conditional model on data without classes (by file
     names: `has_classes`). Another data-dependent error (e.g. data.val_size) shows when the job runs."""
     import torch
@@ -34,25 +34,20 @@ def check_job(cfg: DictConfig, here: bool) -> None:
     from pixelcnn.ops.resources import resolve_speed
     from pixelcnn.training import resolve_num_classes
 
-    validate(cfg, "train")
-    if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
-        raise UserError("ckpt_path continues one run, in its own dir: resume it without -m, or start a new run "
-                        "from its weights in each job with init_from=<run>")
-    with user_errors_unwrapped():
-        if here:
-            resolve_speed(cfg)  # the accelerator: trainer.accelerator=gpu without CUDA here
-        with torch.device("meta"):  # the class count (auto: the data's, unknown here) is not in the model's checks
-            instantiate(cfg.model, _convert_="all", num_classes=0)
-    if cfg.model.num_classes and not has_classes(cfg.data.source, cfg.data.path):  # the job's own error, from names
-        resolve_num_classes(cfg, SimpleNamespace(num_classes=0, source=cfg.data.source))  # auto or a count
-
-
-def job_error(master: DictConfig, overrides: list[str]) -> str | None:
-    """The one-line error of the job with these overrides, or None if it passes the checks."""
     loader = GlobalHydra.instance().hydra.config_loader  # the loader the sweep composes its jobs with
     try:
-        check_job(loader.load_sweep_config(master, overrides),
-                  here=OmegaConf.select(master, "hydra.launcher._target_") in LOCAL_LAUNCHERS)
+        cfg = loader.load_sweep_config(master, overrides)
+        validate(cfg, "train")
+        if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
+            raise UserError("ckpt_path continues one run, in its own dir: resume it without -m, or start a new run "
+                            "from its weights in each job with init_from=<run>")
+        with user_errors_unwrapped():
+            if OmegaConf.select(master, "hydra.launcher._target_") in LOCAL_LAUNCHERS:
+                resolve_speed(cfg)  # the accelerator: trainer.accelerator=gpu without CUDA here
+            with torch.device("meta"):  # the class count (auto: the data's, unknown here) is not in the model's checks
+                instantiate(cfg.model, _convert_="all", num_classes=0)
+        if cfg.model.num_classes and not has_classes(cfg.data.source, cfg.data.path):  # the job's own error, by names
+            resolve_num_classes(cfg, SimpleNamespace(num_classes=0, source=cfg.data.source))  # auto or a count
     except ConfigCompositionException as err:  # e.g. a key the job's model does not have
         return override_error(err, overrides, master.hydra.job.config_name)
     except UserError as err:

@@ -544,6 +544,19 @@ def test_bench_py_table_and_json_for_a_conditional_model(workdir: Path, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no log file, no run dir
 
 
+@pytest.mark.parametrize("system, maxrss", [("Linux", 3 * 2**20), ("Darwin", 3 * 2**30)])
+def test_bench_peak_memory_reads_ru_maxrss_in_the_platform_unit(monkeypatch, system: str, maxrss: int):
+    """getrusage's ru_maxrss is KiB on Linux and bytes on macOS: 3 GiB of peak memory is 3072 MiB on both."""
+    import resource
+    from types import SimpleNamespace
+
+    from pixelcnn.commands import bench
+
+    monkeypatch.setattr(bench.platform, "system", lambda: system)
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=maxrss))
+    assert bench.peak_memory_mb(torch.device("cpu")) == 3072
+
+
 def test_bench_py_refuses_a_warmup_as_long_as_the_epoch(workdir: Path, tmp_path: Path):
     # 80 training images: 5 batches
     result = run_here("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",

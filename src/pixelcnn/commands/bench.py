@@ -32,7 +32,8 @@ register_resolvers()  # conf/bench.yaml composes the training config, which uses
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, KiB -> MiB
+    # The process's peak RSS: in KiB on Linux, in bytes on macOS.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if platform.system() == "Darwin" else 1024)
 
 
 def reset_peak(device: torch.device) -> None:

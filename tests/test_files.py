@@ -270,6 +270,11 @@ def test_an_epoch_that_cannot_end_in_a_day_is_refused():
     with pytest.raises(UserError, match=r"one epoch of this model \(55,000 images\) takes at least \d+ h"):
         check_training_fits(slow, torch.device("cpu"), 55_000, 128, "model.residual_blocks")
     check_training_fits(replace(slow, step_flops=6e10), torch.device("cpu"), 55_000, 128, "model.residual_blocks")
+    # Any accelerator, not CUDA alone (MPS, which Lightning picks on a Mac), is bounded by a GPU's peak.
+    gpu_sized = replace(slow, step_flops=1e17)  # 6 h at a GPU's peak, days at any CPU's
+    with pytest.raises(UserError, match=r"one epoch of this model"):
+        check_training_fits(gpu_sized, torch.device("cpu"), 55_000, 128, "model.residual_blocks")
+    check_training_fits(gpu_sized, torch.device("mps"), 55_000, 128, "model.residual_blocks")
 
 
 def test_a_system_that_does_not_say_its_free_memory_refuses_no_model(monkeypatch):

@@ -155,7 +155,8 @@ def check_training_fits(footprint: Footprint, device: torch.device, images_per_e
                         f"{batch_size} ({footprint.parameters:,} parameters: {footprint.state_bytes / 1e9:.1f} GB with "
                         f"gradients and optimizer state; activations {footprint.activation_bytes / 1e9:.1f} GB), but "
                         f"{device.type} has {free / 1e9:.1f} GB free: lower data.batch_size or {size_keys}")
-    peak = PEAK_FLOPS_CUDA if device.type == "cuda" else PEAK_FLOPS_PER_CPU_THREAD * torch.get_num_threads()
+    # Any accelerator (CUDA, or Apple's MPS that Lightning picks on a Mac) at a GPU's peak: never above the truth.
+    peak = PEAK_FLOPS_PER_CPU_THREAD * torch.get_num_threads() if device.type == "cpu" else PEAK_FLOPS_CUDA
     seconds = footprint.step_flops / batch_size * images_per_epoch / peak
     if seconds > MAX_EPOCH_SECONDS:
         raise UserError(f"one epoch of this model ({images_per_epoch:,} images) takes at least {seconds / 3600:.0f} h "

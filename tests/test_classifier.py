@@ -61,6 +61,17 @@ def test_frechet_distance_is_symmetric_and_grows_with_shift():
     assert 0 < frechet_distance(a, gaussian_features(400, 6, seed=3)) < near + 0.5 < far
 
 
+def test_a_classifier_that_cannot_be_cached_is_not_said_to_be_saved(tmp_path, capsys, caplog):
+    """Where the cache file cannot be written, the run goes on with the trained classifier; no line says it was
+    saved (one did: "...; saved <path>"), the warning says it was not."""
+    datamodule = tiny_datamodule(tmp_path)
+    classifier_path(tmp_path, SIZE, 4).mkdir()  # a folder where the file would go: the write fails
+    trained = fit_and_cache(datamodule, epochs=1)
+    out = capsys.readouterr().out
+    assert 0 <= trained.test_accuracy <= 1 and "saved" not in out and "caching it at" in out
+    assert "Not caching at" in caplog.text and classifier_path(tmp_path, SIZE, 4).is_dir()
+
+
 def test_training_runs_and_the_cache_is_reused(tmp_path, monkeypatch, capsys):
     datamodule = tiny_datamodule(tmp_path)  # random pictures: accuracy is chance, but it must run
     trained = fit_and_cache(datamodule, epochs=1)

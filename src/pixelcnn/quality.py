@@ -96,10 +96,11 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
     test_images, test_labels = datamodule.test_set
     classifier.test_accuracy = (classify(classifier, test_images)[1] == test_labels.cpu()).float().mean().item()
     path = classifier_path(datamodule.root, datamodule.image_size, datamodule.levels)
-    save_cache(path, {"state_dict": classifier.state_dict(), "test_accuracy": torch.tensor(classifier.test_accuracy)})
+    # Said before the write: one that fails (a read-only data dir) says so itself, and only costs the cache.
     print(f"[classifier] {datamodule.image_size}px/{datamodule.levels} levels: test accuracy "
           f"{classifier.test_accuracy:.2%} after {epochs} epochs on {len(images)} images "
-          f"({time.perf_counter() - started:.0f} s on {torch.device(device).type}); saved {path}", flush=True)
+          f"({time.perf_counter() - started:.0f} s on {torch.device(device).type}); caching it at {path}", flush=True)
+    save_cache(path, {"state_dict": classifier.state_dict(), "test_accuracy": torch.tensor(classifier.test_accuracy)})
     return classifier
 
 

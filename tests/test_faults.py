@@ -759,7 +759,7 @@ STAGES = {
     "fit": ("lightning:Trainer.fit", False),
     "test": ("lightning:Trainer.test", True),
     "quality": ("pixelcnn.training:quality_metrics", True),
-    "summary": ("pixelcnn.ops.reports:write_run_metrics", True),
+    "summary": ("pixelcnn.ops.reports:write_json", True),
 }
 
 

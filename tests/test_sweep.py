@@ -21,7 +21,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from pixelcnn.ops.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from pixelcnn.ops.errors import failure_reason
 from pixelcnn.ops.errors import UserError
-from pixelcnn.ops.sweep import best_results, collect_runs, plot, seed_groups, summary_table, write_run_metrics
+from pixelcnn.ops.files import write_json
+from pixelcnn.ops.sweep import best_results, collect_runs, plot, seed_groups, summary_table
 from commands import run_here
 from test_cli import NO_QUALITY, ROOT, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
@@ -326,9 +327,11 @@ def test_seeds_are_aggregated_and_a_failed_seed_is_named():
 
 
 def test_metrics_json_has_no_nan(tmp_path: Path):
-    write_run_metrics(tmp_path / "metrics.json", {"val_bpd": float("nan"), "test_bpd": float("inf"), "epochs": 2})
+    write_json(tmp_path / "metrics.json", {"val_bpd": float("nan"), "test_bpd": float("inf"), "epochs": 2})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"val_bpd": None, "test_bpd": None, "epochs": 2}
     assert "NaN" not in (tmp_path / "metrics.json").read_text()
+    write_json(tmp_path / "bench.json", {"train": {"runs": [1.0, float("-inf")]}})  # at any depth (bench.json)
+    assert json.loads((tmp_path / "bench.json").read_text()) == {"train": {"runs": [1.0, None]}}
 
 
 # --- hyperparameter search ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ vs fast sampling, on whatever device is present. Medians over repetitions."""
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import resource
@@ -20,7 +19,7 @@ from pixelcnn.ops.rules import check_out_dir, validate
 
 from pixelcnn.ops.callbacks import RunTimeEstimate, synced_time
 from pixelcnn.ops.errors import UserError
-from pixelcnn.ops.files import write_text
+from pixelcnn.ops.files import write_json
 from pixelcnn.ops.run_dirs import register_resolvers
 from pixelcnn.sampling import draw_uniforms, sample_fast, sample_naive
 from pixelcnn.ops.resources import SpeedChoices
@@ -166,6 +165,6 @@ def main(cfg: DictConfig) -> dict:
             entry["speedup"] = entry["naive_s"] / entry["fast_s"]
         result["sampling"][str(n)] = entry
     print(bench_table(result))
-    write_text(cfg.bench.out, json.dumps({**result, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    write_json(cfg.bench.out, {**result, "config": OmegaConf.to_container(cfg, resolve=True)})
     print(f"written: {cfg.bench.out}")
     return result

@@ -22,10 +22,9 @@ from torch import Tensor
 
 from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
 from pixelcnn.ops.errors import UserError
-from pixelcnn.ops.files import atomic_write
+from pixelcnn.ops.files import atomic_write, write_json
 from pixelcnn.ops.images import levels_to_grid, load_image, save_grid
 from pixelcnn.ops.sources import IMAGE_SUFFIXES, image_files, read_arrays
-from pixelcnn.ops.sweep import write_run_metrics
 
 TABLE_ROWS = 40  # longer score tables print only the highest-scoring (most surprising) images
 
@@ -130,7 +129,7 @@ def evaluate_test_split(module, cfg: DictConfig, out_dir: Path, ckpt: Path) -> d
               f"distance {quality['frechet_distance']:.3f} (floor, train vs test: "
               f"{quality['frechet_distance_floor']:.3f}){accuracy}")
     metrics["files"] = {name: str(path) for name, path in files.items()}
-    write_run_metrics(out_dir / "metrics.json", metrics)  # NaN (a diverged model) as null: JSON has no NaN
+    write_json(out_dir / "metrics.json", metrics)  # NaN (a diverged model) as null: JSON has no NaN
     print(f"  metrics:      {out_dir / 'metrics.json'}")
     return metrics
 

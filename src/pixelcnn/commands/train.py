@@ -22,7 +22,8 @@ from pixelcnn.ops.errors import error_line, user_errors_unwrapped
 from pixelcnn.ops.final_config import complete
 from pixelcnn.ops.resources import secondary_rank
 from pixelcnn.ops.run_dirs import RunDirInUse, check_run_dir, claim_if_new, hold_run_dir, register_resolvers
-from pixelcnn.ops.sweep import start_study_sweep, write_run_metrics, write_summary
+from pixelcnn.ops.files import write_json
+from pixelcnn.ops.sweep import start_study_sweep, write_summary
 from pixelcnn.ops.sweep_check import sweep_errors
 
 register_resolvers()  # conf/train.yaml's run dir names; here, so that every process running a job has them
@@ -78,7 +79,7 @@ def record_job_failure(job_dir: str | Path, job: int | str):
         # Not in a dir another process holds (it is that run's); the summary lists a job without one as failed.
         with suppress(OSError):  # e.g. the disk that failed the job is full: the error line still tells
             if not isinstance(err, RunDirInUse):
-                write_run_metrics(Path(job_dir) / "metrics.json", {"status": "failed", "error": reason})
+                write_json(Path(job_dir) / "metrics.json", {"status": "failed", "error": reason})
         print(f"error: job {job} failed: {reason}", file=sys.stderr, flush=True)
 
 

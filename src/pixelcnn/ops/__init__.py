@@ -8,11 +8,11 @@ LightningModule, data module and `train()` at the package's top level). Each roo
     checkpoints  find, read (weights_only) and check checkpoints; load a trained model
     callbacks    a training run's Lightning callbacks: sample grids, step checkpoints, preemption, RNG states,
                  EMA, the run-time estimate
-    files        every write whole or not at all
+    files        every write whole or not at all (JSON with null for NaN: every metrics.json, bench.json)
     datafiles    IDX files, the data dir and its cache;  sources: image folders and arrays;  images: image files
     resources    threads and GPU of a job that shares the machine; what fits the device; the `auto` speed choices
     reports      a run's loggers, what it logs there, its console lines
-    sweep, sweep_check   a sweep's summary (and every run's metrics.json); every job checked before any runs
+    sweep, sweep_check   a sweep's summary of its jobs' metrics.json; every job checked before any runs
 
 The lab imports this package only as `pixelcnn.ops`, and only the names of SEAM (the one narrow seam);
 each is loaded on first use, so that a command that needs little (sample.py) imports little.

@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.errors import WRITE_ERRNOS, UserError
+from pixelcnn.ops.files import write_json
 from pixelcnn.ops.rules import as_override, check_sqlite
-from pixelcnn.ops.sweep import write_run_metrics
 
 QUALITY_KEYS = ("frechet_distance", "frechet_distance_floor", "class_accuracy")
 
@@ -94,7 +94,7 @@ def report_end(cfg: DictConfig, output_dir: Path, metrics: dict, trainer) -> Non
     log_results(trainer.loggers, cfg, {f"hparams/{k}": v for k, v in metrics.items()
                                        if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)},
                 trainer.global_step)
-    write_run_metrics(output_dir / "metrics.json", metrics)
+    write_json(output_dir / "metrics.json", metrics)
     if metrics["best_checkpoint"]:
         outcome = f"best val {metrics['val_bpd']:.4f} bits/dim ({metrics['best_checkpoint']}), test"
     else:  # Lightning keeps no score under fast_dev_run, nor without a validation (limit_val_batches=0)

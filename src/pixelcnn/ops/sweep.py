@@ -27,13 +27,6 @@ AGGREGATED = {"val_bpd": "best val bits/dim", "test_bpd": "test bits/dim", "frec
 SWEEP_ATTR = "pixelcnn sweep dir "  # an Optuna study's user attribute: this prefix + a sweep dir -> its first trial
 
 
-def write_run_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write a run's (or a failed sweep job's) metrics.json; a non-finite number becomes null (json.dumps
-    would write NaN or Infinity, which is not JSON)."""
-    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-    write_text(path, json.dumps(finite, indent=2, allow_nan=False))
-
-
 def parse_value(text: str) -> int | float | str:
     """An override's value as a number where it is one (for sorting and plotting)."""
     for kind in (int, float):

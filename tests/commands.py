@@ -1,18 +1,22 @@
-"""How the tests run a command: `run` starts it in a fresh Python, as a user does; `run_here` runs it in this
+"""How the tests run a command: `run` starts it in a process of its own, as a user does; `run_here` runs it in this
 process, for a command that trains nothing (one refused before it trains, a sweep refused before its jobs,
-sample.py and evaluate.py), where a fresh process shows nothing more but costs ~6 s of imports (torch, Lightning,
-torchmetrics) per call. The fault tests' kills, signals and injected failures, and every run that trains, keep a
-real process."""
+sample.py and evaluate.py), where a process of its own shows nothing more. The fault tests' kills, signals and
+injected failures, and every run that trains, keep a real process: `run` forks it from a Python that has done the
+imports (tests/zygote.py), which saves the ~6 s of imports (torch, Lightning, torchmetrics) that were most of a
+tiny run's time, and starts a fresh Python where the environment changes what a Python reads as it starts."""
 
 from __future__ import annotations
 
 import atexit
 import io
+import json
 import logging
 import os
 import random
 import runpy
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,9 +35,81 @@ QUIET = {"HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
 
 
 def run(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python <script> <args>` in `cwd` with `env` added to this process's: its exit status (-N: killed by
+    signal N), stdout and stderr."""
     env = {**os.environ, **QUIET, **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    argv = [str(ROOT / script), *args]
+    if (done := STARTER.run(argv, cwd, env)) is not None:
+        return done
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+# What Python, torch and OpenMP read from the environment as they start: a command run with other values
+# than the starter's gets a fresh Python.
+READ_AT_START = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_", "MALLOC_", "CUDA_")
+
+
+class Starter:
+    """tests/zygote.py, which forks `run`'s commands from a Python that has done their imports: one per test
+    process (each pytest-xdist worker), started at its first command, ended with it. A process this one forks
+    (a test's process pool) uses it too."""
+
+    def __init__(self):
+        self.path = self.env = None
+
+    def start(self) -> None:
+        folder = tempfile.mkdtemp(prefix="pixelcnn-starter-")
+        self.env, path = {**os.environ, **QUIET}, os.path.join(folder, "socket")
+        process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py")), path], cwd=folder,
+                                   env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if process.stdout.readline().strip() == b"ready":
+            self.path = path
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        atexit.register(process.stdin.close)  # first: it exits when its stdin closes
+
+    def shims(self, env: dict) -> list[str] | None:
+        """The sitecustomize.py files of the folders `env` puts on PYTHONPATH before the starter's, or None if it
+        differs from the starter's otherwise or in anything else read as Python starts (a fresh Python runs it)."""
+        if any(env.get(key) != self.env.get(key) for key in {*env, *self.env}
+               if key.startswith(READ_AT_START) and key != "PYTHONPATH"):
+            return None
+        mine, theirs = self.env.get("PYTHONPATH", ""), env.get("PYTHONPATH", "")
+        if not theirs.endswith(mine):
+            return None
+        added = theirs[:len(theirs) - len(mine)].split(os.pathsep)
+        shims = [os.path.join(folder, "sitecustomize.py") for folder in added if folder]
+        return shims if all(map(os.path.isfile, shims)) else None
+
+    def run(self, argv: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess | None:
+        """The command forked by the starter, or None where it needs a fresh Python."""
+        if self.env is None:
+            self.start()
+        if self.path is None or (shims := self.shims(env)) is None:
+            return None
+        with tempfile.TemporaryDirectory() as folder, socket.socket(socket.AF_UNIX) as connection:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            out.touch()
+            err.touch()
+            connection.settimeout(600)
+            try:
+                connection.connect(self.path)
+            except OSError:  # the starter has gone (killed): a fresh Python
+                return None
+            with connection.makefile("rw") as stream:
+                stream.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out),
+                                         "stderr": str(err), "sitecustomize": shims}) + "\n")
+                stream.flush()
+                pid = json.loads(stream.readline())["pid"]
+                try:
+                    status = json.loads(stream.readline())["status"]
+                except TimeoutError:
+                    os.kill(pid, signal.SIGKILL)
+                    raise subprocess.TimeoutExpired(argv, 600) from None
+            return subprocess.CompletedProcess([sys.executable, *argv], os.waitstatus_to_exitcode(status),
+                                               out.read_text(), err.read_text())
+
+
+STARTER = Starter()
 
 
 def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

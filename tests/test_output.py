@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pixelcnn.ops.callbacks import cpu_preset_hint
+import torch
+
+from pixelcnn.ops.callbacks import cpu_preset_hint, synced_time
 from test_cli import NO_QUALITY, TINY, data_args, run, workdir  # noqa: F401 - workdir is a fixture
 
 
@@ -41,3 +43,13 @@ def test_a_long_run_without_a_gpu_names_the_cpu_preset():
     assert cpu_preset_hint(29 * 60, has_gpu=False) is None  # short enough as it is
     assert cpu_preset_hint(None, has_gpu=False) is None  # no epoch limit: no estimate to judge
     assert cpu_preset_hint(6.1 * 3600, has_gpu=False, preset="quick") is None  # a preset was chosen: no advice
+
+
+def test_the_run_time_estimate_waits_for_a_gpus_queued_work(monkeypatch):
+    """A GPU (CUDA, or MPS on a Mac) runs asynchronously: each timing mark waits for its queued work first, or the
+    estimate would time the queueing; a CPU has nothing queued."""
+    synced = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", synced.append)
+    for kind in ("cpu", "cuda", "mps"):
+        assert isinstance(synced_time(torch.device(kind)), float)
+    assert [device.type for device in synced] == ["cuda", "mps"]

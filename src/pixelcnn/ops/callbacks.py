@@ -120,9 +120,9 @@ class ProgressBar(TQDMProgressBar):
 
 
 def synced_time(device: torch.device) -> float:
-    """`time.perf_counter()` once `device` has done the work queued on it (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """`time.perf_counter()` once `device` has done the work queued on it (a GPU, CUDA or MPS, runs asynchronously)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
     return time.perf_counter()
 
 

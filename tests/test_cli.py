@@ -487,6 +487,23 @@ def test_an_added_trainer_key_must_be_a_lightning_trainer_argument():
     validate(compose_train("+trainer.overfit_batches=2"), "train")  # a Lightning knob is welcome
 
 
+@pytest.mark.parametrize("arg, where", [
+    ("+trainer.logger=false", "'~logger'"), ("+trainer.default_root_dir=elsewhere", "hydra.run.dir"),
+    ("+trainer.callbacks=[]", "checkpoint_every_n_steps"), ("+trainer.plugins=[]", "its own writer"),
+    ("+trainer.enable_checkpointing=false", "always checkpoints"),
+])
+def test_a_trainer_argument_the_run_sets_itself_is_refused_not_replaced(workdir: Path, arg: str, where: str):
+    """Lightning's Trainer takes these, but the run passes its own (its loggers, run dir, callbacks, checkpoint
+    writer): an added value would be replaced without a word (or refused by Lightning as if the devices did not fit).
+    One line naming where it is set, exit 2, before anything is written; in a sweep's pre-check too."""
+    with pytest.raises(UserError, match=rf"^trainer.{arg[9:].partition('=')[0]} is not a setting here: .*{where}"):
+        validate(compose_train(arg), "train")
+    result = run_here("train.py", arg, f"hydra.run.dir={workdir / 'set_by_run'}", cwd=workdir)
+    assert result.returncode == 2 and not (workdir / "set_by_run").exists(), result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]
+    assert "do not fit this machine" not in result.stderr and where in result.stderr
+
+
 def test_a_group_added_that_the_config_has_already_says_to_drop_the_plus(workdir: Path):
     result = run_here("train.py", "+experiment=quick", f"hydra.run.dir={workdir / 'added'}", cwd=workdir)
     assert result.returncode == 2 and not (workdir / "added").exists()

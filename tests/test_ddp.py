@@ -137,11 +137,18 @@ def test_a_sweep_with_several_devices_needs_slurm(tmp_path: Path):
 
 
 def test_devices_lightning_refuses_are_one_line(tmp_path: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
     from pixelcnn.ops.errors import UserError
     from pixelcnn.ops.resources import resolve_speed
     from pixelcnn.training import build_trainer
     from test_cli import compose_train
 
     cfg = compose_train("trainer.accelerator=cpu", "trainer.devices=[0,1]")  # CPUs are counted, not picked
-    with pytest.raises(UserError, match=r"^trainer.devices / .*should be an int > 0.$"):
+    with pytest.raises(UserError, match=r"^the trainer settings do not fit this machine or each other: "
+                                        r".*should be an int > 0.$"):
         build_trainer(cfg, resolve_speed(cfg), None, [], tmp_path, {})
+    # Options that do not go together are named as such, not as devices that do not fit.
+    cfg = compose_train("trainer.accelerator=cpu", "+trainer.barebones=true")
+    with pytest.raises(UserError, match=r"^the trainer settings do not fit this machine or each other: .*barebones"):
+        build_trainer(cfg, resolve_speed(cfg), [CSVLogger(tmp_path)], [], tmp_path, {})

@@ -118,9 +118,9 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
                                          callbacks=callbacks, default_root_dir=str(output_dir),
                                          plugins=[AtomicCheckpointIO()], **device_args)
     except InstantiationException as err:  # e.g. "You requested gpu: [0, 1] But your machine only has: [0]"
-        # Lightning's checks of devices / accelerator / strategy raise these (the keys are Hydra-checked).
+        # Lightning's checks of devices / accelerator / strategy, and of options that do not go together (barebones).
         if isinstance(err.__cause__, (MisconfigurationException, ValueError, TypeError)):
-            raise UserError("trainer.devices / accelerator / num_nodes / strategy do not fit this machine: "
+            raise UserError("the trainer settings do not fit this machine or each other: "
                             + " ".join(str(err.__cause__).split())) from None
         raise
     environment = getattr(trainer.strategy, "cluster_environment", None)

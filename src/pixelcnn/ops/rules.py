@@ -239,6 +239,17 @@ def network_error(model: dict) -> str | None:
     return None
 
 
+# Trainer arguments that the run gives the Trainer itself (`training.build_trainer`, `callbacks.build_callbacks`): a
+# value added with +trainer.<key> would be replaced without a word, or refused by Lightning for the run's own callbacks.
+TRAINER_SET_BY_RUN = {
+    "logger": "choose the loggers with the logger group (logger=csv, logger=[tensorboard,csv]) or none with '~logger'",
+    "default_root_dir": "the run writes into its run dir: set hydra.run.dir (ckpt_path=<run dir> continues one)",
+    "callbacks": "the run's callbacks follow the config (checkpoint_every_n_steps, early_stopping_patience, sample.*)",
+    "plugins": "the run writes its checkpoints with its own writer (each whole or not at all)",
+    "enable_checkpointing": "the run always checkpoints: its resume points, and the best model that its test scores",
+}
+
+
 def combination_error(cfg: DictConfig, command: str) -> str | None:
     """What is wrong with values of `command`'s config that are each valid but do not go together, or None."""
     select = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
@@ -260,6 +271,8 @@ def combination_error(cfg: DictConfig, command: str) -> str | None:
         close = difflib.get_close_matches(unknown[0], arguments, n=3)
         return (f"trainer.{unknown[0]} is not an argument of Lightning's Trainer"
                 + (f": did you mean {' or '.join(f'trainer.{c}' for c in close)}?" if close else ""))
+    if owned := sorted(k for k in cfg.trainer if k in TRAINER_SET_BY_RUN):
+        return f"trainer.{owned[0]} is not a setting here: {TRAINER_SET_BY_RUN[owned[0]]}"
     if select("optim.scheduler.name") == "cosine" and select("trainer.max_epochs") == select("trainer.max_steps") == -1:
         return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
     if select("optim.scheduler.name") == "plateau" and select("trainer.limit_val_batches") == 0:

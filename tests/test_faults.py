@@ -551,18 +551,25 @@ def test_sweep_dir_is_reserved_once_for_all_jobs(work: Path, tmp_path: Path):
     assert not (tmp_path / "outputs").exists()  # no stray run dir reserved by a multirun
 
 
-def test_user_files_in_the_run_dir_are_never_deleted(work: Path, tmp_path: Path):
+# hydra.output_subdir=null (Hydra's knob for no .hydra record) leaves out the record, not the run dir's checks.
+NO_RECORD = pytest.mark.parametrize("record", [[], ["hydra.output_subdir=null"]], ids=["record", "no_record"])
+
+
+@NO_RECORD
+def test_user_files_in_the_run_dir_are_never_deleted(work: Path, tmp_path: Path, record: list[str]):
     folder = tmp_path / "d"
     folder.mkdir()
     (folder / "notes.log").write_text("x")
-    line = one_error_line(run_here("train.py", "data.levels=300", f"hydra.run.dir={folder}", cwd=tmp_path))
+    line = one_error_line(run_here("train.py", "data.levels=300", f"hydra.run.dir={folder}", *record, cwd=tmp_path))
     assert "already holds files" in line
     assert sorted(p.name for p in folder.iterdir()) == ["notes.log"] and (folder / "notes.log").read_text() == "x"
 
 
-def test_finished_run_dir_is_not_reused_by_a_new_run(work: Path, reference: Path):
+@NO_RECORD
+def test_finished_run_dir_is_not_reused_by_a_new_run(work: Path, reference: Path, record: list[str]):
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
-    line = one_error_line(run_here("train.py", *TINY, *data_args(work), f"hydra.run.dir={reference}", cwd=work))
+    line = one_error_line(run_here("train.py", *TINY, *data_args(work), f"hydra.run.dir={reference}", *record,
+                                   cwd=work))
     assert "already holds files" in line and f"ckpt_path={reference}" in line
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
 

@@ -91,7 +91,7 @@ class RunDirGuard(Callback):
     the same config, unchecked; bench.py (no record) is not checked."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.output_subdir is None and not secondary_rank():  # bench.py: it keeps no record, no run dir
+        if config.hydra.job.config_name == "bench":  # bench.py writes no run dir (a train.py run without .hydra does)
             return
         with exit_on_user_error():  # nothing created yet: complete reserves a new run dir last
             run_dir, resuming = complete(config)
@@ -99,7 +99,7 @@ class RunDirGuard(Callback):
             return
         with exit_on_user_error(cleanup_dir=run_dir):
             check_run_dir(run_dir, "hydra.run.dir", resuming)
-            if resuming:  # .hydra/resume-<time>/: this run's own record
+            if resuming and config.hydra.output_subdir:  # .hydra/resume-<time>/: this run's own record (none: null)
                 claim_if_new(run_dir / config.hydra.output_subdir)
         with exit_on_user_error():  # no cleanup: the dir is the other run's
             hold_run_dir(run_dir, f"{'ckpt_path' if resuming else 'hydra.run.dir'}={run_dir}")

@@ -64,8 +64,7 @@ def _one_of(*choices: object) -> Rule:
 def _precision(v: Any) -> bool:
     from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (training loads lightning anyway)
 
-    return v == "auto" or (not isinstance(v, bool) and v in [value for kind in get_args(_PRECISION_INPUT)
-                                                              for value in get_args(kind)])
+    return v == "auto" or v in [value for kind in get_args(_PRECISION_INPUT) for value in get_args(kind)]
 
 
 def _int_list(example: str) -> Rule:
@@ -82,8 +81,7 @@ Rules = dict[str, Rule]  # key -> (check, what is allowed); absent keys are skip
 DATA: Rules = {  # the data group: training's, and the classifier's (a few of its keys, others addable)
     "data.levels": _int(2, 256),  # stored as uint8
     "data.image_size": _int(2, 28),
-    "data.batch_size": _int(1),
-    "data.eval_batch_size": _int(1),
+    **dict.fromkeys(("data.batch_size", "data.eval_batch_size"), _int(1)),
     **dict.fromkeys(("data.val_size", "data.test_size"), (lambda v: _int(1)[0](v) or _in("(0, 1)")[0](v),
                                                           "an integer >= 1 (images) or a fraction in (0, 1)")),
     "data.source": _one_of("fashion_mnist", "mnist", "folder", "array"),
@@ -93,11 +91,10 @@ DATA: Rules = {  # the data group: training's, and the classifier's (a few of it
     "data.hflip": _one_of(True, False),
     "data.on_device": _one_of("auto", True, False),
 }
-SEED: Rules = {"seed": SEED_RANGE}
 QUALITY_N: Rules = {"quality_n": (lambda v: _int(0)[0](v) and v != 1, "0 (skip) or an integer >= 2")}
 DEVICE: Rules = {"device": _one_of("auto", "cpu", "cuda")}  # sample.py, evaluate.py, train_classifier.py
 TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
-    **DATA, **SEED, **QUALITY_N,
+    **DATA, "seed": SEED_RANGE, **QUALITY_N,
     "model.filters": _int(2),
     "model.residual_blocks": _int(0),
     "model.input_kernel": (lambda v: odd_kernel(v, INPUT_KERNEL_MIN), f"an odd integer >= {INPUT_KERNEL_MIN}"),
@@ -133,8 +130,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     # The strategies the data sharding (`BatchLoader`) and the exact val/test reduction are tested with.
     "trainer.strategy": _one_of("auto", "ddp"),
     "trainer.check_val_every_n_epoch": _int(1),
-    "trainer.limit_val_batches": LIMIT_BATCHES,
-    "trainer.limit_test_batches": LIMIT_BATCHES,
+    **dict.fromkeys(("trainer.limit_val_batches", "trainer.limit_test_batches"), LIMIT_BATCHES),
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
     "trainer.limit_train_batches": LIMIT_BATCHES,  # batches of data.batch_size: optimizer steps
@@ -160,7 +156,8 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "progress_bar_refresh": _int(1),
     "early_stopping_patience": (lambda v: v is None or _int(1)[0](v), "null or an integer >= 1"),
 }
-DRAWING: Rules = {**SEED, **DEVICE, "method": _one_of(*METHODS), "scale": _int(1, 64)}  # sample.py, evaluate.py
+# The drawing options of sample.py and evaluate.py.
+DRAWING: Rules = {"seed": SEED_RANGE, **DEVICE, "method": _one_of(*METHODS), "scale": _int(1, 64)}
 RULES: dict[str, Rules] = {
     "train": TRAINING,
     "bench": {**TRAINING, "bench.repeats": _int(1), "bench.warmup_batches": _int(0), "bench.train_batches": _int(1),
@@ -171,7 +168,7 @@ RULES: dict[str, Rules] = {
     "evaluate": {**DRAWING, **QUALITY_N,
                  "temperature": (valid_temperature, "one temperature > 0 (of the quality samples)"),
                  "quality": _one_of(True, False), "batch_size": _int(1), "heatmaps": _int(0), "extremes": _int(1)},
-    "classifier": {**DATA, **SEED, **DEVICE, "epochs": _int(1), "batch_size": _int(1), "lr": POSITIVE},
+    "classifier": {**DATA, "seed": SEED_RANGE, **DEVICE, "epochs": _int(1), "batch_size": _int(1), "lr": POSITIVE},
 }
 
 
@@ -230,10 +227,10 @@ def network_error(model: dict) -> str | None:
     unknown arch, or an option its architecture does not take (typically a preset written for the other), or None."""
     if (arch := model.get("arch")) not in ARCHITECTURES:
         return f"model.arch={arch!r} is unknown: choose one of {sorted(ARCHITECTURES)}"
-    shared = {"levels", "num_classes", "image_channels"}  # the model's, given to every network
-    options = sorted(set(inspect.signature(ARCHITECTURES[arch]).parameters) - shared)
     # The model's, not its network's; `net` is the built network itself, never a setting (config or checkpoint).
     own = {*inspect.signature(ImageModel).parameters, *TRAINING_KEYS} - {"net"}
+    # Less those the model gives every network (levels, num_classes, image_channels).
+    options = sorted(set(inspect.signature(ARCHITECTURES[arch]).parameters) - own)
     if unknown := sorted(set(model) - own - set(options)):
         return f"model.{unknown[0]} is not an option of model.arch={arch}: its options are {', '.join(options)}"
     return None

@@ -16,7 +16,6 @@ from pixelcnn.ops.rules import validate
 from pixelcnn.ops.errors import UserError, override_error, user_errors_unwrapped
 from pixelcnn.ops.sweep import OPTUNA_SWEEPER
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Launchers that run the jobs on this machine: only then is this machine's device the jobs' device.
 LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
                    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
@@ -34,9 +33,8 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     from pixelcnn.ops.resources import resolve_speed
     from pixelcnn.training import resolve_num_classes
 
-    loader = GlobalHydra.instance().hydra.config_loader  # the loader the sweep composes its jobs with
-    try:
-        cfg = loader.load_sweep_config(master, overrides)
+    try:  # with the config loader the sweep composes its jobs with
+        cfg = GlobalHydra.instance().hydra.config_loader.load_sweep_config(master, overrides)
         validate(cfg, "train")
         if cfg.get("ckpt_path"):  # a resume brings back its run's config and continues in its dir: one run
             raise UserError("ckpt_path continues one run, in its own dir: resume it without -m, or start a new run "
@@ -76,7 +74,8 @@ def sweep_errors(config: DictConfig) -> list[str]:
     # The sweeper's own params (e.g. hparams_search's), then the command line's overrides.
     arguments = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
     arguments += [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
-    if sweeper == BASIC_SWEEPER:
+    checks = []  # another sweeper: its jobs are checked as they start
+    if sweeper == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         # The jobs' overrides, as Hydra's BasicSweeper expands them (its own code).
@@ -87,8 +86,6 @@ def sweep_errors(config: DictConfig) -> list[str]:
                   for n, job in enumerate(jobs)]
     elif sweeper == OPTUNA_SWEEPER:
         checks = search_space_checks(arguments)
-    else:  # another sweeper: its jobs are checked as they start
-        return []
     errors = {}  # one line per job; Optuna: per error, as a bad fixed override shows in every check of the space
     for label, overrides in checks:
         if (error := job_error(config, overrides)) is not None:

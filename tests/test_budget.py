@@ -22,7 +22,7 @@ from test_layout import SRC, import_graph
 # the command line and the free-memory fallback paid for).
 # The budget is where the code is: a feature pays for itself by removing code elsewhere.
 # Lower it as code goes, never raise it.
-SRC_BUDGET = 3_532
+SRC_BUDGET = 3_520
 LAB_BUDGET = 1_000
 MAX_LINE = 120
 # The lab: networks, sampler, likelihood, the LightningModule, the data module's core and train().

@@ -50,8 +50,9 @@ def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
 
 def log_results(trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
     """This run's hyperparameters worth comparing (flattened to scalars as Lightning's loggers do, "." between
-    levels, no Hydra `_key_`) with its final `metrics` (hparams/*), in every logger: TensorBoard takes them
-    together (its HPARAMS tab), the others (CSV, MLflow) the hyperparameters as such and the metrics as metrics."""
+    levels, no Hydra `_key_`) with its final `metrics` (hparams/*, at the trainer's step), in every logger of
+    `trainer`: TensorBoard takes them together (its HPARAMS tab), the others (CSV, MLflow) the hyperparameters
+    as such and the metrics as metrics."""
     keep = {**{group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("model", "optim", "data")},
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
             "trainer": {key: cfg.trainer[key] for key in ("gradient_clip_val", "gradient_clip_algorithm",

@@ -18,12 +18,10 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import (Checkpoint, EarlyStopping, EMAWeightAveraging, LearningRateMonitor,
                                          ModelCheckpoint, Timer, TQDMProgressBar)
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -83,7 +81,7 @@ class WeightAverage(EMAWeightAveraging):
     def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         # Lightning calls this for trainer.test(ckpt_path=...) too, where the parent would put the raw
         # weights back in place of the average that the checkpoint's state_dict holds.
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == "fit":
             super().on_load_checkpoint(trainer, module, checkpoint)
 
 
@@ -179,9 +177,8 @@ class RunTimeEstimate(L.Callback):
                     if epochs else f"{_human(epoch_s)} per epoch, with no epoch limit")
         print("[pixelcnn] " + line.format(run_time), flush=True)
         limits = [epoch_s * epochs] if epochs else []
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # trainer.max_time's
-        if timer is not None and (left := timer.time_remaining()) is not None:
-            limits.append(timer.time_elapsed() + left)
+        # trainer.max_time's duration: Lightning adds its Timer only for a max_time, so the Timer has one.
+        limits += [t.time_elapsed() + t.time_remaining() for t in trainer.callbacks if isinstance(t, Timer)]
         if not self._hinted and (hint := cpu_preset_hint(min(limits, default=None), torch.cuda.is_available(),
                                                          self.preset)):
             print(hint, flush=True)
@@ -327,22 +324,21 @@ class StepCheckpoint(Checkpoint):
         if self.signal not in self._requeue_handlers:  # the SIGTERM that SLURM sends a requeued job keeps the requeue
             self.signal = signum
 
-    def _stop_now(self, trainer: L.Trainer) -> bool:
-        return trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False)  # any rank's signal
-
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        stop = self._stop_now(trainer)  # on every batch: under DDP each rank takes part in the reduction
+        # Any rank's signal; on every batch: under DDP each rank takes part in the reduction.
+        stop = trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False)
         stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
         due = stop or (self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0)
         if not due or not stepped or trainer.fast_dev_run:
             return
-        if batch_idx + 1 >= trainer.num_training_batches:  # the epoch's last batch: see the class doc
-            self._due_at_epoch_end = True
-            return
-        self._save(trainer, stop)
+        # The epoch's last batch saves at the epoch's end: see the class doc.
+        self._due_at_epoch_end = batch_idx + 1 >= trainer.num_training_batches
+        if not self._due_at_epoch_end:
+            self._save(trainer, stop)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        stop = self._stop_now(trainer)  # also a signal during the epoch's last batch or its validation
+        # Also a signal during the epoch's last batch or its validation.
+        stop = trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False)
         if (self._due_at_epoch_end or stop) and not trainer.fast_dev_run:
             self._due_at_epoch_end = False
             self._save(trainer, stop)
@@ -376,7 +372,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, writing each checkpoint with `torch_save` (whole or not at all: see
     `pixelcnn.ops.files`)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         torch_save(checkpoint, path)
 
 

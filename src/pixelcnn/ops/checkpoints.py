@@ -4,7 +4,6 @@ unpickled), with one clear error when that fails; whether a checkpoint holds the
 from __future__ import annotations
 
 import inspect
-import math
 import pickle
 import re
 import zipfile
@@ -35,7 +34,7 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt"
 
     def val_bpd(path: Path) -> float:  # that in a `best-epochNNN-val_bpdX.ckpt` name
         match = re.search(r"val_bpd(\d+(?:\.\d+)?)", path.name)
-        return float(match.group(1)) if match else math.inf
+        return float(match.group(1)) if match else float("inf")
 
     def progress(path: Path) -> tuple[int, bool]:  # by saved global step; at equal steps last.ckpt (saved later)
         try:  # mmap: no weights read

@@ -62,15 +62,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return write_bytes(path, text.encode())
-
-
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write `data` as JSON (a run's or a failed sweep job's metrics.json, evaluate.py's, bench.json), each
     non-finite number as null: json.dumps would write NaN or Infinity, which is not JSON."""
     finite = json.loads(json.dumps(data), parse_constant=lambda constant: None)  # NaN, ±Infinity at any depth
-    return write_text(path, json.dumps(finite, indent=2, allow_nan=False))
+    return write_bytes(path, json.dumps(finite, indent=2, allow_nan=False).encode())
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:

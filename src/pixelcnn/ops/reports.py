@@ -48,23 +48,24 @@ def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
         threading.__excepthook__(args)
 
 
-def log_results(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+def log_results(trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
     """This run's hyperparameters worth comparing (flattened to scalars as Lightning's loggers do, "." between
-    levels, no Hydra `_key_`) with its final `metrics` (hparams/*), in every logger: TensorBoard takes them
-    together (its HPARAMS tab), the others (CSV, MLflow) the hyperparameters as such and the metrics as metrics."""
+    levels, no Hydra `_key_`) with its final `metrics` (hparams/*, at the trainer's step), in every logger of
+    `trainer`: TensorBoard takes them together (its HPARAMS tab), the others (CSV, MLflow) the hyperparameters
+    as such and the metrics as metrics."""
     keep = {**{group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("model", "optim", "data")},
             "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
             "trainer": {key: cfg.trainer[key] for key in ("gradient_clip_val", "gradient_clip_algorithm",
                                                           "accumulate_grad_batches")}}
     flat = _sanitize_params(_flatten_dict(keep, delimiter="."))
     params = {key: value for key, value in flat.items() if not any(part.startswith("_") for part in key.split("."))}
-    for logger in loggers:
+    for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics)
         else:
             logger.log_hyperparams(params)
             if metrics:
-                logger.log_metrics(metrics, step)
+                logger.log_metrics(metrics, trainer.global_step)
         logger.save()
 
 
@@ -72,7 +73,7 @@ def log_failure(trainer, cfg: DictConfig) -> None:
     """A failed run (e.g. a non-finite loss) still shows in every logger (TensorBoard's HPARAMS tab), marked
     failed, unless its disk is full; the writers are closed (their threads done) before the run dir may be removed."""
     with suppress(OSError):
-        log_results(trainer.loggers, cfg, {"hparams/failed": 1.0}, trainer.global_step)
+        log_results(trainer, cfg, {"hparams/failed": 1.0})
     for logger in trainer.loggers:
         with suppress(OSError):
             logger.finalize("failed")
@@ -91,14 +92,13 @@ def report_start(cfg: DictConfig, output_dir: Path, parameters: int, speed, trai
 def report_end(cfg: DictConfig, output_dir: Path, metrics: dict, trainer) -> None:
     """This run's hyperparameters with its final metrics (finite ones only) in every logger, e.g. TensorBoard's
     HPARAMS tab, the metrics in metrics.json, and the outcome with the commands that go on from it."""
-    log_results(trainer.loggers, cfg, {f"hparams/{k}": v for k, v in metrics.items()
-                                       if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)},
-                trainer.global_step)
+    log_results(trainer, cfg, {f"hparams/{k}": v for k, v in metrics.items()
+                               if k in ("val_bpd", "test_bpd", *QUALITY_KEYS) and math.isfinite(v)})
     write_json(output_dir / "metrics.json", metrics)
-    if metrics["best_checkpoint"]:
-        outcome = f"best val {metrics['val_bpd']:.4f} bits/dim ({metrics['best_checkpoint']}), test"
-    else:  # Lightning keeps no score under fast_dev_run, nor without a validation (limit_val_batches=0)
-        outcome = "no validation score, so no best checkpoint: the final weights tested"
+    # No best checkpoint: Lightning keeps no score under fast_dev_run, nor without a validation (limit_val_batches=0).
+    best = metrics["best_checkpoint"]
+    outcome = (f"best val {metrics['val_bpd']:.4f} bits/dim ({best}), test" if best
+               else "no validation score, so no best checkpoint: the final weights tested")
     if trainer.fast_dev_run:
         outcome = f"fast_dev_run ({int(trainer.fast_dev_run)} batch per loop): {outcome}"
     print(f"[pixelcnn] {outcome} {metrics['test_bpd']:.4f} bits/dim, {trainer.current_epoch} epochs in "

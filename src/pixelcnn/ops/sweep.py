@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from pixelcnn.ops.rules import check_sqlite
-from pixelcnn.ops.files import atomic_write, write_text
+from pixelcnn.ops.files import atomic_write, write_bytes
 
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 SEED_KEYS = ("seed", "data.split_seed")  # jobs differing only in these are repeats of one configuration
@@ -300,10 +300,10 @@ def write_summary(config: DictConfig) -> int:
     table += summary_table(runs)
     if plot(runs, sweep_dir / "summary.png"):
         table += "\n![best val bits/dim against each swept parameter](summary.png)\n"
-    write_text(sweep_dir / "summary.md", table)
+    write_bytes(sweep_dir / "summary.md", table.encode())
     results_file = sweep_dir / "optimization_results.yaml"  # where the Optuna sweeper writes its best trial
     sweeper = str(config.hydra.sweeper._target_).rsplit(".", 1)[-1]
     if not results_file.exists() and (best := best_results(runs, sweeper)) is not None:
-        write_text(results_file, OmegaConf.to_yaml(best))
+        write_bytes(results_file, OmegaConf.to_yaml(best).encode())
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
     return sum(r["status"] != "ok" for r in this_sweep)

@@ -97,7 +97,8 @@ def test_bad_options_are_user_errors(tmp_path, override, message):
     completion what depends on the model (rows <= its image height), all before any data is read."""
     save_checkpoint(tmp_path / "tiny.ckpt")
     with pytest.raises(UserError, match=message):
-        sample_run(complete_config(tmp_path / "tiny.ckpt", tmp_path / "no-data", tmp_path, device="cpu", **override))
+        sample_run(complete_config(tmp_path / "tiny.ckpt", tmp_path / "no-data", tmp_path / "out", device="cpu",
+                                   **override))
 
 
 def test_rows_above_the_image_height_name_the_allowed_range(tmp_path):

@@ -128,10 +128,10 @@ def test_scores_npy_in_both_layouts(tmp_path):
     np.save(tmp_path / "channel.npy", images[:, None].astype(np.uint8))
     expected = load_module(ckpt).image_bits_per_dim(torch.from_numpy(images).to(torch.uint8)[:, None])
     for name in ("flat", "channel"):
-        result = run(eval_config(ckpt, tmp_path, tmp_path / "out", images=str(tmp_path / f"{name}.npy")))
+        result = run(eval_config(ckpt, tmp_path, tmp_path / name, images=str(tmp_path / f"{name}.npy")))
         assert result["images"] == [f"{name}.npy[{i}]" for i in range(3)]
         assert result["bits_per_dim"] == pytest.approx(expected.tolist())
-        rows = list(csv.reader((tmp_path / "out" / f"scores_{name}.csv").open()))
+        rows = list(csv.reader((tmp_path / name / f"scores_{name}.csv").open()))  # a new folder per call
         assert rows[0] == ["image", "bits_per_dim"] and float(rows[3][1]) == pytest.approx(expected[2].item())
 
 
@@ -246,3 +246,28 @@ def test_a_diverged_model_scores_nan_as_null_in_valid_json(tmp_path, data_root):
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text(), parse_constant=strict)
     assert saved["test_bpd"] is None and saved["test_images"] == N_TEST
     assert (tmp_path / "eval" / "nll_heatmaps.png").stat().st_size > 0
+
+
+def test_no_call_replaces_a_file_another_wrote(data_root: Path, tmp_path: Path):
+    """evaluate.py and sample.py never replace a file that another call (or the training run) wrote: without out=,
+    each call writes into a new folder of the run dir (here: beside the checkpoint), eval, eval_1, ...; an out= that
+    holds files is refused in one line before any work (not the run's own metrics.json replaced); a call that fails
+    leaves no folder behind."""
+    ckpt = save_checkpoint(tmp_path / "model.ckpt")
+    record = tmp_path / "metrics.json"  # the training run's own record
+    record.write_text('{"val_bpd": 1.0}')
+    args = [f"ckpt={ckpt}", f"data_root={data_root}", "quality=false", "heatmaps=1", "extremes=1", "device=cpu"]
+    assert [run_here("evaluate.py", *args, cwd=tmp_path).returncode for _ in range(2)] == [0, 0]
+    first, second = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("eval", "eval_1"))
+    assert first["test_bpd"] == second["test_bpd"] and first["files"] != second["files"]
+    refused = run_here("evaluate.py", *args, f"out={tmp_path}", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.startswith(f"error: out={tmp_path} already holds files"), \
+        refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and record.read_text() == '{"val_bpd": 1.0}'
+    drawn = [run_here("sample.py", f"ckpt={ckpt}", "n=2", "device=cpu", cwd=tmp_path) for _ in range(2)]
+    assert [result.returncode for result in drawn] == [0, 0], drawn[-1].stderr
+    assert [len(list((tmp_path / name).glob("*.png"))) for name in ("samples", "samples_1")] == [1, 1]
+    failed = run_here("sample.py", f"ckpt={ckpt}", "label=3", "device=cpu", cwd=tmp_path)  # no classes: no label
+    assert failed.returncode == 2 and not (tmp_path / "samples_2").exists(), failed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "eval_1", "metrics.json", "model.ckpt", "samples",
+                                                          "samples_1"]

@@ -22,7 +22,7 @@ from pixelcnn.ops.rules import as_override, check_out_dir, validate
 from pixelcnn.ops.errors import UserError, WriteError, config_items, error_line, override_error, user_errors_unwrapped
 from pixelcnn.likelihood import ImageModel
 from pixelcnn.ops.resources import pick_device
-from pixelcnn.ops.run_dirs import removable_on_error, remove_own_dir, run_dir_of
+from pixelcnn.ops.run_dirs import fresh_dir, removable_on_error, remove_own_dir, run_dir_of
 
 # A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
 # traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).
@@ -131,14 +131,29 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+@contextmanager
+def removed_on_error(folder: Path):
+    """Work writing into `folder`: if it fails, `folder` goes, if this process made it (`run_dirs.fresh_dir`)."""
+    try:
+        yield
+    except BaseException:
+        if removable_on_error(folder):
+            remove_own_dir(folder)
+        raise
+
+
 def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> tuple[Path, ImageModel, Path]:
     """After `validate`(cfg, `command`): the checkpoint file of `ckpt` (a run dir: its best), its model on
-    `device`, and the output folder: `out`, else <run dir>/`outputs` (or next to the checkpoint), checked
-    writable before any work."""
+    `device`, and the output folder, checked writable before any work, so that no call replaces a file that
+    another wrote: `out` if new or empty, else a new <run dir>/`outputs` (`outputs_1`, ... for later calls; next to
+    a checkpoint file outside a run dir), which the command removes if it fails (`removed_on_error`)."""
     validate(cfg, command)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, pick_device(cfg.device))
-    return ckpt, module, check_out_dir(cfg.out if cfg.out else Path(run_dir_of(ckpt) or ckpt.parent) / outputs)
+    if cfg.out and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
+        raise UserError(f"out={cfg.out} already holds files: pass a new or empty folder (no call replaces another's "
+                        f"files; without out=, each call of {command}.py writes into a new folder of the run dir)")
+    return ckpt, module, check_out_dir(cfg.out or fresh_dir(str(Path(run_dir_of(ckpt) or ckpt.parent) / outputs)))
 
 
 def checkpoint_data(module: ImageModel, data_root: str | None):

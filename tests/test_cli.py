@@ -574,6 +574,17 @@ def test_bench_peak_memory_reads_ru_maxrss_in_the_platform_unit(monkeypatch, sys
     assert bench.peak_memory_mb(torch.device("cpu")) == 3072
 
 
+@pytest.mark.parametrize("existing", ["file", "folder"])
+def test_bench_py_replaces_no_file(tmp_path: Path, existing: str):
+    """An earlier result (or a folder) at bench.out is refused in one line before any measuring, left as it was."""
+    out = tmp_path / "bench.json"
+    out.write_text("earlier") if existing == "file" else out.mkdir()
+    result = run_here("bench.py", f"bench.out={out}", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (f"error: bench.out={out} exists: pass a new file name "
+                                                                "(a benchmark replaces no file)")
+    assert (out.read_text() == "earlier") if existing == "file" else list(out.iterdir()) == []
+
+
 def test_bench_py_refuses_a_warmup_as_long_as_the_epoch(workdir: Path, tmp_path: Path):
     # 80 training images: 5 batches
     result = run_here("bench.py", *data_args(workdir), "data.download=false", "data.val_size=20", "data.batch_size=16",

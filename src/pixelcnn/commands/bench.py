@@ -110,8 +110,8 @@ def bench_table(result: dict) -> str:
 def main(cfg: DictConfig) -> dict:
     """Measure, print the table and write it with the config as JSON (bench.out); returns the measures."""
     validate(cfg, "bench")
-    if Path(cfg.bench.out).is_dir():  # fail now, not after minutes of measuring
-        raise UserError(f"bench.out={cfg.bench.out} is a folder: pass a file name")
+    if Path(cfg.bench.out).exists():  # a folder, or an earlier result: fail now, not after minutes of measuring
+        raise UserError(f"bench.out={cfg.bench.out} exists: pass a new file name (a benchmark replaces no file)")
     check_out_dir(Path(cfg.bench.out).parent, key="bench.out")
     # The speed choices are made up front (Lightning moves the module back to the CPU when `fit` ends), as
     # train.py makes them for the whole configured run, however few batches are timed here.

@@ -365,6 +365,7 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("data.hflip=maybe", "data.hflip"),
     ("speed.compile=maybe", "speed.compile"),
     ("trainer.precision=63", "trainer.precision"),
+    ("trainer.precision=32.0", "trainer.precision"),  # 32.0 == 32, but Lightning's Trainer fails on it
     ("trainer.max_time=abc", "trainer.max_time"),
     ("trainer.devices=0", "trainer.devices"),
     ("trainer.devices=[0,0]", "trainer.devices"),

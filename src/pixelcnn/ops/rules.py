@@ -64,7 +64,9 @@ def _one_of(*choices: object) -> Rule:
 def _precision(v: Any) -> bool:
     from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (training loads lightning anyway)
 
-    return v == "auto" or v in [value for kind in get_args(_PRECISION_INPUT) for value in get_args(kind)]
+    # Of the same type too: 32.0 == 32 (and True == 1), but Lightning's Trainer takes neither.
+    return v == "auto" or any(v == value and type(v) is type(value)
+                              for kind in get_args(_PRECISION_INPUT) for value in get_args(kind))
 
 
 def _int_list(example: str) -> Rule:

@@ -366,6 +366,9 @@ def test_options_that_do_not_fit_fail_cleanly(workdir: Path, overrides: list[str
     ("speed.compile=maybe", "speed.compile"),
     ("trainer.precision=63", "trainer.precision"),
     ("trainer.precision=32.0", "trainer.precision"),  # 32.0 == 32, but Lightning's Trainer fails on it
+    ("data.channels=3.0", "data.channels"),  # a count is an integer, whatever == says
+    ("trainer.max_epochs=-1.0", "trainer.max_epochs"),
+    ("trainer.devices=-1.0", "trainer.devices"),
     ("trainer.max_time=abc", "trainer.max_time"),
     ("trainer.devices=0", "trainer.devices"),
     ("trainer.devices=[0,0]", "trainer.devices"),

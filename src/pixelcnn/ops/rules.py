@@ -54,8 +54,8 @@ TEMPERATURES = ((lambda v: all(map(valid_temperature, v)) and len(v) > 0 if isin
 
 
 def _one_of(*choices: object) -> Rule:
-    def ok(v: Any) -> bool:  # `is` for booleans: True == 1 must not let `1` pass for `true`
-        return any(v is c if isinstance(c, bool) else not isinstance(v, bool) and v == c for c in choices)
+    def ok(v: Any) -> bool:  # of the same type: True == 1 and 3.0 == 3, but neither is the setting
+        return any(type(v) is type(c) and v == c for c in choices)
 
     return ok, "one of " + ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c)
                                      for c in choices)
@@ -119,11 +119,11 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "optim.scheduler.factor": _in("(0, 1)"),
     "optim.scheduler.patience": _int(0),
     "optim.scheduler.min_lr_ratio": _in("[0, 1]"),
-    "trainer.max_epochs": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
+    "trainer.max_epochs": (lambda v: _int(1)[0](v) or _int(-1, -1)[0](v), "an integer >= 1 (or -1: no limit)"),
     "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v)
                                                  is not None), 'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
     "trainer.accelerator": _one_of("auto", "cpu", "gpu", "cuda"),
-    "trainer.devices": (lambda v: v in ("auto", -1) or _int(1)[0](v) or (
+    "trainer.devices": (lambda v: v == "auto" or _int(-1, -1)[0](v) or _int(1)[0](v) or (
         isinstance(v, (list, ListConfig)) and len(v) > 0 and len(set(v)) == len(v) and all(_int(0)[0](d) for d in v)),
         "a count >= 1, -1 or auto (every device), or a list of distinct device indices, e.g. [0, 1]"),
     "trainer.num_nodes": _int(1),
@@ -134,7 +134,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "trainer.check_val_every_n_epoch": _int(1),
     **dict.fromkeys(("trainer.limit_val_batches", "trainer.limit_test_batches"), LIMIT_BATCHES),
     "trainer.log_every_n_steps": _int(1),
-    "trainer.max_steps": (lambda v: _int(1)[0](v) or v == -1, "an integer >= 1 (or -1: no limit)"),
+    "trainer.max_steps": (lambda v: _int(1)[0](v) or _int(-1, -1)[0](v), "an integer >= 1 (or -1: no limit)"),
     "trainer.limit_train_batches": LIMIT_BATCHES,  # batches of data.batch_size: optimizer steps
     # Lightning knobs a user adds (+trainer.<key>=...), in batches of data.batch_size like the limits.
     "trainer.overfit_batches": LIMIT_BATCHES,

@@ -314,8 +314,7 @@ class ImageDataModule(L.LightningDataModule):
         """The training loader's generator, saved in every checkpoint. Lightning gives a loader its
         own state back only on a resume in the middle of an epoch; a run resumed at an epoch's end
         must continue the generator too, or it replays the first epoch's order."""
-        loader = self._train_loader
-        return {"train_generator": loader.generator.get_state()} if loader is not None else {}
+        return {"train_generator": self._train_loader.generator.get_state()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_generator_state = state_dict.get("train_generator")

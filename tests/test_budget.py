@@ -23,7 +23,7 @@ from test_layout import SRC, import_graph
 # Trainer arguments the run sets itself paid for).
 # The budget is where the code is: a feature pays for itself by removing code elsewhere.
 # Lower it as code goes, never raise it.
-SRC_BUDGET = 3_521
+SRC_BUDGET = 3_507
 LAB_BUDGET = 1_000
 MAX_LINE = 120
 # The lab: networks, sampler, likelihood, the LightningModule, the data module's core and train().

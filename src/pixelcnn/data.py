@@ -29,8 +29,6 @@ from torch import Tensor
 from pixelcnn.ops import default_data_dir, load_data, UserError
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-NUM_CLASSES = len(CLASS_NAMES)
-IDX_SOURCES = ("fashion_mnist", "mnist")  # IDX files (`pixelcnn.ops.datafiles`); both have 10 classes
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -58,10 +56,8 @@ def preprocess(images: list[np.ndarray], image_size: int, levels: int, channels:
     for k, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(k)
     for shape, indices in by_shape.items():
-        step = max(1, 2**24 // math.prod(shape))
-        for start in range(0, len(indices), step):
-            batch = indices[start:start + step]
-            out[batch] = quantize(torch.from_numpy(np.stack([images[k] for k in batch])), image_size, levels)
+        for batch in torch.tensor(indices).split(max(1, 2**24 // math.prod(shape))):
+            out[batch] = quantize(torch.from_numpy(np.stack([images[k] for k in batch.tolist()])), image_size, levels)
     return out
 
 
@@ -229,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_seed: int | None = None,
     ):
         super().__init__()
-        if (path is None) != (source in IDX_SOURCES):
+        if (path is None) != (source in ("fashion_mnist", "mnist")):  # IDX files (`pixelcnn.ops.datafiles`) need none
             needs = "folder" if source == "folder" else ".npy or .npz file"
             raise UserError(f"data.path is for data=folder / data=array only (data.source={source})" if path
                             else f"data={source} needs data.path=<{needs}>")
@@ -267,7 +263,7 @@ class ImageDataModule(L.LightningDataModule):
         # process under its lock while the others wait, then read.
         data = self.data = load_data(self.source, self.path, self.root, self.system_dir, self.download,
                                      self.image_size, self.levels, self.channels, preprocess)
-        idx_names = CLASS_NAMES if self.source == "fashion_mnist" else [str(k) for k in range(10)]
+        idx_names = CLASS_NAMES if self.source == "fashion_mnist" else [str(k) for k in range(10)]  # MNIST's digits
         self.class_names = list(data.pop("class_names", idx_names))  # an own source's, from its folders
         train = data["train_images"], data["train_labels"]
         # Cut in this order, each with its own fixed permutation: Fashion-MNIST has a test split, so
@@ -318,8 +314,7 @@ class ImageDataModule(L.LightningDataModule):
         """The training loader's generator, saved in every checkpoint. Lightning gives a loader its
         own state back only on a resume in the middle of an epoch; a run resumed at an epoch's end
         must continue the generator too, or it replays the first epoch's order."""
-        loader = self._train_loader
-        return {"train_generator": loader.generator.get_state()} if loader is not None else {}
+        return {"train_generator": self._train_loader.generator.get_state()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_generator_state = state_dict.get("train_generator")

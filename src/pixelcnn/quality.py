@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import _compute_fid
 
-from pixelcnn.data import NUM_CLASSES, ImageDataModule, Split
+from pixelcnn.data import CLASS_NAMES, ImageDataModule, Split
 from pixelcnn.ops.datafiles import cached, save_cache
 
 EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
@@ -45,7 +45,7 @@ class FashionClassifier(nn.Module):
             *conv(width, 2 * width), nn.MaxPool2d(2, ceil_mode=True),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, NUM_CLASSES))
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, len(CLASS_NAMES)))
 
     def features(self, images: Tensor) -> Tensor:
         """Penultimate features. (B, 1, S, S) or (B, S, S) integer level images -> (B, feature_dim)"""

@@ -206,13 +206,9 @@ def load_cache(path: Path, image_size: int, levels: int, channels: int = 1,
         data = torch.load(path, map_location="cpu", weights_only=True)
         for split in {*splits, *(key.removesuffix("_images") for key in data if key.endswith("_images"))}:
             images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-            if not (
-                images.dtype == torch.uint8
-                and images.shape[1:] == (channels, image_size, image_size)
-                and labels.dtype == torch.int64
-                and labels.shape == (len(images),)
-                and (len(images) == 0 or images.max() < levels)
-            ):
+            found = (images.dtype, images.shape[1:], labels.dtype, labels.shape)
+            expected = (torch.uint8, (channels, image_size, image_size), torch.int64, (len(images),))
+            if found != expected or (len(images) and images.max() >= levels):
                 raise ValueError(f"unexpected {split} tensors")
         return data
     except Exception as err:  # noqa: BLE001 - any unreadable or inconsistent cache is rebuilt

@@ -94,8 +94,7 @@ def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, p
     `scale` enlarges each pixel to a scale x scale block (nearest) so a 16x16 image is visible.
     """
     images = images.reshape(images.shape[0], -1, *images.shape[-2:]).float() / (levels - 1)  # (N, C, H, W)
-    if scale > 1:
-        images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     # torchvision's make_grid, written out (the same pixels): importing torchvision takes longer
     # than sampling (it loads its models and ops). Mid grey (0.5) lines show against black and white.
     count, channels, height, width = images.shape

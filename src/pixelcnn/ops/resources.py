@@ -173,12 +173,11 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: nn.Module, train
 
     images = train_images // trainer.world_size  # one device's share
     batch_size = max(1, min(cfg.data.batch_size, images))  # the largest batch it takes
-    values = 0
+    values: list[int] = []  # the size of each leaf layer's output
 
     def count(module: nn.Module, inputs, output) -> None:
-        nonlocal values
-        if isinstance(output, Tensor) and not list(module.children()):  # a leaf layer's output
-            values += output.numel()
+        if isinstance(output, Tensor) and not list(module.children()):
+            values.append(output.numel())
 
     # `count` on every module (the hook is removed as the block ends), and torch's own count of the forward pass's
     # FLOPs (matrix products and convolutions).
@@ -188,7 +187,7 @@ def check_model_fits(cfg: DictConfig, speed: SpeedChoices, net: nn.Module, train
         net(torch.zeros(batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), labels)
     parameters = sum(p.numel() for p in net.parameters())
     activation_bytes = 4 if speed.precision == "32-true" else 2  # 16-bit mixed precision keeps 16-bit activations
-    footprint = Footprint(parameters, 16 * parameters, values * activation_bytes, 3 * flops.get_total_flops())
+    footprint = Footprint(parameters, 16 * parameters, sum(values) * activation_bytes, 3 * flops.get_total_flops())
     batches = min(epoch_batches(cfg, images, batch_size), planned_steps(cfg, images))  # one epoch's, at most the run's
     size_keys = " or ".join(f"model.{key}" for key in ("filters", "residual_blocks", "channels", "layers")
                             if key in cfg.model)

@@ -55,20 +55,18 @@ def read_folder(root: Path, channels: int) -> tuple[dict[str, Raw], list[str]]:
     """Each split's images and labels, and the class names (empty: unlabelled)."""
     if not root.is_dir():
         raise UserError(f"data.path={root} is not a folder: pass a folder of image files (data=folder)")
-    named = {split: root / split for split in SPLITS if (root / split).is_dir()}  # else root is train
-    if named and "train" not in named:
-        raise UserError(f"data.path={root} has {'/'.join(named)} folders but no train/ folder: add one "
+    directories = {split: root / split for split in SPLITS if (root / split).is_dir()} or {"train": root}
+    if "train" not in directories:  # split folders, but not train/
+        raise UserError(f"data.path={root} has {'/'.join(directories)} folders but no train/ folder: add one "
                         "(or move all images out of split folders)")
-    directories = named or {"train": root}
     files = {split: image_files(directory) for split, directory in directories.items()}
-    for split, split_files in files.items():  # an empty val/ or test/ is no more "missing" than a class folder
-        if not split_files:
-            raise UserError(f"data.path={root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
-                            f"under {directories[split]}")
     classes = {split: [f.relative_to(directories[split]).parts[0] if len(f.relative_to(directories[split]).parts) > 1
                        else None for f in split_files] for split, split_files in files.items()}
     names = sorted({c for split in classes.values() for c in split if c is not None})
     for split, split_classes in classes.items():
+        if not split_classes:  # an empty val/ or test/ is no more "missing" than a class folder
+            raise UserError(f"data.path={root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                            f"under {directories[split]}")
         if names and None in split_classes:  # a labelled set cannot have images without a class
             loose = files[split][split_classes.index(None)]
             raise UserError(f"{loose} is not in a class folder, but {root} has class folders "
@@ -118,12 +116,11 @@ def read_arrays(path: Path, problem: str) -> dict[str, np.ndarray]:
                 if (total := sum(member.file_size for member in archive.infolist())) > MAX_DATA_BYTES:
                     raise ValueError(f"its members inflate to {total} bytes, more than the {MAX_DATA_BYTES} "
                                      "a data file may hold (pixelcnn.ops.sources.MAX_DATA_BYTES)")
-                for member in archive.infolist():
+                arrays = {}
+                for member in archive.infolist():  # each refused uninflated if it is a bomb
                     if member.file_size > max(INFLATION_FLOOR, MAX_INFLATION * member.compress_size):
                         raise ValueError(f"{member.filename} inflates {member.compress_size} bytes to "
                                          f"{member.file_size}, more than {MAX_INFLATION}x: a zip bomb, not image data")
-                arrays = {}
-                for member in archive.infolist():
                     with archive.open(member) as stream:
                         try:
                             arrays[member.filename.removesuffix(".npy")] = read_npy(stream, member.file_size)

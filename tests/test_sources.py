@@ -362,4 +362,7 @@ def test_whether_data_has_classes_is_told_from_names_alone(tmp_path: Path, monke
                                                                "named.npz")] == [False, False, False, True, True]
     (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
     assert has_classes("array", str(tmp_path / "broken.npz")) and has_classes("folder", str(tmp_path / "missing"))
+    with open(tmp_path / "one_array.npz", "wb") as file:  # a .npy file named .npz: the job says what is wrong
+        np.save(file, images)
+    assert has_classes("array", str(tmp_path / "one_array.npz"))
     assert has_classes("fashion_mnist", None)  # the job reads anything this cannot tell

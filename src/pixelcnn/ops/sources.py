@@ -186,7 +186,7 @@ def has_classes(source: str, path: str | None) -> bool:
             return any(len(file.relative_to(root).parts) > 1 for root in roots for file in image_files(root))
         if source == "array" and path.suffix.lower() == ".npy":  # images only
             return False
-        if source == "array" and path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as arrays:  # its member names, from the zip's directory
-                return any(key == "class_names" or key.endswith("labels") for key in arrays.files)
+        if source == "array" and path.suffix.lower() == ".npz":  # its member names, from the zip's directory
+            with zipfile.ZipFile(path) as archive:  # (np.load would take a .npy so named, and return its array)
+                return any(name == "class_names.npy" or name.endswith("labels.npy") for name in archive.namelist())
     return True

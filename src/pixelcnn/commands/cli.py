@@ -22,7 +22,7 @@ from pixelcnn.ops.rules import as_override, check_out_dir, validate
 from pixelcnn.ops.errors import UserError, WriteError, config_items, error_line, override_error, user_errors_unwrapped
 from pixelcnn.likelihood import ImageModel
 from pixelcnn.ops.resources import pick_device
-from pixelcnn.ops.run_dirs import fresh_dir, removable_on_error, remove_own_dir, run_dir_of
+from pixelcnn.ops.run_dirs import fresh_dir, remove_own_dir, run_dir_of
 
 # A log line that cannot be written (train.log on a full disk) is dropped, not reported with a
 # traceback per line: the command's own writes report a full disk, once (`exit_on_user_error`).
@@ -33,7 +33,7 @@ logging.raiseExceptions = False
 def exit_on_user_error(cleanup_dir: str | Path | None = None):
     """Turn UserError (data errors included) and unwritable outputs into `error: ...` + exit 2, and
     any other exception into one line too (`error_line`: it names the file holding its traceback), exit 1.
-    `cleanup_dir` (the run dir) is removed only if this run created it (`removable_on_error`) and
+    `cleanup_dir` (the run dir) is removed only if this run created it (`remove_own_dir`) and
     it holds no checkpoint: one that does can be resumed (e.g. after a full disk is cleared)."""
     try:
         with user_errors_unwrapped():
@@ -46,7 +46,7 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
                 if isinstance(err, WriteError):
                     resume = as_override("ckpt_path", cleanup_dir)
                     message += f"; the run resumes from its last complete checkpoint with {resume}"
-            elif removable_on_error(cleanup_dir):
+            else:
                 remove_own_dir(cleanup_dir)
         fail(message, 2 if isinstance(err, UserError) else 1)
 
@@ -137,8 +137,7 @@ def removed_on_error(folder: Path):
     try:
         yield
     except BaseException:
-        if removable_on_error(folder):
-            remove_own_dir(folder)
+        remove_own_dir(folder)
         raise
 
 
@@ -150,10 +149,11 @@ def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> tuple[
     validate(cfg, command)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, pick_device(cfg.device))
-    if cfg.out and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
-        raise UserError(f"out={cfg.out} already holds files: pass a new or empty folder (no call replaces another's "
+    out = Path(cfg.out or fresh_dir(str(Path(run_dir_of(ckpt) or ckpt.parent) / outputs)))
+    if out.is_dir() and any(out.iterdir()):  # out=, or the name fresh_dir falls back to with no suffix left
+        raise UserError(f"out={out} already holds files: pass a new or empty folder (no call replaces another's "
                         f"files; without out=, each call of {command}.py writes into a new folder of the run dir)")
-    return ckpt, module, check_out_dir(cfg.out or fresh_dir(str(Path(run_dir_of(ckpt) or ckpt.parent) / outputs)))
+    return ckpt, module, check_out_dir(out)
 
 
 def checkpoint_data(module: ImageModel, data_root: str | None):

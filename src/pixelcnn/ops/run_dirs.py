@@ -5,7 +5,7 @@ run's own folder is removed.
 Hydra's `${now:...}` names alone collide within a second: `fresh_dir` reserves a name with one
 atomic `mkdir` (`os.makedirs` fails if the name exists). A directory reserved here, or one that did
 not exist when the run started, is this run's own: only such a directory may be removed after an
-input error (`removable_on_error`).
+input error (`remove_own_dir`).
 """
 
 from __future__ import annotations
@@ -54,8 +54,12 @@ def fresh_dir(base: str) -> str:
 
 
 def remove_own_dir(path: str | Path) -> None:
-    """Remove `path` (which `removable_on_error` allowed) and the parents created for it that are
-    now empty, e.g. outputs/<date>/ of a first run that failed."""
+    """After an error: remove `path` if it is this run's own, a dir this process created for its run (removing it
+    deletes nothing anyone else wrote) or a sweep job's dir (RunDirGuard let the sweep start only in a new or empty
+    sweep dir), and the parents created for it that are now empty, e.g. outputs/<date>/ of a first run that failed."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if Path(path).resolve() not in _CREATED and not multirun:
+        return
     shutil.rmtree(path, ignore_errors=True)
     # Only the empty ones: another run may have put its dir there meanwhile.
     remove_if_empty(sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True))
@@ -126,14 +130,6 @@ def run_dir_of(ckpt_path: str | Path) -> str | None:
     if path.is_dir():
         return str(path.parent if path.name == "checkpoints" else path)
     return str(path.parent.parent) if path.parent.name == "checkpoints" else None
-
-
-def removable_on_error(output_dir: str | Path) -> bool:
-    """Whether a job that failed on bad input may remove its output dir: a dir this process created
-    for its run (removing it deletes nothing anyone else wrote), or a sweep job's dir (RunDirGuard let
-    the sweep start only in a new or empty sweep dir)."""
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    return Path(output_dir).resolve() in _CREATED or multirun
 
 
 def resume_run_dir(ckpt_path: str | None, default: str) -> str:

@@ -551,6 +551,14 @@ def test_sweep_dir_is_reserved_once_for_all_jobs(work: Path, tmp_path: Path):
     assert not (tmp_path / "outputs").exists()  # no stray run dir reserved by a multirun
 
 
+def test_a_sweep_without_its_jobs_records_is_refused(work: Path, tmp_path: Path):
+    """hydra.output_subdir=null in a sweep: its summary would list 0 jobs (it reads each job's .hydra record) and
+    exit 0 whatever failed; one line instead, before the sweep dir is made."""
+    line = one_error_line(run_here("train.py", "-m", *TINY, *data_args(work), "hydra.output_subdir=null",
+                                   "optim.lr=1e-3,2e-3", cwd=tmp_path))
+    assert "hydra.output_subdir=null" in line and "summary" in line and list(tmp_path.iterdir()) == []
+
+
 # hydra.output_subdir=null (Hydra's knob for no .hydra record) leaves out the record, not the run dir's checks.
 NO_RECORD = pytest.mark.parametrize("record", [[], ["hydra.output_subdir=null"]], ids=["record", "no_record"])
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NoReturn
@@ -132,20 +132,11 @@ def fail(message: str, status: int = 2) -> NoReturn:
 
 
 @contextmanager
-def removed_on_error(folder: Path):
-    """Work writing into `folder`: if it fails, `folder` goes, if this process made it (`run_dirs.fresh_dir`)."""
-    try:
-        yield
-    except BaseException:
-        remove_own_dir(folder)
-        raise
-
-
-def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> tuple[Path, ImageModel, Path]:
-    """After `validate`(cfg, `command`): the checkpoint file of `ckpt` (a run dir: its best), its model on
-    `device`, and the output folder, checked writable before any work, so that no call replaces a file that
-    another wrote: `out` if new or empty, else a new <run dir>/`outputs` (`outputs_1`, ... for later calls; next to
-    a checkpoint file outside a run dir), which the command removes if it fails (`removed_on_error`)."""
+def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> Iterator[tuple[Path, ImageModel, Path]]:
+    """After `validate`(cfg, `command`), for the work of a command: the checkpoint file of `ckpt` (a run dir: its
+    best), its model on `device`, and the output folder, checked writable before any work, so that no call
+    replaces a file that another wrote: `out` if new or empty, else a new <run dir>/`outputs` (`outputs_1`, ... for
+    later calls; next to a checkpoint file outside a run dir), removed again if the work fails."""
     validate(cfg, command)
     ckpt = resolve_checkpoint(cfg.ckpt)
     module = load_module(ckpt, pick_device(cfg.device))
@@ -153,7 +144,11 @@ def load_checkpoint_model(cfg: DictConfig, command: str, outputs: str) -> tuple[
     if out.is_dir() and any(out.iterdir()):  # out=, or the name fresh_dir falls back to with no suffix left
         raise UserError(f"out={out} already holds files: pass a new or empty folder (no call replaces another's "
                         f"files; without out=, each call of {command}.py writes into a new folder of the run dir)")
-    return ckpt, module, check_out_dir(out)
+    try:
+        yield ckpt, module, check_out_dir(out)
+    except BaseException:
+        remove_own_dir(out)  # if this call made it (`run_dirs.fresh_dir`)
+        raise
 
 
 def checkpoint_data(module: ImageModel, data_root: str | None):

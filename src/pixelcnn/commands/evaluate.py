@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model, removed_on_error
+from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.files import atomic_write, write_json
 from pixelcnn.ops.images import levels_to_grid, load_image, save_grid
@@ -155,8 +155,7 @@ def score_images(module, cfg: DictConfig, out_dir: Path) -> dict:
 
 def main(cfg: DictConfig) -> dict:
     """The test-split evaluation, or with `images=` the outlier scores."""
-    ckpt, module, out_dir = load_checkpoint_model(cfg, "evaluate", "eval")
-    with removed_on_error(out_dir):
+    with load_checkpoint_model(cfg, "evaluate", "eval") as (ckpt, module, out_dir):
         if cfg.images is not None:
             return score_images(module, cfg, out_dir)
         return evaluate_test_split(module, cfg, out_dir, ckpt)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model, removed_on_error
+from pixelcnn.commands.cli import checkpoint_data, load_checkpoint_model
 from pixelcnn.ops.errors import UserError
 from pixelcnn.ops.images import levels_to_grid, save_grid_and_levels, side_by_side
 from pixelcnn.sampling import complete_fast, draw_uniforms, eval_mode
@@ -57,8 +57,7 @@ def class_tag(names: list[str], index: int) -> str:
 
 
 def main(cfg: DictConfig) -> list[Path]:
-    ckpt, module, out_dir = load_checkpoint_model(cfg, "sample", "samples")
-    with removed_on_error(out_dir):
+    with load_checkpoint_model(cfg, "sample", "samples") as (ckpt, module, out_dir):
         return complete(module, cfg, out_dir) if cfg.mode == "complete" else draw(module, cfg, out_dir, ckpt)
 
 

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pixelcnn.commands.cli import exit_on_user_error, fail
-from pixelcnn.ops.errors import error_line, user_errors_unwrapped
+from pixelcnn.ops.errors import UserError, error_line, user_errors_unwrapped
 from pixelcnn.ops.final_config import complete
 from pixelcnn.ops.resources import secondary_rank
 from pixelcnn.ops.run_dirs import RunDirInUse, check_run_dir, claim_if_new, hold_run_dir, register_resolvers
@@ -106,6 +106,9 @@ class RunDirGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
+            if config.hydra.output_subdir is None and config.hydra.job.config_name == "train":  # 0 jobs, exit 0
+                raise UserError("hydra.output_subdir=null leaves a sweep's jobs without the .hydra record its summary "
+                                "reads (each job's overrides): drop it for a sweep")
             check_run_dir(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir", resuming=False)
         complete(config)
 

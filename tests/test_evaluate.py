@@ -267,7 +267,11 @@ def test_no_call_replaces_a_file_another_wrote(data_root: Path, tmp_path: Path):
     drawn = [run_here("sample.py", f"ckpt={ckpt}", "n=2", "device=cpu", cwd=tmp_path) for _ in range(2)]
     assert [result.returncode for result in drawn] == [0, 0], drawn[-1].stderr
     assert [len(list((tmp_path / name).glob("*.png"))) for name in ("samples", "samples_1")] == [1, 1]
+    mine = tmp_path / "mine"  # an empty folder of the user's: a failing call, in a sweep (-m) too, leaves it be
+    mine.mkdir()
+    failed = run_here("evaluate.py", "-m", *args, f"out={mine}", f"images={tmp_path / 'missing'}", cwd=tmp_path)
+    assert failed.returncode != 0 and mine.is_dir(), failed.stderr
     failed = run_here("sample.py", f"ckpt={ckpt}", "label=3", "device=cpu", cwd=tmp_path)  # no classes: no label
     assert failed.returncode == 2 and not (tmp_path / "samples_2").exists(), failed.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "eval_1", "metrics.json", "model.ckpt", "samples",
-                                                          "samples_1"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "multirun") == [
+        "eval", "eval_1", "metrics.json", "mine", "model.ckpt", "samples", "samples_1"]

@@ -17,8 +17,6 @@ import shutil
 from contextlib import suppress
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from pixelcnn.ops.rules import as_override, check_out_dir
@@ -55,10 +53,9 @@ def fresh_dir(base: str) -> str:
 
 def remove_own_dir(path: str | Path) -> None:
     """After an error: remove `path` if it is this run's own, a dir this process created for its run (removing it
-    deletes nothing anyone else wrote) or a sweep job's dir (RunDirGuard let the sweep start only in a new or empty
-    sweep dir), and the parents created for it that are now empty, e.g. outputs/<date>/ of a first run that failed."""
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if Path(path).resolve() not in _CREATED and not multirun:
+    deletes nothing anyone else wrote), and the parents created for it that are now empty, e.g. outputs/<date>/ of
+    a first run that failed."""
+    if Path(path).resolve() not in _CREATED:
         return
     shutil.rmtree(path, ignore_errors=True)
     # Only the empty ones: another run may have put its dir there meanwhile.

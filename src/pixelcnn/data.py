@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelcnn.ops import default_data_dir, load_data, UserError
+from pixelcnn.ops import default_data_dir, IDX_DATASETS, load_data, UserError
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
@@ -225,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_seed: int | None = None,
     ):
         super().__init__()
-        if (path is None) != (source in ("fashion_mnist", "mnist")):  # IDX files (`pixelcnn.ops.datafiles`) need none
+        if (path is None) != (source in IDX_DATASETS):  # IDX files (`pixelcnn.ops.datafiles`) need no data.path
             needs = "folder" if source == "folder" else ".npy or .npz file"
             raise UserError(f"data.path is for data=folder / data=array only (data.source={source})" if path
                             else f"data={source} needs data.path=<{needs}>")

@@ -30,7 +30,7 @@ SEAM = {
                   "SpeedChoices", "secondary_rank"),
     "reports": ("build_loggers", "log_failure", "report_end", "report_start"),
     "run_dirs": ("run_dir_of",),
-    "datafiles": ("default_data_dir", "load_data"),
+    "datafiles": ("default_data_dir", "IDX_DATASETS", "load_data"),
 }
 OWNER = {name: module for module, names in SEAM.items() for name in names}  # name -> the module that defines it
 

@@ -64,9 +64,7 @@ def _one_of(*choices: object) -> Rule:
 def _precision(v: Any) -> bool:
     from lightning.fabric.connector import _PRECISION_INPUT  # Lightning's own list (training loads lightning anyway)
 
-    # Of the same type too: 32.0 == 32 (and True == 1), but Lightning's Trainer takes neither.
-    return v == "auto" or any(v == value and type(v) is type(value)
-                              for kind in get_args(_PRECISION_INPUT) for value in get_args(kind))
+    return _one_of("auto", *(value for kind in get_args(_PRECISION_INPUT) for value in get_args(kind)))[0](v)
 
 
 def _int_list(example: str) -> Rule:
@@ -119,11 +117,11 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "optim.scheduler.factor": _in("(0, 1)"),
     "optim.scheduler.patience": _int(0),
     "optim.scheduler.min_lr_ratio": _in("[0, 1]"),
-    "trainer.max_epochs": (lambda v: _int(1)[0](v) or _int(-1, -1)[0](v), "an integer >= 1 (or -1: no limit)"),
+    "trainer.max_epochs": (lambda v: _int(1)[0](v) or _one_of(-1)[0](v), "an integer >= 1 (or -1: no limit)"),
     "trainer.max_time": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v)
                                                  is not None), 'null or "DD:HH:MM:SS", e.g. "00:00:15:00"'),
     "trainer.accelerator": _one_of("auto", "cpu", "gpu", "cuda"),
-    "trainer.devices": (lambda v: v == "auto" or _int(-1, -1)[0](v) or _int(1)[0](v) or (
+    "trainer.devices": (lambda v: _one_of("auto", -1)[0](v) or _int(1)[0](v) or (
         isinstance(v, (list, ListConfig)) and len(v) > 0 and len(set(v)) == len(v) and all(_int(0)[0](d) for d in v)),
         "a count >= 1, -1 or auto (every device), or a list of distinct device indices, e.g. [0, 1]"),
     "trainer.num_nodes": _int(1),
@@ -134,7 +132,7 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
     "trainer.check_val_every_n_epoch": _int(1),
     **dict.fromkeys(("trainer.limit_val_batches", "trainer.limit_test_batches"), LIMIT_BATCHES),
     "trainer.log_every_n_steps": _int(1),
-    "trainer.max_steps": (lambda v: _int(1)[0](v) or _int(-1, -1)[0](v), "an integer >= 1 (or -1: no limit)"),
+    "trainer.max_steps": (lambda v: _int(1)[0](v) or _one_of(-1)[0](v), "an integer >= 1 (or -1: no limit)"),
     "trainer.limit_train_batches": LIMIT_BATCHES,  # batches of data.batch_size: optimizer steps
     # Lightning knobs a user adds (+trainer.<key>=...), in batches of data.batch_size like the limits.
     "trainer.overfit_batches": LIMIT_BATCHES,

@@ -273,6 +273,10 @@ def test_run_dir_checkpoint_choice(tmp_path: Path):
         (folder / name).write_bytes(b"")
     assert resolve_checkpoint(tmp_path).name == "best-epoch002-val_bpd0.5000.ckpt"  # lowest val, not last name
     assert resolve_checkpoint(tmp_path, prefer="last").name == "last.ckpt"
+    # The latest by saved step, whatever type a file gives it (a foreign file's "global_step" is any value).
+    torch.save({"global_step": "many"}, folder / "last.ckpt")
+    torch.save({"global_step": 3}, folder / "step.ckpt")
+    assert resolve_checkpoint(tmp_path, prefer="last").name == "step.ckpt"
 
 
 @pytest.mark.parametrize("every, max_epochs, due_epochs", [(5, 12, [5, 10, 12]), (5, -1, [5, 10]), (0, 12, [])])

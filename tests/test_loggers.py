@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,35 @@ def test_an_mlflow_store_that_cannot_be_used_is_one_line_at_once(tmp_path: Path,
     cfg = compose_train("logger=mlflow", f"logger.mlflow.tracking_uri={uri.format(tmp=tmp_path)}")
     with pytest.raises(UserError, match=f"^{message.format(tmp=tmp_path)}"):
         build_loggers(cfg)
+
+
+def test_a_tracking_database_mlflow_cannot_use_is_one_line_and_left_unchanged(tmp_path: Path):
+    """Another program's database (e.g. the Optuna study's) was given MLflow's tables; a damaged one, or one of
+    a schema this MLflow cannot use (an older version's), was a traceback."""
+    from pixelcnn.ops.errors import UserError
+    from pixelcnn.ops.reports import build_loggers
+
+    def database(name: str, *statements: str) -> Path:
+        with closing(sqlite3.connect(tmp_path / name)) as db:
+            for statement in statements:
+                db.execute(statement)
+            db.commit()
+        return tmp_path / name
+
+    foreign = database("study.db", "CREATE TABLE studies (study_id INTEGER)")
+    other_schema = database("old.db", "CREATE TABLE experiments (id INTEGER)", "CREATE TABLE alembic_version "
+                            "(version_num TEXT)", "INSERT INTO alembic_version VALUES ('0123abcd')")
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
+    cases = {foreign: f"logger.mlflow.tracking_uri: {foreign} is another program's database (no experiments table): "
+                      "pass another file (a new one is created)",
+             damaged: f"logger.mlflow.tracking_uri: {damaged} is a damaged SQLite database (",
+             other_schema: "logger.mlflow cannot start: CommandError: Can't locate revision identified by '0123abcd'"}
+    for path, message in cases.items():
+        before = path.read_bytes()
+        cfg = compose_train("logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{path}", f"output_dir={tmp_path}")
+        with pytest.raises(UserError) as raised:
+            build_loggers(cfg)
+        assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+        if path != other_schema:  # MLflow's own check of its schema comes after it opened the file
+            assert path.read_bytes() == before

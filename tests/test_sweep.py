@@ -334,6 +334,32 @@ def test_metrics_json_has_no_nan(tmp_path: Path):
     assert json.loads((tmp_path / "bench.json").read_text()) == {"train": {"runs": [1.0, None]}}
 
 
+def test_a_sweeps_records_are_read_as_data_and_a_damaged_one_is_named(tmp_path: Path):
+    """The summary reads each job's .hydra record and metrics.json as data: an interpolation in them runs no
+    resolver (fresh_dir would make a folder, oc.env read the environment), and a damaged file lists its job as
+    its row say so instead of ending the summary."""
+    from pixelcnn.ops.run_dirs import register_resolvers
+
+    register_resolvers()
+    made = tmp_path / "made_by_a_resolver"
+    records = {"0": (f"hydra:\n  job:\n    num: ${{fresh_dir:{made}}}\n", "- seed=${oc.env:HOME}\n", '{"val_bpd": 0.5}'),
+               "1": ("hydra:\n  job:\n    num: 1\n", "- seed=1\n", "[0.4]"),
+               "2": ("hydra:\n  job:\n    num: 2\n", "seed: 2\n", '{"val_bpd": 0.3}'),
+               "3": ("hydra: [\n", "- seed=3\n", "{not json")}
+    for name, (hydra_yaml, overrides, metrics) in records.items():
+        (tmp_path / "sweep" / name / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / name / ".hydra" / "hydra.yaml").write_text(hydra_yaml)
+        (tmp_path / "sweep" / name / ".hydra" / "overrides.yaml").write_text(overrides)
+        (tmp_path / "sweep" / name / "metrics.json").write_text(metrics)
+    runs = {run["dir"]: run for run in collect_runs(tmp_path / "sweep")}
+    assert not made.exists()
+    assert (runs["0"]["job"], runs["0"]["status"], runs["0"]["params"]) == (None, "ok", {"seed": "${oc.env:HOME}"})
+    assert (runs["1"]["status"], runs["1"]["error"]) == ("failed", "its metrics.json is damaged (not a JSON mapping)")
+    assert (runs["2"]["job"], runs["2"]["status"], runs["2"]["overrides"]) == (2, "ok", "(damaged .hydra/overrides.yaml)")
+    assert (runs["3"]["job"], runs["3"]["status"]) == (None, "failed")
+    assert summary_table(list(runs.values())).startswith("4 jobs: 2 ok, 2 failed.")
+
+
 # --- hyperparameter search ---------------------------------------------------------------------------
 def test_optuna_search_ranks_trials_by_their_runs_values(workdir: Path):
     sweep = workdir / "optuna"
@@ -402,6 +428,38 @@ def test_running_the_same_optuna_search_again_continues_its_study(workdir: Path)
     assert f"1 = {sweeps[0]}; 2 = {sweeps[1]} (this one)" in summary
     best = OmegaConf.load(sweeps[1] / "optimization_results.yaml")  # the sweeper's best of the whole study
     assert best.best_value == jobs[ok[0]][0]["val_bpd"]
+
+
+def test_a_study_database_optuna_cannot_use_is_one_line(tmp_path: Path):
+    """Another program's database was given Optuna's tables; a damaged one, or one of another Optuna's schema,
+    was a traceback."""
+    import sqlite3
+
+    import optuna
+
+    from pixelcnn.ops.sweep import OPTUNA_SWEEPER, open_study
+
+    def sweeper(path: Path):
+        return OmegaConf.create({"hydra": {"sweeper": {"_target_": OPTUNA_SWEEPER, "storage": f"sqlite:///{path}",
+                                                       "study_name": "pixelcnn", "direction": "minimize"}}})
+
+    foreign, damaged, other_schema = tmp_path / "mlflow.db", tmp_path / "damaged.db", tmp_path / "old.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
+    optuna.create_study(storage=f"sqlite:///{other_schema}", study_name="pixelcnn")
+    with sqlite3.connect(other_schema) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'v0.9.0.a'")
+    before = foreign.read_bytes()
+    for path, message in {foreign: f"hydra.sweeper.storage: {foreign} is another program's database (no studies "
+                                   "table): pass another file (a new one is created)",
+                          damaged: f"hydra.sweeper.storage: {damaged} is a damaged SQLite database (",
+                          other_schema: f"hydra.sweeper.storage=sqlite:///{other_schema} cannot hold the study: "
+                                        "RuntimeError: The runtime optuna version"}.items():
+        with pytest.raises(UserError) as raised:
+            open_study(sweeper(path))
+        assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+    assert foreign.read_bytes() == before
 
 
 def test_a_study_db_that_is_not_one_is_one_line_and_leaves_no_sweep_dir(tmp_path: Path):

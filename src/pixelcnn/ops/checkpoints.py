@@ -41,7 +41,7 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt"
             step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1)
         except Exception:  # noqa: BLE001 - an unreadable file is tried last (read_checkpoint then says why)
             step = -1
-        return step, path.name == "last.ckpt"
+        return step if isinstance(step, int) else -1, path.name == "last.ckpt"  # a file's value: any type
 
     # Lowest val bits/dim, newest first among equals (a resumed run can add best-...-v1.ckpt).
     best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (val_bpd(p), -p.stat().st_mtime))[:1]

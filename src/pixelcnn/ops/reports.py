@@ -14,7 +14,7 @@ from lightning.fabric.utilities.logger import _flatten_dict, _sanitize_params
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.ops.errors import WRITE_ERRNOS, UserError
+from pixelcnn.ops.errors import WRITE_ERRNOS, UserError, failure_reason
 from pixelcnn.ops.files import write_json
 from pixelcnn.ops.rules import as_override, check_sqlite
 
@@ -27,7 +27,7 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     loggers = []
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if (uri := str(logger_cfg.get("tracking_uri"))).startswith("sqlite:///"):  # before MLflow opens it
-            check_sqlite(uri.removeprefix("sqlite:///"), f"logger.{name}.tracking_uri")
+            check_sqlite(uri.removeprefix("sqlite:///"), f"logger.{name}.tracking_uri", "experiments")
         try:
             loggers.append(instantiate(logger_cfg))
         except InstantiationException as err:
@@ -35,7 +35,8 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
                 # Only mlflow is optional among conf/logger/'s loggers; its extra has the logger's name.
                 raise UserError(f"logger={name} needs the {name} package, which is not installed: "
                                 f"pip install -e '.[{name}]' (or pip install {name})") from None
-            raise
+            # The logger's settings or its store (e.g. an MLflow database of an older schema: MLflow's own advice)
+            raise UserError(f"logger.{name} cannot start: {failure_reason(err.__cause__ or err)}") from None
     # TensorBoard's writer thread raises a failed write (e.g. a full disk) again in the main thread, which
     # reports it in one line (`errors.user_errors_unwrapped`): the thread's own traceback is left out.
     threading.excepthook = quiet_write_errors

@@ -10,8 +10,10 @@ import difflib
 import inspect
 import math
 import re
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from pathlib import Path
 from typing import Any, get_args
 
@@ -188,9 +190,10 @@ def check_out_dir(path: str | Path, key: str = "out") -> Path:
     return path
 
 
-def check_sqlite(path: str | Path, key: str) -> None:
-    """Refuse in one line an SQLite database (MLflow's, Optuna's) that exists and is not one, or cannot be
-    created: SQLAlchemy's errors are tracebacks, and MLflow retries an unwritable one for minutes."""
+def check_sqlite(path: str | Path, key: str, table: str) -> None:
+    """Refuse in one line an SQLite database (MLflow's, Optuna's) that exists and is not one, is damaged, is another
+    program's (it has tables, but not `table`: it would be given this one's), or cannot be created: SQLAlchemy's
+    errors are tracebacks, and MLflow retries an unwritable one for minutes."""
     path = Path(path)
     if not path.exists():
         check_out_dir(path.parent, key)
@@ -198,6 +201,15 @@ def check_sqlite(path: str | Path, key: str) -> None:
     with path.open("rb") as file:  # SQLite takes an empty file for a new database
         if file.read(16) not in (b"", b"SQLite format 3\x00"):
             raise UserError(f"{key}: {path} is not an SQLite database: pass another file (a new one is created)")
+    try:  # read-only: nothing in it changes
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as database:
+            tables = {name for (name,) in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as err:
+        raise UserError(f"{key}: {path} is a damaged SQLite database ({err}): restore it from a copy, or pass "
+                        "another file (a new one is created)") from None
+    if tables and table not in tables:
+        raise UserError(f"{key}: {path} is another program's database (no {table} table): pass another file "
+                        "(a new one is created)")
 
 
 # Keys naming a file or folder. Hydra reads `out=2024` as the int 2024: it still names a folder (validate).

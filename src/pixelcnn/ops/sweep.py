@@ -15,8 +15,10 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from pixelcnn.ops.errors import UserError, failure_reason
 from pixelcnn.ops.rules import check_sqlite
 from pixelcnn.ops.files import atomic_write, write_bytes
 
@@ -38,22 +40,32 @@ def parse_value(text: str) -> int | float | str:
 def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     """Read every job of a sweep from disk (works whatever launcher ran the jobs). Each run has
     `job` (Hydra's job number), `params` (override key -> value), `status` ("ok" or "failed") and,
-    when the job wrote them, its metrics."""
+    when the job wrote them, its metrics. A damaged file of a job's record is named in its row."""
     runs = []
     for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
-        hydra_file = job_dir / ".hydra" / "hydra.yaml"
-        job = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.num") if hydra_file.is_file() else None
-        metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {
-            "status": "failed", "error": "no metrics.json: the job was killed or is still running"}
+        job = _read(job_dir / ".hydra" / "hydra.yaml", yaml.safe_load)
+        for key in ("hydra", "job", "num"):
+            job = job.get(key) if isinstance(job, dict) else None
+        metrics = _read(job_dir / "metrics.json", json.loads)
+        if not isinstance(metrics, dict):  # none yet, or a damaged file
+            metrics = {"status": "failed", "error": "its metrics.json is damaged (not a JSON mapping)" if (
+                job_dir / "metrics.json").is_file() else "no metrics.json: the job was killed or is still running"}
         if metrics.get("status", "ok") == "ok" and not _number(metrics.get("val_bpd")):
             metrics = {**metrics, "status": "failed", "error": "no best val bits/dim: did validation run?"}
-        overrides = [str(o) for o in OmegaConf.load(overrides_file)]
+        overrides = _read(overrides_file, yaml.safe_load)
+        overrides = [str(o) for o in overrides] if isinstance(overrides, list) else ["(damaged .hydra/overrides.yaml)"]
         params = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-        runs.append({"job": job, "dir": str(job_dir.relative_to(sweep_dir)), "params": params,
-                     "overrides": " ".join(overrides) or "(defaults)", "status": "ok", **metrics})
+        runs.append({"job": job if type(job) is int else None, "dir": str(job_dir.relative_to(sweep_dir)),
+                     "params": params, "overrides": " ".join(overrides) or "(defaults)", "status": "ok", **metrics})
     return sorted(runs, key=lambda r: (r["job"] is None, r["job"] or 0, r["dir"]))
+
+
+def _read(path: Path, parse) -> Any:
+    """A file of a job's record as plain data (None where it cannot be read): `yaml.safe_load` and `json.loads`
+    build no object, and an interpolation stays text (OmegaConf.load would run its resolver, which can make folders)."""
+    with suppress(OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # ValueError: JSONDecodeError
+        return parse(path.read_text())
 
 
 def _number(value: Any) -> bool:
@@ -227,11 +239,15 @@ def open_study(config: DictConfig):
     import optuna
 
     if (storage := str(sweeper.storage)).startswith("sqlite:///"):  # SQLite creates the file but not its folder
-        check_sqlite(database := storage.removeprefix("sqlite:///"), "hydra.sweeper.storage")
+        check_sqlite(database := storage.removeprefix("sqlite:///"), "hydra.sweeper.storage", "studies")
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    # What the sweeper then does: it finds this study. One direction: the jobs return one value (val bits/dim).
-    return optuna.create_study(study_name=sweeper.study_name, storage=storage, load_if_exists=True,
-                               direction=getattr(sweeper.direction, "name", str(sweeper.direction)))
+    from sqlalchemy.exc import SQLAlchemyError  # Optuna's storage layer
+
+    try:  # What the sweeper then does: it finds this study. One direction: the jobs return one value (val bits/dim).
+        return optuna.create_study(study_name=sweeper.study_name, storage=storage, load_if_exists=True,
+                                   direction=getattr(sweeper.direction, "name", str(sweeper.direction)))
+    except (SQLAlchemyError, RuntimeError, ValueError) as err:  # RuntimeError: a schema of another Optuna version
+        raise UserError(f"hydra.sweeper.storage={storage} cannot hold the study: {failure_reason(err)}") from None
 
 
 def start_study_sweep(config: DictConfig) -> None:
@@ -256,7 +272,7 @@ def start_study_sweep(config: DictConfig) -> None:
 def study_sweeps(study) -> list[tuple[int, Path]]:
     """(first trial, sweep dir) of each sweep that added trials to `study` (start_study_sweep), in order."""
     return sorted((first, Path(key[len(SWEEP_ATTR):])) for key, first in study.user_attrs.items()
-                  if key.startswith(SWEEP_ATTR))
+                  if key.startswith(SWEEP_ATTR) and isinstance(first, int))  # a study's attrs are data too
 
 
 def study_runs(study) -> list[dict[str, Any]]:

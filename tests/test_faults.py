@@ -332,6 +332,43 @@ def test_run_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(work: Path
     assert_same_training(reference, run_dir)
 
 
+def test_a_lock_file_that_is_a_link_is_refused_not_followed(tmp_path: Path):
+    """A copied run dir whose .lock is a symbolic link: the pid was written into the file it points to."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(precious)
+    with pytest.raises(UserError, match=f"^ckpt_path=x cannot be locked for this run \\({tmp_path / 'run' / '.lock'}: "):
+        hold_run_dir(tmp_path / "run", "ckpt_path=x")
+    assert precious.read_text() == "mine"
+
+
+@pytest.mark.parametrize("edit, script, message", [
+    # The shipped weights and any exported ones: no optimizer or loop state, which Lightning's fit needs to resume.
+    (lambda c: [c.pop("optimizer_states"), c.pop("lr_schedulers")], "train.py ckpt_path",
+     "holds weights only (no optimizer or loop state to continue): start a new run from them with init_from="),
+    (lambda c: c["state_dict"].popitem(), "train.py init_from", "is damaged: its hyperparameters do not match its "
+                                                                 "weights (Missing key(s) in state_dict:"),
+    (lambda c: c["state_dict"].update(bogus=torch.zeros(1)), "train.py ckpt_path", "is damaged: its hyperparameters "
+                                                                                   "do not match its weights"),
+    (lambda c: c["hyper_parameters"].update(channels=16), "train.py init_from", "do not match its weights"),
+])
+def test_a_checkpoint_a_run_cannot_continue_or_start_from_is_one_line(reference: Path, work: Path, tmp_path: Path,
+                                                                      edit, script: str, message: str):
+    """Were unforeseen errors, raised by Lightning's fit or load_state_dict after the run had started."""
+    checkpoint = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    edit(checkpoint)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(checkpoint, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    command, key = script.split()
+    result = run_here(command, *TINY, *EPOCHS, *data_args(work), f"{key}={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+                      f"hydra.run.dir={tmp_path / 'new'}", cwd=tmp_path)
+    line = one_error_line(result)
+    assert line.startswith(f"error: {key}={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} ") and message in line, line
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in (tmp_path / "run").rglob("*")) == [
+        "checkpoints", "last.ckpt"]
+
+
 def test_batch_loader_state_continues_the_epoch_and_the_next():
     """A loader restored from `state_dict` mid-epoch hands out the rest of that epoch, then the
     next epochs, exactly as the original (order and flips)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pixelcnn.ops.rules import DATA, network_error
+from pixelcnn.ops.rules import DATA, as_override, network_error
 
 from pixelcnn.ops.errors import UserError
 from pixelcnn.likelihood import ARCHITECTURES, TRAINING_KEYS, ImageModel
@@ -44,7 +44,8 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt"
         return step if isinstance(step, int) else -1, path.name == "last.ckpt"  # a file's value: any type
 
     # Lowest val bits/dim, newest first among equals (a resumed run can add best-...-v1.ckpt).
-    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: (val_bpd(p), -p.stat().st_mtime))[:1]
+    best = sorted((p for p in folder.glob("best-*.ckpt") if p.is_file()),  # not a broken link
+                  key=lambda p: (val_bpd(p), -p.stat().st_mtime))[:1]
     # The latest: the one furthest into training of last.ckpt and the step checkpoint.
     latest = sorted((p for p in (folder / "last.ckpt", folder / f"{STEP_CHECKPOINT}.ckpt") if p.is_file()),
                     key=progress, reverse=True)
@@ -71,6 +72,15 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "arch" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"{key}={path} is not a checkpoint of this project (no PixelCNN hyperparameters in it)")
+    if error := saved_data_error(hparams) or network_error(hparams):
+        raise UserError(f"{key}={path} is damaged: {error}")
+    try:  # the network its hyperparameters build must take its weights: built on the meta device (no memory used)
+        with torch.device("meta"):
+            ImageModel.from_hparams(hparams).load_state_dict(checkpoint["state_dict"], assign=True)  # strict: all
+    except (TypeError, ValueError, RuntimeError) as err:  # hyperparameters that do not build these weights
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        reason = lines[1] if len(lines) > 1 else lines[0]  # torch: a heading, then e.g. "size mismatch for ..."
+        raise UserError(f"{key}={path} is damaged: its hyperparameters do not match its weights ({reason})") from None
     return checkpoint
 
 
@@ -115,6 +125,9 @@ def read_same_network(path: str | Path, cfg: DictConfig, key: str, prefer: str) 
     (init_from): `resolve_checkpoint`, `read_checkpoint`, and it must hold `cfg`'s network (`check_same_network`)."""
     path = resolve_checkpoint(path, prefer, key)
     checkpoint = read_checkpoint(path, key)
+    if key == "ckpt_path" and not {"optimizer_states", "loops"} <= set(checkpoint):  # e.g. weights/quick_gated.ckpt
+        raise UserError(f"{key}={path} holds weights only (no optimizer or loop state to continue): start a new run "
+                        f"from them with {as_override('init_from', path)}")
     check_same_network(checkpoint["hyper_parameters"], cfg, path, key)
     return path, checkpoint
 
@@ -143,14 +156,7 @@ def saved_data_error(hparams: dict) -> str | None:
 def load_module(path: Path, map_location: str | torch.device = "cpu") -> ImageModel:
     """The model of a checkpoint file (`resolve_checkpoint` finds a run dir's), in eval mode: its network,
     likelihood and sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
-    checkpoint = read_checkpoint(path)
-    if error := saved_data_error(checkpoint["hyper_parameters"]) or network_error(checkpoint["hyper_parameters"]):
-        raise UserError(f"ckpt={path} is damaged: {error}")
-    try:
-        module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out
-        module.load_state_dict(checkpoint["state_dict"])  # strict: the network's weights, all of them
-    except (TypeError, ValueError, RuntimeError) as err:  # hyperparameters that do not build these weights
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        reason = lines[1] if len(lines) > 1 else lines[0]  # torch: a heading, then e.g. "size mismatch for ..."
-        raise UserError(f"ckpt={path} is damaged: its hyperparameters do not match its weights ({reason})") from None
+    checkpoint = read_checkpoint(path)  # which checks that its hyperparameters build its weights' network
+    module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out
+    module.load_state_dict(checkpoint["state_dict"])
     return module.to(map_location).eval()

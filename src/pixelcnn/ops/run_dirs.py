@@ -95,12 +95,14 @@ def hold_run_dir(path: Path, name: str) -> int:
     returned descriptor is closed or the process ends, or refuse it in one line if another process
     holds it. An flock (not filelock.FileLock, which truncates the file: a resume refused or with
     nothing left to do must change nothing) on `path/RUN_LOCK`, which the OS releases when its holder
-    ends in any way, SIGKILL included: a killed run never leaves its dir locked."""
+    ends in any way, SIGKILL included: a killed run never leaves its dir locked. A `.lock` that is a symbolic link
+    (in a copied run dir) is refused, never followed: the pid would be written into the file it points to."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link is refused (ELOOP)
     except OSError as err:
-        raise UserError(f"{name} cannot be locked for this run ({err.strerror}): pass a writable folder") from None
+        raise UserError(f"{name} cannot be locked for this run ({err.filename}: {err.strerror}): pass a writable "
+                        "folder, whose .lock (if any) is a plain file") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # held by another process

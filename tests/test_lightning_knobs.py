@@ -88,6 +88,20 @@ def test_precision_is_lightnings(data_dir: Path, tmp_path: Path, precision: str,
     assert trainer.precision == used and trainer.global_step == 2
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_a_true_precision_trains_samples_and_scores_in_its_dtype(data_dir: Path, tmp_path: Path, precision: str,
+                                                                 dtype: torch.dtype):
+    """Lightning casts the weights to the dtype (not the uint8 batch): the model input follows the weights. Was a
+    dtype mismatch in the first forward pass, though the rule accepted these precisions."""
+    _, trainer = fit(data_dir, tmp_path, f"trainer.precision={precision}", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=2")
+    module = trainer.lightning_module
+    assert trainer.global_step == 2 and next(module.parameters()).dtype == dtype
+    assert torch.isfinite(module.nll_maps(*trainer.datamodule.test_set)).all()
+    for method in ("fast", "naive"):  # the sample grids of training, and sample.py's reference sampler
+        assert module.sample(2, method=method).shape == (2, 16, 16)
+
+
 def test_fast_dev_run_reports_no_validation_score(data_dir: Path):
     run_dir = data_dir / "outputs" / "fast-dev-run"
     result = run("train.py", *TINY, *NO_QUALITY, *data_args(data_dir), "+trainer.fast_dev_run=true",

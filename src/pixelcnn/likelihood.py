@@ -65,7 +65,7 @@ class ImageModel(nn.Module):
         """Negative log-likelihood of every pixel in bits per dimension (the mean over its C
         channels, so that the mean over pixels is bits/dim over all C*H*W values).
         (B, C, H, W) uint8 level images -> (B, H, W)"""
-        x = images.float() / self.levels  # (B, C, H, W) model input
+        x = images.to(next(self.net.parameters()).dtype) / self.levels  # (B, C, H, W) model input, as the weights
         logits = self.net(x, labels if self.conditional else None)  # (B, C*L, H, W)
         logits = logits.unflatten(1, (images.shape[1], self.levels)).transpose(1, 2)  # (B, L, C, H, W)
         return F.cross_entropy(logits.float(), images.long(), reduction="none").mean(1) / math.log(2)

@@ -72,14 +72,15 @@ def sample_naive(model: nn.Module, uniforms: Tensor, height: int, width: int, te
                  labels: Tensor | None = None) -> Tensor:
     """Reference sampler: one full forward pass per pixel and channel. -> (B, H, W) or (B, C, H, W) long levels"""
     n, levels, channels = uniforms.shape[0], model.levels, model.image_channels
-    image = torch.zeros(n, channels, height, width, device=uniforms.device)  # (B, C, H, W) model input
+    weight = next(model.parameters())  # the model input is of the weights' dtype (trainer.precision=bf16-true too)
+    image = torch.zeros(n, channels, height, width, device=uniforms.device, dtype=weight.dtype)  # (B, C, H, W) input
     out = torch.zeros(n, channels, height, width, dtype=torch.long, device=uniforms.device)
     for i in range(height):
         for j in range(width):
             for c in range(channels):
                 logits = model(image, labels)[:, c * levels : (c + 1) * levels, i, j]  # (B, L)
                 out[:, c, i, j] = draw_levels(logits, temperature, uniforms[:, (i * width + j) * channels + c])
-                image[:, c, i, j] = out[:, c, i, j].float() / levels
+                image[:, c, i, j] = out[:, c, i, j] / levels
     return as_images(out)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -75,8 +76,9 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     if error := saved_data_error(hparams) or network_error(hparams):
         raise UserError(f"{key}={path} is damaged: {error}")
     try:  # the network its hyperparameters build must take its weights: built on the meta device (no memory used)
-        with torch.device("meta"):
-            ImageModel.from_hparams(hparams).load_state_dict(checkpoint["state_dict"], assign=True)  # strict: all
+        with torch.device("meta"), warnings.catch_warnings():  # its warnings: each copy onto meta is a no-op
+            warnings.simplefilter("ignore")  # (assign=True would make the checkpoint's tensors the meta module's)
+            ImageModel.from_hparams(hparams).load_state_dict(checkpoint["state_dict"])  # strict: all of them
     except (TypeError, ValueError, RuntimeError) as err:  # hyperparameters that do not build these weights
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         reason = lines[1] if len(lines) > 1 else lines[0]  # torch: a heading, then e.g. "size mismatch for ..."

@@ -369,15 +369,15 @@ def test_a_checkpoint_a_run_cannot_continue_or_start_from_is_one_line(reference:
         "checkpoints", "last.ckpt"]
 
 
-def test_a_checkpoint_of_16_bit_weights_loads_in_fp32_for_sampling(reference: Path, tmp_path: Path):
+def test_a_checkpoint_of_16_bit_weights_loads_in_fp32_for_sampling(work: Path, tmp_path: Path):
     """A trainer.precision=bf16-true run saves bf16 weights: sample.py and evaluate.py load them into their fp32
     model (reading the file to check it leaves its tensors as they are), whose masks and inputs are fp32."""
     from pixelcnn.ops.checkpoints import load_module
 
-    checkpoint = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = {k: v.bfloat16() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
-    torch.save(checkpoint, tmp_path / "bf16.ckpt")
-    module = load_module(tmp_path / "bf16.ckpt")
+    result = run_here("train.py", *TINY, *data_args(work), "trainer.max_epochs=1", "quality_n=0",
+                      "trainer.precision=bf16-true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert {p.dtype for p in module.parameters()} == {torch.float32}
     assert module.sample(2, method="naive").shape == (2, 16, 16)
 

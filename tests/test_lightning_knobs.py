@@ -102,6 +102,32 @@ def test_a_true_precision_trains_samples_and_scores_in_its_dtype(data_dir: Path,
         assert module.sample(2, method=method).shape == (2, 16, 16)
 
 
+@pytest.mark.parametrize("overrides, refused", [
+    (["trainer.limit_train_batches=0.01"], "You requested to check 0.01 of the `train_dataloader` but 0.01 * 5 < 1"),
+    (["+trainer.val_check_interval=50"], "`val_check_interval` (50) must be less than or equal to the number of the "
+                                         "training batches (5)"),
+    (["trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=3", "trainer.max_epochs=2"], None),
+    (["trainer.limit_test_batches=0"], None),  # Lightning skips the test: no test bits/dim (was an IndexError)
+])
+def test_limits_and_intervals_lightning_refuses_for_this_data_are_one_line(data_dir: Path, tmp_path: Path,
+                                                                           overrides: list[str], refused: str | None):
+    """Lightning checks them against the data's batches as its loops start: its refusal was an unforeseen error.
+    check_val_every_n_epoch=null (validate every val_check_interval batches across epochs) is Lightning's own."""
+    result = run("train.py", *TINY, *NO_QUALITY, *data_args(data_dir), "trainer.limit_train_batches=null",
+                 *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    if refused:
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: the trainer settings do not fit this data: {refused}" + result.stderr.strip().split(refused)[1]]
+        assert not (tmp_path / "run").exists()
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    if "trainer.limit_test_batches=0" in overrides:
+        assert metrics["test_bpd"] is None and metrics["val_bpd"] > 0
+    else:  # 10 batches in 2 epochs of 5: validations after batches 3, 6 and 9, the second epoch's across its start
+        assert len(list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))) >= 1 and metrics["epochs"] == 2
+
+
 def test_fast_dev_run_reports_no_validation_score(data_dir: Path):
     run_dir = data_dir / "outputs" / "fast-dev-run"
     result = run("train.py", *TINY, *NO_QUALITY, *data_args(data_dir), "+trainer.fast_dev_run=true",

@@ -9,7 +9,9 @@ checkpoint_every_n_steps and on SIGTERM, after which the run exits 143), `metric
 
 from __future__ import annotations
 
+import os
 import time
+import traceback
 from pathlib import Path
 
 import lightning as L
@@ -134,6 +136,11 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
     return trainer
 
 
+def lightning_refused(err: BaseException) -> bool:
+    """Whether `err` was raised by Lightning's trainer or loops themselves (the trainer settings), not by the model."""
+    return f"lightning{os.sep}pytorch{os.sep}" in traceback.extract_tb(err.__traceback__)[-1].filename
+
+
 def prepare_run(cfg: DictConfig) -> tuple[L.LightningDataModule, SpeedChoices]:
     """The start of train.py and bench.py: seeded, the data read and set up (model.num_classes=auto resolved),
     and the speed choices for the whole configured run."""
@@ -182,12 +189,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             print(f"[pixelcnn] stopped by SIGTERM outside training (nothing new saved); resume with: python train.py "
                   f"{as_override('ckpt_path', output_dir)}", flush=True)
         raise SystemExit(STOPPED_EXIT_CODE) from None
-    except Exception:
+    except Exception as err:
         log_failure(trainer, cfg)
+        # Lightning's own refusal, as the loops start, of limits or intervals that do not fit this data's batches
+        if isinstance(err, (MisconfigurationException, ValueError)) and lightning_refused(err):
+            raise UserError("the trainer settings do not fit this data: " + " ".join(str(err).split())) from None
         raise
     metrics = {
         "val_bpd": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan"),
-        "test_bpd": float(test[0]["test/bpd"]),
+        "test_bpd": float(test[0]["test/bpd"]) if test else float("nan"),  # none: trainer.limit_test_batches=0
         "epochs": trainer.current_epoch,
         "parameters": n_params,
         "fit_seconds": round(fit_seconds, 1),

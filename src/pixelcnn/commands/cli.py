@@ -87,6 +87,9 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
     exit 2."""
     addable = ADDABLE.get(config_name, ())
     for arg in argv[1:]:
+        if arg.partition("=")[0] == "--experimental-rerun":  # Hydra's: it unpickles its file, which can run any code
+            fail(f"{arg} is not taken here: it would unpickle a file, and a file read is data, never code; rerun "
+                 f"a run with its overrides (in its .hydra/overrides.yaml), or resume it with ckpt_path=<run dir>")
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or arg.startswith("-"):  # flags (-m, --config-name x) and their values
             continue

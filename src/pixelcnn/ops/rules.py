@@ -131,7 +131,8 @@ TRAINING: Rules = {  # train.py, and bench.py, which measures the same run
                                       "16-true, 64-true (or 32, 16, bf16, 64)"),
     # The strategies the data sharding (`BatchLoader`) and the exact val/test reduction are tested with.
     "trainer.strategy": _one_of("auto", "ddp"),
-    "trainer.check_val_every_n_epoch": _int(1),
+    "trainer.check_val_every_n_epoch": (lambda v: v is None or _int(1)[0](v),
+                                        "an integer >= 1 or null (validate by trainer.val_check_interval batches)"),
     **dict.fromkeys(("trainer.limit_val_batches", "trainer.limit_test_batches"), LIMIT_BATCHES),
     "trainer.log_every_n_steps": _int(1),
     "trainer.max_steps": (lambda v: _int(1)[0](v) or _one_of(-1)[0](v), "an integer >= 1 (or -1: no limit)"),
@@ -256,6 +257,8 @@ TRAINER_SET_BY_RUN = {
     "callbacks": "the run's callbacks follow the config (checkpoint_every_n_steps, early_stopping_patience, sample.*)",
     "plugins": "the run writes its checkpoints with its own writer (each whole or not at all)",
     "enable_checkpointing": "the run always checkpoints: its resume points, and the best model that its test scores",
+    "barebones": "the run's loggers, checkpoints and callbacks need Lightning's full loop, which barebones turns off",
+    "use_distributed_sampler": "the run's own loader shards the data across DDP ranks (data.BatchLoader), always",
 }
 
 
@@ -286,6 +289,8 @@ def combination_error(cfg: DictConfig, command: str) -> str | None:
         return "optim/scheduler=cosine needs a known run length: set trainer.max_epochs or trainer.max_steps"
     if select("optim.scheduler.name") == "plateau" and select("trainer.limit_val_batches") == 0:
         return "optim/scheduler=plateau steps on val bits/dim: it needs a validation (trainer.limit_val_batches > 0)"
+    if select("optim.scheduler.name") == "plateau" and select("trainer.check_val_every_n_epoch") is None:
+        return "optim/scheduler=plateau steps at an epoch's validation: set trainer.check_val_every_n_epoch (not null)"
     if select("ckpt_path") and select("init_from"):
         return "pass ckpt_path (continue that run, in its dir) or init_from (a new run from its weights), not both"
     if select("data.channels") == 3:  # the colour masks split each layer's channels into R, G, B groups

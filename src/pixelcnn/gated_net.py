@@ -79,26 +79,20 @@ class VerticalStackConv(nn.Conv2d):
 class HorizontalStackConv(nn.Conv2d):
     """A 1 x (k//2+1) kernel over the pixels left of and at the current one (last kernel column).
 
-    The input is zero-padded on the left only. With `mask_center` the last kernel column is
-    masked (in `forward`), so the output at (i, j) sees only pixels left of j in row i. With
-    `colours` > 1 that column is masked over colour groups instead (`channel_mask`, type A with
-    `mask_center`, else B); the output's groups repeat in each half (value, gate) of `halves`.
+    The input is zero-padded on the left only. The last kernel column (the current pixel) is
+    masked over colour groups (in `forward`; `channel_mask`, type A with `mask_center`, else B);
+    the output's groups repeat in each half (value, gate) of `halves`. With one colour that is the
+    whole column with `mask_center` (the output at (i, j) sees only pixels left of j in row i), else
+    none of it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
                  mask_center: bool = False, colours: int = 1, halves: int = 1):
         super().__init__(in_channels, out_channels, (1, kernel_size // 2 + 1), dilation=(1, dilation))
         self.pad_left = (kernel_size // 2) * dilation
-        if colours > 1:
-            out_groups = channel_groups(out_channels // halves, colours).repeat(halves)
-            mask = torch.ones(out_channels, in_channels, 1, kernel_size // 2 + 1)
-            mask[:, :, 0, -1] = channel_mask(out_groups, channel_groups(in_channels, colours),
-                                             "A" if mask_center else "B")
-        else:
-            mask = torch.ones(1, kernel_size // 2 + 1)
-            if mask_center:
-                mask[:, -1] = 0
-            mask = mask[None, None]
+        out_groups = channel_groups(out_channels // halves, colours).repeat(halves)
+        mask = torch.ones(out_channels, in_channels, 1, kernel_size // 2 + 1)
+        mask[:, :, 0, -1] = channel_mask(out_groups, channel_groups(in_channels, colours), "A" if mask_center else "B")
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)

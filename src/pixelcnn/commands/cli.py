@@ -41,13 +41,12 @@ def exit_on_user_error(cleanup_dir: str | Path | None = None):
     except Exception as err:  # noqa: BLE001 - every failure is one line
         message = str(err) if isinstance(err, UserError) else error_line(err)
         if cleanup_dir is not None and Path(cleanup_dir).is_dir():
-            # A checkpoint to resume from (each one is whole: `callbacks.AtomicCheckpointIO`).
-            if any((Path(cleanup_dir) / "checkpoints").glob("*.ckpt")):
-                if isinstance(err, WriteError):
-                    resume = as_override("ckpt_path", cleanup_dir)
-                    message += f"; the run resumes from its last complete checkpoint with {resume}"
-            else:
+            # Kept if it has a checkpoint to resume from (each one is whole: `callbacks.AtomicCheckpointIO`).
+            if not any((Path(cleanup_dir) / "checkpoints").glob("*.ckpt")):
                 remove_own_dir(cleanup_dir)
+            elif isinstance(err, WriteError):
+                resume = as_override("ckpt_path", cleanup_dir)
+                message += f"; the run resumes from its last complete checkpoint with {resume}"
         fail(message, 2 if isinstance(err, UserError) else 1)
 
 

@@ -26,11 +26,10 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best", key: str = "ckpt"
     `key` is the config key the path came from, for the error message."""
     if not str(path).strip():
         raise UserError(f"{key} is empty: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
-    path = Path(path)
-    if not path.is_dir():
-        if not path.is_file():
-            raise UserError(f"{key}={path} does not exist: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
+    if (path := Path(path)).is_file():
         return path
+    if not path.is_dir():
+        raise UserError(f"{key}={path} does not exist: pass a .ckpt file or a run dir (e.g. outputs/<date>/<time>)")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
     def val_bpd(path: Path) -> float:  # that in a `best-epochNNN-val_bpdX.ckpt` name

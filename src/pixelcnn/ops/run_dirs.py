@@ -55,11 +55,10 @@ def remove_own_dir(path: str | Path) -> None:
     """After an error: remove `path` if it is this run's own, a dir this process created for its run (removing it
     deletes nothing anyone else wrote), and the parents created for it that are now empty, e.g. outputs/<date>/ of
     a first run that failed."""
-    if Path(path).resolve() not in _CREATED:
-        return
-    shutil.rmtree(path, ignore_errors=True)
-    # Only the empty ones: another run may have put its dir there meanwhile.
-    remove_if_empty(sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True))
+    if Path(path).resolve() in _CREATED:
+        shutil.rmtree(path, ignore_errors=True)
+        # Only the empty ones: another run may have put its dir there meanwhile.
+        remove_if_empty(sorted(_CREATED_PARENTS, key=lambda p: len(p.parts), reverse=True))
 
 
 def check_run_dir(path: Path, key: str, resuming: bool) -> None:
@@ -83,9 +82,6 @@ def claim_if_new(path: Path) -> None:
         _CREATED.add(path.resolve())
 
 
-RUN_LOCK = ".lock"  # in a run dir: locked by the process training in it, and holding its pid
-
-
 class RunDirInUse(UserError):
     """The run dir is locked by another process: nothing may be written into it, not even a failure record."""
 
@@ -94,12 +90,13 @@ def hold_run_dir(path: Path, name: str) -> int:
     """Lock the run dir `path` (`name`: how a refusal calls it, e.g. `ckpt_path=<path>`) until the
     returned descriptor is closed or the process ends, or refuse it in one line if another process
     holds it. An flock (not filelock.FileLock, which truncates the file: a resume refused or with
-    nothing left to do must change nothing) on `path/RUN_LOCK`, which the OS releases when its holder
-    ends in any way, SIGKILL included: a killed run never leaves its dir locked. A `.lock` that is a symbolic link
-    (in a copied run dir) is refused, never followed: the pid would be written into the file it points to."""
+    nothing left to do must change nothing) on `path/.lock`, which holds the pid of the process training in
+    `path` and which the OS releases when its holder ends in any way, SIGKILL included: a killed run never leaves
+    its dir locked. A `.lock` that is a symbolic link (in a copied run dir) is refused, never followed: the pid
+    would be written into the file it points to."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link is refused (ELOOP)
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link is refused (ELOOP)
     except OSError as err:
         raise UserError(f"{name} cannot be locked for this run ({err.filename}: {err.strerror}): pass a writable "
                         "folder, whose .lock (if any) is a plain file") from None

@@ -813,6 +813,18 @@ def test_unknown_config_option_is_one_line(tmp_path: Path, args: list[str], choi
     assert list(tmp_path.iterdir()) == []
 
 
+def test_options_of_the_users_own_config_dir_are_taken_as_hydra_takes_them(tmp_path: Path):
+    """`--config-dir` (or hydra.searchpath) adds the user's group options; they were refused as not in conf/."""
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "mine.yaml").write_text((ROOT / "conf" / "model" / "pixelcnn.yaml").read_text()
+                                                           .replace("residual_blocks: 5", "residual_blocks: 2"))
+    for flag in (["--config-dir", str(tmp_path / "mine")], [f"hydra.searchpath=[file://{tmp_path / 'mine'}]"]):
+        result = run_here("train.py", *flag, "model=mine", "--cfg", "job", cwd=tmp_path)
+        assert result.returncode == 0 and yaml.safe_load(result.stdout)["model"]["residual_blocks"] == 2, result.stderr
+        line = one_error_line(run_here("train.py", *flag, "model=nope", "--cfg", "job", cwd=tmp_path))
+        assert "Could not find 'model/nope'" in line and "mine" in line  # Hydra's line, with every dir's options
+
+
 # --- failures no check foresaw: injected at each stage (tests/fail_shim) ---------------------------------
 FAIL_SHIM = Path(__file__).resolve().parent / "fail_shim"
 # stage -> (the function that fails there, whether the run has saved a checkpoint by then)

@@ -85,6 +85,8 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
     (or `++`, unless the config has it) outside the groups of `ADDABLE` (it would be silently ignored) gets one;
     exit 2."""
     addable = ADDABLE.get(config_name, ())
+    # Hydra also looks for group options in the user's config dirs: then it names a missing option itself.
+    searched = any(arg.startswith(("--config-dir", "-cd", "hydra.searchpath")) for arg in argv[1:])
     for arg in argv[1:]:
         if arg.partition("=")[0] == "--experimental-rerun":  # Hydra's: it unpickles its file, which can run any code
             fail(f"{arg} is not taken here: it would unpickle a file, and a file read is data, never code; rerun "
@@ -105,7 +107,7 @@ def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> N
                  f"python {Path(argv[0]).name} --cfg job lists the keys")
         group = config_dir / key
         value = value.removeprefix("[").removesuffix("]")  # several options at once: logger=[tensorboard,csv]
-        if key.startswith("hydra") or not group.is_dir() or any(c in value for c in "()[]{}$"):
+        if searched or key.startswith("hydra") or not group.is_dir() or any(c in value for c in "()[]{}$"):
             continue
         choices = sorted(p.stem for p in group.glob("*.yaml"))
         for option in (v.strip() for v in value.split(",")):

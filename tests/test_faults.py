@@ -601,12 +601,29 @@ def test_sweep_dir_is_reserved_once_for_all_jobs(work: Path, tmp_path: Path):
     assert not (tmp_path / "outputs").exists()  # no stray run dir reserved by a multirun
 
 
-def test_a_sweep_without_its_jobs_records_is_refused(work: Path, tmp_path: Path):
-    """hydra.output_subdir=null in a sweep: its summary would list 0 jobs (it reads each job's .hydra record) and
-    exit 0 whatever failed; one line instead, before the sweep dir is made."""
-    line = one_error_line(run_here("train.py", "-m", *TINY, *data_args(work), "hydra.output_subdir=null",
+@pytest.mark.parametrize("subdir", ["null", "meta"])
+def test_a_sweep_without_its_jobs_records_is_refused(work: Path, tmp_path: Path, subdir: str):
+    """hydra.output_subdir=null (or another folder) in a sweep: its summary would list 0 jobs (it reads each job's
+    .hydra record) and exit 0 whatever failed; one line instead, before the sweep dir is made."""
+    line = one_error_line(run_here("train.py", "-m", *TINY, *data_args(work), f"hydra.output_subdir={subdir}",
                                    "optim.lr=1e-3,2e-3", cwd=tmp_path))
-    assert "hydra.output_subdir=null" in line and "summary" in line and list(tmp_path.iterdir()) == []
+    assert f"hydra.output_subdir={subdir}" in line and "summary" in line and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("subdir, resume", [("meta", False), (".hydra", True), ("meta", True)])
+def test_a_run_record_elsewhere_than_hydra_is_refused(work: Path, reference: Path, tmp_path: Path, subdir: str,
+                                                       resume: bool):
+    """A record in another folder left a resume of the run without its settings; a resume's record in .hydra/
+    replaced the run's own. Refused in one line, nothing written."""
+    shutil.copytree(reference, tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    args = [f"ckpt_path={tmp_path / 'run'}", "trainer.max_epochs=9"] if resume else [
+        *TINY, *data_args(work), f"hydra.run.dir={tmp_path / 'new'}"]
+    line = one_error_line(run_here("train.py", *args, f"hydra.output_subdir={subdir}", cwd=tmp_path))
+    assert line.startswith(f"error: hydra.output_subdir={subdir} is not a setting here: a run keeps its record in "
+                           ".hydra/")
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "new").exists()
 
 
 # hydra.output_subdir=null (Hydra's knob for no .hydra record) leaves out the record, not the run dir's checks.

@@ -170,10 +170,10 @@ class BatchLoader:
             self.generator.set_state(resume["epoch_generator"])
         self._epoch_state = self.generator.get_state()
         order = torch.randperm(count, generator=self.generator, device=device) if self.shuffle else None
-        self._items = 0  # batches handed out in this epoch: on a resume, those before the interruption
+        # Batches handed out in this epoch: on a resume, those before the interruption.
+        self._items = 0 if resume is None else resume["items"]
         if resume is not None:
             self.generator.set_state(resume["generator"])
-            self._items = resume["items"]
         # Every rank draws the same permutation (same seed; equal shares keep the generators in
         # step, hflip draws included) and keeps its own share.
         for start, stop in self.item_bounds()[self._items:]:

@@ -29,25 +29,24 @@ def class_names(module) -> list[str]:
 
 def parse_labels(label: object, names: list[str], n: int) -> tuple[torch.Tensor | None, int]:
     """`label` (None, a class name, an index or 'all') -> (labels (N,) or None, images per grid row)."""
-    num_classes = len(names)
-    if num_classes == 0:
+    if not names:
         if label is not None:
             raise UserError(f"label={label!r} needs a class-conditional checkpoint (model.num_classes > 0); "
                             "this one is unconditional: drop label=")
         return None, 8
     if label is None:
-        raise UserError(f"this checkpoint is class-conditional: pass label=<name or 0..{num_classes - 1}> or label=all "
+        raise UserError(f"this checkpoint is class-conditional: pass label=<name or 0..{len(names) - 1}> or label=all "
                         f"(names: {', '.join(names)})")
     if label == "all":
-        return torch.arange(num_classes).repeat_interleave(n), n
+        return torch.arange(len(names)).repeat_interleave(n), n
     # A name as typed: any case, _ for a space, and the part before a / ("t-shirt" for "t-shirt/top").
     lookup = {key.lower(): i for i, name in enumerate(names) for key in (name, name.split("/")[0])}
-    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < num_classes:
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
         return torch.full((n,), label), 8
     typed = str(label).lower()
     if (index := lookup.get(typed, lookup.get(typed.replace("_", " ")))) is not None:
         return torch.full((n,), index), 8
-    raise UserError(f"label={label!r} is invalid: it must be a class index 0..{num_classes - 1}, all, or one of "
+    raise UserError(f"label={label!r} is invalid: it must be a class index 0..{len(names) - 1}, all, or one of "
                     f"{', '.join(names)}")
 
 

@@ -97,8 +97,8 @@ class RunDirGuard(Callback):
             run_dir, resuming = complete(config)
             if (subdir := config.hydra.output_subdir) is not None and (  # a resume's must not replace the run's
                     not subdir.startswith(".hydra/resume-") if resuming else subdir != ".hydra"):
-                raise UserError(f"hydra.output_subdir={subdir} is not a setting here: a run keeps its record in .hydra/ "
-                                "(a resume's in .hydra/resume-<time>/), where resumes read it; null: no record")
+                raise UserError(f"hydra.output_subdir={subdir} is not a setting here: a run keeps its record in "
+                                ".hydra/ (a resume's in .hydra/resume-<time>/), where resumes read it; null: no record")
         if secondary_rank():  # DDP ranks started by Lightning, srun or torchrun: rank 0 checks and holds the dir
             return
         with exit_on_user_error(cleanup_dir=run_dir):
@@ -112,7 +112,8 @@ class RunDirGuard(Callback):
         with exit_on_user_error():
             if (subdir := config.hydra.output_subdir) != ".hydra" and config.hydra.job.config_name == "train":
                 raise UserError(f"hydra.output_subdir={'null' if subdir is None else subdir} leaves a sweep's jobs "
-                                "without the .hydra record its summary reads (each job's overrides): drop it for a sweep")
+                                "without the .hydra record its summary reads (each job's overrides): drop it for a "
+                                "sweep")
             check_run_dir(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir", resuming=False)
         complete(config)
 

@@ -119,16 +119,16 @@ def read_idx(path: str | os.PathLike, ndim: int) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
 
 
-def find_idx_files(directory: Path) -> dict[str, Path] | None:
-    """The four IDX files in `directory` (each raw or .gz: the raw one if both, as torchvision keeps both),
-    or None if any is missing."""
-    found = {name: next((p for p in (directory / name, directory / f"{name}.gz") if p.is_file()), None)
-             for pair in SPLIT_FILES.values() for name in pair}
-    return found if all(found.values()) else None
+def find_idx_files(directory: Path) -> dict[str, tuple[Path, Path]] | None:
+    """Each split's (images, labels) IDX files in `directory` (each raw or .gz: the raw one if both, as
+    torchvision keeps both), or None if any of the four is missing."""
+    found = {split: tuple(next((p for p in (directory / name, directory / f"{name}.gz") if p.is_file()), None)
+                          for name in pair) for split, pair in SPLIT_FILES.items()}
+    return found if all(all(pair) for pair in found.values()) else None
 
 
-def locate_dataset(root: Path, system_dir: Path | None, download: bool, dataset: str) -> dict[str, Path]:
-    """Paths of the four IDX files of `dataset` (IDX_DATASETS): from root, then the Debian dir
+def locate_dataset(root: Path, system_dir: Path | None, download: bool, dataset: str) -> dict[str, tuple[Path, Path]]:
+    """The four IDX files of `dataset` (IDX_DATASETS), by split (`find_idx_files`): from root, then the Debian dir
     (Fashion-MNIST only: MNIST shares its file names), then torchvision's download."""
     name, folder = IDX_DATASETS[dataset]
     download_dir = root / folder / "raw"  # where torchvision downloads to
@@ -171,8 +171,7 @@ def load_idx_dataset(root: str | os.PathLike, system_dir: str | os.PathLike | No
         files = locate_dataset(root, Path(system_dir) if system_dir else None, download, dataset)
         data = {}
         try:
-            for split, (images_name, labels_name) in SPLIT_FILES.items():
-                images_path, labels_path = files[images_name], files[labels_name]
+            for split, (images_path, labels_path) in files.items():
                 images, labels = read_idx(images_path, 3), read_idx(labels_path, 1).long()
                 if len(images) != len(labels):  # the two files of a split belong together
                     raise CorruptDatasetError(f"{images_path} has {len(images)} images but {labels_path} has "

@@ -98,12 +98,11 @@ def levels_to_grid(images: Tensor, levels: int, nrow: int = 8, scale: int = 1, p
     # torchvision's make_grid, written out (the same pixels): importing torchvision takes longer
     # than sampling (it loads its models and ops). Mid grey (0.5) lines show against black and white.
     count, channels, height, width = images.shape
-    if count == 1:  # one image: no frame (as make_grid)
-        return images[0].cpu().expand(3, -1, -1)
-    pad, columns = padding * max(scale // 2, 1), min(nrow, count)
+    pad = padding * max(scale // 2, 1) if count > 1 else 0  # one image: no frame (as make_grid)
+    columns = min(nrow, count)
     rows = -(-count // columns)
-    tiles = F.pad(images.cpu(), (pad, 0, pad, 0), value=0.5)  # (N, C, H+pad, W+pad): each with its gap above and left
-    tiles = torch.cat([tiles, tiles.new_full((rows * columns - count, *tiles.shape[1:]), 0.5)])  # empty cells
+    # (rows * columns, C, H+pad, W+pad): each image with its gap above and left, then the empty cells.
+    tiles = F.pad(images.cpu(), (pad, 0, pad, 0, 0, 0, 0, rows * columns - count), value=0.5)
     grid = tiles.view(rows, columns, channels, height + pad, width + pad).permute(2, 0, 3, 1, 4)
     grid = grid.reshape(channels, rows * (height + pad), columns * (width + pad))
     return F.pad(grid, (0, pad, 0, pad), value=0.5).expand(3, -1, -1)  # (3, H', W'), as make_grid gives

@@ -72,12 +72,13 @@ def read_checkpoint(path: Path, key: str = "ckpt") -> dict:
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "arch" not in hparams or "state_dict" not in checkpoint:
         raise UserError(f"{key}={path} is not a checkpoint of this project (no PixelCNN hyperparameters in it)")
-    if error := saved_data_error(hparams) or network_error(hparams):
+    own = {k: v for k, v in hparams.items() if not str(k).startswith("_")}  # Hydra's _target_ and such: no option
+    if error := saved_data_error(own) or network_error(own):
         raise UserError(f"{key}={path} is damaged: {error}")
     try:  # the network its hyperparameters build must take its weights: built on the meta device (no memory used)
         with torch.device("meta"), warnings.catch_warnings():  # its warnings: each copy onto meta is a no-op
             warnings.simplefilter("ignore")  # (assign=True would make the checkpoint's tensors the meta module's)
-            ImageModel.from_hparams(hparams).load_state_dict(checkpoint["state_dict"])  # strict: all of them
+            ImageModel.from_hparams(own).load_state_dict(checkpoint["state_dict"])  # strict: all of them
     except (TypeError, ValueError, RuntimeError) as err:  # hyperparameters that do not build these weights
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         reason = lines[1] if len(lines) > 1 else lines[0]  # torch: a heading, then e.g. "size mismatch for ..."
@@ -158,6 +159,8 @@ def load_module(path: Path, map_location: str | torch.device = "cpu") -> ImageMo
     """The model of a checkpoint file (`resolve_checkpoint` finds a run dir's), in eval mode: its network,
     likelihood and sampler, without the training (nor Lightning: sample.py and evaluate.py start fast)."""
     checkpoint = read_checkpoint(path)  # which checks that its hyperparameters build its weights' network
+    if error := network_error(checkpoint["hyper_parameters"]):  # _keys_ too: they are all the network's arguments here
+        raise UserError(f"ckpt={path} is damaged: {error}")
     module = ImageModel.from_hparams(checkpoint["hyper_parameters"])  # optim keys left out
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(map_location).eval()

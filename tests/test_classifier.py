@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 import pixelcnn.quality as classifier_module
 from pixelcnn.ops.checkpoints import load_module
+from pixelcnn.ops.datafiles import cache_path
 from pixelcnn.quality import (
     FashionClassifier,
     classify,
-    classifier_path,
     fit_and_cache,
     frechet_distance,
     load_or_train_classifier,
@@ -65,17 +65,17 @@ def test_a_classifier_that_cannot_be_cached_is_not_said_to_be_saved(tmp_path, ca
     """Where the cache file cannot be written, the run goes on with the trained classifier; no line says it was
     saved (one did: "...; saved <path>"), the warning says it was not."""
     datamodule = tiny_datamodule(tmp_path)
-    classifier_path(tmp_path, SIZE, 4).mkdir()  # a folder where the file would go: the write fails
+    cache_path(tmp_path, SIZE, 4, "classifier").mkdir()  # a folder where the file would go: the write fails
     trained = fit_and_cache(datamodule, epochs=1)
     out = capsys.readouterr().out
     assert 0 <= trained.test_accuracy <= 1 and "saved" not in out and "caching it at" in out
-    assert "Not caching at" in caplog.text and classifier_path(tmp_path, SIZE, 4).is_dir()
+    assert "Not caching at" in caplog.text and cache_path(tmp_path, SIZE, 4, "classifier").is_dir()
 
 
 def test_training_runs_and_the_cache_is_reused(tmp_path, monkeypatch, capsys):
     datamodule = tiny_datamodule(tmp_path)  # random pictures: accuracy is chance, but it must run
     trained = fit_and_cache(datamodule, epochs=1)
-    assert classifier_path(tmp_path, SIZE, 4).is_file() and 0 <= trained.test_accuracy <= 1
+    assert cache_path(tmp_path, SIZE, 4, "classifier").is_file() and 0 <= trained.test_accuracy <= 1
     assert "test accuracy" in capsys.readouterr().out
 
     monkeypatch.setattr(classifier_module, "fit_and_cache", lambda *a, **k: pytest.fail("retrained despite cache"))
@@ -85,8 +85,8 @@ def test_training_runs_and_the_cache_is_reused(tmp_path, monkeypatch, capsys):
     assert torch.allclose(loaded(images), trained(images))
 
     # Another size is another cache file; a broken cache file is retrained.
-    assert classifier_path(tmp_path, 16, 4) != classifier_path(tmp_path, SIZE, 4)
-    classifier_path(tmp_path, SIZE, 4).write_bytes(b"broken")
+    assert cache_path(tmp_path, 16, 4, "classifier") != cache_path(tmp_path, SIZE, 4, "classifier")
+    cache_path(tmp_path, SIZE, 4, "classifier").write_bytes(b"broken")
     monkeypatch.setattr(classifier_module, "fit_and_cache", lambda *a, **k: "retrained")
     assert load_or_train_classifier(datamodule) == "retrained"
 
@@ -123,7 +123,7 @@ def test_quality_metrics_on_a_tiny_data_module_trains_caches_and_caps_n(tmp_path
     metrics = quality_metrics(module, datamodule, n=1000, seed=3)  # trains the classifier: 5 epochs of 1 batch
     out = capsys.readouterr().out
     assert "using 20" in out and "test accuracy" in out and "on 80 images" in out  # trained on its 80 train images
-    assert classifier_path(tmp_path / "data", SIZE, 4).is_file()  # cached in the data module's root
+    assert cache_path(tmp_path / "data", SIZE, 4, "classifier").is_file()  # cached in the data module's root
     assert metrics["quality_n"] == 20
     assert set(metrics) == {"frechet_distance", "frechet_distance_floor", "class_accuracy", "quality_n"}
     assert metrics["frechet_distance"] > 0 and metrics["frechet_distance_floor"] > 0
@@ -164,7 +164,7 @@ def test_train_classifier_command_uses_the_configured_data_module(tmp_path, caps
     write_dataset(tmp_path, n_train=100, n_test=20)
     classifier = run(classifier_config(tmp_path))
     out = capsys.readouterr().out
-    assert classifier_path(tmp_path, SIZE, 4).is_file() and not classifier.training
+    assert cache_path(tmp_path, SIZE, 4, "classifier").is_file() and not classifier.training
     assert "on 80 images" in out and "Fréchet distance floor (20 train vs 20 test images)" in out
 
 

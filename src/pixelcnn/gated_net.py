@@ -244,21 +244,20 @@ class IncrementalGatedPixelCNN:
     def __init__(self, net: GatedPixelCNN, batch_size: int, height: int, width: int, labels: Tensor | None):
         self.net = net
         self.labels = labels
-        param = net.to_logits.weight
-        kw = dict(device=param.device, dtype=param.dtype)
+        zeros = net.to_logits.weight.new_zeros  # on the weights' device, of their dtype
         p = net.input_vertical.pad_side  # == pad_top == input_horizontal.pad_left
-        self.image = torch.zeros(batch_size, net.image_channels, height + p, width + 2 * p, **kw)  # padded model input
+        self.image = zeros(batch_size, net.image_channels, height + p, width + 2 * p)  # padded model input
         self.vertical_inputs = [
-            torch.zeros(batch_size, layer.vertical.in_channels, height + layer.vertical.pad_top,
-                        width + 2 * layer.vertical.pad_side, **kw)
+            zeros(batch_size, layer.vertical.in_channels, height + layer.vertical.pad_top,
+                  width + 2 * layer.vertical.pad_side)
             for layer in net.gated_layers
         ]  # padded input of each layer's vertical conv, all rows
         self.horizontal_inputs = [
-            torch.zeros(batch_size, layer.horizontal.in_channels, width + layer.horizontal.pad_left, **kw)
+            zeros(batch_size, layer.horizontal.in_channels, width + layer.horizontal.pad_left)
             for layer in net.gated_layers
         ]  # padded input of each layer's horizontal conv, current row only: columns < j are this row's
         self.links = [
-            torch.zeros(batch_size, layer.vertical.out_channels, width, **kw) for layer in net.gated_layers
+            zeros(batch_size, layer.vertical.out_channels, width) for layer in net.gated_layers
         ]  # each layer's vertical -> horizontal link along the current row
 
     def _vertical_row(self, i: int) -> None:

@@ -247,11 +247,10 @@ class IncrementalPixelCNN:
 
     def __init__(self, net: PixelCNN, batch_size: int, height: int, width: int, labels: Tensor | None):
         self.net = net
-        kw = dict(device=net.to_logits.weight.device, dtype=net.to_logits.weight.dtype)
 
         def padded(conv: MaskedConv2d) -> Tensor:  # (B, H+2p, W+2p, Cin) channels-last input cache
             p = conv.kernel_size[0] // 2
-            return torch.zeros(batch_size, height + 2 * p, width + 2 * p, conv.in_channels, **kw)
+            return conv.weight.new_zeros(batch_size, height + 2 * p, width + 2 * p, conv.in_channels)  # its dtype
 
         self.image = padded(net.input_conv)
         self.image_taps = net.input_conv.pixel_taps()

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import _compute_fid
 
 from pixelcnn.data import CLASS_NAMES, ImageDataModule, Split
-from pixelcnn.ops.datafiles import cached, save_cache
+from pixelcnn.ops.datafiles import cache_path, cached, save_cache
 
 EPOCHS = 5  # ~25 s on 2 CPU cores at 16x16, ~88% test accuracy
 
@@ -64,10 +63,6 @@ def classify(classifier: FashionClassifier, images: Tensor, batch_size: int = 10
     return features.double().cpu(), classifier.head(features).argmax(-1).cpu()
 
 
-def classifier_path(root: str | Path, image_size: int, levels: int) -> Path:
-    return Path(root) / f"classifier_{image_size}px_{levels}lv.pt"
-
-
 def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu", epochs: int = EPOCHS,
                   batch_size: int = 128, lr: float = 3e-3, seed: int = 0) -> FashionClassifier:
     """Train on the (set-up) data module's training split (AdamW, one-cycle schedule), report its test
@@ -95,7 +90,7 @@ def fit_and_cache(datamodule: ImageDataModule, device: str | torch.device = "cpu
     classifier.eval()
     test_images, test_labels = datamodule.test_set
     classifier.test_accuracy = (classify(classifier, test_images)[1] == test_labels.cpu()).float().mean().item()
-    path = classifier_path(datamodule.root, datamodule.image_size, datamodule.levels)
+    path = cache_path(datamodule.root, datamodule.image_size, datamodule.levels, "classifier")
     # Said before the write: one that fails (a read-only data dir) says so itself, and only costs the cache.
     print(f"[classifier] {datamodule.image_size}px/{datamodule.levels} levels: test accuracy "
           f"{classifier.test_accuracy:.2%} after {epochs} epochs on {len(images)} images "
@@ -110,7 +105,7 @@ def load_or_train_classifier(datamodule: ImageDataModule,
     trained on its training split first if there is none (or it is unreadable). Eval mode, on
     `device`, with a `test_accuracy` attribute. Jobs that start together train it once: the
     others wait for it (`datafiles.cached`)."""
-    path = classifier_path(datamodule.root, datamodule.image_size, datamodule.levels)
+    path = cache_path(datamodule.root, datamodule.image_size, datamodule.levels, "classifier")
 
     def load() -> FashionClassifier | None:  # `cached` checks that the file is there
         try:

@@ -9,9 +9,7 @@ checkpoint_every_n_steps and on SIGTERM, after which the run exits 143), `metric
 
 from __future__ import annotations
 
-import os
 import time
-import traceback
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +28,7 @@ from pixelcnn.likelihood import ARCHITECTURES
 from pixelcnn.ops import (STOPPED_EXIT_CODE, as_override, AtomicCheckpointIO, build_callbacks, build_loggers,
                           check_model_fits, claim_job_resources, cuda_device_args, log_failure, planned_steps,
                           read_checkpoint, read_same_network, report_end, report_start, resolve_speed, run_dir_of,
-                          secondary_rank, SpeedChoices, StepCheckpoint, UserError, validate)
+                          raised_in, say, SpeedChoices, StepCheckpoint, UserError, validate)
 from pixelcnn.quality import quality_metrics, unscorable
 
 
@@ -64,8 +62,8 @@ def resolve_num_classes(cfg: DictConfig, datamodule: L.LightningDataModule) -> N
         raise UserError(f"ckpt_path={cfg.ckpt_path} holds a network for {saved.get('num_classes')} classes, but "
                         f"the data ({datamodule.source}) has {datamodule.num_classes} (model.num_classes=auto): "
                         "resume on the data it was trained on, or train a new network from scratch")
-    data = saved.get("data")
-    if change := changed_splits(data.get("splits") if isinstance(data, dict) else None, datamodule.fingerprints):
+    # read_checkpoint has checked its data settings (`checkpoints.saved_data_error`): a mapping, or none
+    if change := changed_splits((saved.get("data") or {}).get("splits"), datamodule.fingerprints):
         run = run_dir_of(cfg.ckpt_path) or cfg.ckpt_path
         raise UserError(f"ckpt_path={cfg.ckpt_path} was trained on other data than the {datamodule.source} data now "
                         f"(changed: {change}): resume on the data it was trained on, or start a new run on this data "
@@ -100,9 +98,7 @@ def build_module(cfg: DictConfig, speed: SpeedChoices, datamodule: L.LightningDa
     if cfg.init_from:  # fine-tuning: these weights, a fresh optimizer (the run starts at step 0)
         path, checkpoint = read_same_network(cfg.init_from, cfg, "init_from", prefer="best")
         module.load_state_dict(checkpoint["state_dict"])
-        if not secondary_rank():
-            print(f"[pixelcnn] init_from: the weights of {path} (step {checkpoint.get('global_step', '?')}), "
-                  "a fresh optimizer", flush=True)
+        say(f"init_from: the weights of {path} (step {checkpoint.get('global_step', '?')}), a fresh optimizer")
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if speed.compile:  # the whole loss (input scaling, network, cross-entropy) as one graph; weights stay in .net
@@ -134,11 +130,6 @@ def build_trainer(cfg: DictConfig, speed: SpeedChoices, loggers: list[Logger], c
                         "hydra/launcher=slurm with hydra.launcher.tasks_per_node=<devices>, or run each "
                         "configuration without -m")
     return trainer
-
-
-def lightning_refused(err: BaseException) -> bool:
-    """Whether `err` was raised by Lightning's trainer or loops themselves (the trainer settings), not by the model."""
-    return f"lightning{os.sep}pytorch{os.sep}" in traceback.extract_tb(err.__traceback__)[-1].filename
 
 
 def prepare_run(cfg: DictConfig) -> tuple[L.LightningDataModule, SpeedChoices]:
@@ -192,7 +183,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except Exception as err:
         log_failure(trainer, cfg)
         # Lightning's own refusal, as the loops start, of limits or intervals that do not fit this data's batches
-        if isinstance(err, (MisconfigurationException, ValueError)) and lightning_refused(err):
+        # (raised by its trainer or loops themselves, not by the model)
+        if isinstance(err, (MisconfigurationException, ValueError)) and raised_in(err, "lightning/pytorch/"):
             raise UserError("the trainer settings do not fit this data: " + " ".join(str(err).split())) from None
         raise
     metrics = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -19,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelcnn.ops.checkpoints import load_module, resolve_checkpoint
 from pixelcnn.ops.rules import as_override, check_out_dir, validate
-from pixelcnn.ops.errors import UserError, WriteError, config_items, error_line, override_error, user_errors_unwrapped
+from pixelcnn.ops.errors import (UserError, WriteError, config_items, error_line, override_error, raised_in,
+                                 user_errors_unwrapped)
 from pixelcnn.likelihood import ImageModel
 from pixelcnn.ops.resources import pick_device
 from pixelcnn.ops.run_dirs import fresh_dir, remove_own_dir, run_dir_of
@@ -65,7 +65,7 @@ def run_app(main: Callable[[], object], config_dir: Path, config_name: str) -> N
         except (ValueError, SearchPathException, SystemExit) as err:
             # Hydra's checks of its own flags (-m with --cfg, --resolve without --cfg, --config-dir, --package), made
             # in its own code before any task runs, are usage errors.
-            if f"hydra{os.sep}_internal{os.sep}" not in traceback.extract_tb(err.__traceback__)[-1].filename:
+            if not raised_in(err, "hydra/_internal/"):
                 raise
             if isinstance(err, SystemExit):  # 1: after the line Hydra printed itself; 0: --help and such
                 sys.exit(2 if err.code else err.code)

@@ -22,12 +22,12 @@ from importlib import import_module
 
 # ops module -> the names the lab takes from it (tests/test_layout.py reads this table for the import graph)
 SEAM = {
-    "errors": ("UserError",),
+    "errors": ("raised_in", "UserError"),
     "rules": ("as_override", "validate"),
     "callbacks": ("STOPPED_EXIT_CODE", "AtomicCheckpointIO", "build_callbacks", "StepCheckpoint"),
     "checkpoints": ("read_checkpoint", "read_same_network"),
     "resources": ("check_model_fits", "claim_job_resources", "cuda_device_args", "planned_steps", "resolve_speed",
-                  "SpeedChoices", "secondary_rank"),
+                  "say", "SpeedChoices"),
     "reports": ("build_loggers", "log_failure", "report_end", "report_start"),
     "run_dirs": ("run_dir_of",),
     "datafiles": ("default_data_dir", "IDX_DATASETS", "load_data"),

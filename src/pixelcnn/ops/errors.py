@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import os
 import tempfile
 import traceback
 from contextlib import contextmanager
@@ -76,6 +77,12 @@ def error_line(err: BaseException) -> str:
         return f"{reason} (unforeseen: its traceback is in {file.name})"
     except OSError as write_error:  # e.g. a full disk
         return f"{reason} (unforeseen; its traceback could not be saved: {write_error.strerror})"
+
+
+def raised_in(err: BaseException, package: str) -> bool:
+    """Whether `err` was raised in `package`'s own code (a path such as "hydra/_internal/"), by the file of its
+    last frame: Hydra's checks of its own flags, Lightning's trainer or loops refusing its settings."""
+    return package.replace("/", os.sep) in traceback.extract_tb(err.__traceback__)[-1].filename
 
 
 def config_items(node: object, prefix: str = ""):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from pixelcnn.ops.checkpoints import read_same_network
 from pixelcnn.ops.errors import UserError
-from pixelcnn.ops.resources import secondary_rank
+from pixelcnn.ops.resources import say, secondary_rank
 from pixelcnn.ops.rules import PATH_KEYS, as_override, validate
 from pixelcnn.ops.run_dirs import fresh_dir, requeued_job, run_dir_of
 
@@ -180,12 +180,6 @@ def restore_saved_config(config: DictConfig, run_dir: Path) -> None:
         f"{' '.join(groups + restored) or '(none)'}")
     if ignored:
         say(f"ignored in {record}: {', '.join(ignored)} (not plain values of this project's config keys)")
-
-
-def say(message: str) -> None:
-    """One `[pixelcnn]` line, printed by rank 0 only (every rank completes the same config)."""
-    if not secondary_rank():
-        print(f"[pixelcnn] {message}", flush=True)
 
 
 def read_saved_yaml(path: Path) -> dict:

@@ -107,6 +107,12 @@ def secondary_rank() -> bool:
     return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
 
 
+def say(message: str) -> None:
+    """One `[pixelcnn]` line, printed by rank 0 only (every rank completes the same config, builds the same module)."""
+    if not secondary_rank():
+        print(f"[pixelcnn] {message}", flush=True)
+
+
 # ---------------------------------------------------------------------------- does the model fit
 
 

@@ -12,13 +12,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
+from pixelcnn.ops.resources import JOBLIB_LAUNCHER, resolve_speed
 from pixelcnn.ops.rules import validate
 from pixelcnn.ops.errors import UserError, override_error, user_errors_unwrapped
 from pixelcnn.ops.sweep import OPTUNA_SWEEPER
 
 # Launchers that run the jobs on this machine: only then is this machine's device the jobs' device.
-LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
-                   "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher", JOBLIB_LAUNCHER)
 
 
 def job_error(master: DictConfig, overrides: list[str]) -> str | None:
@@ -30,7 +30,6 @@ def job_error(master: DictConfig, overrides: list[str]) -> str | None:
     from hydra.utils import instantiate
 
     from pixelcnn.ops.sources import has_classes
-    from pixelcnn.ops.resources import resolve_speed
     from pixelcnn.training import resolve_num_classes
 
     try:  # with the config loader the sweep composes its jobs with

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -452,6 +453,14 @@ def test_hydra_flags_that_do_not_go_together_are_one_line_and_exit_2(tmp_path: P
     assert line.startswith(expected) and "unforeseen" not in line
     assert not list(tmp_path.iterdir())  # nothing written: no run dir, no outputs/
     assert run_here(script, "--help", cwd=tmp_path).returncode == 0
+
+
+def test_the_hydra_config_prints_resolved(tmp_path: Path):
+    """`--cfg hydra --resolve` (Hydra's own flags) was an unforeseen error: the run dir named a key of the job's
+    config, which `--cfg hydra` leaves out."""
+    result = run_here("train.py", "--cfg", "hydra", "--resolve", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["hydra"]["run"]["dir"].startswith("outputs/")
 
 
 @pytest.mark.parametrize("args", [["logger=null"], ["-m", "logger=csv,null"], ["hparams_search=null"]])

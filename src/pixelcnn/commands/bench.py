@@ -36,8 +36,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def reset_peak(device: torch.device) -> None:
+    # No sync first: the caching allocator counts memory on the host as tensors are allocated and freed, not as
+    # the GPU runs the queued work.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 

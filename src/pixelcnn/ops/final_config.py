@@ -188,7 +188,8 @@ def read_saved_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text()) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise UserError(f"{path} cannot be read as a saved config ({type(err).__name__}): it is damaged or not a "
-                        "run's record; restore it from a copy of the run") from None
+                        "run's record; restore it from a copy of the run (a resume's record, .hydra/resume-<time>/, "
+                        "may be removed: the run's earlier one is read then)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a saved config (not a mapping of keys to values)")
     return data

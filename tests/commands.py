@@ -143,11 +143,13 @@ def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> sub
             at_exit.run()
     finally:
         restore_loggers(loggers)  # first: it closes the log files the run opened
-        # The run's own files (a lock), not a library's cache (matplotlib's fonts): new descriptors, and numbers
-        # that the run closed and opened again (on another file).
+        # The run's own files (a lock), not a library's cache (matplotlib's fonts, which stay open for this process:
+        # in the venv, itself in the temp dir in a clone there): new descriptors, and numbers that the run closed and
+        # opened again (on another file).
         for fd, file in open_fds().items():
             with suppress(OSError):
-                in_temp = os.readlink(f"/proc/self/fd/{fd}").startswith(tempfile.gettempdir() + os.sep)
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                in_temp = target.startswith(tempfile.gettempdir() + os.sep) and not target.startswith(sys.prefix + os.sep)
                 if fds.get(fd) != file and in_temp:
                     os.close(fd)
         for signum, handler in handlers.items():

@@ -149,8 +149,8 @@ def run_here(script: str, *args: str, cwd: Path, env: dict | None = None) -> sub
         for fd, file in open_fds().items():
             with suppress(OSError):
                 target = os.readlink(f"/proc/self/fd/{fd}")
-                in_temp = target.startswith(tempfile.gettempdir() + os.sep) and not target.startswith(sys.prefix + os.sep)
-                if fds.get(fd) != file and in_temp:
+                own = target.startswith(tempfile.gettempdir() + os.sep) and not target.startswith(sys.prefix + os.sep)
+                if fds.get(fd) != file and own:
                     os.close(fd)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

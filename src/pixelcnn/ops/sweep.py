@@ -47,10 +47,10 @@ def collect_runs(sweep_dir: Path) -> list[dict[str, Any]]:
         job = _read(job_dir / ".hydra" / "hydra.yaml", yaml.safe_load)
         for key in ("hydra", "job", "num"):
             job = job.get(key) if isinstance(job, dict) else None
-        metrics = _read(job_dir / "metrics.json", json.loads)
-        if not isinstance(metrics, dict):  # none yet, or a damaged file
-            metrics = {"status": "failed", "error": "its metrics.json is damaged (not a JSON mapping)" if (
-                job_dir / "metrics.json").is_file() else "no metrics.json: the job was killed or is still running"}
+        metrics_file = job_dir / "metrics.json"
+        if not isinstance(metrics := _read(metrics_file, json.loads), dict):  # none yet, or a damaged file
+            metrics = {"status": "failed", "error": "its metrics.json is damaged (not a JSON mapping)"
+                       if metrics_file.is_file() else "no metrics.json: the job was killed or is still running"}
         if metrics.get("status", "ok") == "ok" and not _number(metrics.get("val_bpd")):
             metrics = {**metrics, "status": "failed", "error": "no best val bits/dim: did validation run?"}
         overrides = _read(overrides_file, yaml.safe_load)
